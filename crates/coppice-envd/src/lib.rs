@@ -1,0 +1,21 @@
+//! The in-sandbox agent: what E2B's `envd` (port 49983) and its code-interpreter server
+//! (port 49999) do, served on one unix socket inside the sandbox.
+//!
+//! Entry points: [`hop`] serves the socket and picks the surface of each request (the
+//! internal hop is documented there and in `docs/envd.md`); `process` and `filesystem` are
+//! the Connect-RPC services; `http_api` holds envd's plain HTTP endpoints (`/health`,
+//! `/init`, `/envs`, `/metrics`, `/files`); `interpreter` is the code interpreter.
+//! [`state::AgentState`] is the per-sandbox state set by `/init`.
+//!
+//! **Invariant:** nothing here knows about other sandboxes, the gateway's routing or
+//! lifecycle; the agent sees one sandbox from the inside.
+
+pub mod hop;
+pub mod state;
+
+mod connect;
+mod filesystem;
+mod http_api;
+mod interpreter;
+mod process;
+mod reply;

@@ -1,0 +1,1 @@
+//! Owned by a parallel workstream; filled in by its owner.

@@ -1,0 +1,674 @@
+//! The backend traits: one per platform role, exchanging only plain data.
+//!
+//! | role | trait | Linux driver | FreeBSD driver |
+//! |---|---|---|---|
+//! | jail | [`Isolation`] | namespaces + cgroups (`coppice-jail`) | jail(8) + jexec |
+//! | bhyve | [`Machine`] | QEMU microVM | bhyve |
+//! | ZFS | [`Storage`] | overlay layers, or zfs | zfs |
+//!
+//! Every operation an OS lacks returns [`BackendError::Unsupported`]; no trait item is behind a
+//! `cfg`. Specs are validated by their constructors or by the backend, and bad specs come back
+//! as [`BackendError::InvalidSpec`] before anything is created.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// A sandbox id in E2B's format: 1 to 63 characters of `[a-z0-9]`.
+///
+/// The length bound keeps it usable as a hostname, a cgroup name and a dataset name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// Longest accepted id.
+    pub const MAX_LEN: usize = 63;
+
+    /// Validates `id` and wraps it.
+    pub fn new(id: impl Into<String>) -> Result<Self, BackendError> {
+        let id = id.into();
+        let ok = !id.is_empty()
+            && id.len() <= Self::MAX_LEN
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok {
+            Ok(Self(id))
+        } else {
+            Err(BackendError::InvalidSpec {
+                field: "sandbox id",
+                reason: format!(
+                    "{id:?} is not 1 to {} characters of [a-z0-9]",
+                    Self::MAX_LEN
+                ),
+            })
+        }
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for SandboxId {
+    type Error = BackendError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<SandboxId> for String {
+    fn from(id: SandboxId) -> Self {
+        id.0
+    }
+}
+
+/// The name of a read-only layer: a template (`base`) or a snapshot.
+///
+/// 1 to 63 characters of `[a-z0-9._-]`, starting with a letter or digit, so it is safe as a
+/// directory name, a dataset name and a snapshot name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LayerId(String);
+
+impl LayerId {
+    /// Longest accepted layer name.
+    pub const MAX_LEN: usize = 63;
+
+    /// Validates `name` and wraps it.
+    pub fn new(name: impl Into<String>) -> Result<Self, BackendError> {
+        let name = name.into();
+        let first_ok = name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let ok = first_ok
+            && name.len() <= Self::MAX_LEN
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            });
+        if ok {
+            Ok(Self(name))
+        } else {
+            Err(BackendError::InvalidSpec {
+                field: "layer id",
+                reason: format!(
+                    "{name:?} is not 1 to {} characters of [a-z0-9._-] starting with [a-z0-9]",
+                    Self::MAX_LEN
+                ),
+            })
+        }
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LayerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for LayerId {
+    type Error = BackendError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<LayerId> for String {
+    fn from(id: LayerId) -> Self {
+        id.0
+    }
+}
+
+/// What a backend found it can do on this host, from its `probe()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The driver that probed, e.g. `linux-namespaces`, `overlay`, `zfs`.
+    pub driver: String,
+    /// One entry per feature the driver uses.
+    pub features: Vec<Capability>,
+}
+
+/// One feature of a [`Capabilities`] report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    /// Short stable name, e.g. `user-namespace`, `cgroup-freezer`, `reflink`.
+    pub name: String,
+    /// Whether it works here.
+    pub available: bool,
+    /// What was found: a path, a version, or why it is missing.
+    pub detail: String,
+}
+
+impl Capabilities {
+    /// Whether the feature `name` was probed and is available.
+    pub fn has(&self, name: &str) -> bool {
+        self.features.iter().any(|c| c.name == name && c.available)
+    }
+
+    /// The features that are not available, for a skip or startup message.
+    pub fn missing(&self) -> impl Iterator<Item = &Capability> {
+        self.features.iter().filter(|c| !c.available)
+    }
+}
+
+/// How a sandbox's root filesystem is assembled, as the storage role hands it to the
+/// isolation role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootfsSpec {
+    /// An overlay for the isolation driver to mount inside the sandbox's own mount namespace.
+    Overlay {
+        /// Read-only layers, topmost first (overlayfs `lowerdir` order).
+        lower: Vec<PathBuf>,
+        /// The sandbox's private writable layer.
+        upper: PathBuf,
+        /// Overlayfs work directory on the same filesystem as `upper`.
+        work: PathBuf,
+    },
+    /// A directory already holding the writable root (a ZFS clone's mountpoint), to be
+    /// bind-mounted as the sandbox root.
+    Directory(PathBuf),
+}
+
+/// A host path made visible inside a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    /// Absolute host path (file or directory).
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox; created if missing.
+    pub target: PathBuf,
+    /// Mount it read-only.
+    pub read_only: bool,
+}
+
+/// The program that becomes PID 1 of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitSpec {
+    /// Absolute path inside the sandbox (often a [`BindMount`] target).
+    pub program: PathBuf,
+    /// Arguments after `argv[0]`.
+    pub args: Vec<String>,
+    /// The complete environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox.
+    pub cwd: PathBuf,
+}
+
+/// Resource limits; `None` leaves a resource unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory ceiling in bytes ([`Limits::MEMORY_RANGE`]).
+    pub memory_bytes: Option<u64>,
+    /// Maximum number of tasks ([`Limits::PIDS_RANGE`]).
+    pub pids: Option<u32>,
+    /// CPU bandwidth in thousandths of a core ([`Limits::CPU_MILLIS_RANGE`]).
+    pub cpu_millis: Option<u32>,
+}
+
+impl Limits {
+    /// Accepted memory limits: 16 MiB to 1 TiB.
+    pub const MEMORY_RANGE: std::ops::RangeInclusive<u64> = (16 << 20)..=(1 << 40);
+    /// Accepted task limits.
+    pub const PIDS_RANGE: std::ops::RangeInclusive<u32> = 4..=4_194_304;
+    /// Accepted CPU limits: a hundredth of a core to 1024 cores.
+    pub const CPU_MILLIS_RANGE: std::ops::RangeInclusive<u32> = 10..=1_024_000;
+
+    /// Checks every set limit against its range.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        fn check<T: PartialOrd + fmt::Display>(
+            field: &'static str,
+            value: Option<T>,
+            range: &std::ops::RangeInclusive<T>,
+        ) -> Result<(), BackendError> {
+            match value {
+                Some(v) if !range.contains(&v) => Err(BackendError::InvalidSpec {
+                    field,
+                    reason: format!(
+                        "{v} is outside {}..={}",
+                        range.start(),
+                        range.end()
+                    ),
+                }),
+                _ => Ok(()),
+            }
+        }
+        check("memory limit", self.memory_bytes, &Self::MEMORY_RANGE)?;
+        check("pids limit", self.pids, &Self::PIDS_RANGE)?;
+        check("cpu limit", self.cpu_millis, &Self::CPU_MILLIS_RANGE)
+    }
+}
+
+/// Everything the isolation role needs to start a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// The sandbox id; also its hostname.
+    pub id: SandboxId,
+    /// The root filesystem, from [`Storage::create_rootfs`].
+    pub rootfs: RootfsSpec,
+    /// PID 1.
+    pub init: InitSpec,
+    /// Host paths to expose (the agent binary, the directory of its socket, ...).
+    pub mounts: Vec<BindMount>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// Run state of an isolated sandbox as the backend sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Its processes run.
+    Running,
+    /// Its processes are frozen.
+    Paused,
+    /// PID 1 has exited; only `kill` (cleanup) remains.
+    Exited,
+}
+
+/// A sandbox the isolation role knows, whether it started it or re-adopted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailInfo {
+    /// The sandbox id.
+    pub id: SandboxId,
+    /// Host pid of the sandbox's PID 1.
+    pub pid: u32,
+    /// Current run state.
+    pub state: RunState,
+    /// When it was started.
+    pub started_at: SystemTime,
+    /// The spec it was started with.
+    pub spec: JailSpec,
+}
+
+/// Resource use of one sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// CPU time consumed by all its tasks, in nanoseconds.
+    pub cpu_nanos: u64,
+    /// Memory charged to it, in bytes.
+    pub memory_bytes: u64,
+    /// Tasks (processes and threads) alive in it.
+    pub tasks: u32,
+}
+
+/// The jail role: isolated process trees with limits, freezing and teardown.
+///
+/// Implementations record enough identity to re-adopt their sandboxes from a new process:
+/// a sandbox outlives the process that started it until [`Isolation::kill`].
+pub trait Isolation: Send + Sync + 'static {
+    /// Reports what this host supports for this driver.
+    fn probe() -> Result<Capabilities, BackendError>
+    where
+        Self: Sized;
+
+    /// Starts a sandbox; resolves once its PID 1 has exec'd `spec.init.program`.
+    fn start(&self, spec: JailSpec) -> impl Future<Output = Result<JailInfo, BackendError>> + Send;
+
+    /// Freezes every process of the sandbox; a no-op if already paused.
+    fn pause(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Thaws a paused sandbox; a no-op if it runs.
+    fn resume(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Kills every process of the sandbox and removes what the driver created for it (not
+    /// its storage: the caller removes the rootfs through [`Storage::remove_rootfs`]).
+    fn kill(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Sandboxes this driver knows, including those started by an earlier process.
+    fn list(&self) -> impl Future<Output = Result<Vec<JailInfo>, BackendError>> + Send;
+
+    /// One sandbox.
+    fn info(&self, id: &SandboxId) -> impl Future<Output = Result<JailInfo, BackendError>> + Send;
+
+    /// Current resource use.
+    fn usage(
+        &self,
+        id: &SandboxId,
+    ) -> impl Future<Output = Result<ResourceUsage, BackendError>> + Send;
+}
+
+/// Everything the machine role needs to boot a microVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    /// The sandbox id.
+    pub id: SandboxId,
+    /// Guest kernel image.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Root disk image, owned by the sandbox (a clone from storage).
+    pub disk: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Host unix socket on which the guest agent is reachable.
+    pub agent_socket: PathBuf,
+}
+
+/// The bhyve role: sandboxes as virtual machines.
+pub trait Machine: Send + Sync + 'static {
+    /// Reports what this host supports (hardware acceleration, vsock, ...).
+    fn probe() -> Result<Capabilities, BackendError>
+    where
+        Self: Sized;
+
+    /// Boots a VM; resolves once its agent socket accepts connections.
+    fn boot(
+        &self,
+        spec: MachineSpec,
+    ) -> impl Future<Output = Result<RunState, BackendError>> + Send;
+
+    /// Suspends the VM's vCPUs; a no-op if already paused.
+    fn pause(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Resumes the VM's vCPUs; a no-op if it runs.
+    fn resume(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Powers the VM off and frees its resources.
+    fn destroy(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// A read-only layer as storage reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// Its name.
+    pub id: LayerId,
+    /// The layer below it (a snapshot's template chain), if any.
+    pub parent: Option<LayerId>,
+    /// Whether it is a template or a sandbox snapshot.
+    pub kind: LayerKind,
+    /// Bytes it occupies on disk by itself.
+    pub disk_bytes: u64,
+}
+
+/// What made a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// Imported from a root filesystem tree.
+    Template,
+    /// Frozen from a sandbox's writable layer.
+    Snapshot,
+}
+
+/// Disk use of one sandbox's writable layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    /// Bytes allocated for the sandbox's own changes.
+    pub written_bytes: u64,
+    /// Bytes of the read-only layers beneath it, shared with other sandboxes.
+    pub shared_bytes: u64,
+}
+
+/// The ZFS role: immutable layers and per-sandbox copy-on-write roots.
+///
+/// Layers are immutable once made. A layer that a sandbox or another layer depends on cannot
+/// be deleted. A crash during any operation leaves nothing that later looks valid.
+pub trait Storage: Send + Sync + 'static {
+    /// Reports what this host supports for this driver.
+    fn probe() -> Result<Capabilities, BackendError>
+    where
+        Self: Sized;
+
+    /// Seals the directory tree at `source` as the template layer `name`; `source` is not
+    /// modified and may be removed afterwards.
+    fn import_template(
+        &self,
+        name: &LayerId,
+        source: &std::path::Path,
+    ) -> impl Future<Output = Result<LayerInfo, BackendError>> + Send;
+
+    /// Gives `sandbox` a private writable root over `base` (a template or a snapshot: a
+    /// fork is a rootfs over a snapshot).
+    fn create_rootfs(
+        &self,
+        sandbox: &SandboxId,
+        base: &LayerId,
+    ) -> impl Future<Output = Result<RootfsSpec, BackendError>> + Send;
+
+    /// The root of an existing sandbox, for re-adoption.
+    fn rootfs(
+        &self,
+        sandbox: &SandboxId,
+    ) -> impl Future<Output = Result<RootfsSpec, BackendError>> + Send;
+
+    /// Freezes the sandbox's current writable layer into the new read-only layer `name`.
+    /// The caller pauses the sandbox first so the copy is consistent.
+    fn snapshot(
+        &self,
+        sandbox: &SandboxId,
+        name: &LayerId,
+    ) -> impl Future<Output = Result<LayerInfo, BackendError>> + Send;
+
+    /// Removes a sandbox's writable layer. Snapshots taken from it stay valid.
+    fn remove_rootfs(
+        &self,
+        sandbox: &SandboxId,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Deletes a layer; refused with [`BackendError::InUse`] while anything depends on it.
+    fn delete_layer(&self, id: &LayerId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// All layers.
+    fn layers(&self) -> impl Future<Output = Result<Vec<LayerInfo>, BackendError>> + Send;
+
+    /// Sandboxes that have a writable root.
+    fn sandboxes(&self) -> impl Future<Output = Result<Vec<SandboxId>, BackendError>> + Send;
+
+    /// Disk use of one sandbox.
+    fn usage(
+        &self,
+        sandbox: &SandboxId,
+    ) -> impl Future<Output = Result<DiskUsage, BackendError>> + Send;
+}
+
+/// The one error type of every backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// A spec or argument is malformed or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidSpec {
+        /// What was wrong, e.g. `sandbox id`, `memory limit`.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The named thing does not exist.
+    #[error("{kind} {id:?} not found")]
+    NotFound {
+        /// `sandbox`, `layer`, `template`, ...
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The named thing exists already.
+    #[error("{kind} {id:?} already exists")]
+    AlreadyExists {
+        /// `sandbox`, `layer`, ...
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// Refused because other things depend on it.
+    #[error("{kind} {id:?} is in use by {}", dependents.join(", "))]
+    InUse {
+        /// `layer`, ...
+        kind: &'static str,
+        /// Its id.
+        id: String,
+        /// What depends on it (`sandbox x`, `layer y`).
+        dependents: Vec<String>,
+    },
+    /// The operation does not fit the current state (e.g. snapshot of an exited sandbox).
+    #[error("cannot {op} sandbox {id:?}: {reason}")]
+    InvalidState {
+        /// The operation.
+        op: &'static str,
+        /// The sandbox.
+        id: String,
+        /// Why not.
+        reason: String,
+    },
+    /// This platform or driver cannot do this.
+    #[error("{op} is not supported on {os}")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// The OS or driver that lacks it.
+        os: &'static str,
+    },
+    /// A system call or file operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done, e.g. `create cgroup`, `mount overlay at`.
+        op: &'static str,
+        /// The path involved (empty when none).
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external command (`zfs`, `debootstrap`, `jail`, ...) failed.
+    #[error("{command} exited with {status}: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status, as text.
+        status: String,
+        /// The tail of what it wrote to stderr.
+        stderr: String,
+    },
+    /// The sandbox's init could not be started; `stage` names the setup step that failed.
+    #[error("sandbox {id:?} failed to start at {stage}")]
+    Start {
+        /// The sandbox.
+        id: String,
+        /// The setup step, e.g. `pivot_root`, `exec init`.
+        stage: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    /// Builds an [`BackendError::Io`] from an error and what was being done.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_follow_e2b_format() {
+        assert!(SandboxId::new("i1a2b3c4d5e6f7g8h9j0").is_ok());
+        for bad in ["", "has-dash", "UPPER", "with space", "ünï", &"a".repeat(64)] {
+            let err = SandboxId::new(bad).unwrap_err();
+            assert!(
+                matches!(err, BackendError::InvalidSpec { field: "sandbox id", .. }),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn layer_ids_are_path_safe() {
+        for good in ["base", "code-interpreter-v1", "snap.1_a"] {
+            assert!(LayerId::new(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "..", "A", "a b"] {
+            assert!(LayerId::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ids_deserialize_with_validation() {
+        let ok: SandboxId = serde_json::from_str("\"abc123\"").unwrap();
+        assert_eq!(ok.as_str(), "abc123");
+        assert!(serde_json::from_str::<SandboxId>("\"a-b\"").is_err());
+    }
+
+    #[test]
+    fn limits_are_range_checked() {
+        assert!(Limits::default().validate().is_ok());
+        let ok = Limits {
+            memory_bytes: Some(512 << 20),
+            pids: Some(256),
+            cpu_millis: Some(1500),
+        };
+        assert!(ok.validate().is_ok());
+        let low_mem = Limits {
+            memory_bytes: Some(1024),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            low_mem.validate(),
+            Err(BackendError::InvalidSpec { field: "memory limit", .. })
+        ));
+        let zero_pids = Limits {
+            pids: Some(0),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            zero_pids.validate(),
+            Err(BackendError::InvalidSpec { field: "pids limit", .. })
+        ));
+        let no_cpu = Limits {
+            cpu_millis: Some(1),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            no_cpu.validate(),
+            Err(BackendError::InvalidSpec { field: "cpu limit", .. })
+        ));
+    }
+
+    #[test]
+    fn capabilities_report_missing_features() {
+        let caps = Capabilities {
+            driver: "test".into(),
+            features: vec![
+                Capability {
+                    name: "a".into(),
+                    available: true,
+                    detail: String::new(),
+                },
+                Capability {
+                    name: "b".into(),
+                    available: false,
+                    detail: "absent".into(),
+                },
+            ],
+        };
+        assert!(caps.has("a"));
+        assert!(!caps.has("b"));
+        assert!(!caps.has("c"));
+        assert_eq!(caps.missing().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+}
