@@ -9,7 +9,9 @@ pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// A complete body from bytes.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// An empty body.
@@ -34,4 +36,31 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<
         status,
         &serde_json::json!({ "code": status.as_u16(), "message": message.into() }),
     )
+}
+
+/// A streaming body fed by a channel: each received chunk is sent (and flushed) as it comes.
+///
+/// The body ends when every sender is dropped.
+pub(crate) fn channel_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
+    ChannelBody { rx }.boxed()
+}
+
+/// See [`channel_body`].
+#[derive(Debug)]
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+    }
 }
