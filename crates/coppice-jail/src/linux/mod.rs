@@ -1,0 +1,480 @@
+//! The Linux driver: namespaces + cgroups + overlay root, with a durable record per sandbox.
+
+mod cgroup;
+mod seccomp;
+mod spawn;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use coppice_lifecycle::backend::{
+    BackendError, Capabilities, Capability, Isolation, JailInfo, JailSpec, ResourceUsage, RunState,
+    SandboxId,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::JailConfig;
+use cgroup::{Controller, Hierarchies, SandboxCgroups};
+
+/// What is persisted for each sandbox so that any later process can find it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    spec: JailSpec,
+    pid: u32,
+    /// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), so a
+    /// recycled pid is never mistaken for the sandbox.
+    pid_start: u64,
+    started_at: SystemTime,
+    cgroups: SandboxCgroups,
+}
+
+/// Sandboxes as Linux namespaces and cgroups. See the crate docs for the isolation model.
+#[derive(Debug, Clone)]
+pub struct LinuxJail {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: JailConfig,
+    hierarchies: Hierarchies,
+    records: Mutex<HashMap<SandboxId, Record>>,
+}
+
+impl LinuxJail {
+    /// Opens the driver on `config.state_dir`, re-adopting every sandbox a previous process
+    /// recorded there and cleaning up those that are gone (and cgroups nobody recorded).
+    pub fn open(config: JailConfig) -> Result<Self, BackendError> {
+        if config.uid_count < 65536 || config.uid_base == 0 {
+            return Err(BackendError::InvalidSpec {
+                field: "uid range",
+                reason: format!(
+                    "{}+{} must start above 0 and map at least 65536 ids",
+                    config.uid_base, config.uid_count
+                ),
+            });
+        }
+        for dir in [config.records_dir(), config.roots_dir(), config.logs_dir()] {
+            fs::create_dir_all(&dir).map_err(|e| BackendError::io("create directory", &dir, e))?;
+        }
+        let hierarchies = Hierarchies::detect(&config.cgroup_group)?;
+        let jail = Self {
+            inner: Arc::new(Inner {
+                config,
+                hierarchies,
+                records: Mutex::new(HashMap::new()),
+            }),
+        };
+        jail.recover()?;
+        Ok(jail)
+    }
+
+    /// The host uid (and gid) that sandbox uid `uid` runs as; for giving sandboxes write
+    /// access to host directories bind-mounted into them.
+    pub fn host_id(&self, sandbox_uid: u32) -> u32 {
+        self.inner.config.uid_base + sandbox_uid
+    }
+
+    /// The file that collects the sandbox init's stdout and stderr.
+    pub fn log_path(&self, id: &SandboxId) -> PathBuf {
+        self.inner.config.logs_dir().join(format!("{id}.log"))
+    }
+
+    fn records(&self) -> MutexGuard<'_, HashMap<SandboxId, Record>> {
+        // A poisoned lock only means another thread panicked mid-operation; the map itself
+        // is always left consistent (inserts and removes are single calls).
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn recover(&self) -> Result<(), BackendError> {
+        let dir = self.inner.config.records_dir();
+        let entries = fs::read_dir(&dir).map_err(|e| BackendError::io("read", &dir, e))?;
+        let mut known = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Temporary files of an interrupted write are never valid records.
+            let Some(id) = name.strip_suffix(".json") else {
+                let _ = fs::remove_file(&path);
+                continue;
+            };
+            let Ok(id) = SandboxId::new(id) else { continue };
+            let record: Option<Record> = fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            match record {
+                Some(r) if pid_start(r.pid) == Some(r.pid_start) => {
+                    known.push(id.as_str().to_owned());
+                    self.records().insert(id, r);
+                }
+                Some(r) => {
+                    // Init is gone: whatever is left in its cgroups goes too.
+                    r.cgroups.kill_all_and_remove()?;
+                    self.forget(&id);
+                }
+                None => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        // Cgroups without a record belong to a start that crashed half-way.
+        for group in self.inner.hierarchies.group_dirs() {
+            let Ok(entries) = fs::read_dir(&group) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_dir() && !known.contains(&name) && SandboxId::new(&*name).is_ok()
+                {
+                    self.inner
+                        .hierarchies
+                        .sandbox(&name)
+                        .kill_all_and_remove()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&self, id: &SandboxId) {
+        self.records().remove(id);
+        let cfg = &self.inner.config;
+        let _ = fs::remove_file(cfg.records_dir().join(format!("{id}.json")));
+        let _ = fs::remove_dir(cfg.roots_dir().join(id.as_str()));
+    }
+
+    fn persist(&self, id: &SandboxId, record: &Record) -> Result<(), BackendError> {
+        let dir = self.inner.config.records_dir();
+        let tmp = dir.join(format!(".{id}.tmp"));
+        let path = dir.join(format!("{id}.json"));
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| BackendError::io("encode record for", &path, io::Error::other(e)))?;
+        (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })()
+        .map_err(|e| BackendError::io("write record", &path, e))
+    }
+
+    fn record(&self, id: &SandboxId) -> Result<Record, BackendError> {
+        self.records()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::NotFound {
+                kind: "sandbox",
+                id: id.to_string(),
+            })
+    }
+
+    fn info_of(&self, id: &SandboxId, r: &Record) -> Result<JailInfo, BackendError> {
+        let state = if pid_start(r.pid) != Some(r.pid_start) || is_zombie(r.pid) {
+            RunState::Exited
+        } else if r.cgroups.is_frozen()? {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        Ok(JailInfo {
+            id: id.clone(),
+            pid: r.pid,
+            state,
+            started_at: r.started_at,
+            spec: r.spec.clone(),
+        })
+    }
+
+    fn start_blocking(&self, spec: JailSpec) -> Result<JailInfo, BackendError> {
+        spec.limits.validate()?;
+        let id = spec.id.clone();
+        let cfg = &self.inner.config;
+        if self.records().contains_key(&id) || cfg.records_dir().join(format!("{id}.json")).exists()
+        {
+            return Err(BackendError::AlreadyExists {
+                kind: "sandbox",
+                id: id.to_string(),
+            });
+        }
+        let root = cfg.roots_dir().join(id.as_str());
+        fs::create_dir_all(&root).map_err(|e| BackendError::io("create directory", &root, e))?;
+        let log_path = self.log_path(&id);
+        let log: OwnedFd = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| BackendError::io("open log", &log_path, e))?
+            .into();
+        let plan = match spawn::Plan::new(&spec, &root, log, cfg.uid_base, cfg.uid_count) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = fs::remove_dir(&root);
+                return Err(e);
+            }
+        };
+        let cgroups = match self.inner.hierarchies.create(id.as_str(), &spec.limits) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir(&root);
+                return Err(e);
+            }
+        };
+        struct Join<'a>(&'a SandboxCgroups);
+        impl spawn::Handshake for Join<'_> {
+            fn join_cgroups(&mut self, pid: u32) -> Result<(), BackendError> {
+                self.0.join(pid)
+            }
+        }
+        let started_at = SystemTime::now();
+        let pid = match spawn::spawn(id.as_str(), &plan, &mut Join(&cgroups)) {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = cgroups.kill_all_and_remove();
+                let _ = fs::remove_dir(&root);
+                return Err(e);
+            }
+        };
+        let record = Record {
+            spec,
+            pid,
+            pid_start: pid_start(pid).unwrap_or(0),
+            started_at,
+            cgroups,
+        };
+        if let Err(e) = self.persist(&id, &record) {
+            let _ = record.cgroups.kill_all_and_remove();
+            reap(pid);
+            let _ = fs::remove_dir(&root);
+            return Err(e);
+        }
+        let info = JailInfo {
+            id: id.clone(),
+            pid,
+            state: RunState::Running,
+            started_at,
+            spec: record.spec.clone(),
+        };
+        self.records().insert(id, record);
+        Ok(info)
+    }
+
+    fn kill_blocking(&self, id: &SandboxId) -> Result<(), BackendError> {
+        let record = self.record(id)?;
+        record.cgroups.kill_all_and_remove()?;
+        record.cgroups.remove_empty_parents();
+        // Init is our child when this process started it; reap it so no zombie lingers.
+        reap(record.pid);
+        self.forget(id);
+        Ok(())
+    }
+}
+
+/// Runs blocking work off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::io("join blocking task", "", io::Error::other(e)))?
+}
+
+impl Isolation for LinuxJail {
+    fn probe() -> Result<Capabilities, BackendError> {
+        Ok(probe_host())
+    }
+
+    async fn start(&self, spec: JailSpec) -> Result<JailInfo, BackendError> {
+        let this = self.clone();
+        blocking(move || this.start_blocking(spec)).await
+    }
+
+    async fn pause(&self, id: &SandboxId) -> Result<(), BackendError> {
+        let record = self.record(id)?;
+        blocking(move || record.cgroups.freeze()).await
+    }
+
+    async fn resume(&self, id: &SandboxId) -> Result<(), BackendError> {
+        let record = self.record(id)?;
+        blocking(move || record.cgroups.thaw()).await
+    }
+
+    async fn kill(&self, id: &SandboxId) -> Result<(), BackendError> {
+        let this = self.clone();
+        let id = id.clone();
+        blocking(move || this.kill_blocking(&id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<JailInfo>, BackendError> {
+        let records: Vec<(SandboxId, Record)> = self
+            .records()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(records.len());
+        for (id, r) in &records {
+            out.push(self.info_of(id, r)?);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn info(&self, id: &SandboxId) -> Result<JailInfo, BackendError> {
+        let r = self.record(id)?;
+        self.info_of(id, &r)
+    }
+
+    async fn usage(&self, id: &SandboxId) -> Result<ResourceUsage, BackendError> {
+        self.record(id)?.cgroups.usage()
+    }
+}
+
+/// Reaps `pid` if it is our child (no-op otherwise).
+fn reap(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: waitpid on a specific pid; for a pid that is not our child it returns ECHILD.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the process start time, in clock ticks since boot.
+fn pid_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields resume after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true)
+}
+
+fn probe_host() -> Capabilities {
+    let mut features = Vec::new();
+    let mut add = |name: &str, available: bool, detail: String| {
+        features.push(Capability {
+            name: name.into(),
+            available,
+            detail,
+        });
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    add(
+        "root",
+        root,
+        if root {
+            "running as root".into()
+        } else {
+            "namespaces and mounts need root".into()
+        },
+    );
+    for (name, ns) in [
+        ("user-namespace", "user"),
+        ("pid-namespace", "pid"),
+        ("mount-namespace", "mnt"),
+        ("network-namespace", "net"),
+        ("uts-namespace", "uts"),
+        ("ipc-namespace", "ipc"),
+        ("cgroup-namespace", "cgroup"),
+    ] {
+        let path = format!("/proc/self/ns/{ns}");
+        let ok = Path::new(&path).exists();
+        add(name, ok, path);
+    }
+    let max_userns = fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(n) = max_userns {
+        if n == 0 {
+            add(
+                "user-namespace",
+                false,
+                "user.max_user_namespaces is 0".into(),
+            );
+        }
+    }
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let has_fs = |fs: &str| {
+        filesystems
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some(fs))
+    };
+    add("overlayfs", has_fs("overlay"), "/proc/filesystems".into());
+    add("devpts", has_fs("devpts"), "/proc/filesystems".into());
+    let seccomp = fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Seccomp:")))
+        .unwrap_or(false);
+    add(
+        "seccomp",
+        seccomp,
+        "Seccomp field in /proc/self/status".into(),
+    );
+    match Hierarchies::detect("coppice") {
+        Ok(h) => {
+            for (name, c) in [
+                ("cgroup-memory", Controller::Memory),
+                ("cgroup-pids", Controller::Pids),
+                ("cgroup-cpu", Controller::Cpu),
+            ] {
+                add(name, h.has(c), String::new());
+            }
+            let freezer = h.has(Controller::Freezer) || h.has_v2();
+            add(
+                "cgroup-freezer",
+                freezer,
+                if h.has(Controller::Freezer) {
+                    "v1 freezer"
+                } else {
+                    "v2 cgroup.freeze"
+                }
+                .into(),
+            );
+        }
+        Err(e) => add("cgroups", false, e.to_string()),
+    }
+    Capabilities {
+        driver: "linux-namespaces".into(),
+        features,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_start_reads_our_own_process() {
+        let me = std::process::id();
+        let a = pid_start(me).unwrap();
+        assert_eq!(pid_start(me), Some(a));
+        assert!(!is_zombie(me));
+        assert_eq!(pid_start(u32::MAX), None);
+    }
+
+    #[test]
+    fn seccomp_table_names_the_escape_routes() {
+        let names: Vec<_> = seccomp::denied_names().collect();
+        for must in [
+            "init_module",
+            "kexec_load",
+            "bpf",
+            "keyctl",
+            "mount",
+            "setns",
+        ] {
+            assert!(names.contains(&must), "{must}");
+        }
+    }
+}
