@@ -1,3 +1,64 @@
-//! Project automation, run as `cargo xtask <command>`.
+//! Project automation, run as `cargo xtask <command>` (the cargo-xtask pattern).
+//!
+//! - `ci`: installs what the tests need on a fresh Debian machine, then fmt, clippy, test and
+//!   cargo-deny — the one command `.ci/run` and the README name.
+//! - `tidy`: repository rules as code (crate docs, lint inheritance, dependency direction);
+//!   also runs as a `#[test]`.
+//! - `bench <name>`: runs a benchmark and writes its JSON under `benchmarks/results/<name>/`.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::disallowed_methods)]
-fn main() {}
+
+mod bench;
+mod ci;
+mod tidy;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["ci", rest @ ..] => ci::run(rest),
+        ["tidy"] => tidy::run(&project_root()),
+        ["bench", name, rest @ ..] => bench::run(name, rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 ci [--no-install]   install test dependencies, then fmt, clippy, test, deny\n  \
+                 tidy                check repository rules\n  \
+                 bench <name>        run a benchmark: {}",
+                bench::NAMES.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn project_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Runs a command in the project root, echoing it; fails on a non-zero exit.
+fn run_cmd(program: &str, args: &[&str]) -> Result<(), String> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = std::process::Command::new(program)
+        .args(args)
+        .current_dir(project_root())
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{program} {} failed: {status}", args.join(" ")))
+    }
+}

@@ -1,0 +1,98 @@
+//! `cargo xtask bench <name>`: runs a crate's benchmark program in release mode, stores its
+//! JSON under `benchmarks/results/<name>/<date>.json` and refreshes that benchmark's line in
+//! `benchmarks/README.md`.
+//!
+//! Each benchmark program measures Coppice and its baseline in the same run and prints one
+//! JSON object on stdout; xtask only runs, files and summarises it.
+
+use std::fs;
+use std::process::Command;
+
+use crate::project_root;
+
+/// Benchmarks this command knows: `(name, package, example program)`.
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("jail", "coppice-jail", "jail-bench"),
+    ("envd", "coppice-envd", "envd-bench"),
+];
+
+/// The names, for usage text.
+pub(crate) const NAMES: &[&str] = &["jail", "envd"];
+
+pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
+    let Some((_, package, example)) = BENCHES.iter().find(|(n, _, _)| *n == name) else {
+        return Err(format!(
+            "unknown benchmark {name:?}; known: {}",
+            NAMES.join(", ")
+        ));
+    };
+    let mut cmd_args = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        package,
+        "--example",
+        example,
+        "--",
+    ];
+    cmd_args.extend_from_slice(args);
+    eprintln!("$ cargo {}", cmd_args.join(" "));
+    let out = Command::new(env!("CARGO"))
+        .args(&cmd_args)
+        .current_dir(project_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the {name} benchmark: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the {name} benchmark failed: {}", out.status));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("the {name} benchmark printed no JSON report: {e}"))?;
+    let date = today()?;
+    let dir = project_root().join("benchmarks/results").join(name);
+    fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let file = dir.join(format!("{date}.json"));
+    let pretty = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    fs::write(&file, pretty + "\n").map_err(|e| format!("write {}: {e}", file.display()))?;
+    let summary = report["summary"]
+        .as_str()
+        .unwrap_or("(no summary)")
+        .to_owned();
+    update_readme(name, &date, &summary)?;
+    println!("{summary}");
+    eprintln!("wrote {}", file.display());
+    Ok(())
+}
+
+fn today() -> Result<String, String> {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map_err(|e| format!("date: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Replaces (or adds) the `| name | ... |` row of the results table.
+fn update_readme(name: &str, date: &str, summary: &str) -> Result<(), String> {
+    let path = project_root().join("benchmarks/README.md");
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    let row = format!("| `{name}` | {date} | {summary} |");
+    let prefix = format!("| `{name}` |");
+    let mut replaced = false;
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                replaced = true;
+                row.clone()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    if !replaced {
+        lines.push(row);
+    }
+    fs::write(&path, lines.join("\n") + "\n").map_err(|e| format!("write {}: {e}", path.display()))
+}

@@ -1,0 +1,99 @@
+//! `cargo xtask ci`: everything CI does, runnable on a fresh machine of our kind (root,
+//! Debian, Rust toolchain present).
+
+use std::process::Command;
+
+use crate::run_cmd;
+
+/// Debian packages the tests use: debootstrap builds the default template, zfs-fuse gives
+/// the storage role's zfs driver a real `zfs`/`zpool` without a kernel module, bubblewrap is
+/// a start-time baseline for benchmarks.
+const DEBIAN_PACKAGES: &[&str] = &["debootstrap", "zfs-fuse", "bubblewrap", "python3"];
+
+/// The cargo-deny release CI pins.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+pub(crate) fn run(args: &[&str]) -> Result<(), String> {
+    let install = !args.contains(&"--no-install");
+    if install {
+        install_debian_packages()?;
+        install_cargo_deny()?;
+    }
+    run_cmd("cargo", &["fmt", "--all", "--", "--check"])?;
+    run_cmd(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    run_cmd("cargo", &["test", "--workspace", "--no-fail-fast"])?;
+    // The advisory database lives on GitHub, which our machines cannot reach; bans, licenses
+    // and sources need nothing but the lock file.
+    run_cmd("cargo", &["deny", "check", "bans", "licenses", "sources"])?;
+    eprintln!("xtask ci: all checks passed");
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn install_debian_packages() -> Result<(), String> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "xtask ci: not root, cannot install {}; tests that need them will print SKIP",
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    run_cmd("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing);
+    run_cmd("apt-get", &args)
+}
+
+fn install_cargo_deny() -> Result<(), String> {
+    let have = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION))
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    run_cmd(
+        "cargo",
+        &[
+            "install",
+            "cargo-deny",
+            "--locked",
+            "--version",
+            CARGO_DENY_VERSION,
+        ],
+    )
+}
