@@ -33,7 +33,9 @@ impl SandboxId {
         let id = id.into();
         let ok = !id.is_empty()
             && id.len() <= Self::MAX_LEN
-            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if ok {
             Ok(Self(id))
         } else {
@@ -238,11 +240,7 @@ impl Limits {
             match value {
                 Some(v) if !range.contains(&v) => Err(BackendError::InvalidSpec {
                     field,
-                    reason: format!(
-                        "{v} is outside {}..={}",
-                        range.start(),
-                        range.end()
-                    ),
+                    reason: format!("{v} is outside {}..={}", range.start(), range.end()),
                 }),
                 _ => Ok(()),
             }
@@ -587,11 +585,24 @@ mod tests {
 
     #[test]
     fn sandbox_ids_follow_e2b_format() {
-        assert!(SandboxId::new("i1a2b3c4d5e6f7g8h9j0").is_ok());
-        for bad in ["", "has-dash", "UPPER", "with space", "ünï", &"a".repeat(64)] {
+        SandboxId::new("i1a2b3c4d5e6f7g8h9j0").unwrap();
+        for bad in [
+            "",
+            "has-dash",
+            "UPPER",
+            "with space",
+            "ünï",
+            &"a".repeat(64),
+        ] {
             let err = SandboxId::new(bad).unwrap_err();
             assert!(
-                matches!(err, BackendError::InvalidSpec { field: "sandbox id", .. }),
+                matches!(
+                    err,
+                    BackendError::InvalidSpec {
+                        field: "sandbox id",
+                        ..
+                    }
+                ),
                 "{bad:?}"
             );
         }
@@ -600,10 +611,10 @@ mod tests {
     #[test]
     fn layer_ids_are_path_safe() {
         for good in ["base", "code-interpreter-v1", "snap.1_a"] {
-            assert!(LayerId::new(good).is_ok(), "{good}");
+            LayerId::new(good).unwrap();
         }
         for bad in ["", ".hidden", "-x", "a/b", "..", "A", "a b"] {
-            assert!(LayerId::new(bad).is_err(), "{bad:?}");
+            LayerId::new(bad).unwrap_err();
         }
     }
 
@@ -611,25 +622,28 @@ mod tests {
     fn ids_deserialize_with_validation() {
         let ok: SandboxId = serde_json::from_str("\"abc123\"").unwrap();
         assert_eq!(ok.as_str(), "abc123");
-        assert!(serde_json::from_str::<SandboxId>("\"a-b\"").is_err());
+        serde_json::from_str::<SandboxId>("\"a-b\"").unwrap_err();
     }
 
     #[test]
     fn limits_are_range_checked() {
-        assert!(Limits::default().validate().is_ok());
+        Limits::default().validate().unwrap();
         let ok = Limits {
             memory_bytes: Some(512 << 20),
             pids: Some(256),
             cpu_millis: Some(1500),
         };
-        assert!(ok.validate().is_ok());
+        ok.validate().unwrap();
         let low_mem = Limits {
             memory_bytes: Some(1024),
             ..Limits::default()
         };
         assert!(matches!(
             low_mem.validate(),
-            Err(BackendError::InvalidSpec { field: "memory limit", .. })
+            Err(BackendError::InvalidSpec {
+                field: "memory limit",
+                ..
+            })
         ));
         let zero_pids = Limits {
             pids: Some(0),
@@ -637,7 +651,10 @@ mod tests {
         };
         assert!(matches!(
             zero_pids.validate(),
-            Err(BackendError::InvalidSpec { field: "pids limit", .. })
+            Err(BackendError::InvalidSpec {
+                field: "pids limit",
+                ..
+            })
         ));
         let no_cpu = Limits {
             cpu_millis: Some(1),
@@ -645,7 +662,10 @@ mod tests {
         };
         assert!(matches!(
             no_cpu.validate(),
-            Err(BackendError::InvalidSpec { field: "cpu limit", .. })
+            Err(BackendError::InvalidSpec {
+                field: "cpu limit",
+                ..
+            })
         ));
     }
 
@@ -669,6 +689,9 @@ mod tests {
         assert!(caps.has("a"));
         assert!(!caps.has("b"));
         assert!(!caps.has("c"));
-        assert_eq!(caps.missing().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(
+            caps.missing().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
     }
 }

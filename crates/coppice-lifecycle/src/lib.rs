@@ -5,9 +5,11 @@
 //! (the bhyve role: microVMs) and [`backend::Storage`] (the ZFS role: templates, writable
 //! layers, snapshots) — plus the plain-data specs and ids they exchange and the
 //! [`backend::BackendError`] they all return. Backend crates implement these traits; the
-//! gateway composes them. The pure lifecycle state machine joins this crate with the gateway.
+//! gateway composes them. [`state`] is the pure lifecycle state machine: one
+//! [`state::Lifecycle::transition`] that returns the next state and the event it causes.
 //!
 //! **Invariant:** nothing here performs I/O or names an operating system; backends describe
 //! the host they run on through [`backend::Capabilities`].
 
 pub mod backend;
+pub mod state;
