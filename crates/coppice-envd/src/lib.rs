@@ -4,18 +4,23 @@
 //! Entry points: [`hop`] serves the socket and picks the surface of each request (the
 //! internal hop is documented there and in `docs/envd.md`); `process` and `filesystem` are
 //! the Connect-RPC services; `http_api` holds envd's plain HTTP endpoints (`/health`,
-//! `/init`, `/envs`, `/metrics`, `/files`); `interpreter` is the code interpreter.
-//! [`state::AgentState`] is the per-sandbox state set by `/init`.
+//! `/init`, `/envs`, `/metrics`; `files` serves `/files`); `interpreter` is the code
+//! interpreter. [`state::AgentState`] is the per-sandbox state set by `/init`, and
+//! [`reaper`] owns every `wait` in the process (the agent is PID 1).
 //!
 //! **Invariant:** nothing here knows about other sandboxes, the gateway's routing or
 //! lifecycle; the agent sees one sandbox from the inside.
 
 pub mod hop;
+pub mod reaper;
 pub mod state;
 
 mod connect;
+mod fdio;
+mod files;
 mod filesystem;
 mod http_api;
 mod interpreter;
 mod process;
 mod reply;
+mod users;

@@ -1,0 +1,992 @@
+//! `GET /files` and `POST /files`: raw file download and upload (spec §3.2).
+//!
+//! Downloads stream the file (with `Range`, or gzip when the client accepts it). Uploads
+//! stream each file to disk as it arrives, from a multipart body (one part per file, the
+//! part's filename being the destination) or a raw `application/octet-stream` body
+//! (optionally gzip-encoded). The agent writes as root, then hands new directories and the
+//! file to the target user, as E2B's envd does.
+
+use std::collections::HashMap;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
+use http_body_util::BodyExt as _;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+
+use crate::hop::constant_time_eq;
+use crate::reply::{self, Body};
+use crate::state::AgentState;
+use crate::users::{self, User};
+
+/// Download chunk size.
+const CHUNK: usize = 64 * 1024;
+/// Largest header block of one multipart part.
+const MAX_PART_HEADERS: usize = 16 * 1024;
+
+/// A failed `/files` request: an HTTP status and E2B's `{code, message}`.
+#[derive(Debug)]
+pub(crate) struct FileError {
+    status: StatusCode,
+    message: String,
+}
+
+impl FileError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// Maps an I/O error on `path` to envd's statuses.
+    fn io(path: &Path, e: &io::Error) -> Self {
+        let p = path.display();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => {
+                Self::new(StatusCode::NOT_FOUND, format!("path '{p}' does not exist"))
+            }
+            Some(libc::EISDIR) => Self::bad(format!("path '{p}' is a directory")),
+            Some(libc::ENOTDIR) => Self::bad(format!("a parent of path '{p}' is not a directory")),
+            Some(libc::ENOSPC | libc::EDQUOT) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("not enough disk space to write '{p}'"),
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("error accessing '{p}': {e}"),
+            ),
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        reply::error(self.status, self.message)
+    }
+}
+
+/// Decodes a query string into its last value per key (`+` is a space).
+pub(crate) fn query(uri: &http::Uri) -> HashMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks `X-Access-Token`, else the `signature` query (spec §3.1), then resolves the user.
+fn authorize(
+    state: &AgentState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    op: &str,
+) -> Result<User, FileError> {
+    let username = q.get("username").map_or("", String::as_str);
+    if let Some(token) = state.token() {
+        let unauthorized = || {
+            FileError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized access, please provide a valid access token or method signing if supported",
+            )
+        };
+        match headers.get("x-access-token").and_then(|v| v.to_str().ok()) {
+            Some(got) => {
+                if !constant_time_eq(got.as_bytes(), token.as_bytes()) {
+                    return Err(unauthorized());
+                }
+            }
+            None => {
+                let sig = q.get("signature").ok_or_else(unauthorized)?;
+                let path = q.get("path").map_or("", String::as_str);
+                let expiration = q.get("signature_expiration");
+                let mut material = format!("{path}:{op}:{username}:{token}");
+                if let Some(exp) = expiration {
+                    let exp: u64 = exp
+                        .parse()
+                        .map_err(|_| FileError::bad("invalid signature_expiration"))?;
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    if exp < now {
+                        return Err(FileError::new(
+                            StatusCode::UNAUTHORIZED,
+                            "signature is already expired",
+                        ));
+                    }
+                    material.push_str(&format!(":{exp}"));
+                }
+                let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
+                let want = format!(
+                    "v1_{}",
+                    base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref())
+                );
+                if !constant_time_eq(sig.as_bytes(), want.as_bytes()) {
+                    return Err(unauthorized());
+                }
+            }
+        }
+    }
+    users::named_or_default(state, username)
+        .map_err(|e| FileError::new(StatusCode::UNAUTHORIZED, e.message))
+}
+
+// ---- Download. ----
+
+/// `GET /files?path=&username=`.
+pub(crate) async fn get<B>(state: Arc<AgentState>, req: Request<B>) -> Response<Body> {
+    download(&state, &req)
+        .await
+        .unwrap_or_else(FileError::into_response)
+}
+
+async fn download<B>(state: &AgentState, req: &Request<B>) -> Result<Response<Body>, FileError> {
+    let q = query(req.uri());
+    let user = authorize(state, req.headers(), &q, "read")?;
+    let raw = q.get("path").map_or("", String::as_str);
+    if raw.is_empty() {
+        return Err(FileError::bad("path is required"));
+    }
+    let path = users::resolve_path(raw, &user);
+    let meta = tokio::fs::metadata(&path)
+        .await
+        .map_err(|e| FileError::io(&path, &e))?;
+    if meta.is_dir() {
+        return Err(FileError::bad(format!(
+            "path '{}' is a directory",
+            path.display()
+        )));
+    }
+    let size = meta.len();
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| FileError::io(&path, &e))?;
+
+    let range = match req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => None,
+        Some(r) => match parse_range(r, size) {
+            RangeSpec::Ignore => None,
+            RangeSpec::Unsatisfiable => {
+                let mut resp = reply::error(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    format!("range '{r}' is not satisfiable for a file of {size} bytes"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(resp);
+            }
+            RangeSpec::Range(a, b) => Some((a, b)),
+        },
+    };
+
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let gzip = range.is_none() && accepts_gzip(req.headers());
+    let (start, len) = range.map_or((0, size), |(a, b)| (a, b - a + 1));
+    if start > 0 {
+        file.seek(io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| FileError::io(&path, &e))?;
+    }
+    let body = if gzip {
+        gzip_body(file.into_std().await, len)
+    } else {
+        plain_body(file, len)
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(&name)),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "inline; filename=\"{}\"",
+        name.replace('\\', "\\\\").replace('"', "\\\"")
+    )) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    } else {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Some((a, b)) = range {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeSpec {
+    /// Not a single byte range we serve: answer with the whole file (RFC 9110 allows it).
+    Ignore,
+    Unsatisfiable,
+    /// Inclusive first and last byte.
+    Range(u64, u64),
+}
+
+fn parse_range(header: &str, size: u64) -> RangeSpec {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Ignore;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // Suffix: the last N bytes.
+        let Ok(n) = b.parse::<u64>() else {
+            return RangeSpec::Ignore;
+        };
+        if n == 0 || size == 0 {
+            return RangeSpec::Unsatisfiable;
+        }
+        return RangeSpec::Range(size.saturating_sub(n), size - 1);
+    }
+    let Ok(first) = a.parse::<u64>() else {
+        return RangeSpec::Ignore;
+    };
+    let last = if b.is_empty() {
+        size.saturating_sub(1)
+    } else {
+        match b.parse::<u64>() {
+            Ok(l) if l >= first => l.min(size.saturating_sub(1)),
+            _ => return RangeSpec::Ignore,
+        }
+    };
+    if first >= size {
+        return RangeSpec::Unsatisfiable;
+    }
+    RangeSpec::Range(first, last)
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let zero_q = parts.any(|p| {
+                let p = p.trim();
+                p == "q=0" || p == "q=0.0" || p == "q=0.00" || p == "q=0.000"
+            });
+            coding.eq_ignore_ascii_case("gzip") && !zero_q
+        })
+}
+
+/// Content types by extension, as Go's `mime` package knows them.
+fn content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map_or("", |(_, e)| e)
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "txt" => "text/plain; charset=utf-8",
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "json" => "application/json",
+        "xml" => "text/xml; charset=utf-8",
+        "csv" => "text/csv; charset=utf-8",
+        "md" => "text/markdown; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "svg" => "image/svg+xml",
+        "webp" => "image/webp",
+        "pdf" => "application/pdf",
+        "wasm" => "application/wasm",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        _ => "application/octet-stream",
+    }
+}
+
+fn plain_body(mut file: tokio::fs::File, mut remaining: u64) -> Body {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        while remaining > 0 {
+            let want = usize::try_from(remaining.min(CHUNK as u64)).unwrap_or(CHUNK);
+            match file.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    remaining -= n as u64;
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    reply::channel_body(rx)
+}
+
+/// A writer that sends what it is given down a channel (from a blocking thread).
+struct ChannelWriter(mpsc::Sender<Bytes>);
+
+impl io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Bytes::copy_from_slice(buf))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn gzip_body(file: std::fs::File, len: u64) -> Body {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut enc = flate2::write::GzEncoder::new(
+            io::BufWriter::with_capacity(CHUNK, ChannelWriter(tx)),
+            flate2::Compression::fast(),
+        );
+        let mut reader = io::Read::take(file, len);
+        // A client that goes away ends the copy; nothing to report to anyone.
+        if io::copy(&mut reader, &mut enc).is_ok() {
+            if let Ok(mut w) = enc.finish() {
+                let _ = w.flush();
+            }
+        }
+    });
+    reply::channel_body(rx)
+}
+
+// ---- Upload. ----
+
+/// `POST /files?path=&username=`, multipart or octet-stream.
+pub(crate) async fn post<B>(state: Arc<AgentState>, req: Request<B>) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    match upload(&state, req).await {
+        Ok(written) => reply::json(StatusCode::OK, &json!(written)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn upload<B>(state: &AgentState, req: Request<B>) -> Result<Vec<serde_json::Value>, FileError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let q = query(req.uri());
+    let user = authorize(state, req.headers(), &q, "write")?;
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let gzipped = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    let query_path = q.get("path").filter(|p| !p.is_empty()).cloned();
+    let mut body = req.into_body();
+    match essence.as_str() {
+        "application/octet-stream" => {
+            let Some(raw) = query_path else {
+                return Err(FileError::bad(
+                    "path is required for application/octet-stream uploads",
+                ));
+            };
+            let path = users::resolve_path(&raw, &user);
+            let mut sink = FileSink::create(&path, &user, gzipped).await?;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| FileError::bad(format!("reading body: {e}")))?;
+                if let Ok(data) = frame.into_data() {
+                    sink.write(&data).await?;
+                }
+            }
+            sink.finish().await?;
+            Ok(vec![written(&path)])
+        }
+        "multipart/form-data" => {
+            let boundary = ct
+                .split(';')
+                .skip(1)
+                .filter_map(|p| p.trim().split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+                .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+                .filter(|b| !b.is_empty() && b.len() <= 200)
+                .ok_or_else(|| FileError::bad("multipart body without a boundary"))?;
+            let mut parser = Multipart::new(&boundary);
+            let mut out = Vec::new();
+            let mut current: Option<(PathBuf, FileSink)> = None;
+            let mut eof = false;
+            loop {
+                match parser.next().map_err(FileError::bad)? {
+                    Some(Part::Start { name, filename }) => {
+                        if name != "file" {
+                            current = None;
+                            parser.skip_part();
+                            continue;
+                        }
+                        let raw = match (&query_path, out.is_empty()) {
+                            (Some(p), true) => p.clone(),
+                            _ => filename.ok_or_else(|| {
+                                FileError::bad("multipart file part without a filename")
+                            })?,
+                        };
+                        if raw.is_empty() {
+                            return Err(FileError::bad("multipart file part without a filename"));
+                        }
+                        let path = users::resolve_path(&raw, &user);
+                        let sink = FileSink::create(&path, &user, false).await?;
+                        current = Some((path, sink));
+                    }
+                    Some(Part::Data(d)) => {
+                        if let Some((_, sink)) = current.as_mut() {
+                            sink.write(&d).await?;
+                        }
+                    }
+                    Some(Part::End) => {
+                        if let Some((path, sink)) = current.take() {
+                            sink.finish().await?;
+                            out.push(written(&path));
+                        }
+                    }
+                    Some(Part::Done) => break,
+                    None if eof => {
+                        return Err(FileError::bad(
+                            "multipart body ended before its closing boundary",
+                        ))
+                    }
+                    None => match body.frame().await {
+                        None => eof = true,
+                        Some(Err(e)) => return Err(FileError::bad(format!("reading body: {e}"))),
+                        Some(Ok(frame)) => {
+                            if let Ok(d) = frame.into_data() {
+                                parser.push(&d);
+                            }
+                        }
+                    },
+                }
+            }
+            if out.is_empty() {
+                return Err(FileError::bad("multipart body has no file part"));
+            }
+            Ok(out)
+        }
+        _ => Err(FileError::bad(format!(
+            "unsupported content type '{ct}', want multipart/form-data or application/octet-stream"
+        ))),
+    }
+}
+
+fn written(path: &Path) -> serde_json::Value {
+    json!({
+        "path": path.to_string_lossy(),
+        "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        "type": "file",
+    })
+}
+
+/// Creates the missing directories above `path`, each owned by `user`.
+pub(crate) fn ensure_parents(path: &Path, user: &User) -> io::Result<()> {
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
+    ensure_dir(parent, user)
+}
+
+/// Creates `dir` and its missing ancestors, each new one owned by `user`.
+pub(crate) fn ensure_dir(dir: &Path, user: &User) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        match std::fs::symlink_metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(m) if m.file_type().is_symlink() && d.is_dir() => break,
+            Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(d.to_path_buf()),
+            Err(e) => return Err(e),
+        }
+        cur = d.parent();
+    }
+    for d in missing.iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => chown(d, user)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Hands `path` to `user` (without following a symlink at `path`).
+pub(crate) fn chown(path: &Path, user: &User) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
+}
+
+/// One file being written by an upload.
+struct FileSink {
+    path: PathBuf,
+    file: tokio::fs::File,
+    gunzip: Option<flate2::write::GzDecoder<Vec<u8>>>,
+}
+
+impl FileSink {
+    async fn create(path: &Path, user: &User, gzipped: bool) -> Result<Self, FileError> {
+        if path.is_dir() {
+            return Err(FileError::bad(format!(
+                "path '{}' is a directory",
+                path.display()
+            )));
+        }
+        ensure_parents(path, user).map_err(|e| FileError::io(path, &e))?;
+        let std_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| FileError::io(path, &e))?;
+        chown(path, user).map_err(|e| FileError::io(path, &e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: tokio::fs::File::from_std(std_file),
+            gunzip: gzipped.then(|| flate2::write::GzDecoder::new(Vec::new())),
+        })
+    }
+
+    async fn write(&mut self, data: &[u8]) -> Result<(), FileError> {
+        let plain = match self.gunzip.as_mut() {
+            Some(dec) => {
+                dec.write_all(data)
+                    .map_err(|e| FileError::bad(format!("invalid gzip body: {e}")))?;
+                std::mem::take(dec.get_mut())
+            }
+            None => data.to_vec(),
+        };
+        self.file
+            .write_all(&plain)
+            .await
+            .map_err(|e| FileError::io(&self.path, &e))
+    }
+
+    async fn finish(mut self) -> Result<(), FileError> {
+        if let Some(dec) = self.gunzip.take() {
+            let rest = dec
+                .finish()
+                .map_err(|e| FileError::bad(format!("invalid gzip body: {e}")))?;
+            self.file
+                .write_all(&rest)
+                .await
+                .map_err(|e| FileError::io(&self.path, &e))?;
+        }
+        self.file
+            .flush()
+            .await
+            .map_err(|e| FileError::io(&self.path, &e))
+    }
+}
+
+/// Events of the streaming multipart parser.
+#[derive(Debug, PartialEq, Eq)]
+enum Part {
+    Start {
+        name: String,
+        filename: Option<String>,
+    },
+    Data(Bytes),
+    End,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MpState {
+    Preamble,
+    AfterDelimiter,
+    Headers,
+    Body,
+    Done,
+}
+
+/// A streaming `multipart/form-data` parser: push bytes, pull events.
+#[derive(Debug)]
+struct Multipart {
+    /// `\r\n--boundary`; the first delimiter lacks the leading CRLF.
+    delimiter: Vec<u8>,
+    buf: BytesMut,
+    state: MpState,
+    skipping: bool,
+    end_pending: bool,
+}
+
+impl Multipart {
+    fn new(boundary: &str) -> Self {
+        Self {
+            delimiter: format!("\r\n--{boundary}").into_bytes(),
+            buf: BytesMut::new(),
+            state: MpState::Preamble,
+            skipping: false,
+            end_pending: false,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Drops the data of the current part.
+    fn skip_part(&mut self) {
+        self.skipping = true;
+    }
+
+    /// The next event, `Ok(None)` when more input is needed.
+    fn next(&mut self) -> Result<Option<Part>, String> {
+        if self.end_pending {
+            self.end_pending = false;
+            return Ok(Some(Part::End));
+        }
+        loop {
+            match self.state {
+                MpState::Done => return Ok(Some(Part::Done)),
+                MpState::Preamble => {
+                    let first = &self.delimiter[2..];
+                    match find(&self.buf, first) {
+                        Some(i) => {
+                            self.buf.advance(i + first.len());
+                            self.state = MpState::AfterDelimiter;
+                        }
+                        None => {
+                            let keep = first.len();
+                            if self.buf.len() > keep {
+                                let drop = self.buf.len() - keep;
+                                self.buf.advance(drop);
+                            }
+                            return Ok(None);
+                        }
+                    }
+                }
+                MpState::AfterDelimiter => {
+                    if self.buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &self.buf[..2] == b"--" {
+                        self.state = MpState::Done;
+                        continue;
+                    }
+                    // Transport padding (spaces, tabs) may follow a delimiter.
+                    let Some(eol) = find(&self.buf, b"\r\n") else {
+                        if self.buf.len() > 1024 {
+                            return Err("malformed multipart delimiter line".into());
+                        }
+                        return Ok(None);
+                    };
+                    if self.buf[..eol].iter().any(|b| *b != b' ' && *b != b'\t') {
+                        return Err("malformed multipart delimiter line".into());
+                    }
+                    self.buf.advance(eol + 2);
+                    self.state = MpState::Headers;
+                }
+                MpState::Headers => {
+                    let Some(end) = find(&self.buf, b"\r\n\r\n").or_else(|| {
+                        // A part with no headers at all.
+                        self.buf.starts_with(b"\r\n").then_some(0)
+                    }) else {
+                        if self.buf.len() > MAX_PART_HEADERS {
+                            return Err("multipart part headers too large".into());
+                        }
+                        return Ok(None);
+                    };
+                    let block = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                    let skip = if end == 0 { 2 } else { end + 4 };
+                    self.buf.advance(skip);
+                    self.state = MpState::Body;
+                    self.skipping = false;
+                    let (name, filename) = disposition(&block);
+                    return Ok(Some(Part::Start { name, filename }));
+                }
+                MpState::Body => {
+                    if let Some(i) = find(&self.buf, &self.delimiter) {
+                        let data = self.buf.split_to(i).freeze();
+                        self.buf.advance(self.delimiter.len());
+                        self.state = MpState::AfterDelimiter;
+                        if !data.is_empty() && !self.skipping {
+                            // Emit the data now; the End follows on the next call.
+                            self.end_pending = true;
+                            return Ok(Some(Part::Data(data)));
+                        }
+                        return Ok(Some(Part::End));
+                    }
+                    let keep = self.delimiter.len() - 1;
+                    if self.buf.len() > keep {
+                        let n = self.buf.len() - keep;
+                        let data = self.buf.split_to(n).freeze();
+                        if !self.skipping {
+                            return Ok(Some(Part::Data(data)));
+                        }
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `name` and `filename` from a part's `Content-Disposition` header.
+fn disposition(headers: &str) -> (String, Option<String>) {
+    let mut name = String::new();
+    let mut filename = None;
+    for line in headers.split("\r\n") {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        if !k.trim().eq_ignore_ascii_case("content-disposition") {
+            continue;
+        }
+        for param in split_params(v) {
+            let Some((pk, pv)) = param.split_once('=') else {
+                continue;
+            };
+            let pv = unquote(pv.trim());
+            match pk.trim().to_ascii_lowercase().as_str() {
+                "name" => name = pv,
+                "filename" => filename = Some(pv),
+                _ => {}
+            }
+        }
+    }
+    (name, filename)
+}
+
+/// Splits `a; b="x;y"; c` on semicolons outside quotes.
+fn split_params(v: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in v.chars() {
+        if escaped {
+            cur.push(c);
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if quoted => {
+                cur.push(c);
+                escaped = true;
+            }
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            ';' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn unquote(v: &str) -> String {
+    let Some(inner) = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')) else {
+        return v.to_owned();
+    };
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(body: &[u8], boundary: &str, step: usize) -> Result<Vec<Part>, String> {
+        let mut p = Multipart::new(boundary);
+        let mut out = Vec::new();
+        let mut chunks = body.chunks(step);
+        loop {
+            match p.next()? {
+                Some(Part::Done) => return Ok(out),
+                Some(ev) => out.push(ev),
+                None => match chunks.next() {
+                    Some(c) => p.push(c),
+                    None => return Err("eof".into()),
+                },
+            }
+        }
+    }
+
+    fn files(parts: Vec<Part>) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+        for p in parts {
+            match p {
+                Part::Start { filename, .. } => {
+                    out.push((filename.unwrap_or_default(), Vec::new()));
+                }
+                Part::Data(d) => out.last_mut().unwrap().1.extend_from_slice(&d),
+                Part::End | Part::Done => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn captured_two_file_multipart_parses_at_any_split() {
+        let body = b"--17693ab361cb2a689a46a16eacb815db\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/a.txt\"\r\nContent-Type: text/plain\r\n\r\nA\r\n--17693ab361cb2a689a46a16eacb815db\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/b.txt\"\r\nContent-Type: text/plain\r\n\r\nB\r\n--17693ab361cb2a689a46a16eacb815db--\r\n";
+        for step in [1, 2, 3, 7, 64, 1000] {
+            let parts = parse_all(body, "17693ab361cb2a689a46a16eacb815db", step).unwrap();
+            assert_eq!(
+                files(parts),
+                vec![
+                    ("/a.txt".into(), b"A".to_vec()),
+                    ("/b.txt".into(), b"B".to_vec())
+                ],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn binary_data_with_crlf_and_dashes_survives() {
+        let data: Vec<u8> = b"\r\n--\r\n--y\r\n-x--"
+            .iter()
+            .copied()
+            .chain(0u8..=255)
+            .collect();
+        let mut body =
+            b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n"
+                .to_vec();
+        body.extend_from_slice(&data);
+        body.extend_from_slice(b"\r\n--x--");
+        for step in [1, 5, 4096] {
+            let got = files(parse_all(&body, "x", step).unwrap());
+            assert_eq!(got, vec![("f".into(), data.clone())]);
+        }
+    }
+
+    #[test]
+    fn truncated_multipart_needs_more() {
+        let body =
+            b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nabc";
+        assert_eq!(parse_all(body, "x", 3).unwrap_err(), "eof");
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-3", 10), RangeSpec::Range(0, 3));
+        assert_eq!(parse_range("bytes=5-", 10), RangeSpec::Range(5, 9));
+        assert_eq!(parse_range("bytes=-4", 10), RangeSpec::Range(6, 9));
+        assert_eq!(parse_range("bytes=8-100", 10), RangeSpec::Range(8, 9));
+        assert_eq!(parse_range("bytes=10-", 10), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,4-5", 10), RangeSpec::Ignore);
+        assert_eq!(parse_range("items=0-1", 10), RangeSpec::Ignore);
+    }
+
+    #[test]
+    fn query_decoding() {
+        let uri: http::Uri = "/files?path=%2Fhome%2Fuser%2Fa+b.txt&username=root"
+            .parse()
+            .unwrap();
+        let q = query(&uri);
+        assert_eq!(q["path"], "/home/user/a b.txt");
+        assert_eq!(q["username"], "root");
+        let uri: http::Uri = "/files?path=%zz%".parse().unwrap();
+        assert_eq!(query(&uri)["path"], "%zz%");
+    }
+
+    #[test]
+    fn gzip_negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(!accepts_gzip(&h));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, deflate"),
+        );
+        assert!(accepts_gzip(&h));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0, br"),
+        );
+        assert!(!accepts_gzip(&h));
+    }
+}

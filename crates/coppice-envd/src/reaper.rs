@@ -1,0 +1,135 @@
+//! Child reaping for the whole agent process.
+//!
+//! As PID 1 the agent must reap every zombie, including orphans it never started, without
+//! stealing the exit status of its own commands. One thread does all the waiting: it
+//! peeks at the next exited child with `waitid(P_ALL, WNOWAIT)`, takes the registry lock,
+//! and only then reaps that pid, handing the status to whoever registered it. Spawning
+//! holds the same lock from `fork` until the pid is registered, so a child that exits
+//! instantly is never reaped before its waiter exists, and `std`'s own reaping of a child
+//! whose `exec` failed never races with ours.
+//!
+//! Consequence for the rest of the process: nothing else may wait for children. Use
+//! [`spawn`] instead of `tokio::process` or `std::process::Command::status`/`output`.
+
+use std::collections::HashMap;
+use std::io;
+use std::process::{Child, Command};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    waiters: HashMap<i32, oneshot::Sender<Exit>>,
+    thread_started: bool,
+}
+
+#[derive(Debug, Default)]
+struct Reaper {
+    registry: Mutex<Registry>,
+    children: Condvar,
+}
+
+fn reaper() -> &'static Reaper {
+    static REAPER: OnceLock<Reaper> = OnceLock::new();
+    REAPER.get_or_init(Reaper::default)
+}
+
+fn lock() -> MutexGuard<'static, Registry> {
+    // The registry stays consistent even if a holder panicked: every update is a single
+    // map operation.
+    reaper()
+        .registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts the reaping thread if it is not running yet.
+///
+/// The agent binary calls this at start-up so orphans are reaped even before the first
+/// command; [`spawn`] calls it too.
+pub fn start() {
+    let mut reg = lock();
+    ensure_thread(&mut reg);
+}
+
+fn ensure_thread(reg: &mut Registry) {
+    if reg.thread_started {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("coppice-reaper".into())
+        .stack_size(64 * 1024)
+        .spawn(run);
+    match spawned {
+        Ok(_) => reg.thread_started = true,
+        Err(e) => tracing::error!(error = %e, "cannot start the reaper thread"),
+    }
+}
+
+/// Spawns `cmd` and registers its pid; the receiver yields its exit.
+pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<Exit>)> {
+    let mut reg = lock();
+    ensure_thread(&mut reg);
+    let child = cmd.spawn()?;
+    let (tx, rx) = oneshot::channel();
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    reg.waiters.insert(pid, tx);
+    drop(reg);
+    reaper().children.notify_all();
+    Ok((child, rx))
+}
+
+fn run() {
+    loop {
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(status) => {
+                let Some(pid) = status.pid() else { continue };
+                let mut reg = lock();
+                // Reap under the lock: a spawn in progress finishes registering first.
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(p, code)) => deliver(&mut reg, p, Exit::Code(code)),
+                    Ok(WaitStatus::Signaled(p, sig, _)) => {
+                        deliver(&mut reg, p, Exit::Signal(sig as i32));
+                    }
+                    // Already reaped elsewhere (std reaps a child whose exec failed).
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => {
+                // No children: sleep until a spawn, or a while, since orphans may be
+                // re-parented to us (as PID 1) at any time.
+                let reg = lock();
+                let _unused = reaper()
+                    .children
+                    .wait_timeout(reg, Duration::from_millis(500));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "waitid failed");
+                let reg = lock();
+                let _unused = reaper().children.wait_timeout(reg, Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn deliver(reg: &mut Registry, pid: Pid, exit: Exit) {
+    if let Some(tx) = reg.waiters.remove(&pid.as_raw()) {
+        // The waiter may have been dropped; the status is then of no interest.
+        let _ = tx.send(exit);
+    }
+}
