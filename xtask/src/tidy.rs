@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("coppice-zfs", 2),
     ("coppice-envd", 3),
     ("coppice-gateway", 4),
+    ("coppice-envd-bin", 4),
 ];
 
 /// Test and bench targets may compose sibling backends (a jail test needs a real rootfs
