@@ -1,1 +1,0 @@
-//! Owned by a parallel workstream; filled in by its owner.
