@@ -110,21 +110,9 @@ pub(crate) async fn route(state: Arc<AgentState>, req: Request<Incoming>) -> Res
     }
 }
 
-/// The code-interpreter surface.
-///
-/// The interpreter is its own module, built by its own workstream; its entry point
-/// (`crate::interpreter::handle`) is wired here once it exists. Until then this surface
-/// answers 502 "port is not open", exactly what a sandbox without a code interpreter
-/// answers on E2B.
-async fn interpreter(_state: Arc<AgentState>, _req: Request<Incoming>) -> Response<Body> {
-    reply::json(
-        StatusCode::BAD_GATEWAY,
-        &serde_json::json!({
-            "code": 502,
-            "message": "The sandbox is running but port is not open",
-            "port": INTERPRETER_PORT,
-        }),
-    )
+/// The code-interpreter surface (port 49999): `/execute` and `/contexts*`.
+async fn interpreter(state: Arc<AgentState>, req: Request<Incoming>) -> Response<Body> {
+    crate::interpreter::handle(state, req).await
 }
 
 /// Paths E2B's envd serves without `X-Access-Token` (they authenticate otherwise).
