@@ -1,1 +1,22 @@
-//! placeholder
+//! The ZFS role: immutable root filesystem layers, a private writable root per sandbox,
+//! snapshots of that root as new layers, and forks over them.
+//!
+//! Two drivers implement [`coppice_lifecycle::backend::Storage`]: `OverlayStorage` (Linux:
+//! plain directories stacked by overlayfs, reflink copies where the filesystem has them) and
+//! `ZfsStorage` (`zfs snapshot/clone/destroy`; it only builds command lines, so it compiles
+//! and is unit-tested everywhere through a recording `zfs::CommandRunner`). On Linux,
+//! `template::TemplateBuilder` builds and caches the default Debian bookworm root
+//! filesystem that every sandbox starts from. `docs/storage.md` describes the on-disk
+//! layouts, the crash-safety argument and the zfs-fuse quirks.
+//!
+//! **Invariant:** nothing here mounts a sandbox root or knows about processes; storage hands
+//! out paths and layer chains, and a published layer or root is complete or absent, never
+//! half-made.
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "linux")]
+pub mod template;
+
+#[cfg(target_os = "linux")]
+pub use linux::OverlayStorage;

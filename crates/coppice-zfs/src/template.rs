@@ -1,0 +1,466 @@
+//! The default template: a Debian bookworm root filesystem like E2B's base image, built once
+//! with debootstrap and cached.
+//!
+//! [`TemplateBuilder::ensure`] returns the cached tree, or builds it: `debootstrap
+//! --variant=minbase` with [`PACKAGES`], a user `user` (uid/gid 1000, home `/home/user`,
+//! passwordless sudo), `apt-get clean`, empty apt lists, `/run/coppice`, and every file's uid
+//! and gid shifted by the sandboxes' user-namespace offset. The tree is built in a staging
+//! directory and published by an atomic rename (or exchange, on rebuild); a marker file
+//! written after that says it is complete. An exclusive `flock` on `<cache>/.lock` makes
+//! concurrent callers build once.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::SystemTime;
+
+use coppice_lifecycle::backend::BackendError;
+use serde::{Deserialize, Serialize};
+
+use crate::linux::tree;
+
+/// Packages added to debootstrap's minbase set.
+pub const PACKAGES: &[&str] = &[
+    "bash",
+    "coreutils",
+    "procps",
+    "python3",
+    "ca-certificates",
+    "sudo",
+];
+
+/// The Debian suite the template is built from.
+pub const SUITE: &str = "bookworm";
+
+/// Mirror used when the host's apt sources name none.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// Bumped whenever the recipe changes, so an old cache is never mistaken for a new one.
+const RECIPE_VERSION: u32 = 1;
+
+/// The default cache directory shared by every crate's tests on a machine:
+/// `$COPPICE_TEMPLATE_CACHE`, or `/var/cache/coppice/templates`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("COPPICE_TEMPLATE_CACHE")
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || PathBuf::from("/var/cache/coppice/templates"),
+            PathBuf::from,
+        )
+}
+
+/// Builds and caches the default template. See the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateBuilder {
+    cache_dir: PathBuf,
+    uid_shift: u32,
+    mirror: Option<String>,
+}
+
+/// What the completion marker records about a build.
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    recipe: u32,
+    suite: String,
+    packages: Vec<String>,
+    uid_shift: u32,
+    mirror: String,
+    built_unix: u64,
+}
+
+impl TemplateBuilder {
+    /// A builder caching under `cache_dir` whose tree is owned by ids shifted by
+    /// `uid_shift` (sandbox uid `n` is host uid `n + uid_shift`).
+    pub fn new(cache_dir: impl Into<PathBuf>, uid_shift: u32) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            uid_shift,
+            mirror: None,
+        }
+    }
+
+    /// Uses `mirror` instead of the host's apt sources (or [`DEFAULT_MIRROR`]).
+    #[must_use]
+    pub fn with_mirror(mut self, mirror: impl Into<String>) -> Self {
+        self.mirror = Some(mirror.into());
+        self
+    }
+
+    /// Versioned name of the cached tree, e.g. `debian-bookworm-base-v1-u100000`.
+    pub fn name(&self) -> String {
+        format!("debian-{SUITE}-base-v{RECIPE_VERSION}-u{}", self.uid_shift)
+    }
+
+    /// Where the sealed root filesystem lives once built.
+    pub fn path(&self) -> PathBuf {
+        self.cache_dir.join(self.name())
+    }
+
+    fn marker_path(&self) -> PathBuf {
+        self.cache_dir.join(format!("{}.ready.json", self.name()))
+    }
+
+    /// Whether a complete build is cached (without taking the lock).
+    pub fn is_cached(&self) -> bool {
+        self.read_marker()
+            .is_some_and(|m| m.recipe == RECIPE_VERSION)
+            && self.path().is_dir()
+    }
+
+    fn read_marker(&self) -> Option<Marker> {
+        let bytes = tree::read_optional(&self.marker_path()).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Returns the cached template, building it first if it is missing or if
+    /// `force_rebuild`. Building takes a minute or two and reports progress lines (including
+    /// debootstrap's output) through `progress`. Blocking: call it from a plain thread or
+    /// `spawn_blocking`.
+    pub fn ensure(
+        &self,
+        force_rebuild: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<PathBuf, BackendError> {
+        fs::create_dir_all(&self.cache_dir)
+            .map_err(|e| BackendError::io("create template cache", &self.cache_dir, e))?;
+        let _lock = tree::lock_exclusive(&self.cache_dir.join(".lock"), &mut || {
+            progress("another process is building the template; waiting for it");
+        })?;
+        self.remove_leftovers()?;
+        if !force_rebuild && self.is_cached() {
+            return Ok(self.path());
+        }
+        let staging =
+            self.cache_dir
+                .join(format!(".staging-{}-{}", self.name(), std::process::id()));
+        let built = self.build(&staging, progress);
+        let published = built.and_then(|mirror| self.publish(&staging, &mirror, progress));
+        // On failure nothing but the staging directory was touched; on success it holds the
+        // replaced tree, if any.
+        let cleanup = tree::remove(&staging);
+        published?;
+        cleanup?;
+        Ok(self.path())
+    }
+
+    /// Removes staging directories of builds that died (the lock is held, so none is live).
+    fn remove_leftovers(&self) -> Result<(), BackendError> {
+        let entries = fs::read_dir(&self.cache_dir)
+            .map_err(|e| BackendError::io("read dir", &self.cache_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| BackendError::io("read dir", &self.cache_dir, e))?;
+            if entry.file_name().to_string_lossy().starts_with(".staging-") {
+                tracing::info!(path = %entry.path().display(), "removing unfinished template build");
+                tree::remove(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the tree in `staging`; returns the mirror used.
+    fn build(
+        &self,
+        staging: &Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<String, BackendError> {
+        tree::remove(staging)?;
+        let mirror = self
+            .mirror
+            .clone()
+            .or_else(host_mirror)
+            .unwrap_or_else(|| DEFAULT_MIRROR.to_owned());
+        progress(&format!(
+            "building the {SUITE} template with debootstrap from {mirror} (a minute or two)"
+        ));
+        let mut cmd = Command::new("debootstrap");
+        cmd.arg("--variant=minbase")
+            .arg(format!("--include={}", PACKAGES.join(",")))
+            .arg(SUITE)
+            .arg(staging)
+            .arg(&mirror);
+        stream(cmd, progress)?;
+
+        progress("creating user `user` (uid 1000) with passwordless sudo");
+        in_chroot(staging, &["groupadd", "--gid", "1000", "user"])?;
+        in_chroot(
+            staging,
+            &[
+                "useradd",
+                "--uid",
+                "1000",
+                "--gid",
+                "1000",
+                "--home-dir",
+                "/home/user",
+                "--create-home",
+                "--shell",
+                "/bin/bash",
+                "user",
+            ],
+        )?;
+        let sudoers = staging.join("etc/sudoers.d/user");
+        fs::write(&sudoers, "user ALL=(ALL:ALL) NOPASSWD: ALL\n")
+            .and_then(|()| fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440)))
+            .map_err(|e| BackendError::io("write", &sudoers, e))?;
+        in_chroot(
+            staging,
+            &["visudo", "--check", "--file", "/etc/sudoers.d/user"],
+        )?;
+
+        progress("cleaning apt caches");
+        in_chroot(staging, &["apt-get", "clean"])?;
+        let lists = staging.join("var/lib/apt/lists");
+        for entry in fs::read_dir(&lists).map_err(|e| BackendError::io("read dir", &lists, e))? {
+            let entry = entry.map_err(|e| BackendError::io("read dir", &lists, e))?;
+            tree::remove(&entry.path())?;
+        }
+        let run = staging.join("run/coppice");
+        fs::create_dir_all(&run)
+            .and_then(|()| fs::set_permissions(&run, fs::Permissions::from_mode(0o755)))
+            .map_err(|e| BackendError::io("create", &run, e))?;
+
+        progress(&format!("shifting file ownership by {}", self.uid_shift));
+        shift_ownership(staging, self.uid_shift)?;
+        tree::sync_filesystem(staging)?;
+        Ok(mirror)
+    }
+
+    /// Moves the finished `staging` tree to its final name, then writes the marker.
+    fn publish(
+        &self,
+        staging: &Path,
+        mirror: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), BackendError> {
+        let path = self.path();
+        if path.exists() {
+            // A rebuild: swap atomically so the name always holds a complete tree; the old
+            // tree ends up in `staging` and is removed by the caller.
+            nix::fcntl::renameat2(
+                None,
+                staging,
+                None,
+                &path,
+                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| BackendError::io("exchange template with", &path, io::Error::from(e)))?;
+        } else {
+            fs::rename(staging, &path)
+                .map_err(|e| BackendError::io("publish template", &path, e))?;
+        }
+        tree::fsync_dir(&self.cache_dir)?;
+        let marker = Marker {
+            recipe: RECIPE_VERSION,
+            suite: SUITE.to_owned(),
+            packages: PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+            uid_shift: self.uid_shift,
+            mirror: mirror.to_owned(),
+            built_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let json = serde_json::to_vec_pretty(&marker)
+            .map_err(|e| BackendError::io("serialize", self.marker_path(), io::Error::other(e)))?;
+        tree::write_atomic(&self.marker_path(), &json)?;
+        progress(&format!("template ready at {}", path.display()));
+        Ok(())
+    }
+}
+
+/// The first bookworm mirror named in the host's apt sources (deb822 `.sources` files or
+/// one-line `sources.list`), skipping the security archive.
+pub fn host_mirror() -> Option<String> {
+    let mut texts = Vec::new();
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        texts.extend(paths.iter().filter_map(|p| fs::read_to_string(p).ok()));
+    }
+    texts.extend(fs::read_to_string("/etc/apt/sources.list").ok());
+    texts.iter().find_map(|t| mirror_from_sources(t))
+}
+
+/// Parses apt sources in either format; see [`host_mirror`].
+fn mirror_from_sources(text: &str) -> Option<String> {
+    let usable = |uri: &str| {
+        (uri.starts_with("http://") || uri.starts_with("https://")) && !uri.contains("security")
+    };
+    // deb822: paragraphs of `Key: value` lines separated by blank lines.
+    for para in text.split("\n\n") {
+        let field = |key: &str| {
+            para.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .find_map(|l| l.strip_prefix(key).map(str::trim))
+        };
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
+            if suites.split_whitespace().any(|s| s == SUITE) {
+                if let Some(uri) = uris.split_whitespace().find(|u| usable(u)) {
+                    return Some(uri.trim_end_matches('/').to_owned());
+                }
+            }
+        }
+    }
+    // One-line format: `deb [options] uri suite components...`.
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace().filter(|w| !w.starts_with('['));
+        if words.next()? != "deb" {
+            return None;
+        }
+        let uri = words.find(|w| !w.contains('='))?;
+        (words.next()? == SUITE && usable(uri)).then(|| uri.trim_end_matches('/').to_owned())
+    })
+}
+
+/// Runs `args` inside the chroot `root` with a clean, fixed environment.
+fn in_chroot(root: &Path, args: &[&str]) -> Result<(), BackendError> {
+    let mut cmd = Command::new("chroot");
+    cmd.arg(root)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C")
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    tree::run(cmd)
+}
+
+/// Runs `cmd` with stdout and stderr merged, handing each line to `progress` as it arrives.
+fn stream(mut cmd: Command, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
+    let line = tree::command_line(&cmd);
+    let spawn_err = |e| BackendError::io("run", PathBuf::from(&line), e);
+    let (reader, writer) = io::pipe().map_err(spawn_err)?;
+    cmd.stdin(Stdio::null())
+        .stdout(writer.try_clone().map_err(spawn_err)?)
+        .stderr(writer);
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    // The command holds the pipe's write ends; drop it so the reader sees EOF when the child
+    // exits.
+    drop(cmd);
+    let mut last = Vec::new();
+    for text in BufReader::new(reader).lines() {
+        let text = text.map_err(spawn_err)?;
+        progress(&text);
+        last.push(text);
+        if last.len() > 8 {
+            last.remove(0);
+        }
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(BackendError::Command {
+            command: line,
+            status: status.to_string(),
+            stderr: last.join("\n"),
+        })
+    }
+}
+
+/// Adds `shift` to the uid and gid of every file under `root` (not following symlinks), so
+/// that sandbox root, host uid `shift`, owns what root owned. `chown` clears setuid and
+/// setgid bits, so the original mode is put back afterwards (sudo stays setuid).
+pub fn shift_ownership(root: &Path, shift: u32) -> Result<(), BackendError> {
+    let root_dev = fs::symlink_metadata(root)
+        .map_err(|e| BackendError::io("stat", root, e))?
+        .dev();
+    let mut seen = HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = fs::symlink_metadata(&path).map_err(|e| BackendError::io("stat", &path, e))?;
+        if meta.dev() != root_dev {
+            return Err(BackendError::InvalidSpec {
+                field: "template tree",
+                reason: format!("{} is another filesystem mounted inside it", path.display()),
+            });
+        }
+        // A hard-linked inode is shifted once, however many names it has.
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert(meta.ino()) {
+            continue;
+        }
+        let overflow = || BackendError::InvalidSpec {
+            field: "uid shift",
+            reason: format!("{shift} overflows the owner of {}", path.display()),
+        };
+        let uid = meta.uid().checked_add(shift).ok_or_else(overflow)?;
+        let gid = meta.gid().checked_add(shift).ok_or_else(overflow)?;
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+            .map_err(|e| BackendError::io("chown", &path, e))?;
+        let mode = meta.mode() & 0o7777;
+        if !meta.file_type().is_symlink() && mode & 0o6000 != 0 {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .map_err(|e| BackendError::io("chmod", &path, e))?;
+        }
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path).map_err(|e| BackendError::io("read dir", &path, e))? {
+                let entry = entry.map_err(|e| BackendError::io("read dir", &path, e))?;
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_from_deb822_skips_security() {
+        let text = "Types: deb\n# comment\nURIs: http://deb.debian.org/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            mirror_from_sources(text).as_deref(),
+            Some("http://deb.debian.org/debian")
+        );
+        let only_security = "URIs: http://security.debian.org/x\nSuites: bookworm-security\n";
+        assert_eq!(mirror_from_sources(only_security), None);
+    }
+
+    #[test]
+    fn mirror_from_one_line_sources() {
+        let text =
+            "# x\ndeb [arch=amd64 signed-by=/k] http://mirror.example/debian bookworm main\n";
+        assert_eq!(
+            mirror_from_sources(text).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        assert_eq!(
+            mirror_from_sources("deb http://mirror.example/debian trixie main\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn names_carry_recipe_and_shift() {
+        let b = TemplateBuilder::new("/c", 100_000);
+        assert_eq!(b.path(), Path::new("/c/debian-bookworm-base-v1-u100000"));
+        assert_ne!(TemplateBuilder::new("/c", 0).name(), b.name());
+    }
+
+    #[test]
+    #[allow(clippy::print_stdout)] // SKIP lines go to stdout.
+    fn shift_keeps_setuid_and_counts_hard_links_once() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP shift_keeps_setuid_and_counts_hard_links_once: needs root for chown");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let suid = root.join("sudo");
+        fs::write(&suid, b"x").unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::hard_link(&suid, root.join("sudo-link")).unwrap();
+        std::os::unix::fs::symlink("sudo", root.join("link")).unwrap();
+        std::os::unix::fs::lchown(root.join("link"), Some(5), Some(6)).unwrap();
+        shift_ownership(&root, 100_000).unwrap();
+        let m = fs::metadata(&suid).unwrap();
+        assert_eq!((m.uid(), m.gid()), (100_000, 100_000));
+        assert_eq!(m.mode() & 0o7777, 0o4755);
+        let l = fs::symlink_metadata(root.join("link")).unwrap();
+        assert_eq!((l.uid(), l.gid()), (100_005, 100_006));
+        assert_eq!(fs::metadata(&root).unwrap().uid(), 100_000);
+    }
+}
