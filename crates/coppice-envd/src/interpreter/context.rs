@@ -727,6 +727,5 @@ fn base_env(user: &str, home: &Path) -> Vec<(String, String)> {
         ("LOGNAME".into(), user.to_owned()),
         ("SHELL".into(), "/bin/bash".into()),
         ("LANG".into(), "C.UTF-8".into()),
-        ("PYTHONUNBUFFERED".into(), "1".into()),
     ]
 }

@@ -166,27 +166,38 @@ def _flush_figures():
         plt.close("all")
 
 
+class _MplBackendLoader:
+    """Imports a matplotlib backend whose show() sends the figures instead of opening
+    windows. It is built when matplotlib asks for it, so the driver never imports
+    matplotlib itself."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != _MPL_BACKEND:
+            return None
+        import importlib.machinery
+
+        return importlib.machinery.ModuleSpec(name, _MplBackendLoader)
+
+    @staticmethod
+    def create_module(spec):
+        return None
+
+    @staticmethod
+    def exec_module(module):
+        from matplotlib.backend_bases import FigureManagerBase
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        def show(*args, **kwargs):
+            _flush_figures()
+
+        module.FigureCanvas = FigureCanvasAgg
+        module.FigureManager = FigureManagerBase
+        module.show = show
+
+
 def _install_mpl_backend():
-    """A matplotlib backend whose show() sends the figures instead of opening windows."""
-    mod = types.ModuleType(_MPL_BACKEND)
-
-    def show(*args, **kwargs):
-        _flush_figures()
-
-    def lazy(name):
-        if name == "FigureCanvas":
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-            return FigureCanvasAgg
-        if name == "FigureManager":
-            from matplotlib.backend_bases import FigureManagerBase
-
-            return FigureManagerBase
-        raise AttributeError(name)
-
-    mod.show = show
-    mod.__getattr__ = lazy
-    sys.modules[_MPL_BACKEND] = mod
+    sys.meta_path.append(_MplBackendLoader)
     os.environ.setdefault("MPLBACKEND", "module://" + _MPL_BACKEND)
 
 

@@ -13,6 +13,8 @@
 
 mod context;
 mod ndjson;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -176,11 +178,11 @@ impl Interpreter {
         }
         let body = match self.body(req).await {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(rejection) => return rejection.into(),
         };
         let request: ExecuteRequest = match parse(&body) {
             Ok(r) => r,
-            Err(resp) => return resp,
+            Err(rejection) => return rejection.into(),
         };
         if request.context_id.is_some() && request.language.is_some() {
             return text(
@@ -259,7 +261,7 @@ impl Interpreter {
     {
         let body = match self.body(req).await {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(rejection) => return rejection.into(),
         };
         // An empty body means every default, as `{}` would.
         let request: CreateContextRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -267,7 +269,7 @@ impl Interpreter {
         } else {
             match parse(&body) {
                 Ok(r) => r,
-                Err(resp) => return resp,
+                Err(rejection) => return rejection.into(),
             }
         };
         let language = match Language::parse(request.language.as_deref()) {
@@ -306,7 +308,8 @@ impl Interpreter {
         json(StatusCode::OK, &serde_json::Value::Null)
     }
 
-    /// Kills every context (tests, and an agent shutting down).
+    /// Kills every context.
+    #[cfg(test)]
     pub(crate) async fn shutdown(&self) {
         let all: Vec<Arc<Context>> = self.lock_contexts().drain().map(|(_, c)| c).collect();
         for ctx in all {
@@ -375,7 +378,7 @@ impl Interpreter {
         })
     }
 
-    async fn body<B>(&self, req: Request<B>) -> Result<Bytes, Response<Body>>
+    async fn body<B>(&self, req: Request<B>) -> Result<Bytes, Rejection>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -385,11 +388,11 @@ impl Interpreter {
             .await
         {
             Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body is larger than {} bytes", self.config.max_body),
             )),
-            Err(e) => Err(error(
+            Err(e) => Err(Rejection(
                 StatusCode::BAD_REQUEST,
                 format!("cannot read request body: {e}"),
             )),
@@ -430,14 +433,24 @@ fn describe(ctx: &Context) -> serde_json::Value {
 }
 
 /// Parses a JSON body: bad JSON is 400, JSON of the wrong shape 422 (as FastAPI answers).
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response<Body>> {
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Rejection> {
     serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => error(
+        serde_json::error::Category::Data => Rejection(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("invalid request: {e}"),
         ),
-        _ => error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
+        _ => Rejection(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
     })
+}
+
+/// A request refused before any work, answered in E2B's JSON error shape.
+#[derive(Debug)]
+struct Rejection(StatusCode, String);
+
+impl From<Rejection> for Response<Body> {
+    fn from(r: Rejection) -> Self {
+        error(r.0, r.1)
+    }
 }
 
 fn unsupported(language: &str) -> Response<Body> {
