@@ -10,17 +10,29 @@ use std::process::Command;
 
 use crate::project_root;
 
-/// Benchmarks this command knows: `(name, package, example program)`.
-const BENCHES: &[(&str, &str, &str)] = &[
-    ("jail", "coppice-jail", "jail-bench"),
-    ("envd", "coppice-envd", "envd-bench"),
+/// `(package, binary)` a benchmark drives: built statically in release mode first and passed
+/// as `--agent <path>`.
+type Drives = Option<(&'static str, &'static str)>;
+
+/// Benchmarks this command knows: `(name, package, example program, binary it drives)`.
+const BENCHES: &[(&str, &str, &str, Drives)] = &[
+    ("jail", "coppice-jail", "jail-bench", None),
+    (
+        "envd",
+        "coppice-envd",
+        "envd-bench",
+        Some(("coppice-envd-bin", "coppice-envd")),
+    ),
 ];
+
+/// The target triple static binaries are built for.
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The names, for usage text.
 pub(crate) const NAMES: &[&str] = &["jail", "envd"];
 
 pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
-    let Some((_, package, example)) = BENCHES.iter().find(|(n, _, _)| *n == name) else {
+    let Some((_, package, example, drives)) = BENCHES.iter().find(|(n, ..)| *n == name) else {
         return Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")
@@ -36,6 +48,33 @@ pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
         example,
         "--",
     ];
+    let agent_path;
+    if let Some((bin_package, bin)) = drives {
+        // Built the way it ships into sandboxes: statically linked.
+        eprintln!(
+            "$ cargo build --release -p {bin_package} --target {STATIC_TARGET} (+crt-static)"
+        );
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "-p", bin_package])
+            .args(["--target", STATIC_TARGET])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(project_root())
+            .status()
+            .map_err(|e| format!("cannot build {bin_package}: {e}"))?;
+        if !status.success() {
+            return Err(format!("building {bin_package} failed: {status}"));
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| project_root().join("target"));
+        agent_path = target
+            .join(STATIC_TARGET)
+            .join("release")
+            .join(bin)
+            .display()
+            .to_string();
+        cmd_args.extend(["--agent", agent_path.as_str()]);
+    }
     cmd_args.extend_from_slice(args);
     eprintln!("$ cargo {}", cmd_args.join(" "));
     let out = Command::new(env!("CARGO"))

@@ -1,0 +1,229 @@
+//! `cargo xtask bench envd`: the agent's idle RSS, `process.Start` → first output byte against a
+//! plain fork+exec of the same command (interleaved in the same run), and `/execute` of `x+1`
+//! in a warm code-interpreter context.
+//!
+//! `--agent PATH` is the release `coppice-envd` binary (xtask builds it); `--runs N` (default
+//! 200). Prints one JSON report on stdout; progress goes to stderr.
+// A benchmark program: it reports on stdout/stderr and waits on a plain thread.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::disallowed_methods,
+    missing_docs
+)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+/// The command both sides run. Not `bash -l`: a login shell's profile (on a host, root's)
+/// would dominate both timings and hide the agent's own cost.
+const PROGRAM: &str = "/bin/echo";
+const ARGS: [&str; 1] = ["hi"];
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runs: usize = arg("--runs").map(|s| s.parse()).transpose()?.unwrap_or(200);
+    let agent_bin = PathBuf::from(arg("--agent").ok_or("--agent PATH is required")?);
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("agent.sock");
+    let mut agent = Command::new(&agent_bin)
+        .arg("--socket")
+        .arg(&socket)
+        .env("COPPICE_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()?;
+    let result = measure(&agent_bin, &socket, agent.id(), runs);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let report = result?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn measure(
+    agent_bin: &Path,
+    socket: &Path,
+    agent_pid: u32,
+    runs: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err("the agent never created its socket".into());
+        }
+        std::thread::yield_now();
+    }
+    let mut sender = rt.block_on(connect(socket))?;
+    let health = rt.block_on(get(&mut sender, "/health"))?;
+    if health != 204 && health != 200 {
+        return Err(format!("/health answered {health}").into());
+    }
+    // Idle: the agent has served one request and nothing runs.
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_kib = rss_kib(agent_pid)?;
+
+    eprintln!("envd bench: {runs} runs (+5 warm-up)");
+    let mut ours = Vec::with_capacity(runs);
+    let mut plain = Vec::with_capacity(runs);
+    for i in 0..runs + 5 {
+        let t = rt.block_on(start_to_first_byte(&mut sender))?;
+        let b = fork_exec_to_first_byte()?;
+        if i >= 5 {
+            ours.push(t);
+            plain.push(b);
+        }
+    }
+    let o = Stats::of(&mut ours);
+    let p = Stats::of(&mut plain);
+    let overhead = o.p50 - p.p50;
+    let summary = format!(
+        "idle RSS {:.2} MiB; Start→first byte p50 {:.2} ms vs fork+exec {:.2} ms (+{overhead:.2} ms, {:.2}x); n={runs}",
+        rss_kib as f64 / 1024.0,
+        o.p50,
+        p.p50,
+        o.p50 / p.p50
+    );
+    Ok(serde_json::json!({
+        "benchmark": "envd",
+        "agent": agent_bin.display().to_string(),
+        "runs": runs,
+        "unit": "ms",
+        "results": {
+            "idle_rss_kib": rss_kib,
+            "start_to_first_byte": o.json(),
+            "baseline_fork_exec_to_first_byte": p.json(),
+        },
+        "ratios": { "start_p50_over_fork_exec_p50": o.p50 / p.p50 },
+        "overhead_p50_ms": overhead,
+        "targets": {
+            "idle_rss_le_3mib": rss_kib <= 3 * 1024,
+            "start_overhead_le_1ms": overhead <= 1.0,
+        },
+        "summary": summary,
+    }))
+}
+
+async fn connect(socket: &Path) -> Result<Sender, Box<dyn std::error::Error>> {
+    let stream = UnixStream::connect(socket).await?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn get(sender: &mut Sender, path: &str) -> Result<u16, Box<dyn std::error::Error>> {
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await?;
+    Ok(status)
+}
+
+/// `process.Start` of `echo hi` as root, until the first stdout frame arrives;
+/// then drains the stream so the connection can be reused.
+async fn start_to_first_byte(sender: &mut Sender) -> Result<Duration, Box<dyn std::error::Error>> {
+    let msg = serde_json::json!({
+        "process": {"cmd": PROGRAM, "args": ARGS},
+        "stdin": false,
+    })
+    .to_string();
+    let mut body = Vec::with_capacity(5 + msg.len());
+    body.push(0);
+    body.extend_from_slice(&u32::try_from(msg.len())?.to_be_bytes());
+    body.extend_from_slice(msg.as_bytes());
+    let req = http::Request::post("/process.Process/Start")
+        .header("host", "localhost")
+        .header("content-type", "application/connect+json")
+        .header("connect-protocol-version", "1")
+        // "root:" in basic auth picks the user, as the SDK does.
+        .header("authorization", "Basic cm9vdDo=")
+        .body(Full::new(Bytes::from(body)))?;
+    let t = Instant::now();
+    let mut resp = sender.send_request(req).await?;
+    let mut buf = Vec::new();
+    let mut first = None;
+    while let Some(frame) = resp.body_mut().frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data);
+        }
+        if first.is_none() && contains(&buf, b"\"stdout\"") {
+            first = Some(t.elapsed());
+        }
+    }
+    first.ok_or_else(|| "no stdout frame in the Start stream".into())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A plain fork+exec of the same command, until its first output byte.
+fn fork_exec_to_first_byte() -> Result<Duration, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let mut child = Command::new(PROGRAM)
+        .args(ARGS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut byte = [0u8; 1];
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    out.read_exact(&mut byte)?;
+    let elapsed = t.elapsed();
+    child.wait()?;
+    Ok(elapsed)
+}
+
+fn rss_kib(pid: u32) -> Result<u64, Box<dyn std::error::Error>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS".into())
+}
+
+struct Stats {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    min: f64,
+}
+
+impl Stats {
+    fn of(samples: &mut [Duration]) -> Self {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Nearest-rank percentile over the sorted samples.
+        let pick = |pct: usize| ms(samples[(samples.len() - 1) * pct / 100]);
+        Self {
+            p50: pick(50),
+            p95: pick(95),
+            p99: pick(99),
+            min: ms(samples[0]),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"p50": self.p50, "p95": self.p95, "p99": self.p99, "min": self.min})
+    }
+}
