@@ -57,6 +57,7 @@ impl Harness {
                     return;
                 };
                 let (i, s) = (Arc::clone(&i), Arc::clone(&s));
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (i, s) = (Arc::clone(&i), Arc::clone(&s));
