@@ -3,8 +3,8 @@
 //!
 //! Two drivers implement [`coppice_lifecycle::backend::Storage`]: `OverlayStorage` (Linux:
 //! plain directories stacked by overlayfs, reflink copies where the filesystem has them) and
-//! `ZfsStorage` (`zfs snapshot/clone/destroy`; it only builds command lines, so it compiles
-//! and is unit-tested everywhere through a recording `zfs::CommandRunner`). On Linux,
+//! [`ZfsStorage`] (`zfs snapshot/clone/destroy`; it only builds command lines, so it compiles
+//! and is unit-tested everywhere through a recording [`zfs::CommandRunner`]). On Linux,
 //! `template::TemplateBuilder` builds and caches the default Debian bookworm root
 //! filesystem that every sandbox starts from. `docs/storage.md` describes the on-disk
 //! layouts, the crash-safety argument and the zfs-fuse quirks.
@@ -17,6 +17,8 @@
 mod linux;
 #[cfg(target_os = "linux")]
 pub mod template;
+pub mod zfs;
 
 #[cfg(target_os = "linux")]
 pub use linux::OverlayStorage;
+pub use zfs::{ZfsConfig, ZfsStorage};

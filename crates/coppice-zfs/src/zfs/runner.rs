@@ -1,0 +1,81 @@
+//! How the zfs driver runs its commands: a trait, so command plans can be recorded in tests.
+
+use std::future::Future;
+use std::process::Stdio;
+
+use coppice_lifecycle::backend::BackendError;
+
+/// What one command produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// Whether it exited with status 0.
+    pub success: bool,
+    /// Its exit status as text (`exit status: 1`).
+    pub status: String,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    /// A successful run that printed `stdout`.
+    pub fn ok(stdout: impl Into<String>) -> Self {
+        Self {
+            success: true,
+            status: "exit status: 0".into(),
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+
+    /// A run that exited with status 1 after printing `stderr`.
+    pub fn failed(stderr: impl Into<String>) -> Self {
+        Self {
+            success: false,
+            status: "exit status: 1".into(),
+            stdout: String::new(),
+            stderr: stderr.into(),
+        }
+    }
+}
+
+/// Runs one command line (`argv[0]` is the program) to completion.
+///
+/// A command that runs and fails is `Ok` with `success == false`; `Err` means it could not
+/// be run at all.
+pub trait CommandRunner: Send + Sync + 'static {
+    /// Runs `argv` and collects its output.
+    fn run(
+        &self,
+        argv: Vec<String>,
+    ) -> impl Future<Output = Result<CommandOutput, BackendError>> + Send;
+}
+
+/// Runs commands for real with `tokio::process`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemRunner;
+
+impl CommandRunner for SystemRunner {
+    async fn run(&self, argv: Vec<String>) -> Result<CommandOutput, BackendError> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| BackendError::InvalidSpec {
+                field: "command",
+                reason: "empty command line".into(),
+            })?;
+        let out = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| BackendError::io("run", program, e))?;
+        Ok(CommandOutput {
+            success: out.status.success(),
+            status: out.status.to_string(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
