@@ -10,8 +10,8 @@ use std::process::Command;
 
 use crate::project_root;
 
-/// `(package, binary)` a benchmark drives: built statically in release mode first and passed
-/// as `--agent <path>`.
+/// `(package, binary)` a benchmark drives: built first, as it ships, and passed as
+/// `--agent <path>`.
 type Drives = Option<(&'static str, &'static str)>;
 
 /// Benchmarks this command knows: `(name, package, example program, binary it drives)`.
@@ -55,7 +55,7 @@ pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
             "$ cargo build --release -p {bin_package} --target {STATIC_TARGET} (+crt-static)"
         );
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--quiet", "-p", bin_package])
+            .args(["build", "--profile", "agent", "--quiet", "-p", bin_package])
             .args(["--target", STATIC_TARGET])
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .current_dir(project_root())
@@ -69,7 +69,7 @@ pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
             .unwrap_or_else(|| project_root().join("target"));
         agent_path = target
             .join(STATIC_TARGET)
-            .join("release")
+            .join("agent")
             .join(bin)
             .display()
             .to_string();
