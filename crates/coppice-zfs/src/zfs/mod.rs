@@ -17,7 +17,7 @@
 //! layers and the clones of them, and zfs-fuse cannot rename a dataset while a clone of its
 //! snapshot is mounted. It is moved to `retired/` only when its id is reused, and destroyed
 //! when its last layer is deleted. This driver only builds command lines, so it compiles on
-//! every OS and its plans are unit-tested with [`testing::RecordingRunner`].
+//! every OS and its plans are unit-tested with `testing::RecordingRunner` (feature `test-util`).
 
 mod inventory;
 mod runner;
@@ -133,7 +133,7 @@ impl<R: CommandRunner> ZfsStorage<R> {
         Ok(storage)
     }
 
-    /// The runner, e.g. to read what a [`testing::RecordingRunner`] recorded.
+    /// The runner, e.g. to read what a `testing::RecordingRunner` (feature `test-util`) recorded.
     pub fn runner(&self) -> &R {
         &self.inner.runner
     }
