@@ -596,3 +596,51 @@ fn probe_reports_what_the_driver_needs() {
     // The probe cleans up after itself.
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn the_default_template_imports_by_hard_links_and_mounts() {
+    let test = "the_default_template_imports_by_hard_links_and_mounts";
+    if !privileged(test) {
+        return;
+    }
+    let builder = coppice_zfs::template::TemplateBuilder::new(
+        coppice_zfs::template::default_cache_dir(),
+        SHIFT,
+    );
+    if !builder.is_cached() && !Path::new("/usr/sbin/debootstrap").exists() {
+        println!("SKIP {test}: debootstrap missing");
+        return;
+    }
+    let template = builder
+        .ensure(false, &mut |line| println!("template: {line}"))
+        .unwrap();
+    let dir = scratch();
+    let storage = OverlayStorage::open(dir.path().join("store")).unwrap();
+    storage
+        .import_template(&layer("base"), &template)
+        .await
+        .unwrap();
+    let tree = storage.layer_tree(&layer("base"));
+    let python = fs::metadata(tree.join("usr/bin/python3")).unwrap();
+    assert_eq!(
+        python.ino(),
+        fs::metadata(template.join("usr/bin/python3"))
+            .unwrap()
+            .ino(),
+        "the template cache was copied instead of linked"
+    );
+    let spec = storage
+        .create_rootfs(&sandbox("deb"), &layer("base"))
+        .await
+        .unwrap();
+    let upper = fs::metadata(upper_of(&spec)).unwrap();
+    assert_eq!((upper.uid(), upper.gid()), (SHIFT, SHIFT));
+    with_overlay(&spec, &dir.path().join("mnt"), |m| {
+        let sudo = fs::metadata(m.join("usr/bin/sudo")).unwrap();
+        assert_eq!(sudo.mode() & 0o4000, 0o4000);
+        assert!(m.join("run/coppice").is_dir());
+        assert!(fs::read_to_string(m.join("etc/passwd"))
+            .unwrap()
+            .contains("user:x:1000:1000::/home/user:/bin/bash"));
+    });
+}
