@@ -784,9 +784,12 @@ unsafe fn child_main(plan: &Plan, sock: RawFd) -> ! {
         {
             fail(stage(Stage::WaitMaps));
         }
-        if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setresgid(0, 0, 0) != 0
-            || libc::setresuid(0, 0, 0) != 0
+        // Raw system calls, not glibc's wrappers: those broadcast the change to every thread
+        // glibc believes exists and take its internal locks, which a thread of the parent
+        // may have held at the moment of the clone — the child would wait forever.
+        if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
+            || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0
         {
             fail(stage(Stage::SetIds));
         }

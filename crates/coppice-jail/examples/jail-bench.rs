@@ -1,0 +1,230 @@
+//! `cargo xtask bench jail`: start (until PID 1 has exec'd), pause, resume and kill of a
+//! sandbox on the default template, against `unshare --fork --pid --mount --net --uts --ipc
+//! --mount-proc true` measured in the same run, interleaved so both see the same machine.
+//!
+//! Prints one JSON report on stdout; progress goes to stderr. `--runs N` (default 200).
+// A benchmark program: it reports on stdout/stderr and waits on a plain thread.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::disallowed_methods,
+    missing_docs
+)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coppice_jail::{JailConfig, LinuxJail};
+use coppice_lifecycle::backend::{InitSpec, Isolation, JailSpec, Limits, RootfsSpec, SandboxId};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
+
+    if let Some(missing) = <LinuxJail as Isolation>::probe()?
+        .missing()
+        .map(|c| c.name.clone())
+        .reduce(|a, b| format!("{a}, {b}"))
+    {
+        return Err(format!("this host cannot run sandboxes: missing {missing}").into());
+    }
+    let template = coppice_zfs::template::TemplateBuilder::new(
+        coppice_zfs::template::default_cache_dir(),
+        JailConfig::DEFAULT_UID_BASE,
+    )
+    .ensure(false, &mut |line: &str| eprintln!("template: {line}"))?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("coppice-jail-bench-")
+        .tempdir_in("/var/tmp")?;
+    let mut config = JailConfig::new(dir.path().join("jail"));
+    config.cgroup_group = format!("coppice-bench-{}", std::process::id());
+    let jail = LinuxJail::open(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    let mut start = Vec::with_capacity(runs);
+    let mut pause = Vec::with_capacity(runs);
+    let mut resume = Vec::with_capacity(runs);
+    let mut kill = Vec::with_capacity(runs);
+    let mut unshare = Vec::with_capacity(runs);
+    let warmup = 5;
+    eprintln!("jail bench: {runs} runs (+{warmup} warm-up)");
+    for i in 0..runs + warmup {
+        let id = SandboxId::new(format!("bench{i}"))?;
+        let spec = spec(&id, &template, dir.path())?;
+        let t = Instant::now();
+        rt.block_on(jail.start(spec))?;
+        let t_start = t.elapsed();
+        let t = Instant::now();
+        rt.block_on(jail.pause(&id))?;
+        let t_pause = t.elapsed();
+        let t = Instant::now();
+        rt.block_on(jail.resume(&id))?;
+        let t_resume = t.elapsed();
+        let t = Instant::now();
+        rt.block_on(jail.kill(&id))?;
+        let t_kill = t.elapsed();
+        std::fs::remove_dir_all(dir.path().join("layers").join(id.as_str()))?;
+
+        let t = Instant::now();
+        let status = Command::new("unshare")
+            .args([
+                "--fork",
+                "--pid",
+                "--mount",
+                "--net",
+                "--uts",
+                "--ipc",
+                "--mount-proc",
+                "true",
+            ])
+            .stdin(Stdio::null())
+            .status()?;
+        let t_unshare = t.elapsed();
+        if !status.success() {
+            return Err(format!("unshare baseline failed: {status}").into());
+        }
+        if i >= warmup {
+            start.push(t_start);
+            pause.push(t_pause);
+            resume.push(t_resume);
+            kill.push(t_kill);
+            unshare.push(t_unshare);
+        }
+    }
+
+    let s = Stats::of(&mut start);
+    let p = Stats::of(&mut pause);
+    let r = Stats::of(&mut resume);
+    let k = Stats::of(&mut kill);
+    let u = Stats::of(&mut unshare);
+    let ratio = s.p50 / u.p50;
+    let summary = format!(
+        "start p50 {:.2} ms / p95 {:.2} ms ({ratio:.2}x `unshare` at {:.2} ms); pause p50 {:.3} ms; resume p50 {:.3} ms; kill p50 {:.2} ms; n={runs}",
+        s.p50, s.p95, u.p50, p.p50, r.p50, k.p50
+    );
+    let report = serde_json::json!({
+        "benchmark": "jail",
+        "machine": machine(),
+        "runs": runs,
+        "unit": "ms",
+        "results": {
+            "start": s.json(),
+            "pause": p.json(),
+            "resume": r.json(),
+            "kill": k.json(),
+            "baseline_unshare": u.json(),
+        },
+        "ratios": { "start_p50_over_unshare_p50": ratio },
+        "targets": {
+            "start_p50_le_5ms": s.p50 <= 5.0,
+            "pause_p50_le_1ms": p.p50 <= 1.0,
+            "resume_p50_le_1ms": r.p50 <= 1.0,
+            "start_le_2x_unshare": ratio <= 2.0,
+        },
+        "summary": summary,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// A sandbox whose init is `sleep infinity`, on a fresh writable layer over the template.
+fn spec(id: &SandboxId, template: &Path, dir: &Path) -> std::io::Result<JailSpec> {
+    let layer = dir.join("layers").join(id.as_str());
+    let upper = layer.join("upper");
+    let work = layer.join("work");
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(&work)?;
+    // The writable layer's root must look like the template's root (shifted owner).
+    let meta = std::fs::metadata(template)?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::os::unix::fs::chown(&upper, Some(meta.uid()), Some(meta.gid()))?;
+    std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(meta.mode()))?;
+    Ok(JailSpec {
+        id: id.clone(),
+        rootfs: RootfsSpec::Overlay {
+            lower: vec![template.to_path_buf()],
+            upper,
+            work,
+        },
+        init: InitSpec {
+            program: "/bin/sleep".into(),
+            args: vec!["infinity".into()],
+            env: vec![],
+            cwd: "/".into(),
+        },
+        mounts: vec![],
+        limits: Limits {
+            memory_bytes: Some(512 << 20),
+            pids: Some(256),
+            cpu_millis: Some(1000),
+        },
+    })
+}
+
+struct Stats {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    min: f64,
+    mean: f64,
+}
+
+impl Stats {
+    fn of(samples: &mut [Duration]) -> Self {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Nearest-rank percentile over the sorted samples.
+        let pick = |pct: usize| ms(samples[(samples.len() - 1) * pct / 100]);
+        Self {
+            p50: pick(50),
+            p95: pick(95),
+            p99: pick(99),
+            min: ms(samples[0]),
+            mean: samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "p50": self.p50, "p95": self.p95, "p99": self.p99, "min": self.min, "mean": self.mean,
+        })
+    }
+}
+
+/// What this run ran on.
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|s| s.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    serde_json::json!({
+        "cpu": model,
+        "cpus": cpus,
+        "memory_gib": mem_kib / (1024 * 1024),
+        "kernel": kernel.trim(),
+    })
+}
