@@ -7,8 +7,15 @@ use crate::run_cmd;
 
 /// Debian packages the tests use: debootstrap builds the default template, zfs-fuse gives
 /// the storage role's zfs driver a real `zfs`/`zpool` without a kernel module, bubblewrap is
-/// a start-time baseline for benchmarks.
-const DEBIAN_PACKAGES: &[&str] = &["debootstrap", "zfs-fuse", "bubblewrap", "python3"];
+/// a start-time baseline for benchmarks, and python3-matplotlib lets the code interpreter's
+/// figure test run against Debian's python, the one sandbox templates carry.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "debootstrap",
+    "zfs-fuse",
+    "bubblewrap",
+    "python3",
+    "python3-matplotlib",
+];
 
 /// The cargo-deny release CI pins.
 const CARGO_DENY_VERSION: &str = "0.20.2";

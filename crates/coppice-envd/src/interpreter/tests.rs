@@ -38,7 +38,16 @@ impl Drop for Harness {
 impl Harness {
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // Debian's python, as in the sandbox templates, when the host has it (CI installs
+        // python3-matplotlib for it); else whatever `python3` is on PATH.
+        let debian_python = std::path::Path::new("/usr/bin/python3");
+        let python = if debian_python.exists() {
+            debian_python.into()
+        } else {
+            InterpreterConfig::default().python
+        };
         let config = InterpreterConfig {
+            python,
             driver_dir: dir.path().join("driver"),
             interrupt_grace: Duration::from_secs(2),
             ..InterpreterConfig::default()
