@@ -108,6 +108,9 @@ enum Event {
 #[derive(Debug, Clone)]
 struct EndInfo {
     exit: Exit,
+    /// The agent killed the process because its lifetime (`Connect-Timeout-Ms` on Start)
+    /// ran out; streams then end with `deadline_exceeded`, whichever timer fired first.
+    timed_out: bool,
 }
 
 impl EndInfo {
@@ -658,6 +661,10 @@ async fn forward(
                     Some(Event::Stdout(b)) => json!({ "event": { "data": { "stdout": b64(&b) } } }),
                     Some(Event::Stderr(b)) => json!({ "event": { "data": { "stderr": b64(&b) } } }),
                     Some(Event::Pty(b)) => json!({ "event": { "data": { "pty": b64(&b) } } }),
+                    Some(Event::End(end)) if end.timed_out => {
+                        tx.finish(Some(&RpcError::new(Code::DeadlineExceeded, "deadline exceeded"))).await;
+                        return;
+                    }
                     Some(Event::End(end)) => {
                         if tx.send(&end.to_json()).await {
                             tx.finish(None).await;
@@ -869,7 +876,7 @@ fn spawn(
     let st = Arc::clone(state);
     let p = Arc::clone(&proc);
     tokio::spawn(async move {
-        let exit = supervise(&p, exit_rx, lifetime).await;
+        let (exit, timed_out) = supervise(&p, exit_rx, lifetime).await;
         // Everything the process wrote before it exited is in its pipes now; the pumps
         // drain that and stop.
         let _ = exited_tx.send(true);
@@ -878,7 +885,7 @@ fn spawn(
         }
         // No more writes can reach a dead process.
         p.stdin.lock().await.take();
-        let end = EndInfo { exit };
+        let end = EndInfo { exit, timed_out };
         st.processes.finished(&p, end.clone());
         p.publish_end(end).await;
     });
@@ -889,22 +896,24 @@ fn io_err(e: impl std::fmt::Display) -> RpcError {
     RpcError::internal(format!("error setting up process: {e}"))
 }
 
-/// Waits for the exit, killing the process group when its lifetime runs out.
+/// Waits for the exit, killing the process group when its lifetime runs out; says whether
+/// it did.
 async fn supervise(
     proc: &Proc,
     mut exit_rx: tokio::sync::oneshot::Receiver<Exit>,
     lifetime: Option<Duration>,
-) -> Exit {
+) -> (Exit, bool) {
     if let Some(life) = lifetime {
         tokio::select! {
-            r = &mut exit_rx => return r.unwrap_or(Exit::Signal(9)),
+            r = &mut exit_rx => return (r.unwrap_or(Exit::Signal(9)), false),
             () = tokio::time::sleep(life) => {
                 // The group may be gone already; the exit below tells.
                 let _ = killpg(proc.pgid(), Signal::SIGKILL);
             }
         }
+        return (exit_rx.await.unwrap_or(Exit::Signal(9)), true);
     }
-    exit_rx.await.unwrap_or(Exit::Signal(9))
+    (exit_rx.await.unwrap_or(Exit::Signal(9)), false)
 }
 
 /// Reads one output fd and publishes its chunks until end of file, or, once the process
@@ -987,6 +996,7 @@ mod tests {
     fn end_event_shapes_follow_envd() {
         let ok = EndInfo {
             exit: Exit::Code(0),
+            timed_out: false,
         }
         .to_json();
         assert_eq!(
@@ -995,12 +1005,14 @@ mod tests {
         );
         let three = EndInfo {
             exit: Exit::Code(3),
+            timed_out: false,
         }
         .to_json();
         assert_eq!(three["event"]["end"]["exitCode"], 3);
         assert_eq!(three["event"]["end"]["error"], "exit status 3");
         let killed = EndInfo {
             exit: Exit::Signal(9),
+            timed_out: false,
         }
         .to_json();
         assert_eq!(
