@@ -11,6 +11,7 @@
 //! **Invariant:** nothing here knows about other sandboxes, the gateway's routing or
 //! lifecycle; the agent sees one sandbox from the inside.
 
+pub mod agent;
 pub mod hop;
 pub mod reaper;
 pub mod state;
