@@ -58,6 +58,10 @@ pub struct TemplateBuilder {
     cache_dir: PathBuf,
     uid_shift: u32,
     mirror: Option<String>,
+    /// `base`, or the name of a flavor that adds packages to it.
+    flavor: String,
+    /// Packages the flavor adds to [`PACKAGES`].
+    extra: Vec<String>,
 }
 
 /// What the completion marker records about a build.
@@ -79,7 +83,37 @@ impl TemplateBuilder {
             cache_dir: cache_dir.into(),
             uid_shift,
             mirror: None,
+            flavor: "base".to_owned(),
+            extra: Vec::new(),
         }
+    }
+
+    /// Builds the flavor `name` instead: the default template plus the Debian packages
+    /// `extra` (e.g. `code-interpreter-v1` adds numpy, pandas and matplotlib). It is cached
+    /// under its own name. `name` is reduced to `[a-z0-9-]` for the cache directory.
+    #[must_use]
+    pub fn with_flavor(mut self, name: &str, extra: &[&str]) -> Self {
+        self.flavor = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        self.extra = extra.iter().map(|p| (*p).to_owned()).collect();
+        self
+    }
+
+    /// Every package debootstrap installs beyond minbase.
+    fn packages(&self) -> Vec<String> {
+        PACKAGES
+            .iter()
+            .map(|p| (*p).to_owned())
+            .chain(self.extra.iter().cloned())
+            .collect()
     }
 
     /// Uses `mirror` instead of the host's apt sources (or [`DEFAULT_MIRROR`]).
@@ -91,7 +125,10 @@ impl TemplateBuilder {
 
     /// Versioned name of the cached tree, e.g. `debian-bookworm-base-v1-u100000`.
     pub fn name(&self) -> String {
-        format!("debian-{SUITE}-base-v{RECIPE_VERSION}-u{}", self.uid_shift)
+        format!(
+            "debian-{SUITE}-{}-v{RECIPE_VERSION}-u{}",
+            self.flavor, self.uid_shift
+        )
     }
 
     /// Where the sealed root filesystem lives once built.
@@ -106,7 +143,7 @@ impl TemplateBuilder {
     /// Whether a complete build is cached (without taking the lock).
     pub fn is_cached(&self) -> bool {
         self.read_marker()
-            .is_some_and(|m| m.recipe == RECIPE_VERSION)
+            .is_some_and(|m| m.recipe == RECIPE_VERSION && m.packages == self.packages())
             && self.path().is_dir()
     }
 
@@ -177,7 +214,7 @@ impl TemplateBuilder {
         ));
         let mut cmd = Command::new("debootstrap");
         cmd.arg("--variant=minbase")
-            .arg(format!("--include={}", PACKAGES.join(",")))
+            .arg(format!("--include={}", self.packages().join(",")))
             .arg(SUITE)
             .arg(staging)
             .arg(&mirror);
@@ -255,7 +292,7 @@ impl TemplateBuilder {
         let marker = Marker {
             recipe: RECIPE_VERSION,
             suite: SUITE.to_owned(),
-            packages: PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+            packages: self.packages(),
             uid_shift: self.uid_shift,
             mirror: mirror.to_owned(),
             built_unix: SystemTime::now()
@@ -437,6 +474,22 @@ mod tests {
         let b = TemplateBuilder::new("/c", 100_000);
         assert_eq!(b.path(), Path::new("/c/debian-bookworm-base-v1-u100000"));
         assert_ne!(TemplateBuilder::new("/c", 0).name(), b.name());
+    }
+
+    #[test]
+    fn flavors_add_packages_under_their_own_name() {
+        let b = TemplateBuilder::new("/c", 100_000)
+            .with_flavor("code-interpreter-v1", &["python3-numpy", "python3-pandas"]);
+        assert_eq!(b.name(), "debian-bookworm-code-interpreter-v1-v1-u100000");
+        let packages = b.packages();
+        assert!(packages.iter().any(|p| p == "sudo"));
+        assert!(packages.ends_with(&["python3-numpy".to_owned(), "python3-pandas".to_owned()]));
+        assert_eq!(
+            TemplateBuilder::new("/c", 1)
+                .with_flavor("Odd/Name", &[])
+                .name(),
+            "debian-bookworm-odd-name-v1-u1"
+        );
     }
 
     #[test]
