@@ -4,10 +4,12 @@
 //! stream each file to disk as it arrives, from a multipart body (one part per file, the
 //! part's filename being the destination) or a raw `application/octet-stream` body
 //! (optionally gzip-encoded). The agent writes as root, then hands new directories and the
-//! file to the target user, as E2B's envd does.
+//! file to the target user, as E2B's envd does. `X-Metadata-*` headers replace each written
+//! file's metadata (`crate::xattr`) before its old content is dropped.
 
 use std::collections::HashMap;
 use std::io::{self, Write as _};
+use std::os::fd::AsFd as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use crate::hop::constant_time_eq;
 use crate::reply::{self, Body};
 use crate::state::AgentState;
 use crate::users::{self, User};
+use crate::xattr::{self, Metadata, XattrError};
 
 /// Download chunk size.
 const CHUNK: usize = 64 * 1024;
@@ -67,6 +70,32 @@ impl FileError {
             _ => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("error accessing '{p}': {e}"),
+            ),
+        }
+    }
+
+    /// Maps a failure to store metadata on `path`.
+    fn metadata(path: &Path, e: &XattrError) -> Self {
+        let p = path.display();
+        let source = match e {
+            XattrError::Unsupported => {
+                return Self::bad(format!(
+                    "cannot store metadata on '{p}': the filesystem does not support user extended attributes"
+                ))
+            }
+            XattrError::Io { source, .. } => source,
+        };
+        match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("not enough space for the metadata of '{p}'"),
+            ),
+            Some(libc::E2BIG | libc::ERANGE) => Self::bad(format!(
+                "the metadata does not fit in the extended attributes of '{p}'"
+            )),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("error storing metadata of '{p}': {e}: {source}"),
             ),
         }
     }
@@ -434,6 +463,9 @@ where
 {
     let q = query(req.uri());
     let user = authorize(state, req.headers(), &q, "write")?;
+    // Checked before any byte of the body is read, so a refused set writes nothing.
+    let meta = xattr::from_headers(req.headers())
+        .map_err(|e| FileError::bad(format!("invalid metadata: {e}")))?;
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -461,7 +493,7 @@ where
                 ));
             };
             let path = users::resolve_path(&raw, &user);
-            let mut sink = FileSink::create(&path, &user, gzipped).await?;
+            let mut sink = FileSink::create(&path, &user, gzipped, &meta).await?;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| FileError::bad(format!("reading body: {e}")))?;
                 if let Ok(data) = frame.into_data() {
@@ -502,7 +534,7 @@ where
                             return Err(FileError::bad("multipart file part without a filename"));
                         }
                         let path = users::resolve_path(&raw, &user);
-                        let sink = FileSink::create(&path, &user, false).await?;
+                        let sink = FileSink::create(&path, &user, false, &meta).await?;
                         current = Some((path, sink));
                     }
                     Some(Part::Data(d)) => {
@@ -544,12 +576,19 @@ where
     }
 }
 
+/// One entry of the upload answer; `metadata` is read back from the file (as envd does),
+/// so it shows what was stored, and is left out when there is none.
 fn written(path: &Path) -> serde_json::Value {
-    json!({
+    let mut entry = json!({
         "path": path.to_string_lossy(),
         "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         "type": "file",
-    })
+    });
+    let meta = xattr::read(path);
+    if !meta.is_empty() {
+        entry["metadata"] = json!(meta);
+    }
+    entry
 }
 
 /// Creates the missing directories above `path`, each owned by `user`.
@@ -597,7 +636,17 @@ struct FileSink {
 }
 
 impl FileSink {
-    async fn create(path: &Path, user: &User, gzipped: bool) -> Result<Self, FileError> {
+    /// Opens `path` for a new upload: creates it (and its parents) for `user`, replaces
+    /// its metadata with `meta`, and only then truncates it.
+    ///
+    /// Metadata goes first so that a set the filesystem refuses leaves an existing file
+    /// untouched and removes one this call created.
+    async fn create(
+        path: &Path,
+        user: &User,
+        gzipped: bool,
+        meta: &Metadata,
+    ) -> Result<Self, FileError> {
         if path.is_dir() {
             return Err(FileError::bad(format!(
                 "path '{}' is a directory",
@@ -605,14 +654,40 @@ impl FileSink {
             )));
         }
         ensure_parents(path, user).map_err(|e| FileError::io(path, &e))?;
-        let std_file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(path)
-            .map_err(|e| FileError::io(path, &e))?;
-        chown(path, user).map_err(|e| FileError::io(path, &e))?;
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true).mode(0o644);
+        let (std_file, created) = match open.clone().create_new(true).open(path) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (
+                open.create(true)
+                    .open(path)
+                    .map_err(|e| FileError::io(path, &e))?,
+                false,
+            ),
+            Err(e) => return Err(FileError::io(path, &e)),
+        };
+        // Metadata before the chown, so that the likely refusal (a filesystem without
+        // user xattrs, or without room) leaves even the owner of an existing file as it was.
+        let prepared = xattr::replace(std_file.as_fd(), meta)
+            .map_err(|e| FileError::metadata(path, &e))
+            .and_then(|()| chown(path, user).map_err(|e| FileError::io(path, &e)));
+        if let Err(e) = prepared {
+            if created {
+                // Nothing of this upload may stay behind; a failed removal changes nothing
+                // for the client, who gets the original error.
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        // What `O_TRUNC` would have done at open; devices and FIFOs are not truncated
+        // (and `ftruncate` would fail on them).
+        let is_file = std_file
+            .metadata()
+            .map_err(|e| FileError::io(path, &e))?
+            .is_file();
+        if is_file && !created {
+            std_file.set_len(0).map_err(|e| FileError::io(path, &e))?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file: tokio::fs::File::from_std(std_file),

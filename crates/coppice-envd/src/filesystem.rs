@@ -28,6 +28,7 @@ use crate::files::{ensure_dir, ensure_parents};
 use crate::reply::Body;
 use crate::state::AgentState;
 use crate::users::{self, User};
+use crate::xattr;
 
 /// Events kept per polling watcher between two `GetWatcherEvents` calls.
 const MAX_BUFFERED_EVENTS: usize = 10_000;
@@ -397,6 +398,11 @@ pub(crate) fn entry_info(state: &AgentState, path: &Path) -> Result<serde_json::
         "group": users::gid_name(state, meta.gid()),
         "modifiedTime": rfc3339(modified),
     });
+    // Like ProtoJSON (and Go's envd), an empty map is left out.
+    let metadata = xattr::read(path);
+    if !metadata.is_empty() {
+        entry["metadata"] = json!(metadata);
+    }
     if is_symlink {
         entry["isSymlink"] = json!(true);
         if let Ok(t) = std::fs::read_link(path) {

@@ -25,3 +25,4 @@ mod interpreter;
 mod process;
 mod reply;
 mod users;
+mod xattr;
