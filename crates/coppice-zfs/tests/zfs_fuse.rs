@@ -1,8 +1,10 @@
 //! The zfs driver for real, against zfs-fuse (the real `zfs`/`zpool` CLI without a kernel
 //! module): each test makes its own pool on a sparse file and destroys it, even on failure.
 //!
-//! The zfs-fuse daemon is started if none answers (under a file lock, so concurrent test
-//! binaries start one) and is left running: stopping it safely would need to know that no
+//! Pool tests run one at a time per machine (an flock on `/tmp/coppice-zfs-fuse-tests.lock`)
+//! because concurrent pool and dataset creation has wedged zfs-fuse. The daemon is started
+//! if none answers (under a file lock, so concurrent test binaries start one) and is left
+//! running: stopping it safely would need to know that no
 //! other process's pool is in it, and a running daemon with no pools costs nothing.
 
 // Integration tests are a test crate of their own: no `mod tests` wrapper, and SKIP lines
@@ -92,6 +94,11 @@ struct Pool {
     name: String,
     file: PathBuf,
     mountpoint: PathBuf,
+    /// Held for the pool's whole life (released after `Drop` has destroyed it): zfs-fuse
+    /// wedged for good, with `zfs create` stuck in the kernel waiting on FUSE, when two
+    /// processes created pools and datasets at the same moment, so pool tests on one
+    /// machine run one at a time.
+    _serial: Flock<fs::File>,
 }
 
 static POOLS: AtomicU32 = AtomicU32::new(0);
@@ -113,6 +120,15 @@ impl Pool {
             println!("SKIP {test}: /dev/fuse missing");
             return None;
         }
+        let serial = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/coppice-zfs-fuse-tests.lock")
+            .unwrap();
+        let serial = Flock::lock(serial, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .unwrap();
         if let Err(e) = ensure_daemon() {
             println!("SKIP {test}: {e}");
             return None;
@@ -126,6 +142,7 @@ impl Pool {
             file: PathBuf::from(format!("/var/tmp/{name}.img")),
             mountpoint: PathBuf::from(format!("/var/tmp/{name}-mnt")),
             name,
+            _serial: serial,
         };
         fs::File::create(&pool.file)
             .unwrap()
