@@ -1,0 +1,140 @@
+//! The one mapping from failures to HTTP statuses and E2B's `{code, message}` body.
+
+use coppice_lifecycle::backend::BackendError;
+use coppice_lifecycle::state::TransitionError;
+use coppice_wire::error::ErrorBody;
+use http::{Response, StatusCode};
+
+use crate::api::{json, Body};
+use crate::registry::RegistryError;
+use crate::runtime::RuntimeError;
+
+/// A request that failed: status and message for E2B's error body.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    /// An error with `status`.
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404 for a sandbox.
+    pub(crate) fn sandbox_not_found(id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("sandbox {id:?} not found"))
+    }
+
+    /// The response.
+    pub(crate) fn into_response(self) -> Response<Body> {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, message = %self.message, "request failed");
+        }
+        json(
+            self.status,
+            &ErrorBody::new(self.status.as_u16(), self.message),
+        )
+    }
+}
+
+impl From<TransitionError> for ApiError {
+    fn from(e: TransitionError) -> Self {
+        let status = match e {
+            TransitionError::AlreadyPaused | TransitionError::AlreadyRunning => {
+                StatusCode::CONFLICT
+            }
+            TransitionError::Killed => StatusCode::NOT_FOUND,
+            TransitionError::AutoResumeNeedsPause => StatusCode::BAD_REQUEST,
+            _ => StatusCode::CONFLICT,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        let status = match &e {
+            RuntimeError::UnknownTemplate(_) => StatusCode::NOT_FOUND,
+            RuntimeError::Backend {
+                source: BackendError::InvalidSpec { .. },
+                ..
+            } => StatusCode::BAD_REQUEST,
+            RuntimeError::Backend {
+                source: BackendError::NotFound { .. },
+                ..
+            } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error_chain(&e))
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e))
+    }
+}
+
+/// "op: cause: cause" — the whole chain, since our messages never repeat their source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicts_and_not_found_follow_e2b() {
+        assert_eq!(
+            ApiError::from(TransitionError::AlreadyPaused).status,
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            ApiError::from(TransitionError::Killed).status,
+            StatusCode::NOT_FOUND
+        );
+        let e = ApiError::from(RuntimeError::UnknownTemplate("nope".into()));
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.message, "template \"nope\" not found");
+    }
+
+    #[test]
+    fn backend_causes_are_kept_in_the_message() {
+        let e = ApiError::from(RuntimeError::Backend {
+            op: "start the sandbox",
+            source: BackendError::io(
+                "mount",
+                "/x",
+                std::io::Error::from_raw_os_error(libc_eperm()),
+            ),
+        });
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            e.message.starts_with("start the sandbox: mount /x: "),
+            "{}",
+            e.message
+        );
+    }
+
+    fn libc_eperm() -> i32 {
+        1
+    }
+}

@@ -1,0 +1,232 @@
+//! The data plane: requests for a sandbox go, unchanged and streaming both ways, to its agent's
+//! unix socket.
+//!
+//! A request is for a sandbox when it carries E2B's `E2b-Sandbox-Id` header (with
+//! `E2b-Sandbox-Port`, 49983 for envd or 49999 for the code interpreter), or when the gateway
+//! has a `--domain` and the Host is `<port>-<id>.<domain>`. The port travels to the agent in
+//! `E2b-Sandbox-Port`, which is how the agent picks the surface (`docs/envd.md`). Bodies are
+//! passed through frame by frame; when the client goes away the agent connection is dropped,
+//! so the agent sees the disconnect. The agent checks `X-Access-Token` itself.
+
+use coppice_lifecycle::backend::SandboxId;
+use coppice_lifecycle::state::{Command, SandboxState};
+use coppice_wire::error::SandboxNotFound;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::api::error::ApiError;
+use crate::api::{json, Body};
+use crate::registry::Record;
+use crate::{now, Gateway};
+
+const SANDBOX_ID: &str = "e2b-sandbox-id";
+const SANDBOX_PORT: &str = "e2b-sandbox-port";
+/// envd's port: the default when a request names none.
+const ENVD_PORT: u16 = 49983;
+
+/// Which sandbox and port a data-plane request is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) id: String,
+    pub(crate) port: u16,
+}
+
+/// The request's sandbox, if it is a data-plane request; `Err` for a malformed port.
+pub(crate) fn target<B>(
+    req: &Request<B>,
+    domain: Option<&str>,
+) -> Option<Result<Target, ApiError>> {
+    let headers = req.headers();
+    if let Some(id) = headers.get(SANDBOX_ID) {
+        let id = id.to_str().unwrap_or_default().to_owned();
+        let port = match headers.get(SANDBOX_PORT) {
+            None => Ok(ENVD_PORT),
+            Some(p) => p
+                .to_str()
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| ApiError::bad_request("invalid E2b-Sandbox-Port header")),
+        };
+        return Some(port.map(|port| Target { id, port }));
+    }
+    let domain = domain?;
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())?;
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let label = host.strip_suffix(domain)?.strip_suffix('.')?;
+    let (port, id) = label.split_once('-')?;
+    let port = port.parse().ok()?;
+    Some(Ok(Target {
+        id: id.to_owned(),
+        port,
+    }))
+}
+
+fn not_found(id: &str) -> Response<Body> {
+    json(StatusCode::BAD_GATEWAY, &SandboxNotFound::new(id))
+}
+
+/// Routes only the orchestrator may call: E2B's proxy refuses them too.
+fn internal(port: u16, path: &str) -> bool {
+    port == ENVD_PORT
+        && matches!(
+            path,
+            "/init" | "/freeze" | "/unfreeze" | "/collapse" | "/fsfreeze" | "/fsthaw" | "/upgrade"
+        )
+}
+
+/// Forwards `req` to the sandbox's agent.
+pub(crate) async fn forward(
+    gw: &Gateway,
+    mut req: Request<Incoming>,
+    target: Target,
+) -> Response<Body> {
+    let Some(entry) = SandboxId::new(&*target.id)
+        .ok()
+        .and_then(|id| gw.entry(&id))
+    else {
+        return not_found(&target.id);
+    };
+    if internal(target.port, req.uri().path()) {
+        return ApiError::new(StatusCode::NOT_FOUND, "not found").into_response();
+    }
+    let record = entry.record();
+    match record.lifecycle.state {
+        SandboxState::Running => {}
+        SandboxState::Paused if record.lifecycle.policy.auto_resume => {
+            if let Err(e) = wake(gw, &entry).await {
+                return e.into_response();
+            }
+        }
+        // Creating, paused without auto-resume, or killed: not reachable, as on E2B.
+        _ => return not_found(&target.id),
+    }
+    let socket = gw.runtime.socket(&record.id);
+    let stream = match tokio::net::UnixStream::connect(&socket).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(sandbox = %record.id, error = %e, "agent unreachable");
+            return not_found(&target.id);
+        }
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}"))
+                .into_response()
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "agent connection ended");
+        }
+    });
+    // The agent picks its surface from this header, whichever way the request was routed.
+    if let Ok(v) = HeaderValue::from_str(&target.port.to_string()) {
+        req.headers_mut().insert(SANDBOX_PORT, v);
+    }
+    match sender.send_request(req).await {
+        Ok(resp) => resp.map(|b| b.map_err(|e| Box::new(e) as _).boxed()),
+        Err(e) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}")).into_response()
+        }
+    }
+}
+
+/// Resumes a paused auto-resume sandbox before its request is dispatched; concurrent
+/// requests wake it once (the first takes the operation lock, the rest find it running).
+async fn wake(gw: &Gateway, entry: &crate::Entry) -> Result<(), ApiError> {
+    let _op = entry.op.lock().await;
+    let record = entry.record();
+    if record.lifecycle.state != SandboxState::Paused {
+        return Ok(());
+    }
+    let (lifecycle, _event) = record
+        .lifecycle
+        .transition(Command::AutoResume { now: now() })?;
+    gw.runtime.resume(&record.id).await?;
+    gw.update(
+        entry,
+        Record {
+            lifecycle,
+            ..record
+        },
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get("/files?path=x");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn headers_route_to_a_sandbox_and_port() {
+        let t = target(
+            &req(&[("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "49999")]),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            t,
+            Target {
+                id: "abc".into(),
+                port: 49999
+            }
+        );
+        let t = target(&req(&[("E2b-Sandbox-Id", "abc")]), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.port, 49983);
+        target(
+            &req(&[("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "x")]),
+            None,
+        )
+        .unwrap()
+        .unwrap_err();
+        assert!(target(&req(&[]), None).is_none());
+    }
+
+    #[test]
+    fn host_names_route_only_under_the_domain() {
+        let r = req(&[("host", "49983-abc123.sbx.local:8080")]);
+        let t = target(&r, Some("sbx.local")).unwrap().unwrap();
+        assert_eq!(
+            t,
+            Target {
+                id: "abc123".into(),
+                port: 49983
+            }
+        );
+        assert!(target(&r, None).is_none(), "no domain, no Host routing");
+        assert!(target(&req(&[("host", "49983-abc.other.tld")]), Some("sbx.local")).is_none());
+        assert!(target(&req(&[("host", "sbx.local")]), Some("sbx.local")).is_none());
+        assert!(target(&req(&[("host", "api.sbx.local")]), Some("sbx.local")).is_none());
+    }
+
+    #[test]
+    fn orchestrator_routes_are_internal() {
+        assert!(internal(49983, "/init"));
+        assert!(!internal(49983, "/files"));
+        assert!(!internal(49999, "/init"));
+    }
+}

@@ -1,0 +1,494 @@
+//! `/sandboxes` and `/v2/sandboxes`: create, list, get, kill, pause, resume, connect,
+//! timeout, refreshes, metrics.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use coppice_lifecycle::backend::{Limits, SandboxId};
+use coppice_lifecycle::state::{Cause, Command, Lifecycle, OnTimeout, Policy, SandboxState};
+use coppice_wire::query::{ListQuery, StateFilter};
+use coppice_wire::sandbox::{
+    ConnectRequest, LifecycleBlock, NewSandbox, OnTimeoutWire, PauseRequest, RefreshRequest,
+    ResumeRequest, Sandbox, SandboxDetail, SandboxMetric, TimeoutRequest,
+};
+use coppice_wire::timestamp::format_millis;
+use http::{HeaderValue, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::api::error::ApiError;
+use crate::api::{empty, json, Body};
+use crate::registry::Record;
+use crate::runtime::{Runtime, Setup};
+use crate::{now, Entry, Gateway};
+
+/// The envd version Coppice's agent implements (E2B's, whose features the SDK gates on).
+pub(crate) const ENVD_VERSION: &str = "0.6.13";
+/// Longest window a sandbox may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest refresh E2B allows.
+const MAX_REFRESH: Duration = Duration::from_secs(3600);
+/// Default limits: E2B's default sandbox size is 2 vCPUs; memory is generous enough for
+/// pandas and matplotlib in the code interpreter.
+const DEFAULT_LIMITS: Limits = Limits {
+    memory_bytes: Some(1 << 30),
+    pids: Some(4096),
+    cpu_millis: Some(2000),
+};
+/// Nominal disk size reported to clients; storage sets no quota yet.
+const DISK_SIZE_MB: u64 = 10 * 1024;
+/// Largest metadata or env map a create may carry, in total bytes.
+const MAX_MAP_BYTES: usize = 64 * 1024;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Parses a JSON body; an empty body is the type's default.
+fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse(body)
+}
+
+/// Parses a JSON body, mapping serde's complaint to a 400.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn seconds(field: &str, value: i64, max: Duration) -> Result<Duration> {
+    let secs = u64::try_from(value)
+        .map_err(|_| ApiError::bad_request(format!("{field} must not be negative, got {value}")))?;
+    let d = Duration::from_secs(secs);
+    if d > max {
+        return Err(ApiError::bad_request(format!(
+            "{field} must be at most {} seconds, got {value}",
+            max.as_secs()
+        )));
+    }
+    Ok(d)
+}
+
+fn check_map(field: &str, map: &BTreeMap<String, String>, env: bool) -> Result<()> {
+    let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_MAP_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "{field} is {size} bytes; at most {MAX_MAP_BYTES} are allowed"
+        )));
+    }
+    for key in map.keys() {
+        let bad = key.is_empty() || (env && (key.contains('=') || key.contains('\0')));
+        if bad {
+            return Err(ApiError::bad_request(format!(
+                "{field} has an invalid key {key:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Random `[a-z0-9]` of `len` characters, from the system's CSPRNG.
+fn random_token(len: usize) -> Result<String> {
+    use ring::rand::SecureRandom;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = vec![0u8; len];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available"))?;
+    // 252 is the largest multiple of 36 below 256; re-rolling would be exact, but the bias of
+    // mapping 256 values onto 36 is irrelevant for ids and tokens of this length.
+    Ok(bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect())
+}
+
+fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
+    Sandbox {
+        template_id: record.template.clone(),
+        sandbox_id: record.id.to_string(),
+        client_id: "coppice".into(),
+        envd_version: ENVD_VERSION.into(),
+        envd_access_token: Some(record.access_token.clone()),
+        traffic_access_token: None,
+        domain: gw.config.domain.clone(),
+        alias: Some(record.template.clone()),
+    }
+}
+
+fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
+    let l = &record.lifecycle;
+    let limits = record.limits;
+    SandboxDetail {
+        template_id: record.template.clone(),
+        sandbox_id: record.id.to_string(),
+        client_id: "coppice".into(),
+        alias: Some(record.template.clone()),
+        started_at: format_millis(l.started_at.0),
+        end_at: format_millis(match (l.state, l.remaining) {
+            // A paused sandbox's window is stopped: report where it would end if resumed now.
+            (SandboxState::Paused, Some(left)) => now().plus(left).0,
+            _ => l.end_at.0,
+        }),
+        envd_version: ENVD_VERSION.into(),
+        envd_access_token: Some(record.access_token.clone()),
+        cpu_count: limits.cpu_millis.map_or(1, |m| m.div_ceil(1000)),
+        memory_mb: limits.memory_bytes.map_or(0, |b| b >> 20),
+        disk_size_mb: DISK_SIZE_MB,
+        state: match l.state {
+            SandboxState::Paused => "paused",
+            _ => "running",
+        }
+        .into(),
+        metadata: record.metadata.clone(),
+        allow_internet_access: record.allow_internet,
+        domain: gw.config.domain.clone(),
+        lifecycle: LifecycleBlock {
+            auto_resume: l.policy.auto_resume,
+            on_timeout: match l.policy.on_timeout {
+                OnTimeout::Kill => OnTimeoutWire::Kill,
+                OnTimeout::Pause => OnTimeoutWire::Pause,
+            },
+            timeout_ms: u64::try_from(l.timeout.as_millis()).unwrap_or(u64::MAX),
+        },
+    }
+}
+
+/// `POST /sandboxes` (`legacy`) and `POST /v2/sandboxes`.
+pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Response<Body>> {
+    let req: NewSandbox = parse_or_default(body)?;
+    let template = req.template_id.clone().unwrap_or_else(|| "base".into());
+    if !Runtime::knows_template(&template) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("template {template:?} not found"),
+        ));
+    }
+    let timeout = match (req.timeout_ms, req.timeout) {
+        (Some(ms), _) => {
+            let ms = u64::try_from(ms).map_err(|_| {
+                ApiError::bad_request(format!("timeoutMs must not be negative, got {ms}"))
+            })?;
+            let d = Duration::from_millis(ms);
+            if d > MAX_TIMEOUT {
+                return Err(ApiError::bad_request(format!(
+                    "timeoutMs must be at most {}",
+                    MAX_TIMEOUT.as_millis()
+                )));
+            }
+            d
+        }
+        (None, Some(s)) => seconds("timeout", s, MAX_TIMEOUT)?,
+        // E2B's defaults: 300 s for v2 creates, 15 s for the legacy route.
+        (None, None) => Duration::from_secs(if legacy { 15 } else { 300 }),
+    };
+    let lifecycle_req = req
+        .lifecycle
+        .unwrap_or(coppice_wire::sandbox::LifecycleRequest {
+            on_timeout: None,
+            auto_resume: None,
+        });
+    let on_timeout = match (lifecycle_req.on_timeout, req.auto_pause) {
+        (Some(OnTimeoutWire::Pause), _) | (None, Some(true)) => OnTimeout::Pause,
+        _ => OnTimeout::Kill,
+    };
+    let auto_resume = lifecycle_req
+        .auto_resume
+        .or(req.auto_resume.map(|a| a.enabled()))
+        .unwrap_or(false);
+    let policy = Policy::new(on_timeout, auto_resume).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{e} (autoResume needs lifecycle.onTimeout \"pause\" or autoPause: true)"
+        ))
+    })?;
+    let metadata = req.metadata.unwrap_or_default();
+    let env_vars = req.env_vars.unwrap_or_default();
+    check_map("metadata", &metadata, false)?;
+    check_map("envVars", &env_vars, true)?;
+    if !gw.is_ready() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the default template is still being built; try again shortly",
+        ));
+    }
+
+    let id = SandboxId::new(random_token(20)?)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let created = now();
+    let record = Record {
+        id: id.clone(),
+        template: template.clone(),
+        created_at: created.0,
+        metadata,
+        env_vars,
+        access_token: random_token(32)?,
+        lifecycle: Lifecycle::creating(created, timeout, policy),
+        limits: DEFAULT_LIMITS,
+        allow_internet: req.allow_internet_access,
+        pid: None,
+    };
+    let entry = gw.insert(record.clone())?;
+    let _op = entry.op.lock().await;
+    let started = gw
+        .runtime
+        .create(Setup {
+            id: &id,
+            template: &template,
+            limits: record.limits,
+            env_vars: &record.env_vars,
+            access_token: &record.access_token,
+        })
+        .await;
+    let pid = match started {
+        Ok(pid) => pid,
+        Err(e) => {
+            // The runtime cleaned up after itself; forget the record too.
+            if let Err(reg) = gw.remove(&id) {
+                tracing::error!(sandbox = %id, error = %reg, "forgetting a failed create");
+            }
+            return Err(e.into());
+        }
+    };
+    let (lifecycle, _event) = record
+        .lifecycle
+        .transition(Command::Started { now: now() })?;
+    let record = Record {
+        lifecycle,
+        pid: Some(pid),
+        ..record
+    };
+    gw.update(&entry, record.clone())?;
+    tracing::info!(sandbox = %id, template = %template, "created");
+    Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
+}
+
+fn entry(gw: &Gateway, id: &str) -> Result<std::sync::Arc<Entry>> {
+    SandboxId::new(id)
+        .ok()
+        .and_then(|id| gw.entry(&id))
+        .ok_or_else(|| ApiError::sandbox_not_found(id))
+}
+
+/// `GET /sandboxes/{id}`.
+pub(crate) fn get(gw: &Gateway, id: &str) -> Result<Response<Body>> {
+    let record = entry(gw, id)?.record();
+    if record.lifecycle.state == SandboxState::Creating {
+        return Err(ApiError::sandbox_not_found(id));
+    }
+    Ok(json(StatusCode::OK, &detail(gw, &record)))
+}
+
+/// `GET /v2/sandboxes` (paged, running and paused) and legacy `GET /sandboxes` (running only,
+/// one page).
+pub(crate) fn list(gw: &Gateway, raw_query: &str, legacy: bool) -> Result<Response<Body>> {
+    let mut q = ListQuery::parse(raw_query).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if legacy {
+        q.states = vec![StateFilter::Running];
+        q.limit = u32::MAX;
+    }
+    let mut records: Vec<Record> = gw
+        .entries()
+        .iter()
+        .map(|e| e.record())
+        .filter(|r| match r.lifecycle.state {
+            SandboxState::Running => q.wants(StateFilter::Running),
+            SandboxState::Paused => q.wants(StateFilter::Paused),
+            _ => false,
+        })
+        .filter(|r| q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
+        .filter(|r| q.template.as_ref().is_none_or(|t| &r.template == t))
+        .filter(|r| q.started_after.is_none_or(|t| r.lifecycle.started_at.0 > t))
+        .collect();
+    records.sort_by(|a, b| (a.created_at, a.id.as_str()).cmp(&(b.created_at, b.id.as_str())));
+    if !q.ascending {
+        records.reverse();
+    }
+    let key = |r: &Record| format!("{}.{}", r.created_at, r.id);
+    if let Some(token) = &q.next_token {
+        let pos = records
+            .iter()
+            .position(|r| &key(r) == token)
+            .ok_or_else(|| ApiError::bad_request("nextToken does not match a listed sandbox"))?;
+        records.drain(..=pos);
+    }
+    let limit = usize::try_from(q.limit).unwrap_or(usize::MAX);
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let body: Vec<SandboxDetail> = records.iter().map(|r| detail(gw, r)).collect();
+    let mut resp = json(StatusCode::OK, &body);
+    if more {
+        if let Some(last) = records.last() {
+            if let Ok(v) = HeaderValue::from_str(&key(last)) {
+                resp.headers_mut().insert("x-next-token", v);
+            }
+        }
+    }
+    Ok(resp)
+}
+
+/// `DELETE /sandboxes/{id}`.
+pub(crate) async fn kill(gw: &Gateway, id: &str) -> Result<Response<Body>> {
+    let entry = entry(gw, id)?;
+    let _op = entry.op.lock().await;
+    // A concurrent kill may have won the lock first.
+    if gw.entry(&entry.record().id).is_none() {
+        return Err(ApiError::sandbox_not_found(id));
+    }
+    gw.kill(&entry, Cause::Manual).await?;
+    tracing::info!(sandbox = %id, "killed");
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// `POST /sandboxes/{id}/pause`: 409 when already paused.
+pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
+    let _req: PauseRequest = parse_or_default(body)?;
+    let entry = entry(gw, id)?;
+    let _op = entry.op.lock().await;
+    let record = entry.record();
+    let (lifecycle, _event) = record.lifecycle.transition(Command::Pause {
+        now: now(),
+        cause: Cause::Manual,
+    })?;
+    gw.runtime.pause(&record.id).await?;
+    gw.update(
+        &entry,
+        Record {
+            lifecycle,
+            ..record
+        },
+    )?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// Legacy `POST /sandboxes/{id}/resume`: 409 when running.
+pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
+    let req: ResumeRequest = parse_or_default(body)?;
+    let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
+    let entry = entry(gw, id)?;
+    let _op = entry.op.lock().await;
+    let record = entry.record();
+    let (lifecycle, _event) = record.lifecycle.transition(Command::Resume {
+        now: now(),
+        timeout,
+    })?;
+    gw.runtime.resume(&record.id).await?;
+    let record = Record {
+        lifecycle,
+        ..record
+    };
+    gw.update(&entry, record.clone())?;
+    Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
+}
+
+/// `POST /v2/sandboxes/{id}/connect` and legacy `POST /sandboxes/{id}/connect`: resumes a
+/// paused sandbox (201) or extends a running one's window (200).
+pub(crate) async fn connect(
+    gw: &Gateway,
+    id: &str,
+    body: &Bytes,
+    legacy: bool,
+) -> Result<Response<Body>> {
+    let req: ConnectRequest = if legacy {
+        parse(body)?
+    } else {
+        parse_or_default(body)?
+    };
+    if legacy && req.timeout.is_none() {
+        return Err(ApiError::bad_request("timeout is required"));
+    }
+    let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
+    let entry = entry(gw, id)?;
+    let _op = entry.op.lock().await;
+    let record = entry.record();
+    let was_paused = record.lifecycle.state == SandboxState::Paused;
+    let (lifecycle, _event) = record.lifecycle.transition(Command::Connect {
+        now: now(),
+        timeout,
+    })?;
+    if was_paused {
+        gw.runtime.resume(&record.id).await?;
+    }
+    let record = Record {
+        lifecycle,
+        ..record
+    };
+    gw.update(&entry, record.clone())?;
+    let status = if was_paused {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &sandbox_body(gw, &record)))
+}
+
+/// `POST /sandboxes/{id}/timeout`: the window ends `timeout` seconds from now.
+pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
+    let req: TimeoutRequest = parse(body)?;
+    let timeout = seconds("timeout", req.timeout, MAX_TIMEOUT)?;
+    let entry = entry(gw, id)?;
+    let _op = entry.op.lock().await;
+    let record = entry.record();
+    let (lifecycle, _event) = record.lifecycle.transition(Command::SetTimeout {
+        now: now(),
+        timeout,
+    })?;
+    gw.update(
+        &entry,
+        Record {
+            lifecycle,
+            ..record
+        },
+    )?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// `POST /sandboxes/{id}/refreshes`: extends the window to at least `duration` from now.
+pub(crate) async fn refresh(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
+    let req: RefreshRequest = parse_or_default(body)?;
+    let duration = seconds("duration", req.duration.unwrap_or(60), MAX_REFRESH)?;
+    let entry = entry(gw, id)?;
+    let _op = entry.op.lock().await;
+    let record = entry.record();
+    let (lifecycle, _event) = record.lifecycle.transition(Command::Refresh {
+        now: now(),
+        duration,
+    })?;
+    gw.update(
+        &entry,
+        Record {
+            lifecycle,
+            ..record
+        },
+    )?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// `GET /sandboxes/{id}/metrics`: one sample, now, from the cgroups and the storage layer.
+pub(crate) async fn metrics(gw: &Gateway, id: &str) -> Result<Response<Body>> {
+    let record = entry(gw, id)?.record();
+    if record.lifecycle.state == SandboxState::Creating {
+        return Ok(json(StatusCode::OK, &Vec::<SandboxMetric>::new()));
+    }
+    let (cpu, disk) = gw.runtime.usage(&record.id).await?;
+    let cpus = record.limits.cpu_millis.map_or(1, |m| m.div_ceil(1000));
+    let t = now();
+    let lived = t.since(record.lifecycle.started_at).as_secs_f64().max(1e-3);
+    // Average use since start, as a share of the sandbox's CPUs.
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a percentage needs no more precision"
+    )]
+    let pct = (cpu.cpu_nanos as f64 / 1e9) / lived / f64::from(cpus) * 100.0;
+    let sample = SandboxMetric {
+        timestamp: format_millis(t.0),
+        timestamp_unix: i64::try_from(t.0 / 1000).unwrap_or(i64::MAX),
+        cpu_count: cpus,
+        cpu_used_pct: pct.min(100.0),
+        mem_used: cpu.memory_bytes,
+        mem_total: record.limits.memory_bytes.unwrap_or(0),
+        mem_cache: 0,
+        disk_used: disk.written_bytes,
+        disk_total: DISK_SIZE_MB << 20,
+    };
+    Ok(json(StatusCode::OK, &vec![sample]))
+}

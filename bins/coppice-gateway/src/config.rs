@@ -1,0 +1,217 @@
+//! The gateway's configuration: command-line flags, each also readable from a `COPPICE_*`
+//! environment variable (the flag wins).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything the gateway needs to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Main listener: control plane and header-routed data plane (`--listen`).
+    pub listen: SocketAddr,
+    /// Extra listeners for `<port>-<id>.<domain>` Host routing (`--envd-listen`,
+    /// `--code-listen`).
+    pub extra_listen: Vec<SocketAddr>,
+    /// The wildcard domain for Host routing (`--domain`).
+    pub domain: Option<String>,
+    /// Registry, sandbox state, storage (`--state-dir`).
+    pub state_dir: PathBuf,
+    /// Where built template trees are cached (`--template-cache`; default
+    /// `<state-dir>/templates`).
+    pub template_cache: PathBuf,
+    /// The agent binary bind-mounted into sandboxes (`--agent`); default: `coppice-envd` next
+    /// to the gateway's executable if present, else the gateway itself.
+    pub agent: Option<PathBuf>,
+    /// Accepted API keys; empty means any key is accepted (`COPPICE_API_KEYS`,
+    /// `--api-keys-file`).
+    pub api_keys: Vec<String>,
+}
+
+const USAGE: &str = "\
+usage: coppice-gateway [options]
+
+  --listen ADDR           control plane + data plane (default 127.0.0.1:3000)   COPPICE_LISTEN
+  --state-dir DIR         registry and sandbox state (default /var/lib/coppice) COPPICE_STATE_DIR
+  --template-cache DIR    built templates (default <state-dir>/templates)       COPPICE_TEMPLATE_CACHE
+  --domain D              route Host <port>-<id>.D to sandboxes                 COPPICE_DOMAIN
+  --envd-listen ADDR      extra listener, e.g. :49983, for Host routing         COPPICE_ENVD_LISTEN
+  --code-listen ADDR      extra listener, e.g. :49999, for Host routing         COPPICE_CODE_LISTEN
+  --agent PATH            agent binary for sandboxes (default: built in)        COPPICE_AGENT
+  --api-keys-file FILE    one accepted API key per line                         COPPICE_API_KEYS_FILE
+                          (or COPPICE_API_KEYS=k1,k2; unset: any key is accepted)";
+
+impl Config {
+    /// Parses `args` (without the program name), falling back to `env` for unset flags.
+    pub fn from_args_and_env(
+        args: impl Iterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let mut flags: Vec<(String, String)> = Vec::new();
+        let mut args = args;
+        while let Some(a) = args.next() {
+            if a == "-h" || a == "--help" {
+                return Err(USAGE.into());
+            }
+            let Some(name) = a.strip_prefix("--") else {
+                return Err(format!("unexpected argument {a:?}\n\n{USAGE}"));
+            };
+            let (name, value) = match name.split_once('=') {
+                Some((n, v)) => (n.to_owned(), v.to_owned()),
+                None => (
+                    name.to_owned(),
+                    args.next().ok_or(format!("--{name} needs a value"))?,
+                ),
+            };
+            const KNOWN: [&str; 8] = [
+                "listen",
+                "state-dir",
+                "template-cache",
+                "domain",
+                "envd-listen",
+                "code-listen",
+                "agent",
+                "api-keys-file",
+            ];
+            if !KNOWN.contains(&name.as_str()) {
+                return Err(format!("unknown option --{name}\n\n{USAGE}"));
+            }
+            flags.push((name, value));
+        }
+        let get = |flag: &str, var: &str| -> Option<String> {
+            flags
+                .iter()
+                .rev()
+                .find(|(n, _)| n == flag)
+                .map(|(_, v)| v.clone())
+                .or_else(|| env(var).filter(|v| !v.is_empty()))
+        };
+        let addr = |flag: &str, var: &str, s: String| -> Result<SocketAddr, String> {
+            // ":49983" means every interface of the loopback-first default host.
+            let s = if s.starts_with(':') {
+                format!("127.0.0.1{s}")
+            } else {
+                s
+            };
+            s.parse()
+                .map_err(|e| format!("--{flag} ({var}): {s:?} is not an address: {e}"))
+        };
+        let listen = addr(
+            "listen",
+            "COPPICE_LISTEN",
+            get("listen", "COPPICE_LISTEN").unwrap_or_else(|| "127.0.0.1:3000".into()),
+        )?;
+        let mut extra_listen = Vec::new();
+        for (flag, var) in [
+            ("envd-listen", "COPPICE_ENVD_LISTEN"),
+            ("code-listen", "COPPICE_CODE_LISTEN"),
+        ] {
+            if let Some(v) = get(flag, var) {
+                extra_listen.push(addr(flag, var, v)?);
+            }
+        }
+        let state_dir = PathBuf::from(
+            get("state-dir", "COPPICE_STATE_DIR").unwrap_or_else(|| "/var/lib/coppice".into()),
+        );
+        let template_cache = get("template-cache", "COPPICE_TEMPLATE_CACHE")
+            .map_or_else(|| state_dir.join("templates"), PathBuf::from);
+        let domain = get("domain", "COPPICE_DOMAIN").map(|d| d.trim_matches('.').to_owned());
+        if !extra_listen.is_empty() && domain.is_none() {
+            return Err("--envd-listen/--code-listen need --domain for Host routing".into());
+        }
+        let mut api_keys: Vec<String> = env("COPPICE_API_KEYS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(file) = get("api-keys-file", "COPPICE_API_KEYS_FILE") {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("--api-keys-file {file}: {e}"))?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(Self {
+            listen,
+            extra_listen,
+            domain,
+            state_dir,
+            template_cache,
+            agent: get("agent", "COPPICE_AGENT").map(PathBuf::from),
+            api_keys,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_args_and_env(args.iter().map(|s| (*s).to_owned()), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[], &[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/coppice"));
+        assert_eq!(
+            c.template_cache,
+            PathBuf::from("/var/lib/coppice/templates")
+        );
+        assert!(c.api_keys.is_empty());
+        assert!(c.domain.is_none());
+    }
+
+    #[test]
+    fn flags_win_over_env() {
+        let c = parse(
+            &["--listen", "127.0.0.1:4000", "--state-dir=/tmp/s"],
+            &[
+                ("COPPICE_LISTEN", "127.0.0.1:5000"),
+                ("COPPICE_API_KEYS", "a, b,,"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 4000);
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/s"));
+        assert_eq!(c.api_keys, ["a", "b"]);
+    }
+
+    #[test]
+    fn host_routing_listeners_need_a_domain() {
+        parse(&["--envd-listen", ":49983"], &[]).unwrap_err();
+        let c = parse(
+            &["--envd-listen", ":49983", "--domain", "sbx.example."],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.extra_listen, ["127.0.0.1:49983".parse().unwrap()]);
+        assert_eq!(c.domain.as_deref(), Some("sbx.example"));
+    }
+
+    #[test]
+    fn bad_input_says_what_was_wrong() {
+        assert!(parse(&["--listen", "nowhere"], &[])
+            .unwrap_err()
+            .contains("--listen"));
+        assert!(parse(&["--bogus", "1"], &[])
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse(&["--listen"], &[])
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(parse(&["stray"], &[]).unwrap_err().contains("unexpected"));
+    }
+}

@@ -1,0 +1,329 @@
+//! The Coppice gateway: E2B's control plane and sandbox proxy on raw hyper.
+//!
+//! [`run`] opens the durable [`registry`], re-adopts the sandboxes a previous run left (killing
+//! those whose window passed), builds the templates, and serves every listener until SIGTERM or
+//! SIGINT; sandboxes keep running across restarts. [`service`] is the one route table, `api/*`
+//! the handlers (they parse, call the lifecycle state machine and [`runtime`], and serialize),
+//! `api/error.rs` the one mapping from errors to E2B's `{code, message}`; [`runtime`] composes
+//! the jail, storage and agent; the reaper enforces every sandbox's window.
+//!
+//! **Invariant:** handlers never touch a backend directly and every lifecycle change goes
+//! through `coppice_lifecycle::state::Lifecycle::transition`, written to the registry before
+//! it is acknowledged.
+
+pub mod config;
+
+mod api;
+mod registry;
+mod runtime;
+mod server;
+mod service;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use coppice_lifecycle::backend::{RunState, SandboxId};
+use coppice_lifecycle::state::{Cause, Command, Millis, SandboxState};
+
+use crate::config::Config;
+use crate::registry::{Record, Registry};
+use crate::runtime::Runtime;
+
+/// The name under which the gateway binary runs as the in-sandbox agent.
+pub const AGENT_NAME: &str = "coppice-envd";
+
+/// How often the reaper looks for windows that ended.
+const REAPER_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Errors that stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory, registry or backends could not be opened.
+    #[error("{0}")]
+    Setup(String),
+    /// A listener could not be bound.
+    #[error("listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One sandbox as the gateway holds it: its record, and a lock that serialises lifecycle
+/// operations on it (pause vs kill vs the reaper).
+#[derive(Debug)]
+pub(crate) struct Entry {
+    record: Mutex<Record>,
+    op: tokio::sync::Mutex<()>,
+}
+
+impl Entry {
+    fn new(record: Record) -> Arc<Self> {
+        Arc::new(Self {
+            record: Mutex::new(record),
+            op: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// A copy of the current record.
+    pub(crate) fn record(&self) -> Record {
+        lock(&self.record).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a single read or replace, so a poisoned lock holds consistent
+    // data.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Shared state of a running gateway.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    pub(crate) config: Config,
+    registry: Registry,
+    pub(crate) runtime: Runtime,
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Entry>>>,
+    ready: AtomicBool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now() -> Millis {
+    Millis(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    )
+}
+
+impl Gateway {
+    /// Whether the default template is ready, so sandboxes can be created.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The sandbox `id`, if the gateway has it.
+    pub(crate) fn entry(&self, id: &SandboxId) -> Option<Arc<Entry>> {
+        lock(&self.sandboxes).get(id).cloned()
+    }
+
+    /// Every sandbox the gateway has.
+    pub(crate) fn entries(&self) -> Vec<Arc<Entry>> {
+        lock(&self.sandboxes).values().cloned().collect()
+    }
+
+    /// Adds a new sandbox, durably.
+    pub(crate) fn insert(&self, record: Record) -> Result<Arc<Entry>, registry::RegistryError> {
+        self.registry.put(&record)?;
+        let id = record.id.clone();
+        let entry = Entry::new(record);
+        lock(&self.sandboxes).insert(id, Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    /// Stores a changed record (the caller holds the entry's operation lock).
+    pub(crate) fn update(
+        &self,
+        entry: &Entry,
+        record: Record,
+    ) -> Result<(), registry::RegistryError> {
+        self.registry.put(&record)?;
+        *lock(&entry.record) = record;
+        Ok(())
+    }
+
+    /// Forgets a killed sandbox.
+    pub(crate) fn remove(&self, id: &SandboxId) -> Result<(), registry::RegistryError> {
+        self.registry.delete(id)?;
+        lock(&self.sandboxes).remove(id);
+        Ok(())
+    }
+
+    /// Applies an expiry to `entry` if its window ended: kill or pause as its policy says.
+    async fn expire(&self, entry: &Entry) {
+        let _op = entry.op.lock().await;
+        let record = entry.record();
+        let now = now();
+        let Ok((lifecycle, _event)) = record.lifecycle.transition(Command::Expire { now }) else {
+            return;
+        };
+        let result = match lifecycle.state {
+            SandboxState::Paused => self.runtime.pause(&record.id).await,
+            _ => self.runtime.kill(&record.id).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(sandbox = %record.id, error = %e, "expiring the sandbox failed");
+            return;
+        }
+        let outcome = if lifecycle.state == SandboxState::Killed {
+            self.remove(&record.id)
+        } else {
+            self.update(
+                entry,
+                Record {
+                    lifecycle,
+                    ..record.clone()
+                },
+            )
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(sandbox = %record.id, state = ?lifecycle.state, "window ended");
+            }
+            Err(e) => {
+                tracing::error!(sandbox = %record.id, error = %e, "recording the expiry failed");
+            }
+        }
+    }
+
+    /// The reaper: enforces every running sandbox's window.
+    async fn reap_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAPER_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = now();
+            for entry in self.entries() {
+                if entry.record().lifecycle.is_expired(now) {
+                    self.expire(&entry).await;
+                }
+            }
+        }
+    }
+
+    /// Brings the registry and the backends into agreement after a (re)start.
+    async fn reconcile(&self) -> Result<(), StartError> {
+        let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
+        let records = self.registry.load_all().map_err(|e| setup(&e))?;
+        let live = self.runtime.live().await.map_err(|e| setup(&e))?;
+        for record in records {
+            let id = record.id.clone();
+            let state = record.lifecycle.state;
+            let alive = live.get(&id).copied();
+            let keep = matches!(
+                (state, alive),
+                (
+                    SandboxState::Running | SandboxState::Paused,
+                    Some(RunState::Running | RunState::Paused)
+                )
+            );
+            if !keep {
+                tracing::warn!(sandbox = %id, ?state, ?alive, "sandbox did not survive; cleaning up");
+                if let Err(e) = self.runtime.kill(&id).await {
+                    tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
+                }
+                self.registry.delete(&id).map_err(|e| setup(&e))?;
+                continue;
+            }
+            // The registry is the truth for paused vs running.
+            let fix = match (state, alive) {
+                (SandboxState::Paused, Some(RunState::Running)) => self.runtime.pause(&id).await,
+                (SandboxState::Running, Some(RunState::Paused)) => self.runtime.resume(&id).await,
+                _ => Ok(()),
+            };
+            if let Err(e) = fix {
+                tracing::warn!(sandbox = %id, error = %e, "could not restore the sandbox's state");
+            }
+            tracing::info!(sandbox = %id, ?state, "re-adopted");
+            lock(&self.sandboxes).insert(id, Entry::new(record));
+        }
+        // Sandboxes the jail has but the registry does not: a create cut short by a crash.
+        for id in live.keys() {
+            if self.entry(id).is_none() {
+                tracing::warn!(sandbox = %id, "unregistered sandbox from an interrupted create; killing it");
+                if let Err(e) = self.runtime.kill(id).await {
+                    tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
+                }
+            }
+        }
+        // Windows that passed while the gateway was down end now.
+        let now = now();
+        for entry in self.entries() {
+            if entry.record().lifecycle.is_expired(now) {
+                self.expire(&entry).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills a sandbox for good (used by DELETE and by failed creates).
+    pub(crate) async fn kill(
+        &self,
+        entry: &Entry,
+        cause: Cause,
+    ) -> Result<(), api::error::ApiError> {
+        let record = entry.record();
+        let (_lifecycle, _event) = record
+            .lifecycle
+            .transition(Command::Kill { now: now(), cause })
+            .map_err(api::error::ApiError::from)?;
+        self.runtime.kill(&record.id).await?;
+        self.remove(&record.id)?;
+        Ok(())
+    }
+}
+
+/// Picks the agent binary: the configured one, else `coppice-envd` next to the gateway's
+/// executable, else the gateway itself (which runs as the agent under that name).
+fn agent_binary(config: &Config) -> Result<PathBuf, StartError> {
+    if let Some(a) = &config.agent {
+        return if a.is_file() {
+            Ok(a.clone())
+        } else {
+            Err(StartError::Setup(format!(
+                "--agent {}: no such file",
+                a.display()
+            )))
+        };
+    }
+    let me = std::env::current_exe()
+        .map_err(|e| StartError::Setup(format!("cannot find the gateway's executable: {e}")))?;
+    let beside = me.with_file_name(AGENT_NAME);
+    Ok(if beside.is_file() { beside } else { me })
+}
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
+    let registry = Registry::open(&config.state_dir.join("registry.db"))
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let agent = agent_binary(&config)?;
+    let runtime = Runtime::open(&config.state_dir, &config.template_cache, agent.clone())
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    if config.api_keys.is_empty() {
+        tracing::warn!("COPPICE_API_KEYS is not set: any API key is accepted");
+    }
+    tracing::info!(agent = %agent.display(), state_dir = %config.state_dir.display(), "starting");
+    let gateway = Arc::new(Gateway {
+        config,
+        registry,
+        runtime,
+        sandboxes: Mutex::new(HashMap::new()),
+        ready: AtomicBool::new(false),
+    });
+    gateway.reconcile().await?;
+    tokio::spawn(Arc::clone(&gateway).reap_forever());
+    // Templates build in the background; /health says 200 once the default one is ready.
+    let builder = Arc::clone(&gateway);
+    tokio::spawn(async move {
+        for (name, _) in runtime::TEMPLATES {
+            match builder.runtime.template(name).await {
+                Ok(_) => {
+                    tracing::info!(template = name, "template ready");
+                    if *name == "base" {
+                        builder.ready.store(true, Ordering::Release);
+                    }
+                }
+                Err(e) => tracing::error!(template = name, error = %e, "template unavailable"),
+            }
+        }
+    });
+    server::serve(gateway).await
+}

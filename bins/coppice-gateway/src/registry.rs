@@ -1,0 +1,188 @@
+//! The durable registry: every live sandbox's record in an embedded SQLite database (WAL).
+//!
+//! The in-memory map in [`crate::Gateway`] serves reads; every change is written here first,
+//! in one transaction, so after a crash — `kill -9` included — the gateway knows exactly the
+//! sandboxes it had. WAL with `synchronous=NORMAL` survives a process crash; a power loss may
+//! lose the last transactions, never the database.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use coppice_lifecycle::backend::{Limits, SandboxId};
+use coppice_lifecycle::state::Lifecycle;
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
+
+/// What the gateway knows about one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Record {
+    /// E2B sandbox id.
+    pub(crate) id: SandboxId,
+    /// Template id as the client named it (`base`, `code-interpreter-v1`).
+    pub(crate) template: String,
+    /// When it was created (ms since the epoch).
+    pub(crate) created_at: u64,
+    /// User metadata.
+    pub(crate) metadata: BTreeMap<String, String>,
+    /// Sandbox-wide environment variables.
+    pub(crate) env_vars: BTreeMap<String, String>,
+    /// The envd access token the SDK sends as `X-Access-Token`.
+    pub(crate) access_token: String,
+    /// State, window and policy.
+    pub(crate) lifecycle: Lifecycle,
+    /// Resource limits it runs with.
+    pub(crate) limits: Limits,
+    /// `allow_internet_access` as asked.
+    pub(crate) allow_internet: Option<bool>,
+    /// Host pid of its init, for operators (the jail keeps its own identity records).
+    pub(crate) pid: Option<u32>,
+}
+
+/// Registry failures; the message says which operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("registry: {op}")]
+pub(crate) struct RegistryError {
+    op: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn err<E: std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
+) -> impl FnOnce(E) -> RegistryError {
+    move |e| RegistryError {
+        op,
+        source: Box::new(e),
+    }
+}
+
+/// The SQLite-backed store.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    conn: Mutex<Connection>,
+}
+
+impl Registry {
+    /// Opens (creating if needed) the database at `path`.
+    pub(crate) fn open(path: &Path) -> Result<Self, RegistryError> {
+        let conn = Connection::open(path).map_err(err("open database"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err("set synchronous"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err("set busy timeout"))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS sandboxes (
+                id TEXT PRIMARY KEY,
+                created_at INTEGER NOT NULL,
+                record TEXT NOT NULL
+            );",
+        )
+        .map_err(err("create schema"))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back), so a poisoned lock is still usable.
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Inserts or replaces `record`.
+    pub(crate) fn put(&self, record: &Record) -> Result<(), RegistryError> {
+        let json = serde_json::to_string(record).map_err(err("encode record"))?;
+        self.conn()
+            .execute(
+                "INSERT INTO sandboxes (id, created_at, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+                params![
+                    record.id.as_str(),
+                    i64::try_from(record.created_at).unwrap_or(i64::MAX),
+                    json
+                ],
+            )
+            .map_err(err("write record"))?;
+        Ok(())
+    }
+
+    /// Forgets a sandbox.
+    pub(crate) fn delete(&self, id: &SandboxId) -> Result<(), RegistryError> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id.as_str()])
+            .map_err(err("delete record"))?;
+        Ok(())
+    }
+
+    /// Every stored record, oldest first.
+    pub(crate) fn load_all(&self) -> Result<Vec<Record>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT record FROM sandboxes ORDER BY created_at, id")
+            .map_err(err("read records"))?;
+        let rows = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(err("read records"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let json = row.map_err(err("read record"))?;
+            out.push(serde_json::from_str(&json).map_err(err("decode record"))?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use coppice_lifecycle::state::{Millis, Policy};
+
+    use super::*;
+
+    fn record(id: &str, created_at: u64) -> Record {
+        Record {
+            id: SandboxId::new(id).unwrap(),
+            template: "base".into(),
+            created_at,
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+            env_vars: BTreeMap::new(),
+            access_token: "tok".into(),
+            lifecycle: Lifecycle::creating(
+                Millis(created_at),
+                Duration::from_secs(300),
+                Policy::default(),
+            ),
+            limits: Limits::default(),
+            allow_internet: None,
+            pid: Some(42),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        {
+            let reg = Registry::open(&path).unwrap();
+            reg.put(&record("b", 2)).unwrap();
+            reg.put(&record("a", 1)).unwrap();
+            let mut changed = record("b", 2);
+            changed.pid = Some(7);
+            reg.put(&changed).unwrap();
+            reg.put(&record("c", 3)).unwrap();
+            reg.delete(&SandboxId::new("c").unwrap()).unwrap();
+        }
+        let reg = Registry::open(&path).unwrap();
+        let all = reg.load_all().unwrap();
+        let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(all[1].pid, Some(7));
+        assert_eq!(all[0], record("a", 1));
+    }
+}

@@ -1,0 +1,373 @@
+//! Sandboxes made of the platform roles: a root from storage, isolation from the jail, and the
+//! agent as PID 1 listening on a unix socket in a host directory bind-mounted into the sandbox.
+//!
+//! This is the one place that composes the backends; handlers above it see only sandbox ids.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use coppice_jail::{JailConfig, LinuxJail};
+use coppice_lifecycle::backend::{
+    BackendError, BindMount, DiskUsage, InitSpec, Isolation, JailSpec, LayerId, Limits,
+    ResourceUsage, RunState, SandboxId, Storage,
+};
+use coppice_zfs::template::TemplateBuilder;
+use coppice_zfs::OverlayStorage;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Mutex;
+
+/// Where the agent's socket directory appears inside every sandbox.
+const SANDBOX_RUN_DIR: &str = "/run/coppice";
+/// Where the agent binary appears inside every sandbox; its name makes a multi-call binary
+/// (the gateway itself) run as the agent.
+const SANDBOX_AGENT: &str = "/usr/local/bin/coppice-envd";
+/// The socket's file name.
+const SOCKET: &str = "agent.sock";
+/// How long a new sandbox's agent may take to open its socket.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What can go wrong below the API.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RuntimeError {
+    /// A backend refused or failed.
+    #[error("{op}")]
+    Backend {
+        /// What the gateway was doing.
+        op: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BackendError,
+    },
+    /// The template is not one this gateway knows.
+    #[error("template {0:?} not found")]
+    UnknownTemplate(String),
+    /// Building or importing a template failed.
+    #[error("template {name:?} is unavailable: {reason}")]
+    Template {
+        /// The template.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The agent did not come up or refused its configuration.
+    #[error("sandbox agent: {0}")]
+    Agent(String),
+}
+
+fn backend(op: &'static str) -> impl FnOnce(BackendError) -> RuntimeError {
+    move |source| RuntimeError::Backend { op, source }
+}
+
+/// What a new sandbox is made of.
+#[derive(Debug)]
+pub(crate) struct Setup<'a> {
+    pub(crate) id: &'a SandboxId,
+    pub(crate) template: &'a str,
+    pub(crate) limits: Limits,
+    pub(crate) env_vars: &'a std::collections::BTreeMap<String, String>,
+    pub(crate) access_token: &'a str,
+}
+
+/// Templates the gateway serves: E2B's two SDK defaults.
+pub(crate) const TEMPLATES: &[(&str, &[&str])] = &[
+    ("base", &[]),
+    // What E2B's code-interpreter image has for rich results, from Debian's packages.
+    (
+        "code-interpreter-v1",
+        &["python3-numpy", "python3-pandas", "python3-matplotlib"],
+    ),
+];
+
+/// The composed backends.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    jail: LinuxJail,
+    storage: OverlayStorage,
+    agent: PathBuf,
+    run_dir: PathBuf,
+    template_cache: PathBuf,
+    /// One build at a time per template; the value is its storage layer once imported.
+    templates: HashMap<&'static str, Arc<Mutex<Option<LayerId>>>>,
+}
+
+impl Runtime {
+    /// Opens storage and the jail under `state_dir` (re-adopting running sandboxes).
+    pub(crate) fn open(
+        state_dir: &Path,
+        template_cache: &Path,
+        agent: PathBuf,
+    ) -> Result<Self, RuntimeError> {
+        let jail = LinuxJail::open(JailConfig::new(state_dir.join("jail")))
+            .map_err(backend("open the jail driver"))?;
+        let storage =
+            OverlayStorage::open(state_dir.join("storage")).map_err(backend("open storage"))?;
+        let run_dir = state_dir.join("run");
+        std::fs::create_dir_all(&run_dir).map_err(|e| RuntimeError::Backend {
+            op: "create the run directory",
+            source: BackendError::io("create", &run_dir, e),
+        })?;
+        Ok(Self {
+            jail,
+            storage,
+            agent,
+            run_dir,
+            template_cache: template_cache.to_path_buf(),
+            templates: TEMPLATES
+                .iter()
+                .map(|(name, _)| (*name, Arc::new(Mutex::new(None))))
+                .collect(),
+        })
+    }
+
+    /// Whether `name` is a template this gateway serves.
+    pub(crate) fn knows_template(name: &str) -> bool {
+        TEMPLATES.iter().any(|(n, _)| *n == name)
+    }
+
+    /// Builds (once, cached) and imports the template; returns its layer.
+    pub(crate) async fn template(&self, name: &str) -> Result<LayerId, RuntimeError> {
+        let slot = self
+            .templates
+            .get(name)
+            .ok_or_else(|| RuntimeError::UnknownTemplate(name.to_owned()))?;
+        let mut layer = slot.lock().await;
+        if let Some(id) = &*layer {
+            return Ok(id.clone());
+        }
+        let failed = |reason: String| RuntimeError::Template {
+            name: name.to_owned(),
+            reason,
+        };
+        let id = LayerId::new(name).map_err(|e| failed(e.to_string()))?;
+        let exists = self
+            .storage
+            .layers()
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .iter()
+            .any(|l| l.id == id);
+        if !exists {
+            let extra = TEMPLATES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(&[][..], |(_, p)| *p);
+            let mut builder =
+                TemplateBuilder::new(&self.template_cache, JailConfig::DEFAULT_UID_BASE);
+            if !extra.is_empty() {
+                builder = builder.with_flavor(name, extra);
+            }
+            let label = name.to_owned();
+            let tree = tokio::task::spawn_blocking(move || {
+                builder.ensure(false, &mut |line: &str| {
+                    tracing::info!(template = %label, "{line}");
+                })
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+            self.storage
+                .import_template(&id, &tree)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        *layer = Some(id.clone());
+        Ok(id)
+    }
+
+    fn sandbox_run_dir(&self, id: &SandboxId) -> PathBuf {
+        self.run_dir.join(id.as_str())
+    }
+
+    /// The host path of a sandbox's agent socket.
+    pub(crate) fn socket(&self, id: &SandboxId) -> PathBuf {
+        self.sandbox_run_dir(id).join(SOCKET)
+    }
+
+    /// Creates and starts a sandbox, waits for its agent and configures it. On failure
+    /// nothing of the sandbox is left.
+    pub(crate) async fn create(&self, setup: Setup<'_>) -> Result<u32, RuntimeError> {
+        let layer = self.template(setup.template).await?;
+        let result = self.create_inner(&setup, &layer).await;
+        if result.is_err() {
+            self.destroy(setup.id).await;
+        }
+        result
+    }
+
+    async fn create_inner(&self, setup: &Setup<'_>, layer: &LayerId) -> Result<u32, RuntimeError> {
+        let rootfs = self
+            .storage
+            .create_rootfs(setup.id, layer)
+            .await
+            .map_err(backend("create the sandbox's root filesystem"))?;
+        let run = self.sandbox_run_dir(setup.id);
+        let root = self.jail.host_id(0);
+        std::fs::create_dir_all(&run)
+            .and_then(|()| std::os::unix::fs::chown(&run, Some(root), Some(root)))
+            .map_err(|e| RuntimeError::Backend {
+                op: "create the sandbox's run directory",
+                source: BackendError::io("create", &run, e),
+            })?;
+        let spec = JailSpec {
+            id: setup.id.clone(),
+            rootfs,
+            init: InitSpec {
+                program: SANDBOX_AGENT.into(),
+                args: vec!["--socket".into(), format!("{SANDBOX_RUN_DIR}/{SOCKET}")],
+                env: vec![
+                    (
+                        "PATH".into(),
+                        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                    ),
+                    ("COPPICE_LOG".into(), "warn".into()),
+                ],
+                cwd: "/".into(),
+            },
+            mounts: vec![
+                BindMount {
+                    source: self.agent.clone(),
+                    target: SANDBOX_AGENT.into(),
+                    read_only: true,
+                },
+                BindMount {
+                    source: run.clone(),
+                    target: SANDBOX_RUN_DIR.into(),
+                    read_only: false,
+                },
+            ],
+            limits: setup.limits,
+        };
+        let info = self
+            .jail
+            .start(spec)
+            .await
+            .map_err(backend("start the sandbox"))?;
+        let socket = run.join(SOCKET);
+        let deadline = Instant::now() + AGENT_START_TIMEOUT;
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Agent(format!(
+                    "no socket after {AGENT_START_TIMEOUT:?}; see {}",
+                    self.jail.log_path(setup.id).display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_micros(250)).await;
+        }
+        let init = serde_json::json!({
+            "envVars": setup.env_vars,
+            "accessToken": setup.access_token,
+            "defaultUser": "user",
+            "defaultWorkdir": "/home/user",
+        });
+        let status = post_json(&socket, "/init", init.to_string())
+            .await
+            .map_err(RuntimeError::Agent)?;
+        if !(200..300).contains(&status) {
+            return Err(RuntimeError::Agent(format!("/init answered {status}")));
+        }
+        Ok(info.pid)
+    }
+
+    /// Freezes a sandbox.
+    pub(crate) async fn pause(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.jail
+            .pause(id)
+            .await
+            .map_err(backend("pause the sandbox"))
+    }
+
+    /// Thaws a sandbox.
+    pub(crate) async fn resume(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.jail
+            .resume(id)
+            .await
+            .map_err(backend("resume the sandbox"))
+    }
+
+    /// Kills a sandbox and removes everything it had: processes, cgroups, its writable
+    /// layer and its run directory. What is already gone is not an error.
+    pub(crate) async fn kill(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        match self.jail.kill(id).await {
+            Ok(()) | Err(BackendError::NotFound { .. }) => {}
+            Err(e) => return Err(backend("kill the sandbox")(e)),
+        }
+        match self.storage.remove_rootfs(id).await {
+            Ok(()) | Err(BackendError::NotFound { .. }) => {}
+            Err(e) => return Err(backend("remove the sandbox's root filesystem")(e)),
+        }
+        let run = self.sandbox_run_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&run) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(RuntimeError::Backend {
+                    op: "remove the sandbox's run directory",
+                    source: BackendError::io("remove", &run, e),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Best-effort teardown after a failed create.
+    async fn destroy(&self, id: &SandboxId) {
+        if let Err(e) = self.kill(id).await {
+            tracing::warn!(sandbox = %id, error = %e, "cleanup after a failed create");
+        }
+    }
+
+    /// Sandboxes the jail knows (after a restart: those that survived), with their state.
+    pub(crate) async fn live(&self) -> Result<HashMap<SandboxId, RunState>, RuntimeError> {
+        Ok(self
+            .jail
+            .list()
+            .await
+            .map_err(backend("list sandboxes"))?
+            .into_iter()
+            .map(|i| (i.id, i.state))
+            .collect())
+    }
+
+    /// CPU, memory and disk use of a sandbox.
+    pub(crate) async fn usage(
+        &self,
+        id: &SandboxId,
+    ) -> Result<(ResourceUsage, DiskUsage), RuntimeError> {
+        let cpu = self
+            .jail
+            .usage(id)
+            .await
+            .map_err(backend("read resource use"))?;
+        let disk = self
+            .storage
+            .usage(id)
+            .await
+            .map_err(backend("read disk use"))?;
+        Ok((cpu, disk))
+    }
+}
+
+/// `POST path` with a JSON body to the agent at `socket`; returns the status.
+async fn post_json(socket: &Path, path: &str, body: String) -> Result<u16, String> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header(http::header::HOST, "localhost")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}

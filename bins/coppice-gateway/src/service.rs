@@ -1,0 +1,146 @@
+//! The one route table: data-plane requests go to the proxy, everything else is matched on
+//! `(method, path segments)` after the API-key check.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::api::error::ApiError;
+use crate::api::{json, proxy, sandboxes, Body};
+use crate::Gateway;
+
+/// Largest control-plane request body.
+const MAX_BODY: usize = 1 << 20;
+
+/// The gateway as a hyper service.
+#[derive(Debug, Clone)]
+pub(crate) struct Router {
+    pub(crate) gw: Arc<Gateway>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Router {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let gw = Arc::clone(&self.gw);
+        Box::pin(async move { Ok(route(&gw, req).await) })
+    }
+}
+
+/// Whether the request carries an accepted API key (`X-API-Key` or `Authorization: Bearer`).
+fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
+    if gw.config.api_keys.is_empty() {
+        return true;
+    }
+    let headers = req.headers();
+    let given = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    given.is_some_and(|key| {
+        gw.config
+            .api_keys
+            .iter()
+            .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes()))
+    })
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+    match proxy::target(&req, gw.config.domain.as_deref()) {
+        Some(Ok(target)) => return proxy::forward(gw, req, target).await,
+        Some(Err(e)) => return e.into_response(),
+        None => {}
+    }
+    match control(gw, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY} bytes"),
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if method == Method::GET && path == "/health" {
+        return Ok(if gw.is_ready() {
+            json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        } else {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "building the default template"}),
+            )
+        });
+    }
+    if !authorized(gw, &req) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid or missing API key (send X-API-Key)",
+        ));
+    }
+    let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
+        read_body(req).await?
+    } else {
+        Bytes::new()
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["sandboxes"]) => sandboxes::create(gw, &body, true).await,
+        (&Method::POST, ["v2", "sandboxes"]) => sandboxes::create(gw, &body, false).await,
+        (&Method::GET, ["sandboxes"]) => sandboxes::list(gw, &query, true),
+        (&Method::GET, ["v2", "sandboxes"]) => sandboxes::list(gw, &query, false),
+        (&Method::GET, ["sandboxes", id]) => sandboxes::get(gw, id),
+        (&Method::DELETE, ["sandboxes", id]) => sandboxes::kill(gw, id).await,
+        (&Method::POST, ["sandboxes", id, "pause"]) => sandboxes::pause(gw, id, &body).await,
+        (&Method::POST, ["sandboxes", id, "resume"]) => sandboxes::resume(gw, id, &body).await,
+        (&Method::POST, ["sandboxes", id, "connect"]) => {
+            sandboxes::connect(gw, id, &body, true).await
+        }
+        (&Method::POST, ["v2", "sandboxes", id, "connect"]) => {
+            sandboxes::connect(gw, id, &body, false).await
+        }
+        (&Method::POST, ["sandboxes", id, "timeout"]) => {
+            sandboxes::set_timeout(gw, id, &body).await
+        }
+        (&Method::POST, ["sandboxes", id, "refreshes"]) => sandboxes::refresh(gw, id, &body).await,
+        (&Method::GET, ["sandboxes", id, "metrics"]) => sandboxes::metrics(gw, id).await,
+        (_, ["sandboxes" | "v2", ..]) | (_, ["health"]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no route for {method} {path}"),
+        )),
+    }
+}
