@@ -29,7 +29,9 @@ pub struct JailConfig {
     /// How many ids are mapped (sandbox ids `0..uid_count`).
     pub uid_count: u32,
     /// Name of the cgroup, under this process's own cgroup, that holds every sandbox's
-    /// cgroup. Two drivers with different state directories must use different groups.
+    /// cgroup. The driver treats every cgroup in its group that it has no record of as an
+    /// orphan of a crash and kills it, so two drivers with different state directories must
+    /// use different groups; the default is derived from the state directory.
     pub cgroup_group: String,
 }
 
@@ -38,14 +40,30 @@ impl JailConfig {
     /// this much (see `coppice-zfs`'s template builder).
     pub const DEFAULT_UID_BASE: u32 = 100_000;
 
-    /// Defaults: uids 100000..165535, cgroup group `coppice`.
+    /// Defaults: uids 100000..165535, cgroup group `coppice-<hash of state_dir>`.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
+        let cgroup_group = Self::group_for(&state_dir);
         Self {
-            state_dir: state_dir.into(),
+            state_dir,
             uid_base: Self::DEFAULT_UID_BASE,
             uid_count: 65_536,
-            cgroup_group: "coppice".into(),
+            cgroup_group,
         }
+    }
+
+    /// `coppice-` and 16 hex digits of a stable hash (FNV-1a) of the state directory's path:
+    /// the same directory always gets the same group, across restarts and compiler versions.
+    pub fn group_for(state_dir: &std::path::Path) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        let hash = state_dir
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        format!("coppice-{hash:016x}")
     }
 
     fn records_dir(&self) -> PathBuf {
@@ -58,5 +76,26 @@ impl JailConfig {
 
     fn logs_dir(&self) -> PathBuf {
         self.state_dir.join("logs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_state_dir_gets_its_own_stable_cgroup_group() {
+        let a = JailConfig::new("/var/lib/coppice/jail");
+        let b = JailConfig::new("/var/tmp/other/jail");
+        assert_ne!(a.cgroup_group, b.cgroup_group);
+        assert_eq!(
+            a.cgroup_group,
+            JailConfig::new("/var/lib/coppice/jail").cgroup_group
+        );
+        // FNV-1a of the empty path is the offset basis: the hash is the documented one.
+        assert_eq!(
+            JailConfig::group_for(std::path::Path::new("")),
+            "coppice-cbf29ce484222325"
+        );
     }
 }
