@@ -1,14 +1,16 @@
 //! Project automation, run as `cargo xtask <command>` (the cargo-xtask pattern).
 //!
-//! - `ci`: installs what the tests need on a fresh Debian machine, then fmt, clippy, test and
-//!   cargo-deny — the one command `.ci/run` and the README name.
+//! - `ci`: installs what the tests need on a fresh Debian machine, then fmt, clippy, test, the
+//!   E2B SDK suite (`e2e`) and cargo-deny — the one command `.ci/run` and the README name.
 //! - `tidy`: repository rules as code (crate docs, lint inheritance, dependency direction);
 //!   also runs as a `#[test]`.
 //! - `bench <name>`: runs a benchmark and writes its JSON under `benchmarks/results/<name>/`.
+//! - `e2e [pytest args]`: the E2B SDK suite in `tests/e2e/` against a real gateway.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::disallowed_methods)]
 
 mod bench;
 mod ci;
+mod e2e;
 mod tidy;
 
 use std::path::PathBuf;
@@ -21,13 +23,15 @@ fn main() -> ExitCode {
         ["ci", rest @ ..] => ci::run(rest),
         ["tidy"] => tidy::run(&project_root()),
         ["bench", name, rest @ ..] => bench::run(name, rest),
+        ["e2e", rest @ ..] => e2e::run(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
-                 ci [--no-install]   install test dependencies, then fmt, clippy, test, deny\n  \
+                 ci [--no-install]   install test dependencies, then fmt, clippy, test, e2e, deny\n  \
                  tidy                check repository rules\n  \
-                 bench <name>        run a benchmark: {}",
+                 bench <name>        run a benchmark: {}\n  \
+                 e2e [pytest args]   the E2B SDK suite (tests/e2e) against a real gateway",
                 bench::NAMES.join(", ")
             );
             return ExitCode::from(2);
