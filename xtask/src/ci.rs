@@ -8,13 +8,15 @@ use crate::run_cmd;
 /// Debian packages the tests use: debootstrap builds the default template, zfs-fuse gives
 /// the storage role's zfs driver a real `zfs`/`zpool` without a kernel module, bubblewrap is
 /// a start-time baseline for benchmarks, and python3-matplotlib lets the code interpreter's
-/// figure test run against Debian's python, the one sandbox templates carry.
+/// figure test run against Debian's python, the one sandbox templates carry; python3-venv
+/// lets `e2e` make the venv the E2B SDKs are installed into.
 const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "zfs-fuse",
     "bubblewrap",
     "python3",
     "python3-matplotlib",
+    "python3-venv",
 ];
 
 /// The cargo-deny release CI pins.
@@ -39,6 +41,8 @@ pub(crate) fn run(args: &[&str]) -> Result<(), String> {
         ],
     )?;
     run_cmd("cargo", &["test", "--workspace", "--no-fail-fast"])?;
+    // The unmodified E2B SDKs against a real gateway (pip needs PyPI).
+    crate::e2e::run(&[])?;
     // The advisory database lives on GitHub, which our machines cannot reach; bans, licenses
     // and sources need nothing but the lock file.
     run_cmd("cargo", &["deny", "check", "bans", "licenses", "sources"])?;
