@@ -33,33 +33,17 @@ use coppice_zfs::OverlayStorage;
 /// How long a test waits for a sandbox to write its answer before failing.
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
 
-/// The per-machine template, built once per test binary (the builder locks across processes).
-fn template() -> Result<&'static Path, String> {
-    static TEMPLATE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    TEMPLATE
-        .get_or_init(|| {
-            if which("debootstrap").is_none() {
-                return Err("debootstrap is not installed (.ci/run installs it)".into());
-            }
-            let builder = coppice_zfs::template::TemplateBuilder::new(
-                coppice_zfs::template::default_cache_dir(),
-                JailConfig::DEFAULT_UID_BASE,
-            );
-            let path = builder
-                .ensure(false, &mut |line: &str| eprintln!("template: {line}"))
-                .unwrap_or_else(|e| panic!("building the default template failed: {e}"));
-            Ok(path)
-        })
-        .as_ref()
-        .map(PathBuf::as_path)
-        .map_err(Clone::clone)
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|p| p.is_file())
+/// The per-machine template, built once per test binary (the builder locks across processes
+/// and installs debootstrap when it is missing).
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        coppice_zfs::template::TemplateBuilder::new(
+            coppice_zfs::template::default_cache_dir(),
+            JailConfig::DEFAULT_UID_BASE,
+        )
+        .ensure(false, &mut |line: &str| eprintln!("template: {line}"))
+        .unwrap_or_else(|e| panic!("building the default template failed: {e}"))
     })
 }
 
@@ -93,13 +77,7 @@ impl World {
             println!("SKIP {name}: {reason}");
             return None;
         }
-        let template = match template() {
-            Ok(t) => t,
-            Err(reason) => {
-                println!("SKIP {name}: {reason}");
-                return None;
-            }
-        };
+        let template = template();
         // Under /var/tmp so layers can hard-link the template cache (same filesystem).
         let dir = tempfile::Builder::new()
             .prefix("coppice-jail-test-")
@@ -330,7 +308,7 @@ fn writes_never_reach_the_template() {
     let Some(w) = World::new("writes_never_reach_the_template") else {
         return;
     };
-    let template = template().unwrap();
+    let template = template();
     let passwd_before = fs::read(template.join("etc/passwd")).unwrap();
     let ex = w.start(
         "writer1",

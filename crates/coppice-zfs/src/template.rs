@@ -209,6 +209,7 @@ impl TemplateBuilder {
             .clone()
             .or_else(host_mirror)
             .unwrap_or_else(|| DEFAULT_MIRROR.to_owned());
+        ensure_debootstrap(progress)?;
         progress(&format!(
             "building the {SUITE} template with debootstrap from {mirror} (a minute or two)"
         ));
@@ -352,6 +353,50 @@ fn mirror_from_sources(text: &str) -> Option<String> {
 }
 
 /// Runs `args` inside the chroot `root` with a clean, fixed environment.
+/// Whether `program` is on `PATH` or in the sbin directories root's `PATH` usually has.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|dir| dir.join(program).is_file())
+}
+
+/// Installs debootstrap from the host's Debian repositories when it is missing, so that a
+/// fresh machine needs nothing else; elsewhere says what to install.
+fn ensure_debootstrap(progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
+    if installed("debootstrap") {
+        return Ok(());
+    }
+    if !installed("apt-get") || !nix::unistd::geteuid().is_root() {
+        return Err(BackendError::Unsupported {
+            op: "building the default template without debootstrap (install it)",
+            os: std::env::consts::OS,
+        });
+    }
+    progress("debootstrap is not installed; installing it with apt-get");
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "debootstrap",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    if stream(install(), progress).is_err() {
+        // A fresh machine may have no package lists yet.
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-q"]);
+        stream(update, progress)?;
+        stream(install(), progress)?;
+    }
+    Ok(())
+}
+
 fn in_chroot(root: &Path, args: &[&str]) -> Result<(), BackendError> {
     let mut cmd = Command::new("chroot");
     cmd.arg(root)

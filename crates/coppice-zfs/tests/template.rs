@@ -12,7 +12,6 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use coppice_zfs::template::{default_cache_dir, TemplateBuilder};
 
@@ -25,10 +24,6 @@ fn default_template_has_the_e2b_base_image_contents() {
         return;
     }
     let builder = TemplateBuilder::new(default_cache_dir(), SHIFT);
-    if !builder.is_cached() && !Path::new("/usr/sbin/debootstrap").exists() {
-        println!("SKIP default_template_has_the_e2b_base_image_contents: debootstrap missing");
-        return;
-    }
     let root = builder
         .ensure(false, &mut |line| println!("template: {line}"))
         .unwrap();
