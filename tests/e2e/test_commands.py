@@ -1,6 +1,7 @@
 """`sbx.commands`: envd's process service through the gateway (spec §6 items 3-12)."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from e2b import (
@@ -185,3 +186,17 @@ def test_multibyte_output_across_chunks(sandbox):
 def test_invalid_utf8_output(sandbox):
     result = sandbox.commands.run("printf 'a\\xffb'")
     assert result.stdout == "a\ufffdb"
+
+
+def test_concurrent_commands_run_in_parallel(sandbox):
+    # Eight one-second commands at once, each on its own stream through the gateway.
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outs = list(
+            pool.map(
+                lambda i: sandbox.commands.run(f"sleep 1; echo {i}").stdout, range(8)
+            )
+        )
+    elapsed = time.monotonic() - started
+    assert outs == [f"{i}\n" for i in range(8)]
+    assert elapsed < 4, f"8 parallel 1 s commands took {elapsed:.1f} s: streams serialised"

@@ -1,5 +1,8 @@
 """`sbx.files`: envd's /files and filesystem service through the gateway (§6 items 14-18)."""
 
+import hashlib
+import os
+
 import pytest
 from e2b import (
     FileNotFoundException,
@@ -43,6 +46,22 @@ def test_binary_round_trip(sandbox, workdir):
     with sandbox.files.read(path, format="stream") as stream:
         assert b"".join(stream) == BINARY
     assert sandbox.commands.run(f"stat -c %s {path}").stdout == f"{len(BINARY)}\n"
+
+
+def test_large_file_round_trip(sandbox, workdir):
+    data = os.urandom(16 * 1024 * 1024)
+    path = f"{workdir}/large.bin"
+    sandbox.files.write(path, data)
+    digest = sandbox.commands.run(f"sha256sum {path}").stdout.split()[0]
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert sandbox.files.read(path, format="bytes") == data
+
+
+def test_write_as_root(sandbox, workdir):
+    path = f"{workdir}/root-owned.txt"
+    sandbox.files.write(path, "r", user="root")
+    assert sandbox.files.get_info(path).owner == "root"
+    assert sandbox.files.read(path, user="root") == "r"
 
 
 def test_relative_path_resolves_to_home(sandbox):

@@ -121,6 +121,15 @@ def test_pause_and_connect(factory):
     assert sbx.commands.run("echo old").stdout == "old\n"
 
 
+def test_resume_starts_the_given_timeout(factory):
+    # The SDK documents "only extends" for running sandboxes; a resumed one gets the timeout
+    # it is resumed with, shorter or not (E2B resumes with a fresh lifetime).
+    sbx = factory.create(timeout=600)
+    assert sbx.pause() is True
+    Sandbox.connect(sbx.sandbox_id, timeout=120)
+    assert 115 <= seconds_from_now(sbx.get_info().end_at) <= 122
+
+
 def test_connect_running_only_extends_timeout(factory):
     sbx = factory.create(timeout=300)
     before = sbx.get_info().end_at
