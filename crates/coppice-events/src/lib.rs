@@ -14,4 +14,5 @@
 //! the caller hands in its events and its connection, and this crate only records and delivers.
 
 pub mod event;
+pub mod retry;
 pub mod sign;
