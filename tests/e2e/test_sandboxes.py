@@ -121,13 +121,16 @@ def test_pause_and_connect(factory):
     assert sbx.commands.run("echo old").stdout == "old\n"
 
 
-def test_resume_starts_the_given_timeout(factory):
-    # The SDK documents "only extends" for running sandboxes; a resumed one gets the timeout
-    # it is resumed with, shorter or not (E2B resumes with a fresh lifetime).
+def test_resume_keeps_what_was_left_of_the_window_or_the_given_timeout(factory):
+    # Coppice's documented choice (docs/api.md): paused time does not consume the window, so a
+    # resume gets the larger of what was left when it paused and the timeout it is resumed with.
     sbx = factory.create(timeout=600)
     assert sbx.pause() is True
     Sandbox.connect(sbx.sandbox_id, timeout=120)
-    assert 115 <= seconds_from_now(sbx.get_info().end_at) <= 122
+    assert 590 <= seconds_from_now(sbx.get_info().end_at) <= 602
+    assert sbx.pause() is True
+    Sandbox.connect(sbx.sandbox_id, timeout=900)
+    assert 895 <= seconds_from_now(sbx.get_info().end_at) <= 902
 
 
 def test_connect_running_only_extends_timeout(factory):

@@ -108,9 +108,12 @@ impl Gateway {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// The sandbox `id`, if the gateway has it.
+    /// The sandbox `id`, if the gateway has it and it is not being killed.
     pub(crate) fn entry(&self, id: &SandboxId) -> Option<Arc<Entry>> {
-        lock(&self.sandboxes).get(id).cloned()
+        lock(&self.sandboxes)
+            .get(id)
+            .filter(|e| e.record().lifecycle.state != SandboxState::Killed)
+            .cloned()
     }
 
     /// Every sandbox the gateway has.
@@ -153,6 +156,19 @@ impl Gateway {
         let Ok((lifecycle, _event)) = record.lifecycle.transition(Command::Expire { now }) else {
             return;
         };
+        if lifecycle.state == SandboxState::Killed {
+            // Gone for every caller from here on, before the teardown takes its time.
+            if let Err(e) = self.update(
+                entry,
+                Record {
+                    lifecycle,
+                    ..record.clone()
+                },
+            ) {
+                tracing::error!(sandbox = %record.id, error = %e, "recording the expiry failed");
+                return;
+            }
+        }
         let result = match lifecycle.state {
             SandboxState::Paused => self.runtime.pause(&record.id).await,
             _ => self.runtime.kill(&record.id).await,
@@ -190,10 +206,30 @@ impl Gateway {
             tick.tick().await;
             let now = now();
             for entry in self.entries() {
-                if entry.record().lifecycle.is_expired(now) {
+                let lifecycle = entry.record().lifecycle;
+                if lifecycle.state == SandboxState::Killed {
+                    self.finish_kill(&entry).await;
+                } else if lifecycle.is_expired(now) {
                     self.expire(&entry).await;
                 }
             }
+        }
+    }
+
+    /// Retries the teardown of a sandbox recorded as killed whose teardown failed.
+    async fn finish_kill(&self, entry: &Entry) {
+        let Ok(_op) = entry.op.try_lock() else {
+            // Its kill is still under way.
+            return;
+        };
+        let id = entry.record().id;
+        match self.runtime.kill(&id).await {
+            Ok(()) => {
+                if let Err(e) = self.remove(&id) {
+                    tracing::error!(sandbox = %id, error = %e, "forgetting a killed sandbox");
+                }
+            }
+            Err(e) => tracing::warn!(sandbox = %id, error = %e, "teardown failed; will retry"),
         }
     }
 
@@ -259,10 +295,20 @@ impl Gateway {
         cause: Cause,
     ) -> Result<(), api::error::ApiError> {
         let record = entry.record();
-        let (_lifecycle, _event) = record
+        let (lifecycle, _event) = record
             .lifecycle
             .transition(Command::Kill { now: now(), cause })
             .map_err(api::error::ApiError::from)?;
+        // Recorded first: the control plane says 404 and the data plane 502 from here on,
+        // while the teardown below takes its time; a crash in between leaves a killed
+        // record that the next start finishes off.
+        self.update(
+            entry,
+            Record {
+                lifecycle,
+                ..record.clone()
+            },
+        )?;
         self.runtime.kill(&record.id).await?;
         self.remove(&record.id)?;
         Ok(())

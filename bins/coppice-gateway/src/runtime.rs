@@ -246,23 +246,21 @@ impl Runtime {
             .await
             .map_err(backend("start the sandbox"))?;
         let socket = run.join(SOCKET);
-        let deadline = Instant::now() + AGENT_START_TIMEOUT;
-        while !socket.exists() {
-            if Instant::now() > deadline {
-                return Err(RuntimeError::Agent(format!(
-                    "no socket after {AGENT_START_TIMEOUT:?}; see {}",
-                    self.jail.log_path(setup.id).display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_micros(250)).await;
-        }
         let init = serde_json::json!({
             "envVars": setup.env_vars,
             "accessToken": setup.access_token,
             "defaultUser": "user",
             "defaultWorkdir": "/home/user",
         });
-        let status = post_json(&socket, "/init", init.to_string())
+        let stream = connect_when_listening(&socket, AGENT_START_TIMEOUT)
+            .await
+            .map_err(|e| {
+                RuntimeError::Agent(format!(
+                    "{e}; see {}",
+                    self.jail.log_path(setup.id).display()
+                ))
+            })?;
+        let status = post_json(stream, "/init", init.to_string())
             .await
             .map_err(RuntimeError::Agent)?;
         if !(200..300).contains(&status) {
@@ -348,11 +346,36 @@ impl Runtime {
     }
 }
 
-/// `POST path` with a JSON body to the agent at `socket`; returns the status.
-async fn post_json(socket: &Path, path: &str, body: String) -> Result<u16, String> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+/// Connects to the agent's socket as soon as it accepts connections. The socket file exists
+/// from the agent's `bind` a moment before its `listen`, so a missing file and a refused
+/// connection both mean "not yet".
+async fn connect_when_listening(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<tokio::net::UnixStream, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_micros(250)).await;
+            }
+            Err(e) => return Err(format!("connect {}: {e}", socket.display())),
+        }
+    }
+}
+
+/// `POST path` with a JSON body to the agent over `stream`; returns the status.
+async fn post_json(
+    stream: tokio::net::UnixStream,
+    path: &str,
+    body: String,
+) -> Result<u16, String> {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await

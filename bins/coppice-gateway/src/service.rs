@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
-use crate::api::{json, proxy, sandboxes, Body};
+use crate::api::{closing, has_body, json, proxy, sandboxes, Body};
 use crate::Gateway;
 
 /// Largest control-plane request body.
@@ -102,23 +102,44 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
             )
         });
     }
+    let unread = has_body(&req);
     if !authorized(gw, &req) {
-        return Err(ApiError::new(
+        let resp = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid or missing API key (send X-API-Key)",
-        ));
+        )
+        .into_response();
+        return Ok(if unread { closing(resp) } else { resp });
     }
     let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
-        read_body(req).await?
+        match read_body(req).await {
+            Ok(b) => b,
+            Err(e) => return Ok(closing(e.into_response())),
+        }
+    } else if unread {
+        // A body on GET or DELETE is never read: answer, then close.
+        return Ok(closing(
+            dispatch(gw, &method, &path, &query, Bytes::new()).await?,
+        ));
     } else {
         Bytes::new()
     };
+    dispatch(gw, &method, &path, &query, body).await
+}
+
+async fn dispatch(
+    gw: &Gateway,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (&method, segments.as_slice()) {
+    match (method, segments.as_slice()) {
         (&Method::POST, ["sandboxes"]) => sandboxes::create(gw, &body, true).await,
         (&Method::POST, ["v2", "sandboxes"]) => sandboxes::create(gw, &body, false).await,
-        (&Method::GET, ["sandboxes"]) => sandboxes::list(gw, &query, true),
-        (&Method::GET, ["v2", "sandboxes"]) => sandboxes::list(gw, &query, false),
+        (&Method::GET, ["sandboxes"]) => sandboxes::list(gw, query, true),
+        (&Method::GET, ["v2", "sandboxes"]) => sandboxes::list(gw, query, false),
         (&Method::GET, ["sandboxes", id]) => sandboxes::get(gw, id),
         (&Method::DELETE, ["sandboxes", id]) => sandboxes::kill(gw, id).await,
         (&Method::POST, ["sandboxes", id, "pause"]) => sandboxes::pause(gw, id, &body).await,

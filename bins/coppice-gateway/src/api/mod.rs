@@ -31,6 +31,26 @@ pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Respon
     resp
 }
 
+/// Whether a request comes with a body (which a handler may answer without reading).
+pub(crate) fn has_body<B>(req: &http::Request<B>) -> bool {
+    let h = req.headers();
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// Marks `resp` as the last on its connection. An answer given before the request's body was
+/// read leaves that body on the connection, so hyper closes it afterwards; without saying so,
+/// the client would reuse the pooled connection and fail on its next request.
+pub(crate) fn closing(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 /// An empty response.
 pub(crate) fn empty(status: StatusCode) -> Response<Body> {
     let mut resp = Response::new(full(Bytes::new()));

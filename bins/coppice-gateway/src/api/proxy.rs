@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::api::error::ApiError;
-use crate::api::{json, Body};
+use crate::api::{closing, has_body, json, Body};
 use crate::registry::Record;
 use crate::{now, Gateway};
 
@@ -85,48 +85,60 @@ fn internal(port: u16, path: &str) -> bool {
         )
 }
 
-/// Forwards `req` to the sandbox's agent.
+/// Forwards `req` to the sandbox's agent. An answer given here instead (the sandbox is gone,
+/// paused, or its agent unreachable) leaves the request's body unread, so it closes the
+/// connection.
 pub(crate) async fn forward(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    target: Target,
+) -> Response<Body> {
+    let unread = has_body(&req);
+    match send(gw, req, target).await {
+        Ok(resp) => resp,
+        Err(resp) if unread => closing(resp),
+        Err(resp) => resp,
+    }
+}
+
+/// Sends `req` to the agent; `Err` is an answer given without sending it.
+async fn send(
     gw: &Gateway,
     mut req: Request<Incoming>,
     target: Target,
-) -> Response<Body> {
+) -> Result<Response<Body>, Response<Body>> {
     let Some(entry) = SandboxId::new(&*target.id)
         .ok()
         .and_then(|id| gw.entry(&id))
     else {
-        return not_found(&target.id);
+        return Err(not_found(&target.id));
     };
     if internal(target.port, req.uri().path()) {
-        return ApiError::new(StatusCode::NOT_FOUND, "not found").into_response();
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
     }
     let record = entry.record();
     match record.lifecycle.state {
         SandboxState::Running => {}
         SandboxState::Paused if record.lifecycle.policy.auto_resume => {
-            if let Err(e) = wake(gw, &entry).await {
-                return e.into_response();
-            }
+            wake(gw, &entry).await.map_err(ApiError::into_response)?;
         }
         // Creating, paused without auto-resume, or killed: not reachable, as on E2B.
-        _ => return not_found(&target.id),
+        _ => return Err(not_found(&target.id)),
     }
     let socket = gw.runtime.socket(&record.id);
     let stream = match tokio::net::UnixStream::connect(&socket).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(sandbox = %record.id, error = %e, "agent unreachable");
-            return not_found(&target.id);
+            return Err(not_found(&target.id));
         }
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(pair) => pair,
-        Err(e) => {
-            return ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}"))
-                .into_response()
-        }
+    let agent_error = |e: hyper::Error| {
+        ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}")).into_response()
     };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(agent_error)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "agent connection ended");
@@ -136,12 +148,11 @@ pub(crate) async fn forward(
     if let Ok(v) = HeaderValue::from_str(&target.port.to_string()) {
         req.headers_mut().insert(SANDBOX_PORT, v);
     }
-    match sender.send_request(req).await {
+    // Once sent, the request's body belongs to the agent connection, whatever happens.
+    Ok(match sender.send_request(req).await {
         Ok(resp) => resp.map(|b| b.map_err(|e| Box::new(e) as _).boxed()),
-        Err(e) => {
-            ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}")).into_response()
-        }
-    }
+        Err(e) => agent_error(e),
+    })
 }
 
 /// Resumes a paused auto-resume sandbox before its request is dispatched; concurrent
