@@ -14,5 +14,6 @@
 //! the caller hands in its events and its connection, and this crate only records and delivers.
 
 pub mod event;
+pub mod guard;
 pub mod retry;
 pub mod sign;
