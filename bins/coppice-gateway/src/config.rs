@@ -19,8 +19,8 @@ pub struct Config {
     /// Where built template trees are cached (`--template-cache`; default
     /// `<state-dir>/templates`).
     pub template_cache: PathBuf,
-    /// The agent binary bind-mounted into sandboxes (`--agent`); default: `coppice-envd` next
-    /// to the gateway's executable if present, else the gateway itself.
+    /// The agent binary bind-mounted into sandboxes (`--agent`); default: the gateway itself,
+    /// which runs as the agent when started under the agent's name.
     pub agent: Option<PathBuf>,
     /// Accepted API keys; empty means any key is accepted (`COPPICE_API_KEYS`,
     /// `--api-keys-file`).

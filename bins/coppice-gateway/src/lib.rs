@@ -315,8 +315,9 @@ impl Gateway {
     }
 }
 
-/// Picks the agent binary: the configured one, else `coppice-envd` next to the gateway's
-/// executable, else the gateway itself (which runs as the agent under that name).
+/// Picks the agent binary: the configured one, else the gateway itself (which runs as the agent
+/// under that name). Nothing is guessed from the neighbourhood of the executable: a
+/// `coppice-envd` left there by an older build would silently run stale code in sandboxes.
 fn agent_binary(config: &Config) -> Result<PathBuf, StartError> {
     if let Some(a) = &config.agent {
         return if a.is_file() {
@@ -328,10 +329,8 @@ fn agent_binary(config: &Config) -> Result<PathBuf, StartError> {
             )))
         };
     }
-    let me = std::env::current_exe()
-        .map_err(|e| StartError::Setup(format!("cannot find the gateway's executable: {e}")))?;
-    let beside = me.with_file_name(AGENT_NAME);
-    Ok(if beside.is_file() { beside } else { me })
+    std::env::current_exe()
+        .map_err(|e| StartError::Setup(format!("cannot find the gateway's executable: {e}")))
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
