@@ -17,3 +17,4 @@ pub mod event;
 pub mod guard;
 pub mod retry;
 pub mod sign;
+pub mod store;
