@@ -50,8 +50,15 @@ fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
     parse(body)
 }
 
-/// Parses a JSON body, mapping serde's complaint to a 400.
+/// Parses a JSON body, mapping serde's complaint to a 400. The body must be an object:
+/// serde would otherwise read a struct from an array by position, so `[]` would be a valid
+/// (empty) create.
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid request body: expected a JSON object",
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
@@ -305,11 +312,20 @@ pub(crate) fn list(gw: &Gateway, raw_query: &str, legacy: bool) -> Result<Respon
     }
     let key = |r: &Record| format!("{}.{}", r.created_at, r.id);
     if let Some(token) = &q.next_token {
-        let pos = records
-            .iter()
-            .position(|r| &key(r) == token)
-            .ok_or_else(|| ApiError::bad_request("nextToken does not match a listed sandbox"))?;
-        records.drain(..=pos);
+        // The token is a position, not a sandbox: the page goes on after it even when the
+        // sandbox it was taken from has been killed or changed state since.
+        let (created_at, id) = token
+            .split_once('.')
+            .and_then(|(t, id)| Some((t.parse::<u64>().ok()?, id)))
+            .ok_or_else(|| ApiError::bad_request("nextToken is not a token this gateway gave"))?;
+        records.retain(|r| {
+            let at = (r.created_at, r.id.as_str());
+            if q.ascending {
+                at > (created_at, id)
+            } else {
+                at < (created_at, id)
+            }
+        });
     }
     let limit = usize::try_from(q.limit).unwrap_or(usize::MAX);
     let more = records.len() > limit;
