@@ -13,6 +13,7 @@
 //! **Invariant:** nothing here decides *when* a sandbox changes state or owns a database file;
 //! the caller hands in its events and its connection, and this crate only records and delivers.
 
+pub mod dispatch;
 pub mod event;
 pub mod guard;
 pub mod retry;
