@@ -10,26 +10,49 @@ use std::process::Command;
 
 use crate::project_root;
 
-/// `(package, binary)` a benchmark drives: built first, as it ships, and passed as
-/// `--agent <path>`.
-type Drives = Option<(&'static str, &'static str)>;
+/// A binary a benchmark drives: built first, the way it ships, and passed to the benchmark
+/// program as `<flag> <path>`.
+#[derive(Debug)]
+struct Build {
+    package: &'static str,
+    bin: &'static str,
+    /// Cargo profile; its output directory has the same name.
+    profile: &'static str,
+    /// Statically linked for [`STATIC_TARGET`], as binaries bind-mounted into sandboxes are.
+    static_link: bool,
+    flag: &'static str,
+}
 
-/// Benchmarks this command knows: `(name, package, example program, binary it drives)`.
-const BENCHES: &[(&str, &str, &str, Drives)] = &[
-    ("jail", "coppice-jail", "jail-bench", None),
-    (
-        "envd",
-        "coppice-envd",
-        "envd-bench",
-        Some(("coppice-envd-bin", "coppice-envd")),
-    ),
+/// The in-sandbox agent as it ships into sandboxes.
+const AGENT: Build = Build {
+    package: "coppice-envd-bin",
+    bin: "coppice-envd",
+    profile: "agent",
+    static_link: true,
+    flag: "--agent",
+};
+
+/// The gateway as it ships.
+const GATEWAY: Build = Build {
+    package: "coppice-gateway",
+    bin: "coppice-gateway",
+    profile: "release",
+    static_link: false,
+    flag: "--gateway",
+};
+
+/// Benchmarks this command knows: `(name, package, example program, binaries it drives)`.
+const BENCHES: &[(&str, &str, &str, &[Build])] = &[
+    ("jail", "coppice-jail", "jail-bench", &[]),
+    ("envd", "coppice-envd", "envd-bench", &[AGENT]),
+    ("api", "coppice-gateway", "api-bench", &[GATEWAY, AGENT]),
 ];
 
 /// The target triple static binaries are built for.
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The names, for usage text.
-pub(crate) const NAMES: &[&str] = &["jail", "envd"];
+pub(crate) const NAMES: &[&str] = &["jail", "envd", "api"];
 
 pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
     let Some((_, package, example, drives)) = BENCHES.iter().find(|(n, ..)| *n == name) else {
@@ -48,32 +71,12 @@ pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
         example,
         "--",
     ];
-    let agent_path;
-    if let Some((bin_package, bin)) = drives {
-        // Built the way it ships into sandboxes: statically linked.
-        eprintln!(
-            "$ cargo build --release -p {bin_package} --target {STATIC_TARGET} (+crt-static)"
-        );
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--profile", "agent", "--quiet", "-p", bin_package])
-            .args(["--target", STATIC_TARGET])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(project_root())
-            .status()
-            .map_err(|e| format!("cannot build {bin_package}: {e}"))?;
-        if !status.success() {
-            return Err(format!("building {bin_package} failed: {status}"));
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| project_root().join("target"));
-        agent_path = target
-            .join(STATIC_TARGET)
-            .join("agent")
-            .join(bin)
-            .display()
-            .to_string();
-        cmd_args.extend(["--agent", agent_path.as_str()]);
+    let mut paths = Vec::new();
+    for build in *drives {
+        paths.push((build.flag, self::build(build)?));
+    }
+    for (flag, path) in &paths {
+        cmd_args.extend([*flag, path.as_str()]);
     }
     cmd_args.extend_from_slice(args);
     eprintln!("$ cargo {}", cmd_args.join(" "));
@@ -102,6 +105,50 @@ pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
     println!("{summary}");
     eprintln!("wrote {}", file.display());
     Ok(())
+}
+
+/// Builds `b` and returns the path of its binary.
+fn build(b: &Build) -> Result<String, String> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--profile",
+        b.profile,
+        "--quiet",
+        "-p",
+        b.package,
+        "--bin",
+        b.bin,
+    ])
+    .current_dir(project_root());
+    let mut dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"));
+    if b.static_link {
+        // With an explicit --target the static build gets its own directory, so its
+        // RUSTFLAGS never invalidate the host build's artifacts.
+        cmd.args(["--target", STATIC_TARGET])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        dir.push(STATIC_TARGET);
+    }
+    eprintln!(
+        "$ cargo build --profile {} -p {} --bin {}{}",
+        b.profile,
+        b.package,
+        b.bin,
+        if b.static_link {
+            format!(" --target {STATIC_TARGET} (+crt-static)")
+        } else {
+            String::new()
+        }
+    );
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot build {}: {e}", b.package))?;
+    if !status.success() {
+        return Err(format!("building {} failed: {status}", b.package));
+    }
+    Ok(dir.join(b.profile).join(b.bin).display().to_string())
 }
 
 fn today() -> Result<String, String> {
