@@ -12,6 +12,10 @@
     missing_docs
 )]
 
+#[path = "../../../benchmarks/support/stats.rs"]
+mod stats;
+
+use stats::{machine, Stats};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -126,6 +130,7 @@ fn measure(
     );
     Ok(serde_json::json!({
         "benchmark": "envd",
+        "machine": machine(),
         "agent": agent_bin.display().to_string(),
         "runs": runs,
         "unit": "ms",
@@ -255,30 +260,4 @@ fn rss_kib(pid: u32) -> Result<u64, Box<dyn std::error::Error>> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .ok_or_else(|| "no VmRSS".into())
-}
-
-struct Stats {
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    min: f64,
-}
-
-impl Stats {
-    fn of(samples: &mut [Duration]) -> Self {
-        samples.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        // Nearest-rank percentile over the sorted samples.
-        let pick = |pct: usize| ms(samples[(samples.len() - 1) * pct / 100]);
-        Self {
-            p50: pick(50),
-            p95: pick(95),
-            p99: pick(99),
-            min: ms(samples[0]),
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({"p50": self.p50, "p95": self.p95, "p99": self.p99, "min": self.min})
-    }
 }

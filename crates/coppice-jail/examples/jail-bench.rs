@@ -11,9 +11,13 @@
     missing_docs
 )]
 
+#[path = "../../../benchmarks/support/stats.rs"]
+mod stats;
+
+use stats::{machine, Stats};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use coppice_jail::{JailConfig, LinuxJail};
 use coppice_lifecycle::backend::{InitSpec, Isolation, JailSpec, Limits, RootfsSpec, SandboxId};
@@ -169,62 +173,5 @@ fn spec(id: &SandboxId, template: &Path, dir: &Path) -> std::io::Result<JailSpec
             pids: Some(256),
             cpu_millis: Some(1000),
         },
-    })
-}
-
-struct Stats {
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    min: f64,
-    mean: f64,
-}
-
-impl Stats {
-    fn of(samples: &mut [Duration]) -> Self {
-        samples.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        // Nearest-rank percentile over the sorted samples.
-        let pick = |pct: usize| ms(samples[(samples.len() - 1) * pct / 100]);
-        Self {
-            p50: pick(50),
-            p95: pick(95),
-            p99: pick(99),
-            min: ms(samples[0]),
-            mean: samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64,
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "p50": self.p50, "p95": self.p95, "p99": self.p99, "min": self.min, "mean": self.mean,
-        })
-    }
-}
-
-/// What this run ran on.
-fn machine() -> serde_json::Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let cpus = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|s| s.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    serde_json::json!({
-        "cpu": model,
-        "cpus": cpus,
-        "memory_gib": mem_kib / (1024 * 1024),
-        "kernel": kernel.trim(),
     })
 }
