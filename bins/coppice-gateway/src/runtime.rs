@@ -198,6 +198,7 @@ impl Runtime {
     }
 
     async fn create_inner(&self, setup: &Setup<'_>, layer: &LayerId) -> Result<u32, RuntimeError> {
+        let t0 = Instant::now();
         let rootfs = self
             .storage
             .create_rootfs(setup.id, layer)
@@ -240,11 +241,13 @@ impl Runtime {
             ],
             limits: setup.limits,
         };
+        let t_rootfs = t0.elapsed();
         let info = self
             .jail
             .start(spec)
             .await
             .map_err(backend("start the sandbox"))?;
+        let t_jail = t0.elapsed();
         let socket = run.join(SOCKET);
         let init = serde_json::json!({
             "envVars": setup.env_vars,
@@ -260,9 +263,19 @@ impl Runtime {
                     self.jail.log_path(setup.id).display()
                 ))
             })?;
+        let t_agent = t0.elapsed();
         let status = post_json(stream, "/init", init.to_string())
             .await
             .map_err(RuntimeError::Agent)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            sandbox = %setup.id,
+            rootfs_ms = ms(t_rootfs),
+            jail_ms = ms(t_jail - t_rootfs),
+            agent_ms = ms(t_agent - t_jail),
+            init_ms = ms(t0.elapsed() - t_agent),
+            "sandbox started"
+        );
         if !(200..300).contains(&status) {
             return Err(RuntimeError::Agent(format!("/init answered {status}")));
         }
