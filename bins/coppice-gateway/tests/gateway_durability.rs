@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{json, Value};
-use support::{millis, now_millis, wait_for, Lab};
+use support::{now_millis, wait_for, Lab};
 
 /// How long the reaper may take to act on an ended window (it looks every 250 ms).
 const REAPER_WAIT: Duration = Duration::from_secs(30);
@@ -123,21 +123,24 @@ fn window_that_ended_while_down_ends_at_start() {
         return;
     };
     lab.start();
-    // Coppice's `timeoutMs` keeps the wait short.
-    let short = lab.create(json!({"timeoutMs": 3000}));
-    let short_id = id_of(&short);
     let long = lab.create(json!({"timeout": 600}));
     let long_id = id_of(&long);
-    let end = millis(&lab.detail(&short_id)["endAt"]);
+    // Coppice's `timeoutMs` keeps the wait short. The window ends between `WINDOW_MS` after
+    // the create was sent and `WINDOW_MS` after it returned; the gateway goes away at once,
+    // so the sandbox is (almost always) still running when it does.
+    const WINDOW_MS: u64 = 4000;
+    let sent = now_millis();
+    let short_id = id_of(&lab.create(json!({"timeoutMs": WINDOW_MS})));
+    let returned = now_millis();
     lab.stop();
-    if now_millis() < end {
+    if now_millis() < sent + WINDOW_MS {
         assert!(
             lab.has_processes(&short_id),
             "nothing may end the sandbox while the gateway is down"
         );
     }
     wait_for("the window to pass", Duration::from_secs(60), || {
-        (now_millis() > end + 100).then_some(())
+        (now_millis() > returned + WINDOW_MS + 100).then_some(())
     });
 
     lab.start();
