@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use coppice_events::guard::Cidr;
+
 /// Everything the gateway needs to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -25,6 +27,36 @@ pub struct Config {
     /// Accepted API keys; empty means any key is accepted (`COPPICE_API_KEYS`,
     /// `--api-keys-file`).
     pub api_keys: Vec<String>,
+    /// A Sandforge-format subscription to every event type, created or refreshed at start
+    /// (`--webhook-url`, `--webhook-secret`).
+    pub webhook: Option<CliWebhook>,
+    /// Webhook destinations allowed although private or loopback (`--webhook-allow`).
+    pub webhook_allow: Vec<Cidr>,
+    /// Webhook destinations always refused (`--webhook-deny`).
+    pub webhook_deny: Vec<Cidr>,
+    /// Events older than this many days are pruned; 0 keeps them by age
+    /// (`--event-retention-days`, default 7, like E2B's delivery logs).
+    pub event_retention_days: u64,
+    /// At most this many events are kept (`--event-retention-count`; default unlimited).
+    pub event_retention_count: Option<u64>,
+}
+
+/// The subscription `--webhook-url`/`--webhook-secret` ask for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CliWebhook {
+    /// Where to POST.
+    pub url: String,
+    /// The signing secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CliWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CliWebhook")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 const USAGE: &str = "\
@@ -38,7 +70,13 @@ usage: coppice-gateway [options]
   --code-listen ADDR      extra listener, e.g. :49999, for Host routing         COPPICE_CODE_LISTEN
   --agent PATH            agent binary for sandboxes (default: built in)        COPPICE_AGENT
   --api-keys-file FILE    one accepted API key per line                         COPPICE_API_KEYS_FILE
-                          (or COPPICE_API_KEYS=k1,k2; unset: any key is accepted)";
+                          (or COPPICE_API_KEYS=k1,k2; unset: any key is accepted)
+  --webhook-url URL       Sandforge-format webhook for every event type         COPPICE_WEBHOOK_URL
+  --webhook-secret S      its signing secret (required with --webhook-url)      COPPICE_WEBHOOK_SECRET
+  --webhook-allow CIDRS   private/loopback webhook destinations to allow        COPPICE_WEBHOOK_ALLOW
+  --webhook-deny CIDRS    webhook destinations to refuse (wins over allow)      COPPICE_WEBHOOK_DENY
+  --event-retention-days N   prune events older than N days (default 7; 0: never) COPPICE_EVENT_RETENTION_DAYS
+  --event-retention-count N  keep at most the newest N events (default: all)   COPPICE_EVENT_RETENTION_COUNT";
 
 impl Config {
     /// Parses `args` (without the program name), falling back to `env` for unset flags.
@@ -62,7 +100,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 8] = [
+            const KNOWN: [&str; 14] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -71,6 +109,12 @@ impl Config {
                 "code-listen",
                 "agent",
                 "api-keys-file",
+                "webhook-url",
+                "webhook-secret",
+                "webhook-allow",
+                "webhook-deny",
+                "event-retention-days",
+                "event-retention-count",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -135,7 +179,42 @@ impl Config {
                     .map(str::to_owned),
             );
         }
+        let webhook = match (
+            get("webhook-url", "COPPICE_WEBHOOK_URL"),
+            get("webhook-secret", "COPPICE_WEBHOOK_SECRET"),
+        ) {
+            (Some(url), Some(secret)) => Some(CliWebhook { url, secret }),
+            (None, None) => None,
+            (Some(_), None) => return Err("--webhook-url needs --webhook-secret".into()),
+            (None, Some(_)) => return Err("--webhook-secret needs --webhook-url".into()),
+        };
+        let cidrs = |flag: &str, var: &str| -> Result<Vec<Cidr>, String> {
+            get(flag, var)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| c.parse().map_err(|e| format!("--{flag} ({var}): {e}")))
+                .collect()
+        };
+        let number = |flag: &str, var: &str| -> Result<Option<u64>, String> {
+            get(flag, var)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| format!("--{flag} ({var}): {v:?} is not a number"))
+                })
+                .transpose()
+        };
         Ok(Self {
+            webhook,
+            webhook_allow: cidrs("webhook-allow", "COPPICE_WEBHOOK_ALLOW")?,
+            webhook_deny: cidrs("webhook-deny", "COPPICE_WEBHOOK_DENY")?,
+            event_retention_days: number("event-retention-days", "COPPICE_EVENT_RETENTION_DAYS")?
+                .unwrap_or(7),
+            event_retention_count: number(
+                "event-retention-count",
+                "COPPICE_EVENT_RETENTION_COUNT",
+            )?,
             listen,
             extra_listen,
             domain,
@@ -213,5 +292,36 @@ mod tests {
             .unwrap_err()
             .contains("needs a value"));
         assert!(parse(&["stray"], &[]).unwrap_err().contains("unexpected"));
+    }
+
+    #[test]
+    fn webhook_flags() {
+        let c = parse(&[], &[]).unwrap();
+        assert!(c.webhook.is_none());
+        assert_eq!(c.event_retention_days, 7);
+        assert_eq!(c.event_retention_count, None);
+        let c = parse(
+            &[
+                "--webhook-url",
+                "http://127.0.0.1:9/hook",
+                "--webhook-allow",
+                "127.0.0.0/8, ::1",
+                "--event-retention-count=100",
+            ],
+            &[("COPPICE_WEBHOOK_SECRET", "s3cret")],
+        )
+        .unwrap();
+        let hook = c.webhook.unwrap();
+        assert_eq!(hook.url, "http://127.0.0.1:9/hook");
+        assert_eq!(hook.secret, "s3cret");
+        assert_eq!(c.webhook_allow.len(), 2);
+        assert_eq!(c.event_retention_count, Some(100));
+        assert!(!format!("{hook:?}").contains("s3cret"));
+        assert!(parse(&["--webhook-url", "http://x/"], &[])
+            .unwrap_err()
+            .contains("--webhook-secret"));
+        assert!(parse(&["--webhook-deny", "10.0.0.0/99"], &[])
+            .unwrap_err()
+            .contains("--webhook-deny"));
     }
 }

@@ -1,15 +1,18 @@
 //! The Coppice gateway: E2B's control plane and sandbox proxy on raw hyper.
 //!
-//! [`run`] opens the durable [`registry`], re-adopts the sandboxes a previous run left (killing
-//! those whose window passed), builds the templates, and serves every listener until SIGTERM or
-//! SIGINT; sandboxes keep running across restarts. [`service`] is the one route table, `api/*`
-//! the handlers (they parse, call the lifecycle state machine and [`runtime`], and serialize),
-//! `api/error.rs` the one mapping from errors to E2B's `{code, message}`; [`runtime`] composes
-//! the jail, storage and agent; the reaper enforces every sandbox's window.
+//! [`run`] opens the durable [`registry`] (whose database also holds the event log and the
+//! webhook outbox), starts the webhook dispatcher on its own connection, re-adopts the
+//! sandboxes a previous run left (killing those whose window passed), builds the templates,
+//! and serves every listener until SIGTERM or SIGINT; sandboxes keep running across restarts.
+//! [`service`] is the one route table, `api/*` the handlers (they parse, call the lifecycle
+//! state machine and [`runtime`], and serialize), `api/error.rs` the one mapping from errors
+//! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; the reaper
+//! enforces every sandbox's window and applies event retention. `Gateway::commit` writes a
+//! transition's record and its event in one transaction.
 //!
 //! **Invariant:** handlers never touch a backend directly and every lifecycle change goes
-//! through `coppice_lifecycle::state::Lifecycle::transition`, written to the registry before
-//! it is acknowledged.
+//! through `coppice_lifecycle::state::Lifecycle::transition`, written to the registry (with
+//! its event) before it is acknowledged.
 
 pub mod config;
 
@@ -25,8 +28,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use coppice_events::dispatch::{Dispatcher, Waker};
+use coppice_events::event::{Event, Execution, SandboxContext, LOCAL_TEAM_ID};
+use coppice_events::guard::Guard;
+use coppice_events::sign::Format;
+use coppice_events::store::{self, Retention};
 use coppice_lifecycle::backend::{RunState, SandboxId};
-use coppice_lifecycle::state::{Cause, Command, Millis, SandboxState};
+use coppice_lifecycle::state::{Cause, Command, LifecycleEvent, Millis, SandboxState};
 
 use crate::config::Config;
 use crate::registry::{Record, Registry};
@@ -37,6 +45,12 @@ pub const AGENT_NAME: &str = "coppice-envd";
 
 /// How often the reaper looks for windows that ended.
 const REAPER_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the event retention policy is applied.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the webhook dispatcher gets to stop at shutdown.
+const DISPATCHER_STOP: Duration = Duration::from_secs(5);
+/// The name of the subscription `--webhook-url` creates and refreshes.
+const CLI_WEBHOOK_NAME: &str = "coppice --webhook-url";
 
 /// Errors that stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +105,42 @@ pub(crate) struct Gateway {
     pub(crate) runtime: Runtime,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Entry>>>,
     ready: AtomicBool,
+    /// Pokes the webhook dispatcher after a commit that recorded events.
+    waker: Waker,
+    /// The operator's policy for webhook destinations.
+    pub(crate) guard: Guard,
+}
+
+/// What events say about the sandbox of `record`.
+fn context(record: &Record) -> SandboxContext {
+    let limits = record.limits;
+    SandboxContext {
+        sandbox_id: record.id.to_string(),
+        template_id: record.template.clone(),
+        build_id: record.build_id.clone(),
+        execution_id: record.execution_id.clone(),
+        team_id: LOCAL_TEAM_ID.to_owned(),
+        metadata: record.metadata.clone(),
+        // Records written before events existed have no execution to report.
+        execution: (!record.execution_id.is_empty()).then(|| Execution {
+            started_at: Millis(record.execution_started_at),
+            vcpu_count: limits.cpu_millis.map_or(1, |m| m.div_ceil(1000)),
+            memory_mb: limits.memory_bytes.map_or(0, |b| b >> 20),
+        }),
+    }
+}
+
+/// The event for `event`, a transition `record` is the result of. A new execution starts on
+/// `created` and `resumed`: its id is minted into `record` first, so the event carries it.
+fn lifecycle_event(record: &mut Record, event: &LifecycleEvent, at: Millis) -> Event {
+    if matches!(
+        event,
+        LifecycleEvent::Created | LifecycleEvent::Resumed { .. }
+    ) {
+        record.execution_id = uuid::Uuid::new_v4().to_string();
+        record.execution_started_at = at.0;
+    }
+    Event::lifecycle(&context(record), event, at)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -130,15 +180,30 @@ impl Gateway {
         Ok(entry)
     }
 
-    /// Stores a changed record (the caller holds the entry's operation lock).
-    pub(crate) fn update(
+    /// Stores `record`, the result of a transition, together with the transition's `event`, in
+    /// one transaction (the caller holds the entry's operation lock); returns the record as
+    /// stored (a `created` or `resumed` gets a new execution id).
+    pub(crate) fn commit(
         &self,
         entry: &Entry,
-        record: Record,
-    ) -> Result<(), registry::RegistryError> {
-        self.registry.put(&record)?;
-        *lock(&entry.record) = record;
-        Ok(())
+        mut record: Record,
+        event: &LifecycleEvent,
+    ) -> Result<Record, registry::RegistryError> {
+        let event = lifecycle_event(&mut record, event, now());
+        self.registry.put_with_events(&record, &[event])?;
+        *lock(&entry.record) = record.clone();
+        self.waker.wake();
+        Ok(record)
+    }
+
+    /// The registry, for the events and webhooks API.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Wakes the webhook dispatcher (after a commit that may have enqueued deliveries).
+    pub(crate) fn wake_dispatcher(&self) {
+        self.waker.wake();
     }
 
     /// Forgets a killed sandbox.
@@ -153,17 +218,19 @@ impl Gateway {
         let _op = entry.op.lock().await;
         let record = entry.record();
         let now = now();
-        let Ok((lifecycle, _event)) = record.lifecycle.transition(Command::Expire { now }) else {
+        let Ok((lifecycle, event)) = record.lifecycle.transition(Command::Expire { now }) else {
             return;
         };
         if lifecycle.state == SandboxState::Killed {
-            // Gone for every caller from here on, before the teardown takes its time.
-            if let Err(e) = self.update(
+            // Gone for every caller from here on, before the teardown takes its time; the
+            // `killed` event commits with that change.
+            if let Err(e) = self.commit(
                 entry,
                 Record {
                     lifecycle,
                     ..record.clone()
                 },
+                &event,
             ) {
                 tracing::error!(sandbox = %record.id, error = %e, "recording the expiry failed");
                 return;
@@ -180,13 +247,15 @@ impl Gateway {
         let outcome = if lifecycle.state == SandboxState::Killed {
             self.remove(&record.id)
         } else {
-            self.update(
+            self.commit(
                 entry,
                 Record {
                     lifecycle,
                     ..record.clone()
                 },
+                &event,
             )
+            .map(drop)
         };
         match outcome {
             Ok(()) => {
@@ -202,8 +271,14 @@ impl Gateway {
     async fn reap_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(REAPER_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pruned_at = std::time::Instant::now();
+        self.prune_events();
         loop {
             tick.tick().await;
+            if pruned_at.elapsed() >= RETENTION_INTERVAL {
+                pruned_at = std::time::Instant::now();
+                self.prune_events();
+            }
             let now = now();
             for entry in self.entries() {
                 let lifecycle = entry.record().lifecycle;
@@ -214,6 +289,87 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Applies the event retention policy.
+    fn prune_events(&self) {
+        let days = self.config.event_retention_days;
+        let policy = Retention {
+            max_age: (days > 0).then(|| Duration::from_secs(days.saturating_mul(24 * 3600))),
+            max_events: self.config.event_retention_count,
+        };
+        match self.registry.with_conn(|c| store::prune(c, &policy, now())) {
+            Ok(p) if p.events + p.deliveries + p.attempts > 0 => {
+                tracing::info!(
+                    events = p.events,
+                    deliveries = p.deliveries,
+                    attempts = p.attempts,
+                    "pruned events"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning events failed"),
+        }
+    }
+
+    /// Creates or refreshes the Sandforge-format subscription of `--webhook-url`, or disables
+    /// the one a previous start made when the flag is gone (its undelivered events are kept).
+    fn cli_webhook(&self) -> Result<(), StartError> {
+        let setup = |e: store::StoreError| StartError::Setup(format!("--webhook-url: {e}"));
+        let existing = self
+            .registry
+            .with_conn(store::list_webhooks)
+            .map_err(setup)?
+            .into_iter()
+            .find(|w| w.name == CLI_WEBHOOK_NAME);
+        let Some(cli) = &self.config.webhook else {
+            if let Some(w) = existing.filter(|w| w.enabled) {
+                let patch = store::WebhookPatch {
+                    enabled: Some(false),
+                    ..store::WebhookPatch::default()
+                };
+                self.registry
+                    .with_conn(|c| store::update_webhook(c, w.id, &patch))
+                    .map_err(setup)?;
+                tracing::info!("--webhook-url is gone: its subscription is disabled");
+            }
+            return Ok(());
+        };
+        let url = coppice_events::guard::WebhookUrl::parse(&cli.url)
+            .map_err(|e| StartError::Setup(format!("--webhook-url: {e}")))?;
+        self.guard
+            .check_url(&url)
+            .map_err(|e| StartError::Setup(format!("--webhook-url: {e}")))?;
+        let events = coppice_events::event::EventType::ALL.to_vec();
+        self.registry
+            .with_conn(|c| match &existing {
+                Some(w) => store::update_webhook(
+                    c,
+                    w.id,
+                    &store::WebhookPatch {
+                        name: None,
+                        url: Some(cli.url.clone()),
+                        enabled: Some(true),
+                        events: Some(events),
+                        secret: Some(cli.secret.clone()),
+                    },
+                ),
+                None => store::create_webhook(
+                    c,
+                    &store::NewWebhook {
+                        name: CLI_WEBHOOK_NAME.to_owned(),
+                        url: cli.url.clone(),
+                        enabled: true,
+                        events,
+                        secret: cli.secret.clone(),
+                        format: Format::Sandforge,
+                    },
+                    now(),
+                ),
+            })
+            .map_err(setup)?;
+        tracing::info!(url = %cli.url, "webhook subscription from the command line");
+        Ok(())
     }
 
     /// Retries the teardown of a sandbox recorded as killed whose teardown failed.
@@ -254,7 +410,25 @@ impl Gateway {
                 if let Err(e) = self.runtime.kill(&id).await {
                     tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
                 }
-                self.registry.delete(&id).map_err(|e| setup(&e))?;
+                // A sandbox that was running or paused died with the previous gateway: that is
+                // its `killed`. A killed record already has its event; a creating one never
+                // had a `created`.
+                let at = now();
+                let events: Vec<Event> = match record.lifecycle.transition(Command::Kill {
+                    now: at,
+                    cause: Cause::Failure,
+                }) {
+                    Ok((_, event))
+                        if matches!(state, SandboxState::Running | SandboxState::Paused) =>
+                    {
+                        let mut record = record.clone();
+                        vec![lifecycle_event(&mut record, &event, at)]
+                    }
+                    _ => Vec::new(),
+                };
+                self.registry
+                    .delete_with_events(&id, &events)
+                    .map_err(|e| setup(&e))?;
                 continue;
             }
             // The registry is the truth for paused vs running.
@@ -295,19 +469,20 @@ impl Gateway {
         cause: Cause,
     ) -> Result<(), api::error::ApiError> {
         let record = entry.record();
-        let (lifecycle, _event) = record
+        let (lifecycle, event) = record
             .lifecycle
             .transition(Command::Kill { now: now(), cause })
             .map_err(api::error::ApiError::from)?;
-        // Recorded first: the control plane says 404 and the data plane 502 from here on,
-        // while the teardown below takes its time; a crash in between leaves a killed
-        // record that the next start finishes off.
-        self.update(
+        // Recorded first, with its `killed` event: the control plane says 404 and the data
+        // plane 502 from here on, while the teardown below takes its time; a crash in between
+        // leaves a killed record that the next start finishes off.
+        self.commit(
             entry,
             Record {
                 lifecycle,
                 ..record.clone()
             },
+            &event,
         )?;
         self.runtime.kill(&record.id).await?;
         self.remove(&record.id)?;
@@ -337,8 +512,21 @@ fn agent_binary(config: &Config) -> Result<PathBuf, StartError> {
 pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
-    let registry = Registry::open(&config.state_dir.join("registry.db"))
-        .map_err(|e| StartError::Setup(e.to_string()))?;
+    let db = config.state_dir.join("registry.db");
+    let registry = Registry::open(&db).map_err(|e| StartError::Setup(e.to_string()))?;
+    // The dispatcher drains the outbox on its own connection to the same file (WAL lets it
+    // run beside the registry's).
+    let dispatch_conn = rusqlite::Connection::open(&db)
+        .and_then(|c| c.busy_timeout(Duration::from_secs(5)).map(|()| c))
+        .map_err(|e| StartError::Setup(format!("open {} for webhooks: {e}", db.display())))?;
+    let guard = Guard::new(config.webhook_allow.clone(), config.webhook_deny.clone());
+    let dispatcher = Dispatcher::new(
+        dispatch_conn,
+        coppice_events::dispatch::Config {
+            guard: guard.clone(),
+            ..coppice_events::dispatch::Config::default()
+        },
+    );
     let agent = agent_binary(&config)?;
     let runtime = Runtime::open(&config.state_dir, &config.template_cache, agent.clone())
         .map_err(|e| StartError::Setup(e.to_string()))?;
@@ -352,7 +540,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         runtime,
         sandboxes: Mutex::new(HashMap::new()),
         ready: AtomicBool::new(false),
+        waker: dispatcher.waker(),
+        guard,
     });
+    gateway.cli_webhook()?;
+    // Started before reconcile, whose cleanups record events; it first retries the attempts
+    // a crash cut off.
+    let (stop_dispatcher, stopped) = tokio::sync::oneshot::channel::<()>();
+    let dispatching = tokio::spawn(dispatcher.run(async move {
+        let _ = stopped.await;
+    }));
     gateway.reconcile().await?;
     tokio::spawn(Arc::clone(&gateway).reap_forever());
     // Templates build in the background; /health says 200 once the default one is ready.
@@ -370,5 +567,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             }
         }
     });
-    server::serve(gateway).await
+    let served = server::serve(gateway).await;
+    // Attempts still in flight keep their leases and are made again after the next start.
+    let _ = stop_dispatcher.send(());
+    match tokio::time::timeout(DISPATCHER_STOP, dispatching).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "the webhook dispatcher failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "the webhook dispatcher panicked"),
+        Err(_) => tracing::warn!("the webhook dispatcher did not stop in time"),
+    }
+    served
 }

@@ -4,11 +4,16 @@
 //! in one transaction, so after a crash — `kill -9` included — the gateway knows exactly the
 //! sandboxes it had. WAL with `synchronous=NORMAL` survives a process crash; a power loss may
 //! lose the last transactions, never the database.
+//!
+//! The events tables of `coppice-events` live in the same database file, so a lifecycle
+//! change and the event that describes it commit in one transaction ([`Registry::put_with_events`],
+//! [`Registry::delete_with_events`]): the event log is exactly what the gateway did.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use coppice_events::event::Event;
 use coppice_lifecycle::backend::{Limits, SandboxId};
 use coppice_lifecycle::state::Lifecycle;
 use rusqlite::{params, Connection};
@@ -37,6 +42,16 @@ pub(crate) struct Record {
     pub(crate) allow_internet: Option<bool>,
     /// Host pid of its init, for operators (the jail keeps its own identity records).
     pub(crate) pid: Option<u32>,
+    /// `sandboxBuildId` of its events: the template layer its writable layer was cloned from.
+    /// Empty in records written before events existed.
+    #[serde(default)]
+    pub(crate) build_id: String,
+    /// `sandboxExecutionId` of its events: a UUID minted when it starts and on every resume.
+    #[serde(default)]
+    pub(crate) execution_id: String,
+    /// When the current execution started (ms since the epoch).
+    #[serde(default)]
+    pub(crate) execution_started_at: u64,
 }
 
 /// Registry failures; the message says which operation failed.
@@ -81,6 +96,7 @@ impl Registry {
             );",
         )
         .map_err(err("create schema"))?;
+        coppice_events::store::migrate(&conn).map_err(err("create the events tables"))?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -96,9 +112,19 @@ impl Registry {
 
     /// Inserts or replaces `record`.
     pub(crate) fn put(&self, record: &Record) -> Result<(), RegistryError> {
+        self.put_with_events(record, &[])
+    }
+
+    /// Inserts or replaces `record` and records `events` (with their outbox rows) in the same
+    /// transaction: both commit, or neither does.
+    pub(crate) fn put_with_events(
+        &self,
+        record: &Record,
+        events: &[Event],
+    ) -> Result<(), RegistryError> {
         let json = serde_json::to_string(record).map_err(err("encode record"))?;
-        self.conn()
-            .execute(
+        self.transaction(events, |tx| {
+            tx.execute(
                 "INSERT INTO sandboxes (id, created_at, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET record = excluded.record",
                 params![
@@ -108,15 +134,48 @@ impl Registry {
                 ],
             )
             .map_err(err("write record"))?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Forgets a sandbox.
     pub(crate) fn delete(&self, id: &SandboxId) -> Result<(), RegistryError> {
-        self.conn()
-            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id.as_str()])
-            .map_err(err("delete record"))?;
+        self.delete_with_events(id, &[])
+    }
+
+    /// Forgets a sandbox and records `events` in the same transaction.
+    pub(crate) fn delete_with_events(
+        &self,
+        id: &SandboxId,
+        events: &[Event],
+    ) -> Result<(), RegistryError> {
+        self.transaction(events, |tx| {
+            tx.execute("DELETE FROM sandboxes WHERE id = ?1", params![id.as_str()])
+                .map_err(err("delete record"))?;
+            Ok(())
+        })
+    }
+
+    /// Runs `change`, then records `events`, in one transaction.
+    fn transaction(
+        &self,
+        events: &[Event],
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(err("begin transaction"))?;
+        change(&tx)?;
+        for event in events {
+            coppice_events::store::record(&tx, event).map_err(err("record event"))?;
+        }
+        tx.commit().map_err(err("commit"))?;
         Ok(())
+    }
+
+    /// Runs `f` on the database connection, for the events and webhooks API (reads, and
+    /// webhook changes that describe no sandbox).
+    pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        f(&self.conn())
     }
 
     /// Every stored record, oldest first.
@@ -161,6 +220,9 @@ mod tests {
             limits: Limits::default(),
             allow_internet: None,
             pid: Some(42),
+            build_id: "layer".into(),
+            execution_id: String::new(),
+            execution_started_at: 0,
         }
     }
 
@@ -184,5 +246,46 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(all[1].pid, Some(7));
         assert_eq!(all[0], record("a", 1));
+    }
+
+    #[test]
+    fn a_change_and_its_event_commit_together() {
+        use coppice_events::event::SandboxContext;
+        use coppice_events::store::{list_events, EventQuery};
+        use coppice_lifecycle::state::LifecycleEvent;
+
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("registry.db")).unwrap();
+        let ctx = SandboxContext {
+            sandbox_id: "a".into(),
+            ..SandboxContext::default()
+        };
+        let created = Event::lifecycle(&ctx, &LifecycleEvent::Created, Millis(1));
+        reg.put_with_events(&record("a", 1), std::slice::from_ref(&created))
+            .unwrap();
+        // Recording the same event again fails, and takes the record change down with it.
+        let mut changed = record("a", 1);
+        changed.pid = Some(7);
+        reg.put_with_events(&changed, std::slice::from_ref(&created))
+            .unwrap_err();
+        assert_eq!(reg.load_all().unwrap()[0].pid, Some(42));
+        let events = reg
+            .with_conn(|c| list_events(c, &EventQuery::default()))
+            .unwrap();
+        assert_eq!(events, [created]);
+        let killed = Event::lifecycle(
+            &ctx,
+            &LifecycleEvent::Killed {
+                cause: coppice_lifecycle::state::Cause::Manual,
+            },
+            Millis(2),
+        );
+        reg.delete_with_events(&SandboxId::new("a").unwrap(), std::slice::from_ref(&killed))
+            .unwrap();
+        assert!(reg.load_all().unwrap().is_empty());
+        let events = reg
+            .with_conn(|c| list_events(c, &EventQuery::default()))
+            .unwrap();
+        assert_eq!(events.len(), 2);
     }
 }

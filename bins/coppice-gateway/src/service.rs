@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
-use crate::api::{closing, has_body, json, proxy, sandboxes, Body};
+use crate::api::{closing, events, has_body, json, proxy, sandboxes, Body};
 use crate::Gateway;
 
 /// Largest control-plane request body.
@@ -155,7 +155,25 @@ async fn dispatch(
         }
         (&Method::POST, ["sandboxes", id, "refreshes"]) => sandboxes::refresh(gw, id, &body).await,
         (&Method::GET, ["sandboxes", id, "metrics"]) => sandboxes::metrics(gw, id).await,
-        (_, ["sandboxes" | "v2", ..]) | (_, ["health"]) => Err(ApiError::new(
+        (&Method::GET, ["events", "sandboxes"]) => events::list(gw, None, query),
+        (&Method::GET, ["events", "sandboxes", id]) => events::list(gw, Some(id), query),
+        (&Method::POST, ["events", "webhooks"]) => events::create_webhook(gw, &body),
+        (&Method::GET, ["events", "webhooks"]) => events::list_webhooks(gw),
+        (&Method::GET, ["events", "webhooks", "deliveries"]) => events::deliveries(gw, None, query),
+        (&Method::POST, ["events", "webhooks", "deliveries", id, "replay"]) => {
+            events::replay_delivery(gw, id)
+        }
+        (&Method::POST, ["events", "webhooks", "replay"]) => events::replay_since(gw, None, &body),
+        (&Method::GET, ["events", "webhooks", id]) => events::get_webhook(gw, id),
+        (&Method::PATCH, ["events", "webhooks", id]) => events::update_webhook(gw, id, &body),
+        (&Method::DELETE, ["events", "webhooks", id]) => events::delete_webhook(gw, id),
+        (&Method::GET, ["events", "webhooks", id, "deliveries"]) => {
+            events::deliveries(gw, Some(id), query)
+        }
+        (&Method::POST, ["events", "webhooks", id, "replay"]) => {
+            events::replay_since(gw, Some(id), &body)
+        }
+        (_, ["sandboxes" | "v2" | "events", ..]) | (_, ["health"]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         )),

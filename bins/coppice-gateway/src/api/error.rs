@@ -1,5 +1,6 @@
 //! The one mapping from failures to HTTP statuses and E2B's `{code, message}` body.
 
+use coppice_events::store::StoreError;
 use coppice_lifecycle::backend::BackendError;
 use coppice_lifecycle::state::TransitionError;
 use coppice_wire::error::ErrorBody;
@@ -73,6 +74,18 @@ impl From<RuntimeError> for ApiError {
                 source: BackendError::NotFound { .. },
                 ..
             } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error_chain(&e))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Duplicate { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error_chain(&e))

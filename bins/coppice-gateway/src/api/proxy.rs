@@ -163,16 +163,17 @@ async fn wake(gw: &Gateway, entry: &crate::Entry) -> Result<(), ApiError> {
     if record.lifecycle.state != SandboxState::Paused {
         return Ok(());
     }
-    let (lifecycle, _event) = record
+    let (lifecycle, event) = record
         .lifecycle
         .transition(Command::AutoResume { now: now() })?;
     gw.runtime.resume(&record.id).await?;
-    gw.update(
+    gw.commit(
         entry,
         Record {
             lifecycle,
             ..record
         },
+        &event,
     )?;
     Ok(())
 }

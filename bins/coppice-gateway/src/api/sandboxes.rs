@@ -53,7 +53,7 @@ fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
 /// Parses a JSON body, mapping serde's complaint to a 400. The body must be an object:
 /// serde would otherwise read a struct from an array by position, so `[]` would be a valid
 /// (empty) create.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::bad_request(
             "invalid request body: expected a JSON object",
@@ -233,6 +233,9 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         limits: DEFAULT_LIMITS,
         allow_internet: req.allow_internet_access,
         pid: None,
+        build_id: String::new(),
+        execution_id: String::new(),
+        execution_started_at: 0,
     };
     let entry = gw.insert(record.clone())?;
     let _op = entry.op.lock().await;
@@ -256,15 +259,24 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             return Err(e.into());
         }
     };
-    let (lifecycle, _event) = record
+    let (lifecycle, event) = record
         .lifecycle
         .transition(Command::Started { now: now() })?;
-    let record = Record {
-        lifecycle,
-        pid: Some(pid),
-        ..record
+    // The layer is cached by the create above; it is the event's `sandboxBuildId`.
+    let build_id = match gw.runtime.template(&template).await {
+        Ok(layer) => layer.to_string(),
+        Err(_) => String::new(),
     };
-    gw.update(&entry, record.clone())?;
+    let record = gw.commit(
+        &entry,
+        Record {
+            lifecycle,
+            pid: Some(pid),
+            build_id,
+            ..record
+        },
+        &event,
+    )?;
     tracing::info!(sandbox = %id, template = %template, "created");
     Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
 }
@@ -361,17 +373,18 @@ pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Respon
     let entry = entry(gw, id)?;
     let _op = entry.op.lock().await;
     let record = entry.record();
-    let (lifecycle, _event) = record.lifecycle.transition(Command::Pause {
+    let (lifecycle, event) = record.lifecycle.transition(Command::Pause {
         now: now(),
         cause: Cause::Manual,
     })?;
     gw.runtime.pause(&record.id).await?;
-    gw.update(
+    gw.commit(
         &entry,
         Record {
             lifecycle,
             ..record
         },
+        &event,
     )?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
@@ -383,16 +396,19 @@ pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Respo
     let entry = entry(gw, id)?;
     let _op = entry.op.lock().await;
     let record = entry.record();
-    let (lifecycle, _event) = record.lifecycle.transition(Command::Resume {
+    let (lifecycle, event) = record.lifecycle.transition(Command::Resume {
         now: now(),
         timeout,
     })?;
     gw.runtime.resume(&record.id).await?;
-    let record = Record {
-        lifecycle,
-        ..record
-    };
-    gw.update(&entry, record.clone())?;
+    let record = gw.commit(
+        &entry,
+        Record {
+            lifecycle,
+            ..record
+        },
+        &event,
+    )?;
     Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
 }
 
@@ -417,18 +433,21 @@ pub(crate) async fn connect(
     let _op = entry.op.lock().await;
     let record = entry.record();
     let was_paused = record.lifecycle.state == SandboxState::Paused;
-    let (lifecycle, _event) = record.lifecycle.transition(Command::Connect {
+    let (lifecycle, event) = record.lifecycle.transition(Command::Connect {
         now: now(),
         timeout,
     })?;
     if was_paused {
         gw.runtime.resume(&record.id).await?;
     }
-    let record = Record {
-        lifecycle,
-        ..record
-    };
-    gw.update(&entry, record.clone())?;
+    let record = gw.commit(
+        &entry,
+        Record {
+            lifecycle,
+            ..record
+        },
+        &event,
+    )?;
     let status = if was_paused {
         StatusCode::CREATED
     } else {
@@ -444,16 +463,17 @@ pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<
     let entry = entry(gw, id)?;
     let _op = entry.op.lock().await;
     let record = entry.record();
-    let (lifecycle, _event) = record.lifecycle.transition(Command::SetTimeout {
+    let (lifecycle, event) = record.lifecycle.transition(Command::SetTimeout {
         now: now(),
         timeout,
     })?;
-    gw.update(
+    gw.commit(
         &entry,
         Record {
             lifecycle,
             ..record
         },
+        &event,
     )?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
@@ -465,16 +485,17 @@ pub(crate) async fn refresh(gw: &Gateway, id: &str, body: &Bytes) -> Result<Resp
     let entry = entry(gw, id)?;
     let _op = entry.op.lock().await;
     let record = entry.record();
-    let (lifecycle, _event) = record.lifecycle.transition(Command::Refresh {
+    let (lifecycle, event) = record.lifecycle.transition(Command::Refresh {
         now: now(),
         duration,
     })?;
-    gw.update(
+    gw.commit(
         &entry,
         Record {
             lifecycle,
             ..record
         },
+        &event,
     )?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
