@@ -82,6 +82,8 @@ pub struct Options {
     pub api_keys: Option<String>,
     /// `--domain`.
     pub domain: Option<String>,
+    /// Further command-line arguments (`--webhook-allow 127.0.0.0/8`, ...).
+    pub args: Vec<String>,
 }
 
 /// A running gateway process.
@@ -253,6 +255,7 @@ impl Lab {
         if let Some(d) = &self.options.domain {
             cmd.arg("--domain").arg(d);
         }
+        cmd.args(&self.options.args);
         // Nothing from the environment the tests run in may reconfigure the gateway.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("COPPICE_") {
