@@ -461,8 +461,10 @@ impl Layout {
             }
             Err(e) => return Err(BackendError::io("stat", source, e)),
         }
-        let _lock = self.lock()?;
         self.refuse_existing_layer(name)?;
+        // The copy (seconds for a large template) goes into a staging directory private to
+        // this call, outside the storage lock, so sandboxes keep being created meanwhile;
+        // only publishing takes the lock.
         let staging = self.staging(&format!("layer-{name}"))?;
         // Layers and the template cache are both immutable, so on one filesystem the layer
         // can share every inode with its source: no data is copied at all.
@@ -471,8 +473,11 @@ impl Layout {
         } else {
             CopyMode::Reflink
         };
-        let result = tree::copy(source, &staging.join("tree"), mode)
-            .and_then(|()| self.publish_layer(&staging, name, LayerKind::Template, None));
+        let result = tree::copy(source, &staging.join("tree"), mode).and_then(|()| {
+            let _lock = self.lock()?;
+            self.refuse_existing_layer(name)?;
+            self.publish_layer(&staging, name, LayerKind::Template, None)
+        });
         if result.is_err() {
             tree::remove(&staging)?;
         }
