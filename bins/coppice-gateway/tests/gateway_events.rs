@@ -742,3 +742,48 @@ fn deliveries_survive_a_gateway_crash() {
     assert!(receiver.arrivals().iter().any(|a| a.epoch == 0));
     lab.finish();
 }
+
+/// The events nobody asked for by API call: a pause and a kill when windows end (cause
+/// `timeout`), and the resume that traffic to a paused auto-resume sandbox causes (cause
+/// `auto_resume`).
+#[test]
+fn timeouts_and_auto_resume_are_recorded() {
+    let Some(mut lab) = Lab::new("timeouts_and_auto_resume_are_recorded") else {
+        return;
+    };
+    lab.start();
+    let sleeper = lab.create(json!({
+        "timeout": 2,
+        "autoPause": true,
+        "autoResume": {"enabled": true},
+    }));
+    let sleeper_id = id_of(&sleeper);
+    let doomed = lab.create(json!({"timeout": 2}));
+    let doomed_id = id_of(&doomed);
+    let last_of = |id: &str, ty: &str| -> Option<Value> {
+        events_of(&lab, &format!("/events/sandboxes/{id}?types={ty}"))
+            .first()
+            .cloned()
+    };
+    let paused = wait_for("the timeout pause event", DELIVERY_WAIT, || {
+        last_of(&sleeper_id, "sandbox.lifecycle.paused")
+    });
+    assert_eq!(paused["eventData"]["cause"], "timeout");
+    let killed = wait_for("the timeout kill event", DELIVERY_WAIT, || {
+        last_of(&doomed_id, "sandbox.lifecycle.killed")
+    });
+    assert_eq!(killed["eventData"]["cause"], "timeout");
+    assert!(killed["eventData"]["execution"]["execution_time"]
+        .as_u64()
+        .is_some());
+    // Traffic wakes the paused one.
+    let token = sleeper["envdAccessToken"].as_str().unwrap();
+    assert_eq!(
+        lab.exec(&sleeper_id, Some(token), "echo awake").ok(),
+        "awake\n"
+    );
+    let resumed = last_of(&sleeper_id, "sandbox.lifecycle.resumed").unwrap();
+    assert_eq!(resumed["eventData"]["cause"], "auto_resume");
+    assert_ne!(resumed["sandboxExecutionId"], paused["sandboxExecutionId"]);
+    lab.finish();
+}
