@@ -673,6 +673,8 @@ fn deliveries_survive_a_gateway_crash() {
         return;
     };
     lab.start();
+    // Before any delivery starts, so the crash below is the only thing that cuts them off.
+    lab.wait_templates_imported();
     let r = lab.api(
         "POST",
         "/events/webhooks",
@@ -785,5 +787,35 @@ fn timeouts_and_auto_resume_are_recorded() {
     let resumed = last_of(&sleeper_id, "sandbox.lifecycle.resumed").unwrap();
     assert_eq!(resumed["eventData"]["cause"], "auto_resume");
     assert_ne!(resumed["sandboxExecutionId"], paused["sandboxExecutionId"]);
+    lab.finish();
+}
+
+/// A sandbox that died while the gateway was down is cleaned up at the next start, and that
+/// is its `killed` (cause `failure`); one that survived records nothing new.
+#[test]
+fn a_sandbox_found_dead_at_restart_is_killed_with_cause_failure() {
+    let Some(mut lab) = Lab::new("a_sandbox_found_dead_at_restart_is_killed_with_cause_failure")
+    else {
+        return;
+    };
+    lab.start();
+    let dead = id_of(&lab.create(json!({"timeout": 600})));
+    let alive = id_of(&lab.create(json!({"timeout": 600})));
+    lab.wait_templates_imported();
+    lab.crash();
+    lab.kill_in_jail(&dead);
+    lab.start();
+    let events = events_of(&lab, &format!("/events/sandboxes/{dead}?orderAsc=true"));
+    assert_eq!(
+        types_of(&events),
+        ["sandbox.lifecycle.created", "sandbox.lifecycle.killed"]
+    );
+    assert_eq!(events[1]["eventData"]["cause"], "failure");
+    assert_eq!(
+        events[1]["sandboxExecutionId"],
+        events[0]["sandboxExecutionId"]
+    );
+    let events = events_of(&lab, &format!("/events/sandboxes/{alive}"));
+    assert_eq!(types_of(&events), ["sandbox.lifecycle.created"]);
     lab.finish();
 }

@@ -655,6 +655,29 @@ impl Lab {
         println!("{}: finished in {:?}", self.name, t.elapsed());
     }
 
+    /// Waits until the current gateway has imported every built-in template. A `kill -9`
+    /// during an import leaves its `cp` running, racing the next start's storage recovery;
+    /// tests that crash the gateway on purpose wait for this first.
+    pub fn wait_templates_imported(&self) {
+        let log = self.log_path(self.starts);
+        wait_for("every template imported", START_TIMEOUT, || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let settled = text
+                .lines()
+                .filter(|l| l.contains("template ready") || l.contains("template unavailable"))
+                .count();
+            (settled >= 2).then_some(())
+        });
+    }
+
+    /// Kills sandbox `id` through the jail directly, behind the gateway's back (as if it
+    /// died on its own).
+    pub fn kill_in_jail(&self, id: &str) {
+        let jail = LinuxJail::open(JailConfig::new(self.state_dir.join("jail"))).unwrap();
+        let id = coppice_lifecycle::backend::SandboxId::new(id).unwrap();
+        self.rt.block_on(jail.kill(&id)).unwrap();
+    }
+
     /// Best-effort teardown that never panics: sandboxes through the API, the gateway, then
     /// whatever the jail still has on record or in its cgroup group.
     fn teardown(&mut self) {
