@@ -819,3 +819,27 @@ fn a_sandbox_found_dead_at_restart_is_killed_with_cause_failure() {
     assert_eq!(types_of(&events), ["sandbox.lifecycle.created"]);
     lab.finish();
 }
+
+/// `--event-retention-count` keeps only the newest events; the policy is applied at start
+/// (and every minute after).
+#[test]
+fn retention_keeps_the_newest_events() {
+    let Some(mut lab) = Lab::new("retention_keeps_the_newest_events") else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let ids: Vec<String> = (0..3)
+        .map(|_| id_of(&lab.create(json!({"timeout": 600}))))
+        .collect();
+    assert_eq!(events_of(&lab, "/events/sandboxes").len(), 3);
+    lab.stop();
+    lab.options.args = vec!["--event-retention-count".into(), "1".into()];
+    lab.start();
+    let left = wait_for("retention applied", DELIVERY_WAIT, || {
+        let all = events_of(&lab, "/events/sandboxes");
+        (all.len() == 1).then_some(all)
+    });
+    assert_eq!(left[0]["sandboxId"], ids[2].as_str());
+    lab.finish();
+}
