@@ -319,7 +319,12 @@ impl Layout {
         let _lock = self.lock()?;
         for entry in read_dir(&self.tmp_dir())? {
             tracing::info!(path = %entry.display(), "removing leftover of an unfinished operation");
-            tree::remove(&entry)?;
+            // A leftover is never published, so failing to remove it now harms nothing: a
+            // copy orphaned by a crashed process (`cp` outlives a `kill -9`d parent) may still
+            // be writing into it. It goes at a later open; opening must not fail over it.
+            if let Err(e) = tree::remove(&entry) {
+                tracing::warn!(path = %entry.display(), error = %e, "leftover not removed yet");
+            }
         }
         for entry in read_dir(&self.layers_dir())? {
             let valid = entry
