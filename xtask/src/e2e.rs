@@ -348,7 +348,8 @@ impl Gateway {
         })
     }
 
-    /// Polls `GET /health` until it answers 200, the gateway exits, or the deadline passes.
+    /// Polls `GET /health` until it answers 200 with every template ready, the gateway exits,
+    /// or the deadline passes.
     fn wait_healthy(&mut self) -> Result<(), String> {
         let timeout = std::env::var("COPPICE_E2E_HEALTH_TIMEOUT")
             .ok()
@@ -366,7 +367,28 @@ impl Gateway {
                 }
             }
             if let Ok(r) = http(self.port, "GET", "/health", None) {
-                if r.status == 200 {
+                // 200 means the default template is ready; the suite also uses
+                // code-interpreter-v1, which a fresh machine builds for minutes after that, so
+                // wait for every template (a create would otherwise block past the SDK's
+                // request timeout).
+                let body: serde_json::Value =
+                    serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+                let states: Vec<(String, String)> = body["templates"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some((name, state)) = states.iter().find(|(_, s)| s.starts_with("failed")) {
+                    return Err(format!(
+                        "template {name} {state}; log: {}",
+                        self.log_path.display()
+                    ));
+                }
+                let all_ready = states.iter().all(|(_, s)| s == "ready");
+                if r.status == 200 && all_ready {
                     eprintln!(
                         "xtask e2e: gateway healthy on 127.0.0.1:{} after {:.1} s (log: {})",
                         self.port,

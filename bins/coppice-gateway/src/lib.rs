@@ -105,6 +105,8 @@ pub(crate) struct Gateway {
     pub(crate) runtime: Runtime,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Entry>>>,
     ready: AtomicBool,
+    /// Each template's state for `/health`: `building`, `ready` or `failed: <why>`.
+    templates: Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// Pokes the webhook dispatcher after a commit that recorded events.
     waker: Waker,
     /// The operator's policy for webhook destinations.
@@ -156,6 +158,11 @@ impl Gateway {
     /// Whether the default template is ready, so sandboxes can be created.
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Each template's state, for `/health`.
+    pub(crate) fn template_states(&self) -> std::collections::BTreeMap<&'static str, String> {
+        lock(&self.templates).clone()
     }
 
     /// The sandbox `id`, if the gateway has it and it is not being killed.
@@ -391,7 +398,7 @@ impl Gateway {
 
     /// Brings the registry and the backends into agreement after a (re)start.
     async fn reconcile(&self) -> Result<(), StartError> {
-        let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
+        let setup = |e: &dyn std::error::Error| StartError::Setup(api::error::error_chain(e));
         let records = self.registry.load_all().map_err(|e| setup(&e))?;
         let live = self.runtime.live().await.map_err(|e| setup(&e))?;
         for record in records {
@@ -513,7 +520,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
     let db = config.state_dir.join("registry.db");
-    let registry = Registry::open(&db).map_err(|e| StartError::Setup(e.to_string()))?;
+    let registry =
+        Registry::open(&db).map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     // The dispatcher drains the outbox on its own connection to the same file (WAL lets it
     // run beside the registry's).
     let dispatch_conn = rusqlite::Connection::open(&db)
@@ -529,7 +537,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
     let agent = agent_binary(&config)?;
     let runtime = Runtime::open(&config.state_dir, &config.template_cache, agent.clone())
-        .map_err(|e| StartError::Setup(e.to_string()))?;
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     if config.api_keys.is_empty() {
         tracing::warn!("COPPICE_API_KEYS is not set: any API key is accepted");
     }
@@ -540,6 +548,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         runtime,
         sandboxes: Mutex::new(HashMap::new()),
         ready: AtomicBool::new(false),
+        templates: Mutex::new(
+            runtime::TEMPLATES
+                .iter()
+                .map(|(name, _)| (*name, "building".to_owned()))
+                .collect(),
+        ),
         waker: dispatcher.waker(),
         guard,
     });
@@ -556,15 +570,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let builder = Arc::clone(&gateway);
     tokio::spawn(async move {
         for (name, _) in runtime::TEMPLATES {
-            match builder.runtime.template(name).await {
+            let state = match builder.runtime.template(name).await {
                 Ok(_) => {
                     tracing::info!(template = name, "template ready");
                     if *name == "base" {
                         builder.ready.store(true, Ordering::Release);
                     }
+                    "ready".to_owned()
                 }
-                Err(e) => tracing::error!(template = name, error = %e, "template unavailable"),
-            }
+                Err(e) => {
+                    tracing::error!(template = name, error = %e, "template unavailable");
+                    format!("failed: {e}")
+                }
+            };
+            lock(&builder.templates).insert(name, state);
         }
     });
     let served = server::serve(gateway).await;

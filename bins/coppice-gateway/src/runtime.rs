@@ -26,6 +26,10 @@ const SANDBOX_RUN_DIR: &str = "/run/coppice";
 const SANDBOX_AGENT: &str = "/usr/local/bin/coppice-envd";
 /// The socket's file name.
 const SOCKET: &str = "agent.sock";
+/// Length of the sandbox ids the gateway mints (E2B's are 20 characters too).
+pub(crate) const SANDBOX_ID_LEN: usize = 20;
+/// Longest unix socket path the kernel accepts (`sun_path` minus its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// How long a new sandbox's agent may take to open its socket.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,6 +109,23 @@ impl Runtime {
         let storage =
             OverlayStorage::open(state_dir.join("storage")).map_err(backend("open storage"))?;
         let run_dir = state_dir.join("run");
+        // Every sandbox's agent listens at <state>/run/<id>/agent.sock: refuse a state
+        // directory that makes that path too long, rather than failing every create.
+        let longest = run_dir.join("x".repeat(SANDBOX_ID_LEN)).join(SOCKET);
+        let len = longest.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(RuntimeError::Backend {
+                op: "check the state directory",
+                source: BackendError::InvalidSpec {
+                    field: "state directory",
+                    reason: format!(
+                        "{} is too long: sandbox sockets under it would be {len} bytes, \
+                         more than the {MAX_SOCKET_PATH} a unix socket path may have",
+                        state_dir.display()
+                    ),
+                },
+            });
+        }
         std::fs::create_dir_all(&run_dir).map_err(|e| RuntimeError::Backend {
             op: "create the run directory",
             source: BackendError::io("create", &run_dir, e),

@@ -93,12 +93,18 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     if method == Method::GET && path == "/health" {
+        // 200 once sandboxes of the default template can be created; the body says how far
+        // every template is (the others keep building in the background).
+        let templates = gw.template_states();
         return Ok(if gw.is_ready() {
-            json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok", "templates": templates}),
+            )
         } else {
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"status": "building the default template"}),
+                &serde_json::json!({"status": "building the default template", "templates": templates}),
             )
         });
     }

@@ -99,7 +99,7 @@ impl From<RegistryError> for ApiError {
 }
 
 /// "op: cause: cause" — the whole chain, since our messages never repeat their source.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

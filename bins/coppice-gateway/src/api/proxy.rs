@@ -73,7 +73,13 @@ pub(crate) fn target<B>(
 }
 
 fn not_found(id: &str) -> Response<Body> {
-    json(StatusCode::BAD_GATEWAY, &SandboxNotFound::new(id))
+    let mut resp = json(StatusCode::BAD_GATEWAY, &SandboxNotFound::new(id));
+    // Byte for byte what E2B's proxy sends (spec §1.3).
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
 }
 
 /// Routes only the orchestrator may call: E2B's proxy refuses them too.

@@ -219,7 +219,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         ));
     }
 
-    let id = SandboxId::new(random_token(20)?)
+    let id = SandboxId::new(random_token(crate::runtime::SANDBOX_ID_LEN)?)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let created = now();
     let record = Record {
