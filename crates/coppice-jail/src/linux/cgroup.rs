@@ -391,6 +391,7 @@ impl SandboxCgroups {
             .as_ref()
             .is_some_and(|d| d.join("cgroup.kill").exists());
         let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let mut backoff = Backoff::default();
         loop {
             if has_v2_kill {
                 if let Some(dir) = &self.v2 {
@@ -421,7 +422,7 @@ impl SandboxCgroups {
                     io::Error::from(io::ErrorKind::TimedOut),
                 ));
             }
-            std::thread::yield_now();
+            backoff.wait();
         }
         self.remove_dirs_checked()
     }
@@ -430,6 +431,7 @@ impl SandboxCgroups {
     fn remove_dirs_checked(&self) -> Result<(), BackendError> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         for dir in self.all_dirs() {
+            let mut backoff = Backoff::default();
             loop {
                 match fs::remove_dir(&dir) {
                     Ok(()) => break,
@@ -437,7 +439,7 @@ impl SandboxCgroups {
                     Err(e)
                         if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
                     {
-                        std::thread::yield_now();
+                        backoff.wait();
                     }
                     Err(e) => return Err(BackendError::io("remove cgroup", dir, e)),
                 }
@@ -513,6 +515,7 @@ fn settle(
     dir: &Path,
 ) -> Result<(), BackendError> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut backoff = Backoff::default();
     while !done()? {
         if Instant::now() > deadline {
             return Err(BackendError::io(
@@ -521,9 +524,35 @@ fn settle(
                 io::Error::from(io::ErrorKind::TimedOut),
             ));
         }
-        std::thread::yield_now();
+        backoff.wait();
     }
     Ok(())
+}
+
+/// Waiting for the kernel without burning a core: the first few polls only yield (a freeze
+/// of an idle sandbox settles within them), later ones sleep, doubling from 50 µs to 2 ms.
+/// These waits run on blocking threads, never on async workers.
+#[derive(Debug, Default)]
+struct Backoff {
+    polls: u32,
+}
+
+impl Backoff {
+    const SPINS: u32 = 16;
+
+    fn wait(&mut self) {
+        self.polls += 1;
+        if self.polls <= Self::SPINS {
+            std::thread::yield_now();
+        } else {
+            let exp = (self.polls - Self::SPINS).min(6);
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "cgroup waits run on blocking threads, where sleeping blocks no task"
+            )]
+            std::thread::sleep(Duration::from_micros(50 << exp).min(Duration::from_millis(2)));
+        }
+    }
 }
 
 fn missing(controller: &'static str) -> BackendError {
