@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use coppice_lifecycle::backend::{Limits, SandboxId};
-use coppice_lifecycle::state::{Cause, Command, Lifecycle, OnTimeout, Policy, SandboxState};
+use coppice_lifecycle::state::{
+    Cause, Command, Lifecycle, Millis, OnTimeout, Policy, SandboxState,
+};
 use coppice_wire::query::{ListQuery, StateFilter};
 use coppice_wire::sandbox::{
     ConnectRequest, LifecycleBlock, NewSandbox, OnTimeoutWire, PauseRequest, RefreshRequest,
@@ -367,40 +369,25 @@ pub(crate) async fn kill(gw: &Gateway, id: &str) -> Result<Response<Body>> {
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-/// `POST /sandboxes/{id}/pause`: 409 when already paused.
-pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
-    let _req: PauseRequest = parse_or_default(body)?;
+/// The shape every lifecycle change on a live sandbox shares: take its operation lock, run
+/// `command` through the state machine, make the backend follow the state change (running →
+/// paused freezes it, paused → running thaws it), then commit the record with its event.
+/// Returns the committed record and the state it was in before.
+async fn change(
+    gw: &Gateway,
+    id: &str,
+    command: impl FnOnce(Millis) -> Command,
+) -> Result<(Record, SandboxState)> {
     let entry = entry(gw, id)?;
     let _op = entry.op.lock().await;
     let record = entry.record();
-    let (lifecycle, event) = record.lifecycle.transition(Command::Pause {
-        now: now(),
-        cause: Cause::Manual,
-    })?;
-    gw.runtime.pause(&record.id).await?;
-    gw.commit(
-        &entry,
-        Record {
-            lifecycle,
-            ..record
-        },
-        &event,
-    )?;
-    Ok(empty(StatusCode::NO_CONTENT))
-}
-
-/// Legacy `POST /sandboxes/{id}/resume`: 409 when running.
-pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
-    let req: ResumeRequest = parse_or_default(body)?;
-    let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let entry = entry(gw, id)?;
-    let _op = entry.op.lock().await;
-    let record = entry.record();
-    let (lifecycle, event) = record.lifecycle.transition(Command::Resume {
-        now: now(),
-        timeout,
-    })?;
-    gw.runtime.resume(&record.id).await?;
+    let before = record.lifecycle.state;
+    let (lifecycle, event) = record.lifecycle.transition(command(now()))?;
+    match (before, lifecycle.state) {
+        (SandboxState::Running, SandboxState::Paused) => gw.runtime.pause(&record.id).await?,
+        (SandboxState::Paused, SandboxState::Running) => gw.runtime.resume(&record.id).await?,
+        _ => {}
+    }
     let record = gw.commit(
         &entry,
         Record {
@@ -409,6 +396,25 @@ pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Respo
         },
         &event,
     )?;
+    Ok((record, before))
+}
+
+/// `POST /sandboxes/{id}/pause`: 409 when already paused.
+pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
+    let _req: PauseRequest = parse_or_default(body)?;
+    change(gw, id, |now| Command::Pause {
+        now,
+        cause: Cause::Manual,
+    })
+    .await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// Legacy `POST /sandboxes/{id}/resume`: 409 when running.
+pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
+    let req: ResumeRequest = parse_or_default(body)?;
+    let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
+    let (record, _) = change(gw, id, |now| Command::Resume { now, timeout }).await?;
     Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
 }
 
@@ -429,26 +435,8 @@ pub(crate) async fn connect(
         return Err(ApiError::bad_request("timeout is required"));
     }
     let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let entry = entry(gw, id)?;
-    let _op = entry.op.lock().await;
-    let record = entry.record();
-    let was_paused = record.lifecycle.state == SandboxState::Paused;
-    let (lifecycle, event) = record.lifecycle.transition(Command::Connect {
-        now: now(),
-        timeout,
-    })?;
-    if was_paused {
-        gw.runtime.resume(&record.id).await?;
-    }
-    let record = gw.commit(
-        &entry,
-        Record {
-            lifecycle,
-            ..record
-        },
-        &event,
-    )?;
-    let status = if was_paused {
+    let (record, before) = change(gw, id, |now| Command::Connect { now, timeout }).await?;
+    let status = if before == SandboxState::Paused {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -460,21 +448,7 @@ pub(crate) async fn connect(
 pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: TimeoutRequest = parse(body)?;
     let timeout = seconds("timeout", req.timeout, MAX_TIMEOUT)?;
-    let entry = entry(gw, id)?;
-    let _op = entry.op.lock().await;
-    let record = entry.record();
-    let (lifecycle, event) = record.lifecycle.transition(Command::SetTimeout {
-        now: now(),
-        timeout,
-    })?;
-    gw.commit(
-        &entry,
-        Record {
-            lifecycle,
-            ..record
-        },
-        &event,
-    )?;
+    change(gw, id, |now| Command::SetTimeout { now, timeout }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -482,21 +456,7 @@ pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<
 pub(crate) async fn refresh(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: RefreshRequest = parse_or_default(body)?;
     let duration = seconds("duration", req.duration.unwrap_or(60), MAX_REFRESH)?;
-    let entry = entry(gw, id)?;
-    let _op = entry.op.lock().await;
-    let record = entry.record();
-    let (lifecycle, event) = record.lifecycle.transition(Command::Refresh {
-        now: now(),
-        duration,
-    })?;
-    gw.commit(
-        &entry,
-        Record {
-            lifecycle,
-            ..record
-        },
-        &event,
-    )?;
+    change(gw, id, |now| Command::Refresh { now, duration }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
