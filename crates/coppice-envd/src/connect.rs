@@ -200,6 +200,29 @@ pub(crate) fn unary(result: Result<serde_json::Value, RpcError>) -> Response<Bod
     }
 }
 
+/// Serves a unary RPC: checks the content type, runs `call` within the request's
+/// `Connect-Timeout-Ms` (if any), and encodes its result. `call` is not started unless the
+/// checks pass.
+pub(crate) async fn serve_unary(
+    headers: &HeaderMap,
+    call: impl std::future::Future<Output = Result<serde_json::Value, RpcError>>,
+) -> Response<Body> {
+    if let Some(resp) = check_content_type(headers, Kind::Unary) {
+        return resp;
+    }
+    let deadline = match timeout(headers) {
+        Ok(d) => d,
+        Err(e) => return unary_error(&e),
+    };
+    let result = match deadline {
+        Some(d) => tokio::time::timeout(d, call)
+            .await
+            .unwrap_or_else(|_| Err(RpcError::new(Code::DeadlineExceeded, "deadline exceeded"))),
+        None => call.await,
+    };
+    unary(result)
+}
+
 /// One envelope: flags, big-endian length, payload.
 pub(crate) fn envelope(flags: u8, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(5 + payload.len());

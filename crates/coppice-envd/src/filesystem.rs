@@ -120,21 +120,8 @@ where
         }
         "Stat" | "MakeDir" | "Move" | "ListDir" | "Remove" | "CreateWatcher"
         | "GetWatcherEvents" | "RemoveWatcher" => {
-            if let Some(resp) = connect::check_content_type(req.headers(), Kind::Unary) {
-                return resp;
-            }
-            let deadline = match connect::timeout(req.headers()) {
-                Ok(d) => d,
-                Err(e) => return connect::unary_error(&e),
-            };
-            let fut = unary(state, method, req);
-            let result = match deadline {
-                Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
-                    Err(RpcError::new(Code::DeadlineExceeded, "deadline exceeded"))
-                }),
-                None => fut.await,
-            };
-            connect::unary(result)
+            let headers = req.headers().clone();
+            connect::serve_unary(&headers, unary(state, method, req)).await
         }
         other => connect::unary_error(&RpcError::new(
             Code::Unimplemented,
