@@ -73,3 +73,47 @@ pub(crate) fn machine() -> serde_json::Value {
         "loadavg_at_start": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     })
 }
+
+/// The namespace floor, measured the same way by every benchmark: `unshare --fork --pid
+/// --mount --net --uts --ipc --mount-proc true`, from spawn to exit.
+pub(crate) fn unshare_true() -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    let t = std::time::Instant::now();
+    let status = std::process::Command::new("unshare")
+        .args([
+            "--fork",
+            "--pid",
+            "--mount",
+            "--net",
+            "--uts",
+            "--ipc",
+            "--mount-proc",
+            "true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    let elapsed = t.elapsed();
+    if !status.success() {
+        return Err(format!("unshare baseline failed: {status}").into());
+    }
+    Ok(elapsed)
+}
+
+/// The process floor: a plain fork+exec of `program args`, until its first output byte.
+pub(crate) fn fork_exec_to_first_byte(
+    program: &str,
+    args: &[&str],
+) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::Read;
+    let t = std::time::Instant::now();
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut byte = [0u8; 1];
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    out.read_exact(&mut byte)?;
+    let elapsed = t.elapsed();
+    child.wait()?;
+    Ok(elapsed)
+}

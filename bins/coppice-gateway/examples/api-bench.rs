@@ -29,7 +29,7 @@ mod stats;
 
 use stats::{machine, Stats};
 use std::collections::{HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -261,8 +261,9 @@ struct Floor {
 
 impl Floor {
     fn sample(&mut self) -> Res<()> {
-        self.unshare.push(unshare()?);
-        self.fork_exec.push(fork_exec_to_first_byte()?);
+        self.unshare.push(stats::unshare_true()?);
+        self.fork_exec
+            .push(stats::fork_exec_to_first_byte(PROGRAM, &ARGS)?);
         Ok(())
     }
 }
@@ -1277,44 +1278,6 @@ fn stages_json(samples: &mut [Stages]) -> serde_json::Value {
         out.insert((*name).into(), Stats::of(&mut d).json());
     }
     out.into()
-}
-
-fn unshare() -> Res<Duration> {
-    let t = Instant::now();
-    let status = Command::new("unshare")
-        .args([
-            "--fork",
-            "--pid",
-            "--mount",
-            "--net",
-            "--uts",
-            "--ipc",
-            "--mount-proc",
-            "true",
-        ])
-        .stdin(Stdio::null())
-        .status()?;
-    let elapsed = t.elapsed();
-    if !status.success() {
-        return Err(format!("unshare baseline failed: {status}").into());
-    }
-    Ok(elapsed)
-}
-
-/// A plain fork+exec of the same command, until its first output byte.
-fn fork_exec_to_first_byte() -> Res<Duration> {
-    let t = Instant::now();
-    let mut child = Command::new(PROGRAM)
-        .args(ARGS)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut byte = [0u8; 1];
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    out.read_exact(&mut byte)?;
-    let elapsed = t.elapsed();
-    child.wait()?;
-    Ok(elapsed)
 }
 
 fn cpus() -> usize {

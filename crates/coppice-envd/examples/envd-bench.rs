@@ -16,7 +16,6 @@
 mod stats;
 
 use stats::{machine, Stats};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ const ARGS: [&str; 1] = ["hi"];
 
 type Sender = http1::SendRequest<Full<Bytes>>;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
         args.iter()
@@ -65,7 +64,7 @@ fn measure(
     socket: &Path,
     agent_pid: u32,
     runs: usize,
-) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -90,7 +89,7 @@ fn measure(
     let mut plain = Vec::with_capacity(runs);
     for i in 0..runs + 5 {
         let t = rt.block_on(start_to_first_byte(&mut sender))?;
-        let b = fork_exec_to_first_byte()?;
+        let b = stats::fork_exec_to_first_byte(PROGRAM, &ARGS)?;
         if i >= 5 {
             ours.push(t);
             plain.push(b);
@@ -151,14 +150,17 @@ fn measure(
     }))
 }
 
-async fn connect(socket: &Path) -> Result<Sender, Box<dyn std::error::Error>> {
+async fn connect(socket: &Path) -> Result<Sender, Box<dyn std::error::Error + Send + Sync>> {
     let stream = UnixStream::connect(socket).await?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
 }
 
-async fn get(sender: &mut Sender, path: &str) -> Result<u16, Box<dyn std::error::Error>> {
+async fn get(
+    sender: &mut Sender,
+    path: &str,
+) -> Result<u16, Box<dyn std::error::Error + Send + Sync>> {
     let req = http::Request::get(path)
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))?;
@@ -170,7 +172,9 @@ async fn get(sender: &mut Sender, path: &str) -> Result<u16, Box<dyn std::error:
 
 /// `process.Start` of `echo hi` as root, until the first stdout frame arrives;
 /// then drains the stream so the connection can be reused.
-async fn start_to_first_byte(sender: &mut Sender) -> Result<Duration, Box<dyn std::error::Error>> {
+async fn start_to_first_byte(
+    sender: &mut Sender,
+) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
     let msg = serde_json::json!({
         "process": {"cmd": PROGRAM, "args": ARGS},
         "stdin": false,
@@ -206,7 +210,7 @@ async fn post_json(
     sender: &mut Sender,
     path: &str,
     body: &'static str,
-) -> Result<u16, Box<dyn std::error::Error>> {
+) -> Result<u16, Box<dyn std::error::Error + Send + Sync>> {
     let req = http::Request::post(path)
         .header("host", "localhost")
         .header("content-type", "application/json")
@@ -218,7 +222,10 @@ async fn post_json(
 }
 
 /// `POST /execute` on the code-interpreter surface; returns the whole NDJSON reply.
-async fn execute(sender: &mut Sender, code: &str) -> Result<String, Box<dyn std::error::Error>> {
+async fn execute(
+    sender: &mut Sender,
+    code: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
     let body = serde_json::json!({ "code": code }).to_string();
     let req = http::Request::post("/execute")
         .header("host", "localhost")
@@ -237,23 +244,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A plain fork+exec of the same command, until its first output byte.
-fn fork_exec_to_first_byte() -> Result<Duration, Box<dyn std::error::Error>> {
-    let t = Instant::now();
-    let mut child = Command::new(PROGRAM)
-        .args(ARGS)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut byte = [0u8; 1];
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    out.read_exact(&mut byte)?;
-    let elapsed = t.elapsed();
-    child.wait()?;
-    Ok(elapsed)
-}
-
-fn rss_kib(pid: u32) -> Result<u64, Box<dyn std::error::Error>> {
+fn rss_kib(pid: u32) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -16,13 +16,12 @@ mod stats;
 
 use stats::{machine, Stats};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use coppice_jail::{JailConfig, LinuxJail};
 use coppice_lifecycle::backend::{InitSpec, Isolation, JailSpec, Limits, RootfsSpec, SandboxId};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args
         .iter()
@@ -80,24 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t_kill = t.elapsed();
         std::fs::remove_dir_all(dir.path().join("layers").join(id.as_str()))?;
 
-        let t = Instant::now();
-        let status = Command::new("unshare")
-            .args([
-                "--fork",
-                "--pid",
-                "--mount",
-                "--net",
-                "--uts",
-                "--ipc",
-                "--mount-proc",
-                "true",
-            ])
-            .stdin(Stdio::null())
-            .status()?;
-        let t_unshare = t.elapsed();
-        if !status.success() {
-            return Err(format!("unshare baseline failed: {status}").into());
-        }
+        let t_unshare = stats::unshare_true()?;
         if i >= warmup {
             start.push(t_start);
             pause.push(t_pause);
