@@ -24,7 +24,7 @@ mod service;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -69,25 +69,72 @@ pub enum StartError {
     },
 }
 
-/// One sandbox as the gateway holds it: its record, and a lock that serialises lifecycle
-/// operations on it (pause vs kill vs the reaper).
+/// One sandbox as the gateway holds it: its record, a lock that serialises lifecycle
+/// operations on it (pause vs kill vs the reaper), and when traffic last reached it.
+///
+/// Lifecycle operations take `op` for writing; the data plane takes it for reading while it
+/// checks the state and records its traffic, so the reaper never pauses a sandbox between a
+/// request's check and its touch.
 #[derive(Debug)]
 pub(crate) struct Entry {
     record: Mutex<Record>,
-    op: tokio::sync::Mutex<()>,
+    pub(crate) op: tokio::sync::RwLock<()>,
+    /// Milliseconds since the epoch of the last data-plane request, 0 for none since the last
+    /// commit that stored it.
+    activity: AtomicU64,
+    /// Data-plane requests under way (until their response body ends or is dropped): an
+    /// open stream counts as activity.
+    in_flight: AtomicU32,
 }
 
 impl Entry {
     fn new(record: Record) -> Arc<Self> {
         Arc::new(Self {
             record: Mutex::new(record),
-            op: tokio::sync::Mutex::new(()),
+            op: tokio::sync::RwLock::new(()),
+            activity: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
         })
     }
 
-    /// A copy of the current record.
+    /// The current record, with traffic not yet stored applied to its window (an auto-resume
+    /// sandbox's window is an idle timer).
     pub(crate) fn record(&self) -> Record {
+        let mut record = self.stored();
+        let at = self.activity.load(Ordering::Acquire);
+        if let Ok((lifecycle, _)) = record
+            .lifecycle
+            .transition(Command::Activity { at: Millis(at) })
+        {
+            record.lifecycle = lifecycle;
+        }
+        record
+    }
+
+    /// The record as the registry has it.
+    fn stored(&self) -> Record {
         lock(&self.record).clone()
+    }
+
+    /// Notes data-plane traffic at `now`; the caller holds `op` for reading.
+    pub(crate) fn touch(&self, now: Millis) {
+        self.activity.fetch_max(now.0, Ordering::AcqRel);
+    }
+
+    /// Counts a data-plane request as under way until the returned guard is dropped.
+    pub(crate) fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+}
+
+/// A data-plane request under way; see [`Entry::begin_request`].
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Entry>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -199,6 +246,9 @@ impl Gateway {
         let event = lifecycle_event(&mut record, event, now());
         self.registry.put_with_events(&record, &[event])?;
         *lock(&entry.record) = record.clone();
+        // `record` came from `Entry::record`, so it holds every touch so far (touches wait
+        // for the operation lock the caller holds); a later window starts from this commit.
+        entry.activity.store(0, Ordering::Release);
         self.waker.wake();
         Ok(record)
     }
@@ -222,7 +272,7 @@ impl Gateway {
 
     /// Applies an expiry to `entry` if its window ended: kill or pause as its policy says.
     async fn expire(&self, entry: &Entry) {
-        let _op = entry.op.lock().await;
+        let _op = entry.op.write().await;
         let record = entry.record();
         let now = now();
         let Ok((lifecycle, event)) = record.lifecycle.transition(Command::Expire { now }) else {
@@ -274,6 +324,26 @@ impl Gateway {
         }
     }
 
+    /// Stores the window that traffic moved, with its `updated` event.
+    async fn store_activity(&self, entry: &Entry) {
+        let _op = entry.op.write().await;
+        let stored = entry.stored();
+        let at = Millis(entry.activity.load(Ordering::Acquire));
+        let Ok((lifecycle, event)) = stored.lifecycle.transition(Command::Activity { at }) else {
+            return;
+        };
+        if let Err(e) = self.commit(
+            entry,
+            Record {
+                lifecycle,
+                ..stored.clone()
+            },
+            &event,
+        ) {
+            tracing::error!(sandbox = %stored.id, error = %e, "recording activity failed");
+        }
+    }
+
     /// The reaper: enforces every running sandbox's window.
     async fn reap_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(REAPER_INTERVAL);
@@ -288,11 +358,18 @@ impl Gateway {
             }
             let now = now();
             for entry in self.entries() {
+                if entry.in_flight.load(Ordering::Acquire) > 0 {
+                    // A request still streaming is traffic now; the expiry below takes the
+                    // operation lock, so a touch that races a commit only delays it a tick.
+                    entry.touch(now);
+                }
                 let lifecycle = entry.record().lifecycle;
                 if lifecycle.state == SandboxState::Killed {
                     self.finish_kill(&entry).await;
                 } else if lifecycle.is_expired(now) {
                     self.expire(&entry).await;
+                } else if activity_due(&entry.stored().lifecycle, &lifecycle, now) {
+                    self.store_activity(&entry).await;
                 }
             }
         }
@@ -381,7 +458,7 @@ impl Gateway {
 
     /// Retries the teardown of a sandbox recorded as killed whose teardown failed.
     async fn finish_kill(&self, entry: &Entry) {
-        let Ok(_op) = entry.op.try_lock() else {
+        let Ok(_op) = entry.op.try_write() else {
             // Its kill is still under way.
             return;
         };
@@ -495,6 +572,21 @@ impl Gateway {
         self.remove(&record.id)?;
         Ok(())
     }
+}
+
+/// How far traffic may move a window before the reaper stores it: a restart forgets at most
+/// this much activity, and a busy sandbox records at most one `updated` event per period.
+const ACTIVITY_STORE_AFTER: Duration = Duration::from_secs(60);
+
+/// Whether the window traffic moved (`current`, from [`Entry::record`]) must be stored now:
+/// the stored one has ended, or the two are far apart.
+fn activity_due(
+    stored: &coppice_lifecycle::state::Lifecycle,
+    current: &coppice_lifecycle::state::Lifecycle,
+    now: Millis,
+) -> bool {
+    current.end_at > stored.end_at
+        && (stored.is_expired(now) || current.end_at.since(stored.end_at) >= ACTIVITY_STORE_AFTER)
 }
 
 /// Picks the agent binary: the configured one, else the gateway itself (which runs as the agent

@@ -263,6 +263,7 @@ impl Event {
                 let update = match update {
                     Update::Timeout => "timeout",
                     Update::Refresh => "refresh",
+                    Update::Activity => "activity",
                 };
                 data.insert("update".into(), update.into());
                 data.insert(

@@ -5,7 +5,8 @@
 //! clock) and returns the next value together with the [`LifecycleEvent`] the change causes,
 //! or a [`TransitionError`] that changes nothing. The timeout window follows E2B:
 //! `set_timeout` overwrites it, `connect` and refreshes only extend it, and time spent paused
-//! does not consume it.
+//! does not consume it. For an auto-resume sandbox the window is an idle timer: traffic
+//! ([`Command::Activity`]) pushes its end to the timeout after the traffic.
 
 use std::time::Duration;
 
@@ -101,6 +102,8 @@ pub enum Update {
     Timeout,
     /// A refresh or `connect` extended it.
     Refresh,
+    /// Traffic to an auto-resume sandbox moved its idle window.
+    Activity,
 }
 
 /// The event a transition causes, returned as a value for the caller to record.
@@ -194,6 +197,12 @@ pub enum Command {
         /// How long from now.
         duration: Duration,
     },
+    /// Traffic reached a running auto-resume sandbox at `at`: its window, an idle timer, ends
+    /// no earlier than its timeout after that.
+    Activity {
+        /// When the traffic arrived.
+        at: Millis,
+    },
     /// The reaper found the window over: kill or pause as the policy says.
     Expire {
         /// Now.
@@ -233,6 +242,10 @@ pub enum TransitionError {
     /// The reaper fired before the window ended.
     #[error("the sandbox's window has not ended")]
     NotExpired,
+    /// Activity would not move the window: the sandbox is not an auto-resume one, or the
+    /// window already ends later.
+    #[error("the activity does not extend the window")]
+    NoExtension,
     /// `autoResume` without `onTimeout: "pause"`.
     #[error("autoResume requires onTimeout \"pause\"")]
     AutoResumeNeedsPause,
@@ -382,6 +395,20 @@ impl Lifecycle {
                 LifecycleEvent::Updated {
                     update: Update::Refresh,
                     end_at: next.end_at,
+                }
+            }
+            Command::Activity { at } => {
+                let end_at = at.plus(self.timeout);
+                if self.state != Running {
+                    return Err(TransitionError::NotRunning);
+                }
+                if !self.policy.auto_resume || end_at <= self.end_at {
+                    return Err(TransitionError::NoExtension);
+                }
+                next.end_at = end_at;
+                LifecycleEvent::Updated {
+                    update: Update::Activity,
+                    end_at,
                 }
             }
             Command::Expire { now } => {

@@ -122,10 +122,15 @@ async fn send(
     if internal(target.port, req.uri().path()) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not found").into_response());
     }
+    // The activity hook: checked and touched under the operation lock held for reading, so
+    // the reaper cannot pause the sandbox between the two.
+    let guard = entry.op.read().await;
     let record = entry.record();
+    let in_flight = entry.begin_request();
     match record.lifecycle.state {
-        SandboxState::Running => {}
+        SandboxState::Running => entry.touch(now()),
         SandboxState::Paused if record.lifecycle.policy.auto_resume => {
+            drop(guard);
             wake(gw, &entry).await.map_err(ApiError::into_response)?;
         }
         // Creating, paused without auto-resume, or killed: not reachable, as on E2B.
@@ -156,15 +161,47 @@ async fn send(
     }
     // Once sent, the request's body belongs to the agent connection, whatever happens.
     Ok(match sender.send_request(req).await {
-        Ok(resp) => resp.map(|b| b.map_err(|e| Box::new(e) as _).boxed()),
+        Ok(resp) => resp.map(|b| {
+            Tracked {
+                inner: b.map_err(|e| Box::new(e) as _).boxed(),
+                _in_flight: in_flight,
+            }
+            .boxed()
+        }),
         Err(e) => agent_error(e),
     })
+}
+
+/// A response body that keeps its request counted as under way until it ends or is dropped.
+struct Tracked {
+    inner: Body,
+    _in_flight: crate::InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Resumes a paused auto-resume sandbox before its request is dispatched; concurrent
 /// requests wake it once (the first takes the operation lock, the rest find it running).
 async fn wake(gw: &Gateway, entry: &crate::Entry) -> Result<(), ApiError> {
-    let _op = entry.op.lock().await;
+    let _op = entry.op.write().await;
     let record = entry.record();
     if record.lifecycle.state != SandboxState::Paused {
         return Ok(());

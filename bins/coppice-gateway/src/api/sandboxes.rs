@@ -240,7 +240,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         execution_started_at: 0,
     };
     let entry = gw.insert(record.clone())?;
-    let _op = entry.op.lock().await;
+    let _op = entry.op.write().await;
     let started = gw
         .runtime
         .create(Setup {
@@ -359,7 +359,7 @@ pub(crate) fn list(gw: &Gateway, raw_query: &str, legacy: bool) -> Result<Respon
 /// `DELETE /sandboxes/{id}`.
 pub(crate) async fn kill(gw: &Gateway, id: &str) -> Result<Response<Body>> {
     let entry = entry(gw, id)?;
-    let _op = entry.op.lock().await;
+    let _op = entry.op.write().await;
     // A concurrent kill may have won the lock first.
     if gw.entry(&entry.record().id).is_none() {
         return Err(ApiError::sandbox_not_found(id));
@@ -379,7 +379,7 @@ async fn change(
     command: impl FnOnce(Millis) -> Command,
 ) -> Result<(Record, SandboxState)> {
     let entry = entry(gw, id)?;
-    let _op = entry.op.lock().await;
+    let _op = entry.op.write().await;
     let record = entry.record();
     let before = record.lifecycle.state;
     let (lifecycle, event) = record.lifecycle.transition(command(now()))?;

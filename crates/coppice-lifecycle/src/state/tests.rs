@@ -258,8 +258,45 @@ fn set_timeout_and_refresh_need_a_running_sandbox() {
     );
 }
 
+#[test]
+fn activity_moves_only_an_auto_resume_window_and_only_later() {
+    let l = running(0, MIN, pausing());
+    let (a, e) = l
+        .transition(Command::Activity { at: Millis(5_000) })
+        .unwrap();
+    assert_eq!(a.end_at, Millis(65_000));
+    assert_eq!(
+        e,
+        LifecycleEvent::Updated {
+            update: Update::Activity,
+            end_at: Millis(65_000)
+        }
+    );
+    // Older traffic, or a window a refresh already made longer, moves nothing.
+    assert_eq!(
+        a.transition(Command::Activity { at: Millis(4_000) }),
+        Err(TransitionError::NoExtension)
+    );
+    // A kill-on-timeout sandbox keeps E2B's absolute window.
+    let k = running(0, MIN, Policy::default());
+    assert_eq!(
+        k.transition(Command::Activity { at: Millis(5_000) }),
+        Err(TransitionError::NoExtension)
+    );
+    let (p, _) = a
+        .transition(Command::Pause {
+            now: Millis(6_000),
+            cause: Cause::Timeout,
+        })
+        .unwrap();
+    assert_eq!(
+        p.transition(Command::Activity { at: Millis(7_000) }),
+        Err(TransitionError::NotRunning)
+    );
+}
+
 fn command() -> impl Strategy<Value = (u8, u64, u64)> {
-    (0u8..9, 0u64..10_000, 0u64..3_600_000)
+    (0u8..10, 0u64..10_000, 0u64..3_600_000)
 }
 
 fn build(kind: u8, now: Millis, amount: u64) -> Command {
@@ -279,6 +316,7 @@ fn build(kind: u8, now: Millis, amount: u64) -> Command {
             now,
             cause: Cause::Manual,
         },
+        8 => Command::Activity { at: now },
         _ => Command::Started { now },
     }
 }

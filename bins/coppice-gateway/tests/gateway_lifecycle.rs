@@ -1,0 +1,233 @@
+//! Auto-pause and auto-resume through the real gateway: traffic keeps an auto-resume
+//! sandbox's idle window open (and a kill-on-timeout sandbox's absolute window does not move),
+//! concurrent requests wake a paused sandbox exactly once, requests racing the reaper's pause
+//! and a manual pause all succeed, and a paused sandbox without auto-resume stays paused
+//! however much traffic it gets. Real binary, real sandboxes; see `support/mod.rs`.
+#![cfg(target_os = "linux")]
+// An integration test crate: no `mod tests` wrapper, helpers may unwrap, skip lines must reach
+// the test output, and the tests run on plain threads, where `std::thread::sleep` blocks
+// nothing else.
+#![allow(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::tests_outside_test_module,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::disallowed_methods
+)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use support::{millis, wait_for, Lab};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn id_of(v: &Value) -> String {
+    v["sandboxID"].as_str().unwrap().to_owned()
+}
+
+fn token_of(v: &Value) -> String {
+    v["envdAccessToken"].as_str().unwrap().to_owned()
+}
+
+fn events(lab: &Lab, id: &str, ty: &str) -> Vec<Value> {
+    let r = lab.api(
+        "GET",
+        &format!("/events/sandboxes/{id}?types={ty}&limit=100"),
+        None,
+    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json().as_array().unwrap().clone()
+}
+
+fn state(lab: &Lab, id: &str) -> String {
+    lab.detail(id)["state"].as_str().unwrap().to_owned()
+}
+
+/// Traffic moves an auto-resume sandbox's idle window and is stored with an `updated` event
+/// (cause `activity`); once the traffic stops the window ends and the sandbox pauses. A
+/// kill-on-timeout sandbox keeps E2B's absolute window whatever its traffic.
+#[test]
+fn traffic_keeps_an_auto_resume_sandbox_awake() {
+    let Some(mut lab) = Lab::new("traffic_keeps_an_auto_resume_sandbox_awake") else {
+        return;
+    };
+    lab.start();
+    let idle = lab.create(json!({
+        "timeout": 2,
+        "autoPause": true,
+        "autoResume": {"enabled": true},
+    }));
+    let (idle_id, idle_token) = (id_of(&idle), token_of(&idle));
+    let fixed = lab.create(json!({"timeout": 4}));
+    let (fixed_id, fixed_token) = (id_of(&fixed), token_of(&fixed));
+    let fixed_end = millis(&lab.detail(&fixed_id)["endAt"]);
+    let first_end = millis(&lab.detail(&idle_id)["endAt"]);
+
+    // Three times the idle window of steady traffic: never paused.
+    let busy_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < busy_until {
+        assert_eq!(
+            lab.exec(&idle_id, Some(&idle_token), "echo up").ok(),
+            "up\n"
+        );
+        if Instant::now() + Duration::from_secs(2) < busy_until {
+            // The fixed sandbox gets traffic too, until shortly before its window ends.
+            lab.exec(&fixed_id, Some(&fixed_token), "true").ok();
+        }
+        assert_eq!(state(&lab, &idle_id), "running");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(events(&lab, &idle_id, "sandbox.lifecycle.paused").is_empty());
+    assert!(millis(&lab.detail(&idle_id)["endAt"]) > first_end + 3_000);
+    let updates = events(&lab, &idle_id, "sandbox.lifecycle.updated");
+    assert!(
+        updates
+            .iter()
+            .any(|e| e["eventData"]["update"] == "activity"),
+        "no activity update in {updates:?}"
+    );
+
+    // The fixed one was killed on time, traffic or not.
+    let killed = wait_for("the fixed sandbox's timeout kill", WAIT, || {
+        events(&lab, &fixed_id, "sandbox.lifecycle.killed")
+            .first()
+            .cloned()
+    });
+    assert_eq!(killed["eventData"]["cause"], "timeout");
+    let killed_at = millis(&killed["timestamp"]);
+    assert!(
+        killed_at >= fixed_end && killed_at < fixed_end + 2_000,
+        "killed at {killed_at}, window ended at {fixed_end}"
+    );
+
+    // Idle now: the window ends and it pauses.
+    let paused = wait_for("the idle pause", WAIT, || {
+        events(&lab, &idle_id, "sandbox.lifecycle.paused")
+            .first()
+            .cloned()
+    });
+    assert_eq!(paused["eventData"]["cause"], "timeout");
+    assert_eq!(state(&lab, &idle_id), "paused");
+    lab.finish();
+}
+
+/// Eight requests at once to a paused auto-resume sandbox: every one answers, and the
+/// sandbox was resumed once.
+#[test]
+fn concurrent_requests_wake_a_sandbox_once() {
+    let Some(mut lab) = Lab::new("concurrent_requests_wake_a_sandbox_once") else {
+        return;
+    };
+    lab.start();
+    let sbx = lab.create(json!({
+        "timeout": 600,
+        "autoPause": true,
+        "autoResume": {"enabled": true},
+    }));
+    let (id, token) = (id_of(&sbx), token_of(&sbx));
+    for round in 0..3 {
+        let r = lab.api("POST", &format!("/sandboxes/{id}/pause"), None);
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+        assert_eq!(state(&lab, &id), "paused");
+        let lab = &lab;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (id, token) = (&id, &token);
+                    s.spawn(move || lab.exec(id, Some(token), &format!("echo {round}-{i}")))
+                })
+                .collect();
+            for (i, h) in handles.into_iter().enumerate() {
+                assert_eq!(h.join().unwrap().ok(), format!("{round}-{i}\n"));
+            }
+        });
+        assert_eq!(state(lab, &id), "running");
+        let resumed = events(lab, &id, "sandbox.lifecycle.resumed");
+        assert_eq!(resumed.len(), round + 1, "{resumed:?}");
+        assert!(resumed
+            .iter()
+            .all(|e| e["eventData"]["cause"] == "auto_resume"));
+    }
+    lab.finish();
+}
+
+/// Requests that arrive while the window ends, and while manual pauses land, all succeed:
+/// either they reach the sandbox before the pause (and count as activity), or they find it
+/// paused and wake it. A paused sandbox without auto-resume gets E2B's 502 and stays paused.
+#[test]
+fn requests_racing_a_pause_all_succeed() {
+    let Some(mut lab) = Lab::new("requests_racing_a_pause_all_succeed") else {
+        return;
+    };
+    lab.start();
+    let sbx = lab.create(json!({
+        "timeout": 1,
+        "autoPause": true,
+        "autoResume": {"enabled": true},
+    }));
+    let (id, token) = (id_of(&sbx), token_of(&sbx));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let served = std::sync::atomic::AtomicU32::new(0);
+    std::thread::scope(|s| {
+        let lab = &lab;
+        let workers: Vec<_> = (0..3)
+            .map(|w| {
+                let (id, token, stop, served) = (&id, &token, &stop, &served);
+                s.spawn(move || {
+                    let mut n = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let e = lab.exec(id, Some(token), &format!("echo {w}-{n}"));
+                        assert_eq!(e.ok(), format!("{w}-{n}\n"));
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        n += 1;
+                        // Gaps near the window, so some requests meet the reaper's pause.
+                        std::thread::sleep(Duration::from_millis(u64::from(n % 5) * 300));
+                    }
+                })
+            })
+            .collect();
+        // Manual pauses in the middle of the traffic; 409 when the reaper or a previous
+        // pause got there first and no request has woken it yet.
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(400));
+            let r = lab.api("POST", &format!("/sandboxes/{id}/pause"), None);
+            assert!(
+                r.status == StatusCode::NO_CONTENT || r.status == StatusCode::CONFLICT,
+                "{}: {}",
+                r.status,
+                r.text()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 10);
+    let paused = events(&lab, &id, "sandbox.lifecycle.paused").len();
+    let resumed = events(&lab, &id, "sandbox.lifecycle.resumed").len();
+    assert!(paused >= 1, "no pause happened");
+    // Every resume follows a pause; the last pause may still stand.
+    assert!(
+        resumed == paused || resumed + 1 == paused,
+        "{paused} paused, {resumed} resumed"
+    );
+
+    // Without auto-resume, traffic to a paused sandbox is refused and wakes nothing.
+    let plain = lab.create(json!({"timeout": 600, "autoPause": true}));
+    let plain_id = id_of(&plain);
+    let r = lab.api("POST", &format!("/sandboxes/{plain_id}/pause"), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    for _ in 0..3 {
+        let e = lab.exec(&plain_id, Some(&token_of(&plain)), "true");
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY, "{e:?}");
+    }
+    assert_eq!(state(&lab, &plain_id), "paused");
+    assert!(events(&lab, &plain_id, "sandbox.lifecycle.resumed").is_empty());
+    lab.finish();
+}
