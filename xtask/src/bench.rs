@@ -46,13 +46,14 @@ const BENCHES: &[(&str, &str, &str, &[Build])] = &[
     ("jail", "coppice-jail", "jail-bench", &[]),
     ("envd", "coppice-envd", "envd-bench", &[AGENT]),
     ("api", "coppice-gateway", "api-bench", &[GATEWAY, AGENT]),
+    ("webhooks", "coppice-events", "webhooks-bench", &[]),
 ];
 
 /// The target triple static binaries are built for.
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The names, for usage text.
-pub(crate) const NAMES: &[&str] = &["jail", "envd", "api"];
+pub(crate) const NAMES: &[&str] = &["jail", "envd", "api", "webhooks"];
 
 pub(crate) fn run(name: &str, args: &[&str]) -> Result<(), String> {
     let Some((_, package, example, drives)) = BENCHES.iter().find(|(n, ..)| *n == name) else {

@@ -1,37 +1,46 @@
 //! The dispatcher: a tokio task that drains the outbox into signed HTTP POSTs.
 //!
 //! [`Dispatcher::run`] clears leases a crash left ([`store::recover`]), then loops: claim due
-//! deliveries, start one task per claim, and wait for a [`Waker`] poke, a finished attempt or
-//! the poll interval. Each webhook has its own concurrency cap (a semaphore, and webhooks at
-//! the cap are skipped when claiming), so a slow receiver only ever holds its own slots and
-//! never delays another webhook. [`attempt`] makes one attempt: parse the URL, resolve it
-//! through the [`Guard`] and connect to exactly the address the guard approved, POST with
-//! the format's headers, and report the status, `Retry-After`, latency or error, all within
-//! the policy's per-attempt timeout.
+//! deliveries, start one task per claim, and wait for a [`Waker`] poke, finished attempts or
+//! the poll interval. Each webhook is a lane: it holds at most `per_webhook` ×
+//! [`QUEUE_PER_SLOT`] claims and sends at most `per_webhook` at once (a semaphore), so a slow
+//! receiver only ever holds its own lane and never delays another webhook. Finished attempts
+//! go to one settler task that records them in batches, one SQLite transaction per batch, so
+//! the database is not the limit at thousands of deliveries per second.
 //!
-//! Plain `http` only for now: `https` URLs fail each attempt with an "unsupported" error,
-//! because the workspace has no TLS stack yet (rustls on ring is the intended one; openssl is
-//! banned by deny.toml).
+//! Each attempt ([`attempt`]) parses the URL, resolves it through the [`Guard`] and sends to
+//! exactly the address the guard approved, on a keep-alive connection pooled per destination
+//! (`client`), over TLS for `https` ([`Tls`]); it reports the status, `Retry-After`, latency
+//! or error, all within the policy's per-attempt timeout. A 410 from a lane's receiver stops
+//! that lane: its queued claims are given back unattempted ([`store::release`]) while the
+//! store disables the webhook.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use coppice_lifecycle::state::Millis;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use rusqlite::Connection;
-use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore};
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::guard::{Guard, GuardError, Scheme, WebhookUrl};
+use crate::client::{Client, Destination, SendError};
+use crate::guard::{Guard, GuardError, Host, Scheme, WebhookUrl};
 use crate::retry::{self, RetryPolicy};
 use crate::sign;
-use crate::store::{self, AttemptResult, Claim, ClaimRequest, StoreError};
+use crate::store::{self, AttemptResult, Claim, ClaimRequest, Outcome, StoreError};
+use crate::tls::Tls;
+
+/// Claims a lane may hold per connection slot: enough queued work that a fast receiver never
+/// waits for the next claim round, few enough that leases stay short.
+pub const QUEUE_PER_SLOT: usize = 16;
+/// Finished attempts recorded in one transaction at most.
+const SETTLE_BATCH: usize = 512;
 
 /// How the dispatcher behaves.
 #[derive(Debug, Clone)]
@@ -40,9 +49,11 @@ pub struct Config {
     pub policy: RetryPolicy,
     /// Which destinations are allowed.
     pub guard: Guard,
-    /// Attempts in flight per webhook at most.
+    /// How https receivers are verified.
+    pub tls: Tls,
+    /// Attempts in flight (connections) per webhook at most.
     pub per_webhook: usize,
-    /// Attempts in flight overall at most.
+    /// Claims held overall at most.
     pub max_in_flight: usize,
     /// How often to look for due retries when nothing wakes the dispatcher.
     pub poll: Duration,
@@ -53,8 +64,9 @@ impl Default for Config {
         Config {
             policy: RetryPolicy::e2b(),
             guard: Guard::default(),
+            tls: Tls::default(),
             per_webhook: 4,
-            max_in_flight: 256,
+            max_in_flight: 1024,
             poll: Duration::from_millis(500),
         }
     }
@@ -68,6 +80,67 @@ impl Waker {
     /// Wakes the dispatcher; cheap, and coalesces with pokes it has not seen yet.
     pub fn wake(&self) {
         self.0.notify_one();
+    }
+}
+
+/// What the dispatcher has done since it was made (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Attempts recorded.
+    pub attempts: u64,
+    /// Deliveries accepted with a 2xx.
+    pub delivered: u64,
+    /// Attempts that will be retried.
+    pub retrying: u64,
+    /// Deliveries given up after their last retry.
+    pub failed: u64,
+    /// Deliveries whose receiver answered 410 (the webhook was disabled).
+    pub disabled: u64,
+    /// Connections opened (a low number next to `attempts` means keep-alive works).
+    pub connections: u64,
+}
+
+/// A live view of a dispatcher's counters; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    counters: Arc<Counters>,
+    client: Arc<Client>,
+}
+
+impl Stats {
+    /// The counters now.
+    pub fn snapshot(&self) -> DispatchStats {
+        let c = &self.counters;
+        DispatchStats {
+            attempts: c.attempts.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            retrying: c.retrying.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            disabled: c.disabled.load(Ordering::Relaxed),
+            connections: self.client.connects(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    attempts: AtomicU64,
+    delivered: AtomicU64,
+    retrying: AtomicU64,
+    failed: AtomicU64,
+    disabled: AtomicU64,
+}
+
+impl Counters {
+    fn count(&self, outcome: Outcome) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let c = match outcome {
+            Outcome::Delivered => &self.delivered,
+            Outcome::Retrying { .. } => &self.retrying,
+            Outcome::Failed => &self.failed,
+            Outcome::Disabled => &self.disabled,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -95,16 +168,42 @@ pub struct Dispatcher {
     conn: Arc<Mutex<Connection>>,
     config: Arc<Config>,
     wake: Arc<Notify>,
+    client: Arc<Client>,
+    counters: Arc<Counters>,
+}
+
+/// One webhook's share of the dispatcher.
+#[derive(Debug)]
+struct Lane {
+    /// Claims held (queued or sending).
+    held: usize,
+    /// Whether the last claim round filled the lane, so more may be due.
+    full: bool,
+    slots: Arc<Semaphore>,
+    /// The receiver answered 410: send nothing more.
+    gone: Arc<AtomicBool>,
+}
+
+/// What an attempt task hands the settler.
+#[derive(Debug)]
+enum Settle {
+    Finished(Box<Claim>, AttemptResult),
+    /// Not attempted (the lane's receiver is gone): give the lease back.
+    Release(i64),
 }
 
 impl Dispatcher {
     /// A dispatcher working on `conn`, its own connection to the gateway's database (WAL lets
-    /// it run beside the gateway's connection).
+    /// it run beside the gateway's connection; `synchronous=NORMAL` keeps each batch's commit
+    /// from waiting for a disk flush).
     pub fn new(conn: Connection, config: Config) -> Self {
+        let client = Arc::new(Client::new(config.tls.clone()));
         Dispatcher {
             conn: Arc::new(Mutex::new(conn)),
             config: Arc::new(config),
             wake: Arc::new(Notify::new()),
+            client,
+            counters: Arc::new(Counters::default()),
         }
     }
 
@@ -113,8 +212,17 @@ impl Dispatcher {
         Waker(self.wake.clone())
     }
 
-    /// Runs until `shutdown` completes. Attempts still in flight then are abandoned with
-    /// their leases, and made again after the next start.
+    /// A live view of this dispatcher's counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            counters: self.counters.clone(),
+            client: self.client.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` completes. Finished attempts are recorded before it returns;
+    /// attempts still in flight are abandoned with their leases, and made again after the
+    /// next start.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DispatchError> {
         tokio::pin!(shutdown);
         let recovered = self
@@ -129,21 +237,26 @@ impl Dispatcher {
         }
         let cfg = self.config.clone();
         let per_webhook = cfg.per_webhook.max(1);
-        // A claim may wait for its webhook's slot behind `per_webhook` others before its own
-        // attempt; the lease covers that so no other claim takes it meanwhile.
-        let lease = cfg.policy.attempt_timeout * 3 + Duration::from_secs(30);
-        let mut in_flight: HashMap<Uuid, usize> = HashMap::new();
-        let mut slots: HashMap<Uuid, Arc<Semaphore>> = HashMap::new();
+        let depth = per_webhook * QUEUE_PER_SLOT;
+        // A claim may wait behind the rest of its lane before its own attempt; the lease
+        // covers that so no other claim takes it meanwhile.
+        let lease = cfg.policy.attempt_timeout * u32::try_from(QUEUE_PER_SLOT + 1).unwrap_or(17)
+            + Duration::from_secs(30);
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel::<Settle>();
+        let settler = tokio::spawn(settle_loop(
+            self.conn.clone(),
+            settle_rx,
+            cfg.policy.clone(),
+            self.counters.clone(),
+        ));
+        let mut lanes: HashMap<Uuid, Lane> = HashMap::new();
         let mut tasks: JoinSet<Uuid> = JoinSet::new();
+        let mut claim = true;
         loop {
             let room = cfg.max_in_flight.saturating_sub(tasks.len());
-            let mut claimed = 0;
-            if room > 0 {
-                let skip: Vec<Uuid> = in_flight
-                    .iter()
-                    .filter(|(_, n)| **n >= per_webhook)
-                    .map(|(id, _)| *id)
-                    .collect();
+            let mut filled = false;
+            if claim && room > 0 {
+                let held: Vec<(Uuid, usize)> = lanes.iter().map(|(id, l)| (*id, l.held)).collect();
                 let now = now_millis();
                 let claims = self
                     .db(move |c| {
@@ -152,9 +265,9 @@ impl Dispatcher {
                             &ClaimRequest {
                                 now,
                                 limit: room,
-                                per_webhook,
+                                per_webhook: depth,
                                 lease,
-                                skip: &skip,
+                                held: &held,
                             },
                         )
                     })
@@ -167,46 +280,72 @@ impl Dispatcher {
                         Vec::new()
                     }
                 };
-                claimed = claims.len();
+                filled = claims.len() == room;
+                let mut got: HashMap<Uuid, usize> = HashMap::new();
                 for claim in claims {
                     let id = claim.target.webhook_id;
-                    *in_flight.entry(id).or_default() += 1;
-                    let slot = slots
-                        .entry(id)
-                        .or_insert_with(|| Arc::new(Semaphore::new(per_webhook)))
-                        .clone();
-                    let conn = self.conn.clone();
-                    let cfg = cfg.clone();
+                    *got.entry(id).or_default() += 1;
+                    let lane = lanes.entry(id).or_insert_with(|| Lane {
+                        held: 0,
+                        full: false,
+                        slots: Arc::new(Semaphore::new(per_webhook)),
+                        gone: Arc::new(AtomicBool::new(false)),
+                    });
+                    lane.held += 1;
+                    let (slots, gone) = (lane.slots.clone(), lane.gone.clone());
+                    let (client, cfg, settle) =
+                        (self.client.clone(), cfg.clone(), settle_tx.clone());
                     tasks.spawn(async move {
                         // The semaphore is never closed, so acquiring only waits.
-                        let _permit = slot.acquire_owned().await;
-                        let result = attempt(&claim, &cfg.guard, cfg.policy.attempt_timeout).await;
-                        settle(conn, claim, result, cfg.policy.clone()).await;
+                        let _permit = slots.acquire_owned().await;
+                        if gone.load(Ordering::Acquire) {
+                            let _ = settle.send(Settle::Release(claim.delivery_id));
+                            return id;
+                        }
+                        let result =
+                            attempt_with(&client, &claim, &cfg.guard, cfg.policy.attempt_timeout)
+                                .await;
+                        if result.status == Some(410) {
+                            gone.store(true, Ordering::Release);
+                        }
+                        let _ = settle.send(Settle::Finished(Box::new(claim), result));
                         id
                     });
                 }
+                for (id, lane) in &mut lanes {
+                    lane.full = lane.held >= depth && got.contains_key(id);
+                }
             }
-            if claimed > 0 && claimed == room {
+            if filled {
                 // A full batch: there may be more due right now.
+                claim = true;
                 continue;
             }
+            claim = false;
             tokio::select! {
                 () = &mut shutdown => break,
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => claim = true,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok(id) = done {
-                        release(&mut in_flight, &mut slots, id);
-                    }
+                    let mut finished = vec![done];
                     while let Some(done) = tasks.try_join_next() {
-                        if let Ok(id) = done {
-                            release(&mut in_flight, &mut slots, id);
-                        }
+                        finished.push(done);
+                    }
+                    for id in finished.into_iter().flatten() {
+                        // Claim again once a lane that was full has drained to half.
+                        claim |= release(&mut lanes, id, depth / 2);
                     }
                 }
-                () = tokio::time::sleep(cfg.poll) => {}
+                () = tokio::time::sleep(cfg.poll) => {
+                    self.client.sweep();
+                    claim = true;
+                }
             }
         }
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        drop(settle_tx);
+        // Everything already answered is recorded; the settler ends when its queue is empty.
+        let _ = settler.await;
         Ok(())
     }
 
@@ -221,18 +360,23 @@ impl Dispatcher {
     }
 }
 
-fn release(
-    in_flight: &mut HashMap<Uuid, usize>,
-    slots: &mut HashMap<Uuid, Arc<Semaphore>>,
-    id: Uuid,
-) {
-    if let Some(n) = in_flight.get_mut(&id) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            in_flight.remove(&id);
-            slots.remove(&id);
-        }
+/// Counts a finished claim off its lane; true if the lane was full and has drained to
+/// `low`, so the next claim round should top it up.
+fn release(lanes: &mut HashMap<Uuid, Lane>, id: Uuid, low: usize) -> bool {
+    let Some(lane) = lanes.get_mut(&id) else {
+        return false;
+    };
+    lane.held = lane.held.saturating_sub(1);
+    if lane.held == 0 {
+        let was_full = lane.full;
+        lanes.remove(&id);
+        return was_full;
     }
+    if lane.full && lane.held <= low {
+        lane.full = false;
+        return true;
+    }
+    false
 }
 
 fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
@@ -241,35 +385,84 @@ fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn settle(
+/// Records finished attempts in batches, one transaction each, until every sender is gone.
+async fn settle_loop(
     conn: Arc<Mutex<Connection>>,
-    claim: Claim,
-    result: AttemptResult,
+    mut rx: mpsc::UnboundedReceiver<Settle>,
     policy: RetryPolicy,
+    counters: Arc<Counters>,
 ) {
-    let outcome = tokio::task::spawn_blocking(move || {
-        let r = store::finish_attempt(&lock(&conn), &claim, &result, &policy);
-        (claim, result, r)
-    })
-    .await;
-    match outcome {
-        Ok((claim, result, Ok(outcome))) => tracing::debug!(
-            webhook = %claim.target.webhook_id,
-            event = %claim.event_id,
-            attempt = claim.attempt,
-            status = ?result.status,
-            error = ?result.error,
-            ?outcome,
-            "webhook attempt"
-        ),
-        // The lease runs out and the attempt is made again: at least once.
-        Ok((claim, _, Err(e))) => tracing::warn!(
-            webhook = %claim.target.webhook_id,
-            event = %claim.event_id,
-            error = %e,
-            "recording a webhook attempt failed"
-        ),
-        Err(e) => tracing::warn!(error = %e, "recording a webhook attempt panicked"),
+    let mut buf = Vec::with_capacity(SETTLE_BATCH);
+    while rx.recv_many(&mut buf, SETTLE_BATCH).await > 0 {
+        let batch = std::mem::take(&mut buf);
+        let (conn, policy, counters) = (conn.clone(), policy.clone(), counters.clone());
+        let done =
+            tokio::task::spawn_blocking(move || settle_batch(&conn, batch, &policy, &counters))
+                .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "recording webhook attempts panicked");
+        }
+    }
+}
+
+fn settle_batch(
+    conn: &Mutex<Connection>,
+    batch: Vec<Settle>,
+    policy: &RetryPolicy,
+    counters: &Counters,
+) {
+    let mut guard = lock(conn);
+    let tx = match guard.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            // The leases run out and the attempts are made again: at least once.
+            tracing::warn!(error = %e, n = batch.len(), "recording webhook attempts failed");
+            return;
+        }
+    };
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut released = Vec::new();
+    for item in batch {
+        match item {
+            Settle::Release(id) => released.push(id),
+            Settle::Finished(claim, result) => {
+                match store::finish_attempt(&tx, &claim, &result, policy) {
+                    Ok(outcome) => {
+                        tracing::debug!(
+                            webhook = %claim.target.webhook_id,
+                            event = %claim.event_id,
+                            attempt = claim.attempt,
+                            status = ?result.status,
+                            error = ?result.error,
+                            ?outcome,
+                            "webhook attempt"
+                        );
+                        outcomes.push(outcome);
+                    }
+                    // Its savepoint rolled back alone; the lease runs out and the attempt is
+                    // made again.
+                    Err(e) => tracing::warn!(
+                        webhook = %claim.target.webhook_id,
+                        event = %claim.event_id,
+                        error = %e,
+                        "recording a webhook attempt failed"
+                    ),
+                }
+            }
+        }
+    }
+    if !released.is_empty() {
+        if let Err(e) = store::release(&tx, &released, now_millis()) {
+            tracing::warn!(error = %e, "giving back webhook claims failed");
+        }
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for o in outcomes {
+                counters.count(o);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "recording webhook attempts failed"),
     }
 }
 
@@ -278,28 +471,28 @@ async fn settle(
 enum AttemptError {
     #[error("refused by the webhook guard")]
     Guard(#[source] GuardError),
-    #[error("https delivery is not supported yet (no TLS stack is built in)")]
-    HttpsUnsupported,
-    #[error("connect to {addr}")]
-    Connect {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("http request")]
-    Http(#[source] hyper::Error),
-    #[error("connection closed before a response")]
-    ClosedEarly,
+    #[error(transparent)]
+    Send(SendError),
     #[error("build request")]
     Request(#[source] http::Error),
 }
 
-/// Makes one attempt for `claim`: resolve through `guard`, connect to the approved address,
-/// POST, and report, all within `timeout`.
+/// Makes one attempt for `claim` on a connection of its own: resolve through `guard`,
+/// connect to the approved address (TLS for https, verified against the system's CAs), POST,
+/// and report, all within `timeout`. The dispatcher does the same on pooled connections.
 pub async fn attempt(claim: &Claim, guard: &Guard, timeout: Duration) -> AttemptResult {
+    attempt_with(&Client::new(Tls::default()), claim, guard, timeout).await
+}
+
+async fn attempt_with(
+    client: &Client,
+    claim: &Claim,
+    guard: &Guard,
+    timeout: Duration,
+) -> AttemptResult {
     let at = now_millis();
     let started = Instant::now();
-    let result = tokio::time::timeout(timeout, send(claim, guard)).await;
+    let result = tokio::time::timeout(timeout, send(client, claim, guard)).await;
     let latency = started.elapsed();
     let (status, retry_after, error) = match result {
         Ok(Ok((status, retry_after))) => (Some(status), retry_after, None),
@@ -319,18 +512,25 @@ pub async fn attempt(claim: &Claim, guard: &Guard, timeout: Duration) -> Attempt
     }
 }
 
-async fn send(claim: &Claim, guard: &Guard) -> Result<(u16, Option<Duration>), AttemptError> {
+async fn send(
+    client: &Client,
+    claim: &Claim,
+    guard: &Guard,
+) -> Result<(u16, Option<Duration>), AttemptError> {
     let url = WebhookUrl::parse(&claim.target.url).map_err(AttemptError::Guard)?;
-    if url.scheme == Scheme::Https {
-        return Err(AttemptError::HttpsUnsupported);
-    }
     let addr = guard.resolve(&url).await.map_err(AttemptError::Guard)?;
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| AttemptError::Connect { addr, source })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(AttemptError::Http)?;
+    let tls_name = match url.scheme {
+        Scheme::Http => None,
+        Scheme::Https => Some(match &url.host {
+            Host::Name(name) => name.clone(),
+            Host::Ip(ip) => ip.to_string(),
+        }),
+    };
+    let dest = Destination {
+        tls_name,
+        authority: url.authority.clone(),
+        addr,
+    };
 
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -359,23 +559,13 @@ async fn send(claim: &Claim, guard: &Guard) -> Result<(u16, Option<Duration>), A
     let req = req
         .body(Full::new(Bytes::from(claim.body.clone())))
         .map_err(AttemptError::Request)?;
-
-    // Drive the connection alongside the request; once the response head is in, the body
-    // is not needed and dropping both closes the connection.
-    tokio::pin!(conn);
-    let response = tokio::select! {
-        r = sender.send_request(req) => r.map_err(AttemptError::Http)?,
-        r = &mut conn => {
-            r.map_err(AttemptError::Http)?;
-            return Err(AttemptError::ClosedEarly);
-        }
-    };
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
+    let answer = client.send(&dest, req).await.map_err(AttemptError::Send)?;
+    let retry_after = answer
+        .retry_after
+        .as_ref()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
-    Ok((response.status().as_u16(), retry_after))
+    Ok((answer.status, retry_after))
 }
 
 /// An error and its sources as one line, for the attempt log.

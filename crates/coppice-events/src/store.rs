@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use coppice_lifecycle::state::Millis;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, Row};
 use uuid::Uuid;
 
 use crate::event::{Event, EventType};
@@ -109,6 +109,8 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
             ON webhook_deliveries (state, next_at);
         CREATE INDEX IF NOT EXISTS webhook_deliveries_by_event
             ON webhook_deliveries (event_id);
+        CREATE INDEX IF NOT EXISTS webhook_deliveries_lane
+            ON webhook_deliveries (webhook_id, state, next_at);
         CREATE TABLE IF NOT EXISTS webhook_attempts (
             id TEXT PRIMARY KEY,
             delivery_id INTEGER NOT NULL,
@@ -588,100 +590,134 @@ pub struct ClaimRequest<'a> {
     pub now: Millis,
     /// At most this many claims.
     pub limit: usize,
-    /// At most this many per webhook, so one webhook's backlog cannot fill a batch.
+    /// At most this many held per webhook, so one webhook's backlog cannot fill a batch.
     pub per_webhook: usize,
     /// How long the claims are held before another claim may take them again.
     pub lease: Duration,
-    /// Webhooks to leave alone this time (their receivers are busy).
-    pub skip: &'a [Uuid],
+    /// Claims the caller already holds, per webhook: a webhook gets at most `per_webhook`
+    /// minus what it holds (nothing once it holds `per_webhook`, e.g. a busy receiver).
+    pub held: &'a [(Uuid, usize)],
 }
 
 /// Leases due deliveries of enabled webhooks, earliest first.
+///
+/// Each webhook's due rows are read through the `(webhook_id, state, next_at)` index with a
+/// limit, so a claim costs the same whatever the size of the backlog.
 pub fn claim_due(conn: &Connection, req: &ClaimRequest<'_>) -> Result<Vec<Claim>, StoreError> {
-    let skip: Vec<String> = req.skip.iter().map(Uuid::to_string).collect();
-    let skip = serde_json::to_string(&skip).unwrap_or_else(|_| "[]".into());
-    let leased: Vec<(i64, String, String, u32)> = {
+    if req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let now = ms(req.now);
+    atomically(conn, || {
+        let hooks: Vec<(String, String, String, String)> = {
+            let mut stmt = conn
+                .prepare_cached("SELECT id, url, secret, format FROM webhooks WHERE enabled = 1")
+                .map_err(sql("claim deliveries"))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(sql("claim deliveries"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(sql("claim deliveries"))?
+        };
+        // (next_at, delivery id, webhook index, event id, attempts, body)
+        let mut due: Vec<(i64, i64, usize, String, u32, Option<String>)> = Vec::new();
         let mut stmt = conn
             .prepare_cached(
-                "UPDATE webhook_deliveries SET lease_until = ?2
-                 WHERE id IN (
-                    SELECT id FROM (
-                        SELECT d.id, d.next_at, ROW_NUMBER() OVER (
-                            PARTITION BY d.webhook_id ORDER BY d.next_at, d.id) AS rn
-                        FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                        WHERE d.state = 'pending' AND d.next_at <= ?1
-                          AND (d.lease_until IS NULL OR d.lease_until <= ?1)
-                          AND w.enabled = 1
-                          AND d.webhook_id NOT IN (SELECT value FROM json_each(?3))
-                    ) WHERE rn <= ?4 ORDER BY next_at, id LIMIT ?5)
-                 RETURNING id, webhook_id, event_id, attempts",
+                "SELECT d.next_at, d.id, d.event_id, d.attempts, e.body
+                 FROM webhook_deliveries d LEFT JOIN events e ON e.id = d.event_id
+                 WHERE d.webhook_id = ?1 AND d.state = 'pending' AND d.next_at <= ?2
+                   AND (d.lease_until IS NULL OR d.lease_until <= ?2)
+                 ORDER BY d.next_at, d.id LIMIT ?3",
             )
             .map_err(sql("claim deliveries"))?;
-        let rows = stmt
-            .query_map(
-                params![
-                    ms(req.now),
-                    ms(req.now.plus(req.lease)),
-                    skip,
-                    i64::try_from(req.per_webhook).unwrap_or(i64::MAX),
-                    i64::try_from(req.limit).unwrap_or(i64::MAX)
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .map_err(sql("claim deliveries"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(sql("claim deliveries"))?
-    };
-    let mut claims = Vec::with_capacity(leased.len());
-    for (delivery_id, webhook_id, event_id, attempts) in leased {
-        let (url, secret, format): (String, String, String) = conn
-            .query_row(
-                "SELECT url, secret, format FROM webhooks WHERE id = ?1",
-                params![webhook_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .map_err(sql("read webhook"))?;
-        let body: Option<String> = conn
-            .query_row(
-                "SELECT body FROM events WHERE id = ?1",
-                params![event_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("read event"))?;
-        let Some(body) = body else {
-            // Retention removed the event; there is nothing left to send.
-            conn.execute(
+        for (i, (id, ..)) in hooks.iter().enumerate() {
+            let held = req
+                .held
+                .iter()
+                .filter(|(w, _)| w.to_string() == *id)
+                .map(|(_, n)| *n)
+                .sum::<usize>();
+            let room = req.per_webhook.saturating_sub(held).min(req.limit);
+            if room == 0 {
+                continue;
+            }
+            let rows = stmt
+                .query_map(
+                    params![id, now, i64::try_from(room).unwrap_or(i64::MAX)],
+                    |r| Ok((r.get(0)?, r.get(1)?, i, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .map_err(sql("claim deliveries"))?;
+            for row in rows {
+                due.push(row.map_err(sql("claim deliveries"))?);
+            }
+        }
+        due.sort_unstable_by_key(|d| (d.0, d.1));
+        due.truncate(req.limit);
+        let until = ms(req.now.plus(req.lease));
+        let mut lease = conn
+            .prepare_cached("UPDATE webhook_deliveries SET lease_until = ?2 WHERE id = ?1")
+            .map_err(sql("lease delivery"))?;
+        let mut orphan = conn
+            .prepare_cached(
                 "UPDATE webhook_deliveries SET state = 'failed', lease_until = NULL WHERE id = ?1",
-                params![delivery_id],
             )
             .map_err(sql("drop orphan delivery"))?;
-            continue;
-        };
-        let event: Event =
-            serde_json::from_str(&body).map_err(|_| StoreError::Corrupt { what: "event" })?;
-        let format = Format::parse(&format).ok_or(StoreError::Corrupt { what: "format" })?;
-        claims.push(Claim {
-            delivery_id,
-            attempt_id: Uuid::new_v4(),
-            attempt: attempts.saturating_add(1),
-            target: Target {
-                webhook_id: Uuid::parse_str(&webhook_id)
-                    .map_err(|_| StoreError::Corrupt { what: "webhook id" })?,
-                url,
-                secret,
-                format,
-            },
-            event_id: event.id,
-            event_type: event.event_type,
-            body: match format {
-                // The stored bytes, so every attempt signs and sends the same body.
-                Format::E2b => body,
-                Format::Sandforge => event.to_sandforge_json(),
-            },
-        });
-    }
-    Ok(claims)
+        let mut claims = Vec::with_capacity(due.len());
+        for (_, delivery_id, hook, _, attempts, body) in due {
+            let Some(body) = body else {
+                // Retention removed the event; there is nothing left to send.
+                orphan
+                    .execute(params![delivery_id])
+                    .map_err(sql("drop orphan delivery"))?;
+                continue;
+            };
+            lease
+                .execute(params![delivery_id, until])
+                .map_err(sql("lease delivery"))?;
+            let (webhook_id, url, secret, format) = &hooks[hook];
+            let event: Event =
+                serde_json::from_str(&body).map_err(|_| StoreError::Corrupt { what: "event" })?;
+            let format = Format::parse(format).ok_or(StoreError::Corrupt { what: "format" })?;
+            claims.push(Claim {
+                delivery_id,
+                attempt_id: Uuid::new_v4(),
+                attempt: attempts.saturating_add(1),
+                target: Target {
+                    webhook_id: Uuid::parse_str(webhook_id)
+                        .map_err(|_| StoreError::Corrupt { what: "webhook id" })?,
+                    url: url.clone(),
+                    secret: secret.clone(),
+                    format,
+                },
+                event_id: event.id,
+                event_type: event.event_type,
+                body: match format {
+                    // The stored bytes, so every attempt signs and sends the same body.
+                    Format::E2b => body,
+                    Format::Sandforge => event.to_sandforge_json(),
+                },
+            });
+        }
+        Ok(claims)
+    })
+}
+
+/// Gives claims back unattempted (their webhook went away meanwhile): each is due again at
+/// `now`, with no attempt counted.
+pub fn release(conn: &Connection, delivery_ids: &[i64], now: Millis) -> Result<(), StoreError> {
+    atomically(conn, || {
+        let mut stmt = conn
+            .prepare_cached(
+                "UPDATE webhook_deliveries SET lease_until = NULL, next_at = ?2
+                 WHERE id = ?1 AND state = 'pending'",
+            )
+            .map_err(sql("release delivery"))?;
+        for id in delivery_ids {
+            stmt.execute(params![id, ms(now)])
+                .map_err(sql("release delivery"))?;
+        }
+        Ok(())
+    })
 }
 
 /// Clears every lease: run once at start-up, before the dispatcher, so attempts a crash cut

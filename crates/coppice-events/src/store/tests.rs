@@ -74,7 +74,7 @@ fn claim_all(conn: &Connection, now: Millis) -> Vec<Claim> {
             limit: 100,
             per_webhook: 100,
             lease: Duration::from_secs(60),
-            skip: &[],
+            held: &[],
         },
     )
     .unwrap()
@@ -500,7 +500,7 @@ fn claims_respect_limits_skips_and_disabled_webhooks() {
     for i in 0..5 {
         record(&conn, &created("x", T0.0 + i)).unwrap();
     }
-    let req = |skip: &[Uuid]| {
+    let req = |held: &[(Uuid, usize)]| {
         claim_due(
             &conn,
             &ClaimRequest {
@@ -508,7 +508,7 @@ fn claims_respect_limits_skips_and_disabled_webhooks() {
                 limit: 3,
                 per_webhook: 2,
                 lease: Duration::from_secs(60),
-                skip,
+                held,
             },
         )
         .unwrap()
@@ -518,7 +518,7 @@ fn claims_respect_limits_skips_and_disabled_webhooks() {
     let from_a = got.iter().filter(|c| c.target.webhook_id == a.id).count();
     assert!(from_a <= 2 && got.len() - from_a <= 2);
     recover(&conn).unwrap();
-    let got = req(&[a.id]);
+    let got = req(&[(a.id, 2)]);
     assert!(got.iter().all(|c| c.target.webhook_id == b.id));
     assert_eq!(got.len(), 2);
     recover(&conn).unwrap();
@@ -531,7 +531,7 @@ fn claims_respect_limits_skips_and_disabled_webhooks() {
         },
     )
     .unwrap();
-    assert_eq!(req(&[a.id]), []);
+    assert_eq!(req(&[(a.id, 2)]), []);
 }
 
 #[test]
