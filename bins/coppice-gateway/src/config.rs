@@ -34,6 +34,9 @@ pub struct Config {
     pub webhook_allow: Vec<Cidr>,
     /// Webhook destinations always refused (`--webhook-deny`).
     pub webhook_deny: Vec<Cidr>,
+    /// Extra CA certificates (PEM) that https webhook receivers may chain to, beside the
+    /// system bundle (`--webhook-ca-file`).
+    pub webhook_ca_file: Option<PathBuf>,
     /// Events older than this many days are pruned; 0 keeps them by age
     /// (`--event-retention-days`, default 7, like E2B's delivery logs).
     pub event_retention_days: u64,
@@ -75,6 +78,7 @@ usage: coppice-gateway [options]
   --webhook-secret S      its signing secret (required with --webhook-url)      COPPICE_WEBHOOK_SECRET
   --webhook-allow CIDRS   private/loopback webhook destinations to allow        COPPICE_WEBHOOK_ALLOW
   --webhook-deny CIDRS    webhook destinations to refuse (wins over allow)      COPPICE_WEBHOOK_DENY
+  --webhook-ca-file FILE  extra CA certificates (PEM) for https webhooks        COPPICE_WEBHOOK_CA_FILE
   --event-retention-days N   prune events older than N days (default 7; 0: never) COPPICE_EVENT_RETENTION_DAYS
   --event-retention-count N  keep at most the newest N events (default: all)   COPPICE_EVENT_RETENTION_COUNT";
 
@@ -100,7 +104,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 14] = [
+            const KNOWN: [&str; 15] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -113,6 +117,7 @@ impl Config {
                 "webhook-secret",
                 "webhook-allow",
                 "webhook-deny",
+                "webhook-ca-file",
                 "event-retention-days",
                 "event-retention-count",
             ];
@@ -209,6 +214,7 @@ impl Config {
             webhook,
             webhook_allow: cidrs("webhook-allow", "COPPICE_WEBHOOK_ALLOW")?,
             webhook_deny: cidrs("webhook-deny", "COPPICE_WEBHOOK_DENY")?,
+            webhook_ca_file: get("webhook-ca-file", "COPPICE_WEBHOOK_CA_FILE").map(PathBuf::from),
             event_retention_days: number("event-retention-days", "COPPICE_EVENT_RETENTION_DAYS")?
                 .unwrap_or(7),
             event_retention_count: number(
@@ -323,5 +329,11 @@ mod tests {
         assert!(parse(&["--webhook-deny", "10.0.0.0/99"], &[])
             .unwrap_err()
             .contains("--webhook-deny"));
+        assert_eq!(c.webhook_ca_file, None);
+        let c = parse(&[], &[("COPPICE_WEBHOOK_CA_FILE", "/etc/coppice/ca.pem")]).unwrap();
+        assert_eq!(
+            c.webhook_ca_file,
+            Some(PathBuf::from("/etc/coppice/ca.pem"))
+        );
     }
 }

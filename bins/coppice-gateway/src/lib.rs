@@ -33,6 +33,7 @@ use coppice_events::event::{Event, Execution, SandboxContext, LOCAL_TEAM_ID};
 use coppice_events::guard::Guard;
 use coppice_events::sign::Format;
 use coppice_events::store::{self, Retention};
+use coppice_events::tls::Tls;
 use coppice_lifecycle::backend::{RunState, SandboxId};
 use coppice_lifecycle::state::{Cause, Command, LifecycleEvent, Millis, SandboxState};
 
@@ -607,6 +608,24 @@ fn agent_binary(config: &Config) -> Result<PathBuf, StartError> {
         .map_err(|e| StartError::Setup(format!("cannot find the gateway's executable: {e}")))
 }
 
+/// How https webhook receivers are verified: the system bundle, plus `--webhook-ca-file`.
+fn webhook_tls(config: &Config) -> Result<Tls, StartError> {
+    let Some(file) = &config.webhook_ca_file else {
+        return Ok(Tls::default());
+    };
+    let what = file.display().to_string();
+    let pem = std::fs::read(file)
+        .map_err(|e| StartError::Setup(format!("--webhook-ca-file {what}: {e}")))?;
+    let tls = Tls::new(Some((&what, &pem))).map_err(|e| {
+        StartError::Setup(format!(
+            "--webhook-ca-file: {}",
+            api::error::error_chain(&e)
+        ))
+    })?;
+    tracing::info!(roots = tls.roots(), file = %what, "https webhooks trust the system CAs and this file");
+    Ok(tls)
+}
+
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.state_dir)
@@ -616,14 +635,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Registry::open(&db).map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     // The dispatcher drains the outbox on its own connection to the same file (WAL lets it
     // run beside the registry's).
+    // synchronous=NORMAL as on the registry's connection: in WAL mode a commit survives a
+    // process crash without waiting for a disk flush.
     let dispatch_conn = rusqlite::Connection::open(&db)
         .and_then(|c| c.busy_timeout(Duration::from_secs(5)).map(|()| c))
+        .and_then(|c| c.pragma_update(None, "synchronous", "NORMAL").map(|()| c))
         .map_err(|e| StartError::Setup(format!("open {} for webhooks: {e}", db.display())))?;
     let guard = Guard::new(config.webhook_allow.clone(), config.webhook_deny.clone());
+    let tls = webhook_tls(&config)?;
     let dispatcher = Dispatcher::new(
         dispatch_conn,
         coppice_events::dispatch::Config {
             guard: guard.clone(),
+            tls,
             ..coppice_events::dispatch::Config::default()
         },
     );

@@ -176,6 +176,8 @@ pub enum Blocked {
     Syscall(String),
     /// A network destination, `host:port` (`blocked_destination`).
     Destination(String),
+    /// A resource limit, e.g. `memory 1073741824 bytes` (`blocked_limit`).
+    Limit(String),
 }
 
 /// A policy violation the sandbox attempted (`security.violation`).
@@ -187,8 +189,11 @@ pub struct SecurityViolation {
     pub attempted_command: String,
     /// What it tried to reach.
     pub blocked: Blocked,
-    /// What enforcement did, e.g. `blocked`, `terminated_command`, `terminated_sandbox`.
+    /// What enforcement did, e.g. `blocked`, `killed`, `terminated_command`.
     pub action: String,
+    /// How many times it happened since the last report, when enforcement counts rather
+    /// than reports each one (`occurrences`; cgroup limits).
+    pub occurrences: Option<u64>,
 }
 
 /// One event, in E2B's shape.
@@ -319,9 +324,13 @@ impl Event {
             Blocked::Path(p) => ("blocked_path", p),
             Blocked::Syscall(s) => ("blocked_syscall", s),
             Blocked::Destination(d) => ("blocked_destination", d),
+            Blocked::Limit(l) => ("blocked_limit", l),
         };
         data.insert(key.into(), what.clone().into());
         data.insert("action".into(), v.action.clone().into());
+        if let Some(n) = v.occurrences {
+            data.insert("occurrences".into(), n.into());
+        }
         Event::new(ctx, EventType::SecurityViolation, data, at)
     }
 
@@ -564,6 +573,7 @@ mod tests {
                 attempted_command: "mount /dev/sda1 /mnt".into(),
                 blocked: Blocked::Syscall("mount".into()),
                 action: "blocked".into(),
+                occurrences: None,
             },
             Millis(0),
         );
@@ -574,6 +584,21 @@ mod tests {
         assert_eq!(data["attempted_command"], "mount /dev/sda1 /mnt");
         assert_eq!(data["violation_type"], "forbidden_syscall");
         assert_eq!(data["action"], "blocked");
+        assert!(data.get("occurrences").is_none());
+        let oom = Event::security_violation(
+            &ctx(),
+            &SecurityViolation {
+                violation_type: "memory_limit".into(),
+                attempted_command: String::new(),
+                blocked: Blocked::Limit("memory 1073741824 bytes".into()),
+                action: "killed".into(),
+                occurrences: Some(2),
+            },
+            Millis(0),
+        );
+        let data = oom.event_data.unwrap();
+        assert_eq!(data["blocked_limit"], "memory 1073741824 bytes");
+        assert_eq!(data["occurrences"], 2);
 
         let killed = Event::lifecycle(
             &ctx(),

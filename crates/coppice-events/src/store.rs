@@ -124,7 +124,11 @@ pub fn migrate(conn: &Connection) -> Result<(), StoreError> {
             outcome TEXT NOT NULL
         );
         CREATE INDEX IF NOT EXISTS webhook_attempts_by_webhook
-            ON webhook_attempts (webhook_id, at);",
+            ON webhook_attempts (webhook_id, at);
+        CREATE TABLE IF NOT EXISTS event_feeds (
+            key TEXT PRIMARY KEY,
+            position INTEGER NOT NULL
+        );",
     )
     .map_err(sql("create schema"))
 }
@@ -204,6 +208,60 @@ pub fn record(conn: &Connection, event: &Event) -> Result<Uuid, StoreError> {
         )
         .map_err(sql("enqueue deliveries"))?;
         Ok(event.id)
+    })
+}
+
+/// How far a feed has been read: 0 for a feed never read.
+///
+/// A feed is any append-only source of events outside the database (a file a sandbox's
+/// agent appends to, a kernel counter), named by the caller's `key`; its position is a byte
+/// offset or a counter value, whatever the caller reads it by.
+pub fn feed_position(conn: &Connection, key: &str) -> Result<u64, StoreError> {
+    let pos: Option<i64> = conn
+        .query_row(
+            "SELECT position FROM event_feeds WHERE key = ?1",
+            params![key],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(sql("read feed position"))?;
+    Ok(pos.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
+}
+
+/// Records `events` read from feed `key` and moves the feed to `position`, atomically: each
+/// line or counter step of a feed becomes an event exactly once, crash or not.
+pub fn record_feed(
+    conn: &Connection,
+    key: &str,
+    position: u64,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    atomically(conn, || {
+        for e in events {
+            record(conn, e)?;
+        }
+        conn.execute(
+            "INSERT INTO event_feeds (key, position) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET position = excluded.position",
+            params![key, i64::try_from(position).unwrap_or(i64::MAX)],
+        )
+        .map_err(sql("move feed position"))?;
+        Ok(())
+    })
+}
+
+/// Forgets feeds whose source is gone (a removed sandbox's).
+pub fn forget_feeds(conn: &Connection, keys: &[&str]) -> Result<(), StoreError> {
+    atomically(conn, || {
+        for key in keys {
+            conn.execute("DELETE FROM event_feeds WHERE key = ?1", params![key])
+                .map_err(sql("forget feed"))?;
+        }
+        Ok(())
     })
 }
 

@@ -19,6 +19,7 @@ use coppice_events::guard::Guard;
 use coppice_events::retry::RetryPolicy;
 use coppice_events::sign::{self, Format};
 use coppice_events::store::{self, DeliveryState, NewWebhook};
+use coppice_events::tls::Tls;
 use coppice_lifecycle::state::{LifecycleEvent, Millis};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -134,6 +135,7 @@ struct Harness {
     conn: Connection,
     stop: Option<oneshot::Sender<()>>,
     waker: dispatch::Waker,
+    stats: dispatch::Stats,
 }
 
 impl Harness {
@@ -144,6 +146,7 @@ impl Harness {
         store::migrate(&conn).unwrap();
         let dispatcher = Dispatcher::new(open(&path), config);
         let waker = dispatcher.waker();
+        let stats = dispatcher.stats();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(dispatcher.run(async {
             let _ = stopped.await;
@@ -153,6 +156,7 @@ impl Harness {
             conn,
             stop: Some(stop),
             waker,
+            stats,
         }
     }
 
@@ -488,4 +492,207 @@ async fn the_guard_refuses_http_and_https_before_connecting() {
         assert!(err.contains("loopback"), "{err}");
     }
     assert_eq!(rx.try_recv().unwrap_err(), mpsc::error::TryRecvError::Empty);
+}
+
+/// A CA made for the test, and a `localhost`/127.0.0.1 server certificate it signed.
+struct TestPki {
+    ca_pem: String,
+    server: rustls::ServerConfig,
+}
+
+fn test_pki() -> TestPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "coppice test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    TestPki {
+        ca_pem: ca.pem(),
+        server,
+    }
+}
+
+/// A TLS receiver on 127.0.0.1 that answers 200 and reports each request's headers and body.
+async fn tls_receiver(server: rustls::ServerConfig) -> (u16, mpsc::UnboundedReceiver<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (tx, acceptor) = (tx.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                // A client that does not trust us fails here; that is the point of one test.
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let headers = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                            .collect();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let _ = tx.send(Seen {
+                            path,
+                            headers,
+                            body,
+                        });
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn https_delivery_verifies_the_receiver_against_the_operator_ca() {
+    let pki = test_pki();
+    let (port, mut rx) = tls_receiver(pki.server).await;
+    let tls = Tls::new(Some(("test CA", pki.ca_pem.as_bytes()))).unwrap();
+    let h = Harness::start(Config {
+        tls,
+        ..loopback_config(&[])
+    });
+    // By name and by address: both are in the certificate.
+    let by_name = h.hook(
+        format!("https://localhost:{port}/named"),
+        Format::E2b,
+        &[EventType::Created],
+    );
+    let by_ip = h.hook(
+        format!("https://127.0.0.1:{port}/literal"),
+        Format::Sandforge,
+        &[EventType::Created],
+    );
+    let ev = event(LifecycleEvent::Created);
+    h.record(&ev);
+    let mut seen = [next(&mut rx).await, next(&mut rx).await];
+    seen.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(seen[0].path, "/literal");
+    assert_eq!(seen[1].path, "/named");
+    let named = &seen[1];
+    sign::verify_e2b(SECRET, &named.body, &named.headers["e2b-signature"]).unwrap();
+    assert_eq!(named.headers["webhook-id"], ev.id.to_string());
+    let literal = &seen[0];
+    sign::verify_sandforge(
+        SECRET,
+        &literal.headers["x-sandforge-signature"],
+        &literal.body,
+        unix_now(),
+        300,
+    )
+    .unwrap();
+    for hook in [by_name, by_ip] {
+        h.until("both https deliveries recorded", |c| {
+            state(c, ev.id, hook) == Some((DeliveryState::Delivered, 1))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn https_delivery_refuses_a_receiver_no_trusted_ca_signed() {
+    let pki = test_pki();
+    let (port, mut rx) = tls_receiver(pki.server).await;
+    let conn = Connection::open_in_memory().unwrap();
+    store::migrate(&conn).unwrap();
+    store::create_webhook(
+        &conn,
+        &NewWebhook {
+            name: "t".into(),
+            url: format!("https://localhost:{port}/untrusted"),
+            enabled: true,
+            events: vec![EventType::Created],
+            secret: SECRET.into(),
+            format: Format::E2b,
+        },
+        Millis(0),
+    )
+    .unwrap();
+    store::record(&conn, &event(LifecycleEvent::Created)).unwrap();
+    let claim = store::claim_due(
+        &conn,
+        &store::ClaimRequest {
+            now: Millis(u64::MAX / 2),
+            limit: 10,
+            per_webhook: 10,
+            lease: Duration::from_secs(60),
+            held: &[],
+        },
+    )
+    .unwrap()
+    .remove(0);
+    // Only the system's CAs: the test CA is not among them.
+    let guard = Guard::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
+    let r = dispatch::attempt(&claim, &guard, Duration::from_secs(10)).await;
+    assert_eq!(r.status, None);
+    let err = r.error.unwrap();
+    assert!(err.contains("tls handshake"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert_eq!(rx.try_recv().unwrap_err(), mpsc::error::TryRecvError::Empty);
+}
+
+#[test]
+fn an_operator_ca_file_must_hold_a_certificate() {
+    let err = Tls::new(Some(("empty.pem", b"not a pem file\n"))).unwrap_err();
+    assert!(err.to_string().contains("empty.pem"), "{err}");
+    let pki = test_pki();
+    let tls = Tls::new(Some(("ca.pem", pki.ca_pem.as_bytes()))).unwrap();
+    assert!(tls.roots() >= 1);
+}
+
+#[tokio::test]
+async fn connections_are_kept_alive_and_reused() {
+    let script = Arc::new(Script::default());
+    let (base, mut rx) = receiver(script).await;
+    let h = Harness::start(loopback_config(&[]));
+    let hook = h.hook(format!("{base}/many"), Format::E2b, &[EventType::Created]);
+    let events: Vec<Event> = (0..40).map(|_| event(LifecycleEvent::Created)).collect();
+    for e in &events {
+        h.record(e);
+    }
+    for _ in &events {
+        next(&mut rx).await;
+    }
+    for e in &events {
+        h.until("every delivery recorded", |c| {
+            state(c, e.id, hook) == Some((DeliveryState::Delivered, 1))
+        })
+        .await;
+    }
+    // The counters follow the commit that recorded the attempts.
+    h.until("the counters", |_| h.stats.snapshot().delivered == 40)
+        .await;
+    let stats = h.stats.snapshot();
+    assert_eq!(stats.attempts, 40, "{stats:?}");
+    // At most one connection per slot of the webhook's lane, not one per attempt.
+    assert!(stats.connections <= 4, "{stats:?}");
 }

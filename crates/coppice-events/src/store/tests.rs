@@ -675,3 +675,24 @@ fn retention_by_age_and_count_keeps_undelivered_events() {
         []
     );
 }
+
+#[test]
+fn a_feed_records_each_step_exactly_once() {
+    let conn = db();
+    create_webhook(&conn, &hook(&[EventType::Created]), T0).unwrap();
+    assert_eq!(feed_position(&conn, "agent:x").unwrap(), 0);
+    let a = created("x", T0.0);
+    record_feed(&conn, "agent:x", 120, std::slice::from_ref(&a)).unwrap();
+    assert_eq!(feed_position(&conn, "agent:x").unwrap(), 120);
+    // The same step again (a crash between reading and recording, then a re-read) fails
+    // whole: the event is a duplicate and the position does not move.
+    let b = created("x", T0.0 + 1);
+    let err = record_feed(&conn, "agent:x", 240, &[b.clone(), a.clone()]).unwrap_err();
+    assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
+    assert_eq!(feed_position(&conn, "agent:x").unwrap(), 120);
+    assert!(deliveries_of(&conn, b.id).unwrap().is_empty());
+    record_feed(&conn, "agent:x", 240, &[b]).unwrap();
+    assert_eq!(feed_position(&conn, "agent:x").unwrap(), 240);
+    forget_feeds(&conn, &["agent:x"]).unwrap();
+    assert_eq!(feed_position(&conn, "agent:x").unwrap(), 0);
+}
