@@ -7,7 +7,8 @@
 //! [`service`] is the one route table, `api/*` the handlers (they parse, call the lifecycle
 //! state machine and [`runtime`], and serialize), `api/error.rs` the one mapping from errors
 //! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; the reaper
-//! enforces every sandbox's window and applies event retention. `Gateway::commit` writes a
+//! enforces every sandbox's window, applies event retention and reads the events of
+//! enforcement inside sandboxes ([`feed`]: agent reports, cgroup counters). `Gateway::commit` writes a
 //! transition's record and its event in one transaction.
 //!
 //! **Invariant:** handlers never touch a backend directly and every lifecycle change goes
@@ -17,6 +18,7 @@
 pub mod config;
 
 mod api;
+mod feed;
 mod registry;
 mod runtime;
 mod server;
@@ -159,6 +161,8 @@ pub(crate) struct Gateway {
     waker: Waker,
     /// The operator's policy for webhook destinations.
     pub(crate) guard: Guard,
+    /// Where the feeds of events from inside sandboxes stand.
+    feeds: feed::Feeds,
 }
 
 /// What events say about the sandbox of `record`.
@@ -268,6 +272,7 @@ impl Gateway {
     pub(crate) fn remove(&self, id: &SandboxId) -> Result<(), registry::RegistryError> {
         self.registry.delete(id)?;
         lock(&self.sandboxes).remove(id);
+        self.forget_feeds(id);
         Ok(())
     }
 
@@ -351,8 +356,13 @@ impl Gateway {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pruned_at = std::time::Instant::now();
         self.prune_events();
+        let mut ticks: u32 = 0;
         loop {
             tick.tick().await;
+            // Reports from agents every tick (one stat each when nothing is new), cgroup
+            // counters every fourth.
+            ticks = ticks.wrapping_add(1);
+            self.ingest_feeds(ticks.is_multiple_of(4)).await;
             if pruned_at.elapsed() >= RETENTION_INTERVAL {
                 pruned_at = std::time::Instant::now();
                 self.prune_events();
@@ -672,6 +682,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ),
         waker: dispatcher.waker(),
         guard,
+        feeds: feed::Feeds::default(),
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

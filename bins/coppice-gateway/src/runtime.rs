@@ -202,6 +202,20 @@ impl Runtime {
         self.run_dir.join(id.as_str())
     }
 
+    /// The host path of the file a sandbox's agent appends its reports to.
+    pub(crate) fn report_file(&self, id: &SandboxId) -> PathBuf {
+        self.sandbox_run_dir(id).join(coppice_envd::report::FILE)
+    }
+
+    /// The jail's counters for a sandbox (CPU, memory, tasks and enforcement), without the
+    /// disk figures [`Runtime::usage`] adds.
+    pub(crate) async fn enforcement(&self, id: &SandboxId) -> Result<ResourceUsage, RuntimeError> {
+        self.jail
+            .usage(id)
+            .await
+            .map_err(backend("read resource use"))
+    }
+
     /// The host path of a sandbox's agent socket.
     pub(crate) fn socket(&self, id: &SandboxId) -> PathBuf {
         self.sandbox_run_dir(id).join(SOCKET)

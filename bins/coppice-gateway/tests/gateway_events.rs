@@ -843,3 +843,93 @@ fn retention_keeps_the_newest_events() {
     assert_eq!(left[0]["sandboxId"], ids[2].as_str());
     lab.finish();
 }
+
+/// Sandforge's kinds from the enforcement points inside a real sandbox: the agent kills a
+/// command whose `Connect-Timeout-Ms` ran out (`task.timeout`, through the agent's report
+/// file), and the memory limit's OOM killer stops a hog (`security.violation`, from the
+/// jail's cgroup counters). Both reach the read API and a webhook.
+#[test]
+fn enforcement_inside_a_sandbox_is_recorded_and_delivered() {
+    let receiver = Receiver::start();
+    let Some(mut lab) = lab_with_loopback_webhooks(
+        "enforcement_inside_a_sandbox_is_recorded_and_delivered",
+        &[],
+    ) else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let r = lab.api(
+        "POST",
+        "/events/webhooks",
+        Some(json!({
+            "name": "enforcement",
+            "url": receiver.url("/enforcement"),
+            "events": ["task.timeout", "security.violation"],
+            "signatureSecret": SECRET,
+        })),
+    );
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let sbx = lab.create(json!({"timeout": 600}));
+    let id = id_of(&sbx);
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+
+    // A command that outlives its 500 ms lifetime.
+    let start = lab
+        .request("POST", "/process.Process/Start")
+        .header("e2b-sandbox-id", &id)
+        .header("e2b-sandbox-port", "49983")
+        .header("connect-timeout-ms", "500");
+    let out = lab.exec_with(start, Some(&token), "sleep 30");
+    assert_eq!(out.status, StatusCode::OK);
+    assert_eq!(
+        out.error.as_ref().unwrap()["code"],
+        "deadline_exceeded",
+        "{out:?}"
+    );
+    let path = format!("/events/sandboxes/{id}?types=task.timeout");
+    let timeout = wait_for("the task.timeout event", DELIVERY_WAIT, || {
+        events_of(&lab, &path).into_iter().next()
+    });
+    let data = &timeout["eventData"];
+    assert_eq!(data["command"], "/bin/sh -c sleep 30", "{timeout}");
+    assert_eq!(data["limit_seconds"], 0.5, "{timeout}");
+    assert!(data["cpu_consumed"].as_f64().unwrap() < 0.5, "{timeout}");
+    assert_eq!(timeout["sandboxId"], id.as_str());
+    let delivered = receiver.wait_delivered("/enforcement", timeout["id"].as_str().unwrap(), 1);
+    let body: Value = serde_json::from_slice(&delivered[0].body).unwrap();
+    assert_eq!(body, timeout);
+
+    // A memory hog: `tail` buffers a line of /dev/zero that never ends, until the sandbox's
+    // memory limit has the kernel kill it.
+    let out = lab.exec(&id, Some(&token), "tail /dev/zero");
+    assert_ne!(out.exit_code, Some(0), "{out:?}");
+    let path = format!("/events/sandboxes/{id}?types=security.violation");
+    let violation = wait_for("the security.violation event", DELIVERY_WAIT, || {
+        events_of(&lab, &path)
+            .into_iter()
+            .find(|e| e["eventData"]["violation_type"] == "memory_limit")
+    });
+    let data = &violation["eventData"];
+    assert_eq!(data["action"], "killed", "{violation}");
+    assert!(data["occurrences"].as_u64().unwrap() >= 1, "{violation}");
+    assert!(
+        data["blocked_limit"]
+            .as_str()
+            .unwrap()
+            .starts_with("memory "),
+        "{violation}"
+    );
+    receiver.wait_delivered("/enforcement", violation["id"].as_str().unwrap(), 1);
+
+    // Each report and counter step is recorded once: nothing new appears on later passes.
+    std::thread::sleep(Duration::from_secs(2));
+    let all = events_of(
+        &lab,
+        &format!("/events/sandboxes/{id}?types=task.timeout,security.violation&limit=100"),
+    );
+    assert_eq!(all.len(), 2, "{all:?}");
+    let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    lab.finish();
+}

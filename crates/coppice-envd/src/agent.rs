@@ -12,7 +12,7 @@ use std::sync::Arc;
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::state::AgentState;
+use crate::state::{AgentConfig, AgentState};
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/coppice/agent.sock";
@@ -86,7 +86,11 @@ async fn run(socket: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     }
     let listener = tokio::net::UnixListener::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "coppice-envd listening");
-    let state = Arc::new(AgentState::new());
+    // Reports go beside the socket, in the run directory the gateway reads.
+    let state = Arc::new(AgentState::with_config(AgentConfig {
+        report_file: socket.parent().map(|d| d.join(crate::report::FILE)),
+        ..AgentConfig::default()
+    }));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let forwarded = tokio::select! {

@@ -6,7 +6,9 @@
 //! the Connect-RPC services; `http_api` holds envd's plain HTTP endpoints (`/health`,
 //! `/init`, `/envs`, `/metrics`; `files` serves `/files`); `interpreter` is the code
 //! interpreter. [`state::AgentState`] is the per-sandbox state set by `/init`, and
-//! [`reaper`] owns every `wait` in the process (the agent is PID 1).
+//! [`reaper`] owns every `wait` in the process (the agent is PID 1); [`report`] is what the
+//! agent tells the gateway about enforcement it did (`task.timeout`), as NDJSON in its run
+//! directory.
 //!
 //! **Invariant:** nothing here knows about other sandboxes, the gateway's routing or
 //! lifecycle; the agent sees one sandbox from the inside.
@@ -14,6 +16,7 @@
 pub mod agent;
 pub mod hop;
 pub mod reaper;
+pub mod report;
 pub mod state;
 
 mod connect;

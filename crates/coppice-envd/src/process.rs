@@ -29,6 +29,7 @@ use crate::connect::{self, Code, EnvelopeReader, Kind, RpcError, StreamSender};
 use crate::fdio::{set_cloexec, FdIo};
 use crate::reaper::{self, Exit};
 use crate::reply::Body;
+use crate::report;
 use crate::state::AgentState;
 use crate::users::{self, User};
 
@@ -862,8 +863,12 @@ fn spawn(
     }
     let st = Arc::clone(state);
     let p = Arc::clone(&proc);
+    let command = std::iter::once(config.cmd.as_str())
+        .chain(args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
     tokio::spawn(async move {
-        let (exit, timed_out) = supervise(&p, exit_rx, lifetime).await;
+        let (exit, timed_out) = supervise(&p, exit_rx, lifetime, &st, &command).await;
         // Everything the process wrote before it exited is in its pipes now; the pumps
         // drain that and stop.
         let _ = exited_tx.send(true);
@@ -883,19 +888,26 @@ fn io_err(e: impl std::fmt::Display) -> RpcError {
     RpcError::internal(format!("error setting up process: {e}"))
 }
 
-/// Waits for the exit, killing the process group when its lifetime runs out; says whether
-/// it did.
+/// Waits for the exit, killing the process group when its lifetime runs out (and reporting
+/// that to the gateway as `task.timeout`); says whether it did.
 async fn supervise(
     proc: &Proc,
     mut exit_rx: tokio::sync::oneshot::Receiver<Exit>,
     lifetime: Option<Duration>,
+    state: &AgentState,
+    command: &str,
 ) -> (Exit, bool) {
     if let Some(life) = lifetime {
         tokio::select! {
             r = &mut exit_rx => return (r.unwrap_or(Exit::Signal(9)), false),
             () = tokio::time::sleep(life) => {
+                // Read before the kill: a dead group's CPU time is gone from /proc.
+                let cpu = report::group_cpu(proc.pgid().as_raw());
                 // The group may be gone already; the exit below tells.
                 let _ = killpg(proc.pgid(), Signal::SIGKILL);
+                if let Some(file) = &state.config.report_file {
+                    report::append(file, &report::Report::task_timeout(command, life, cpu));
+                }
             }
         }
         return (exit_rx.await.unwrap_or(Exit::Signal(9)), true);

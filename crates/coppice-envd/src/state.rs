@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub group: PathBuf,
     /// The file system `/metrics` reports disk usage for.
     pub disk_root: PathBuf,
+    /// Where reports to the gateway are appended (`crate::report`); `None` reports nothing.
+    pub report_file: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -28,6 +30,7 @@ impl Default for AgentConfig {
             passwd: PathBuf::from("/etc/passwd"),
             group: PathBuf::from("/etc/group"),
             disk_root: PathBuf::from("/"),
+            report_file: None,
         }
     }
 }

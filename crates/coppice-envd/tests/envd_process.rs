@@ -398,6 +398,15 @@ async fn connect_timeout_kills_the_process_group() {
     assert_eq!(out.error_code().as_deref(), Some("deadline_exceeded"));
     let pid = u32::try_from(pid).unwrap();
     assert!(support::eventually(|| !support::pid_alive(pid) && !support::pid_alive(child)).await);
+    // The kill is reported to the gateway: one task.timeout line in the run directory.
+    let file = agent.state.config.report_file.clone().unwrap();
+    let chunk = coppice_envd::report::read_from(&file, 0).unwrap();
+    assert_eq!(chunk.lines.len(), 1);
+    let report: serde_json::Value = serde_json::from_slice(&chunk.lines[0]).unwrap();
+    assert_eq!(report["type"], "task.timeout");
+    assert_eq!(report["command"], "/bin/bash -c sleep 100 & echo $!; wait");
+    assert_eq!(report["limit_ms"], 300);
+    assert!(report["cpu_ms"].as_u64().unwrap() < 300, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

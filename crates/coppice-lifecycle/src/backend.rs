@@ -302,6 +302,14 @@ pub struct ResourceUsage {
     pub memory_bytes: u64,
     /// Tasks (processes and threads) alive in it.
     pub tasks: u32,
+    /// Times a new task was refused because the sandbox was at its task limit (a fork that
+    /// failed), since it started; 0 where the driver cannot count them.
+    #[serde(default)]
+    pub tasks_refused: u64,
+    /// Processes the kernel killed for the sandbox's memory limit, since it started; 0
+    /// where the driver cannot count them.
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 /// The jail role: isolated process trees with limits, freezing and teardown.

@@ -79,6 +79,7 @@ impl Agent {
             passwd,
             group,
             disk_root: dir.path().to_path_buf(),
+            report_file: Some(dir.path().join(coppice_envd::report::FILE)),
         }));
         let socket = dir.path().join("agent.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();

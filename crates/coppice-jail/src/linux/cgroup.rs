@@ -504,8 +504,35 @@ impl SandboxCgroups {
         } else {
             usage.tasks = u32::try_from(self.pids()?.len()).unwrap_or(u32::MAX);
         }
+        // Enforcement counters: `max` in pids.events counts forks refused at pids.max (v1
+        // and v2); `oom_kill` counts the memory limit's kills (v2 memory.events, v1
+        // memory.oom_control). A missing file (older kernels) counts as none.
+        let pids_dir = self.dir(Controller::Pids).or(self.v2.as_deref());
+        if let Some(dir) = pids_dir {
+            usage.tasks_refused = counter(&dir.join("pids.events"), "max");
+        }
+        if let Some(dir) = self.dir(Controller::Memory) {
+            usage.oom_kills = counter(&dir.join("memory.oom_control"), "oom_kill");
+        } else if let Some(dir) = &self.v2 {
+            usage.oom_kills = counter(&dir.join("memory.events"), "oom_kill");
+        }
         Ok(usage)
     }
+}
+
+/// The value of the `key N` line of a flat-keyed cgroup file, 0 if absent.
+fn counter(path: &Path, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|text| parse_counter(&text, key))
+        .unwrap_or(0)
+}
+
+fn parse_counter(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// Polls `done` until it holds, for at most [`SETTLE_TIMEOUT`].
@@ -603,6 +630,16 @@ mod tests {
         for c in Controller::ALL {
             assert!(h.has(c), "{c:?}");
         }
+    }
+
+    #[test]
+    fn enforcement_counters_parse() {
+        let v1_oom = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(parse_counter(v1_oom, "oom_kill"), Some(3));
+        let v2_mem = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_counter(v2_mem, "oom_kill"), Some(2));
+        assert_eq!(parse_counter("max 17\n", "max"), Some(17));
+        assert_eq!(parse_counter("", "max"), None);
     }
 
     #[test]

@@ -1,0 +1,211 @@
+//! Events from enforcement inside sandboxes, which the gateway does not see happen: the
+//! agent's reports (`task.timeout`, from `<state>/run/<id>/events.ndjson`) and the jail's
+//! cgroup counters (`security.violation` when a fork is refused at the task limit or the
+//! memory limit's OOM killer strikes).
+//!
+//! Each source is an event feed of the store (`coppice_events::store::record_feed`): a
+//! report file is read from its persisted byte offset and a counter from its persisted value,
+//! and the events move that position in the same transaction, so each line or counter step
+//! becomes exactly one event across gateway restarts. The report file is written from inside
+//! the sandbox, so it is read defensively: never through a symlink, only as a regular file,
+//! in bounded chunks, malformed lines skipped with a warning. Its events are only as
+//! trustworthy as the sandbox.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use coppice_envd::report::{self, Report};
+use coppice_events::event::{Blocked, Event, SecurityViolation, TaskTimeout};
+use coppice_events::store;
+use coppice_lifecycle::backend::SandboxId;
+use coppice_lifecycle::state::{Millis, SandboxState};
+
+use crate::{context, lock, now, Entry, Gateway};
+
+/// Positions of the feeds read so far, so an unchanged file costs one `stat`.
+#[derive(Debug, Default)]
+pub(crate) struct Feeds {
+    positions: Mutex<HashMap<String, u64>>,
+}
+
+fn agent_key(id: &SandboxId) -> String {
+    format!("agent:{id}")
+}
+fn pids_key(id: &SandboxId) -> String {
+    format!("pids:{id}")
+}
+fn oom_key(id: &SandboxId) -> String {
+    format!("oom:{id}")
+}
+
+impl Gateway {
+    /// Reads what is new in every running sandbox's feeds; `counters` also polls the cgroup
+    /// counters (they cost a few file reads each, so the reaper asks for them less often).
+    pub(crate) async fn ingest_feeds(&self, counters: bool) {
+        for entry in self.entries() {
+            if entry.record().lifecycle.state != SandboxState::Running {
+                continue;
+            }
+            self.ingest_reports(&entry);
+            if counters {
+                self.ingest_counters(&entry).await;
+            }
+        }
+    }
+
+    /// The position of feed `key`: cached, else from the store.
+    fn position(&self, key: &str) -> Option<u64> {
+        if let Some(p) = lock(&self.feeds.positions).get(key) {
+            return Some(*p);
+        }
+        match self.registry().with_conn(|c| store::feed_position(c, key)) {
+            Ok(p) => {
+                lock(&self.feeds.positions).insert(key.to_owned(), p);
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!(feed = key, error = %e, "reading a feed position failed");
+                None
+            }
+        }
+    }
+
+    /// Records `events` and moves feed `key` to `position`, in one transaction.
+    fn advance(&self, key: &str, position: u64, events: &[Event]) {
+        match self
+            .registry()
+            .with_conn(|c| store::record_feed(c, key, position, events))
+        {
+            Ok(()) => {
+                lock(&self.feeds.positions).insert(key.to_owned(), position);
+                if !events.is_empty() {
+                    self.wake_dispatcher();
+                }
+            }
+            // Nothing moved: the same lines are read again on the next pass.
+            Err(e) => tracing::warn!(feed = key, error = %e, "recording feed events failed"),
+        }
+    }
+
+    fn ingest_reports(&self, entry: &Entry) {
+        let record = entry.record();
+        let key = agent_key(&record.id);
+        let path = self.runtime.report_file(&record.id);
+        // A cheap check first: most passes find nothing new.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            return;
+        };
+        let Some(from) = self.position(&key) else {
+            return;
+        };
+        if !meta.file_type().is_file() || meta.len() <= from {
+            return;
+        }
+        let chunk = match report::read_from(&path, from) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(sandbox = %record.id, error = %e, "reading the agent's reports failed");
+                return;
+            }
+        };
+        let ctx = context(&record);
+        let mut events = Vec::new();
+        for line in chunk.lines {
+            match serde_json::from_slice::<Report>(&line) {
+                Ok(Report::TaskTimeout {
+                    at_ms,
+                    command,
+                    limit_ms,
+                    cpu_ms,
+                }) => events.push(Event::task_timeout(
+                    &ctx,
+                    &TaskTimeout {
+                        command,
+                        limit: Duration::from_millis(limit_ms),
+                        cpu_consumed: Duration::from_millis(cpu_ms),
+                    },
+                    // The agent's clock is the host's (a sandbox shares the kernel), but a
+                    // report claiming the future is clamped to now.
+                    Millis(at_ms.min(now().0)),
+                )),
+                Ok(other) => {
+                    tracing::warn!(sandbox = %record.id, report = ?other, "unknown agent report skipped");
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %record.id, error = %e, "malformed agent report skipped");
+                }
+            }
+        }
+        self.advance(&key, chunk.end, &events);
+    }
+
+    async fn ingest_counters(&self, entry: &Entry) {
+        let record = entry.record();
+        let usage = match self.runtime.enforcement(&record.id).await {
+            Ok(u) => u,
+            // A sandbox being killed or paused meanwhile: the next pass sees it.
+            Err(_) => return,
+        };
+        let ctx = context(&record);
+        let at = now();
+        let steps = [
+            (
+                pids_key(&record.id),
+                usage.tasks_refused,
+                SecurityViolation {
+                    violation_type: "process_limit".into(),
+                    attempted_command: String::new(),
+                    blocked: Blocked::Syscall("fork".into()),
+                    action: "blocked".into(),
+                    occurrences: None,
+                },
+            ),
+            (
+                oom_key(&record.id),
+                usage.oom_kills,
+                SecurityViolation {
+                    violation_type: "memory_limit".into(),
+                    attempted_command: String::new(),
+                    blocked: Blocked::Limit(
+                        record
+                            .limits
+                            .memory_bytes
+                            .map_or_else(|| "memory".into(), |b| format!("memory {b} bytes")),
+                    ),
+                    action: "killed".into(),
+                    occurrences: None,
+                },
+            ),
+        ];
+        for (key, value, mut violation) in steps {
+            let Some(seen) = self.position(&key) else {
+                continue;
+            };
+            if value == seen {
+                continue;
+            }
+            // A counter only grows while its cgroup lives; a lower value is a new cgroup.
+            let events = if value > seen {
+                violation.occurrences = Some(value - seen);
+                vec![Event::security_violation(&ctx, &violation, at)]
+            } else {
+                Vec::new()
+            };
+            self.advance(&key, value, &events);
+        }
+    }
+
+    /// Forgets the feeds of a removed sandbox.
+    pub(crate) fn forget_feeds(&self, id: &SandboxId) {
+        let keys = [agent_key(id), pids_key(id), oom_key(id)];
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        if let Err(e) = self.registry().with_conn(|c| store::forget_feeds(c, &refs)) {
+            tracing::warn!(sandbox = %id, error = %e, "forgetting feeds failed");
+        }
+        let mut positions = lock(&self.feeds.positions);
+        for k in &keys {
+            positions.remove(k);
+        }
+    }
+}
