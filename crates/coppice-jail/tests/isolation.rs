@@ -364,6 +364,10 @@ fn fork_bomb_is_stopped_by_the_pids_limit() {
     }
     assert!(peak <= 48, "{peak} tasks despite pids.max=48");
     assert_eq!(answer(&ex, "after").trim(), "survived");
+    // The refused forks are counted: what the gateway reports as a security.violation.
+    let usage = rt.block_on(w.jail.usage(&id)).unwrap();
+    assert!(usage.tasks_refused > 0, "{usage:?}");
+    assert_eq!(usage.oom_kills, 0, "{usage:?}");
     // The host can still fork.
     assert!(std::process::Command::new("true")
         .status()
@@ -394,6 +398,8 @@ fn memory_hog_is_stopped_by_the_memory_limit() {
         .block_on(w.jail.usage(&SandboxId::new("memhog").unwrap()))
         .unwrap();
     assert!(usage.memory_bytes <= 64 << 20);
+    assert!(usage.oom_kills >= 1, "{usage:?}");
+    assert_eq!(usage.tasks_refused, 0, "{usage:?}");
     w.kill("memhog");
 }
 
