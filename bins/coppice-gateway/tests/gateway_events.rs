@@ -933,3 +933,105 @@ fn enforcement_inside_a_sandbox_is_recorded_and_delivered() {
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
     lab.finish();
 }
+
+/// `--webhook-ca-file`: an https receiver whose certificate a CA made here signed gets signed
+/// deliveries; the CA is trusted only because the operator named it.
+#[test]
+fn https_webhooks_trust_the_operator_ca_file() {
+    // A CA, and a certificate for localhost that it signed.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    let pem_dir = tempfile::tempdir().unwrap();
+    let ca_file = pem_dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    // The receiver: TLS on 127.0.0.1, answering 200 and keeping each request.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
+    let kept = Arc::clone(&seen);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, kept) = (acceptor.clone(), Arc::clone(&kept));
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let kept = Arc::clone(&kept);
+                        async move {
+                            let headers = req.headers().clone();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            kept.lock().unwrap().push((headers, body));
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let Some(mut lab) = lab_with_loopback_webhooks(
+        "https_webhooks_trust_the_operator_ca_file",
+        &["--webhook-ca-file".into(), ca_file.display().to_string()],
+    ) else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let r = lab.api(
+        "POST",
+        "/events/webhooks",
+        Some(json!({
+            "name": "tls",
+            "url": format!("https://localhost:{port}/tls"),
+            "events": ["sandbox.lifecycle.created"],
+            "signatureSecret": SECRET,
+        })),
+    );
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let id = id_of(&lab.create(json!({"timeout": 600})));
+    let created = events_of(&lab, &format!("/events/sandboxes/{id}"))
+        .into_iter()
+        .find(|e| e["type"] == "sandbox.lifecycle.created")
+        .unwrap();
+    let (headers, body) = wait_for("the https delivery", DELIVERY_WAIT, || {
+        seen.lock().unwrap().first().cloned()
+    });
+    assert_eq!(headers["webhook-id"], created["id"].as_str().unwrap());
+    sign::verify_e2b(SECRET, &body, headers["e2b-signature"].to_str().unwrap()).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), created);
+    let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    lab.finish();
+    drop(rt);
+}
