@@ -54,6 +54,13 @@ impl Gateway {
         }
     }
 
+    /// Reads what is left in a sandbox's feeds before it goes away (its run directory and
+    /// cgroups are removed with it).
+    pub(crate) async fn drain_feeds(&self, entry: &Entry) {
+        self.ingest_reports(entry);
+        self.ingest_counters(entry).await;
+    }
+
     /// The position of feed `key`: cached, else from the store.
     fn position(&self, key: &str) -> Option<u64> {
         if let Some(p) = lock(&self.feeds.positions).get(key) {

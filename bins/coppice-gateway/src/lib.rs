@@ -285,6 +285,8 @@ impl Gateway {
             return;
         };
         if lifecycle.state == SandboxState::Killed {
+            // What the sandbox reported last is recorded before its `killed`.
+            self.drain_feeds(entry).await;
             // Gone for every caller from here on, before the teardown takes its time; the
             // `killed` event commits with that change.
             if let Err(e) = self.commit(
@@ -568,6 +570,8 @@ impl Gateway {
             .lifecycle
             .transition(Command::Kill { now: now(), cause })
             .map_err(api::error::ApiError::from)?;
+        // What the sandbox reported last is recorded before its `killed`.
+        self.drain_feeds(entry).await;
         // Recorded first, with its `killed` event: the control plane says 404 and the data
         // plane 502 from here on, while the teardown below takes its time; a crash in between
         // leaves a killed record that the next start finishes off.

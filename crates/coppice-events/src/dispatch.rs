@@ -281,10 +281,8 @@ impl Dispatcher {
                     }
                 };
                 filled = claims.len() == room;
-                let mut got: HashMap<Uuid, usize> = HashMap::new();
                 for claim in claims {
                     let id = claim.target.webhook_id;
-                    *got.entry(id).or_default() += 1;
                     let lane = lanes.entry(id).or_insert_with(|| Lane {
                         held: 0,
                         full: false,
@@ -312,8 +310,9 @@ impl Dispatcher {
                         id
                     });
                 }
-                for (id, lane) in &mut lanes {
-                    lane.full = lane.held >= depth && got.contains_key(id);
+                // A lane at its cap may have more due; it is topped up once it drains to half.
+                for lane in lanes.values_mut() {
+                    lane.full = lane.held >= depth;
                 }
             }
             if filled {
