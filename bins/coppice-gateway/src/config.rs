@@ -42,6 +42,9 @@ pub struct Config {
     pub event_retention_days: u64,
     /// At most this many events are kept (`--event-retention-count`; default unlimited).
     pub event_retention_count: Option<u64>,
+    /// Sandboxes kept started, per template, ahead of creates (`--warm-pool`, default
+    /// [`Config::DEFAULT_WARM_POOL`]; 0 turns the pool off).
+    pub warm_pool: usize,
 }
 
 /// The subscription `--webhook-url`/`--webhook-secret` ask for.
@@ -80,9 +83,16 @@ usage: coppice-gateway [options]
   --webhook-deny CIDRS    webhook destinations to refuse (wins over allow)      COPPICE_WEBHOOK_DENY
   --webhook-ca-file FILE  extra CA certificates (PEM) for https webhooks        COPPICE_WEBHOOK_CA_FILE
   --event-retention-days N   prune events older than N days (default 7; 0: never) COPPICE_EVENT_RETENTION_DAYS
-  --event-retention-count N  keep at most the newest N events (default: all)   COPPICE_EVENT_RETENTION_COUNT";
+  --event-retention-count N  keep at most the newest N events (default: all)   COPPICE_EVENT_RETENTION_COUNT
+  --warm-pool N           sandboxes kept started per template (default 2; 0: off) COPPICE_WARM_POOL";
 
 impl Config {
+    /// Warm sandboxes per template unless configured: enough for a client's next create or
+    /// two to skip the jail start, at a few MiB of memory each.
+    pub const DEFAULT_WARM_POOL: usize = 2;
+    /// Largest `--warm-pool`.
+    pub const MAX_WARM_POOL: usize = 256;
+
     /// Parses `args` (without the program name), falling back to `env` for unset flags.
     pub fn from_args_and_env(
         args: impl Iterator<Item = String>,
@@ -104,7 +114,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 15] = [
+            const KNOWN: [&str; 16] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -120,6 +130,7 @@ impl Config {
                 "webhook-ca-file",
                 "event-retention-days",
                 "event-retention-count",
+                "warm-pool",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -210,7 +221,20 @@ impl Config {
                 })
                 .transpose()
         };
+        let warm_pool = match number("warm-pool", "COPPICE_WARM_POOL")? {
+            None => Self::DEFAULT_WARM_POOL,
+            Some(n) if usize::try_from(n).is_ok_and(|n| n <= Self::MAX_WARM_POOL) => {
+                usize::try_from(n).unwrap_or(Self::MAX_WARM_POOL)
+            }
+            Some(n) => {
+                return Err(format!(
+                    "--warm-pool (COPPICE_WARM_POOL): {n} is more than {}",
+                    Self::MAX_WARM_POOL
+                ))
+            }
+        };
         Ok(Self {
+            warm_pool,
             webhook,
             webhook_allow: cidrs("webhook-allow", "COPPICE_WEBHOOK_ALLOW")?,
             webhook_deny: cidrs("webhook-deny", "COPPICE_WEBHOOK_DENY")?,
@@ -257,6 +281,24 @@ mod tests {
         );
         assert!(c.api_keys.is_empty());
         assert!(c.domain.is_none());
+        assert_eq!(c.warm_pool, Config::DEFAULT_WARM_POOL);
+    }
+
+    #[test]
+    fn warm_pool_size() {
+        assert_eq!(parse(&["--warm-pool", "0"], &[]).unwrap().warm_pool, 0);
+        assert_eq!(
+            parse(&[], &[("COPPICE_WARM_POOL", "12")])
+                .unwrap()
+                .warm_pool,
+            12
+        );
+        assert!(parse(&["--warm-pool", "-1"], &[])
+            .unwrap_err()
+            .contains("--warm-pool"));
+        assert!(parse(&["--warm-pool", "100000"], &[])
+            .unwrap_err()
+            .contains("more than"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod service;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -163,6 +163,23 @@ pub(crate) struct Gateway {
     pub(crate) guard: Guard,
     /// Where the feeds of events from inside sandboxes stand.
     feeds: feed::Feeds,
+    /// Creates under way; the warm pool refills only while there are none.
+    creates: AtomicUsize,
+    /// Wakes the warm-pool filler: a sandbox was claimed, a create ended, or shutdown began.
+    pool_wake: tokio::sync::Notify,
+    /// Set at shutdown: the filler stops starting sandboxes.
+    stopping: AtomicBool,
+}
+
+/// A create under way; see [`Gateway::creating`].
+#[derive(Debug)]
+pub(crate) struct Creating<'a>(&'a Gateway);
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.creates.fetch_sub(1, Ordering::AcqRel);
+        self.0.pool_wake.notify_one();
+    }
 }
 
 /// What events say about the sandbox of `record`.
@@ -256,6 +273,51 @@ impl Gateway {
         entry.activity.store(0, Ordering::Release);
         self.waker.wake();
         Ok(record)
+    }
+
+    /// Counts a create as under way until the guard is dropped.
+    pub(crate) fn creating(&self) -> Creating<'_> {
+        self.creates.fetch_add(1, Ordering::AcqRel);
+        Creating(self)
+    }
+
+    /// Tells the warm-pool filler that the pool may need a sandbox.
+    pub(crate) fn pool_changed(&self) {
+        self.pool_wake.notify_one();
+    }
+
+    /// Keeps `--warm-pool` sandboxes started for every ready template. It starts one at a
+    /// time and only while no create is under way, so refilling never competes with the
+    /// creates it is meant to speed up.
+    async fn keep_warm(self: Arc<Self>) {
+        const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+        let target = self.config.warm_pool;
+        if target == 0 {
+            return;
+        }
+        while !self.stopping.load(Ordering::Acquire) {
+            let wanted = runtime::TEMPLATES
+                .iter()
+                .map(|(name, _)| *name)
+                .find(|name| {
+                    lock(&self.templates)
+                        .get(name)
+                        .is_some_and(|s| s == "ready")
+                        && self.runtime.warm_count(name) < target
+                });
+            let idle = self.creates.load(Ordering::Acquire) == 0;
+            let Some(name) = wanted.filter(|_| idle) else {
+                // Woken by a claim, the end of a create or shutdown; the timeout covers a
+                // template becoming ready.
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), self.pool_wake.notified()).await;
+                continue;
+            };
+            if let Err(e) = self.runtime.prestart(name).await {
+                tracing::warn!(template = name, error = %e, "starting a warm sandbox failed");
+                let _ = tokio::time::timeout(RETRY_AFTER_FAILURE, self.pool_wake.notified()).await;
+            }
+        }
     }
 
     /// The registry, for the events and webhooks API.
@@ -543,7 +605,7 @@ impl Gateway {
         // Sandboxes the jail has but the registry does not: a create cut short by a crash.
         for id in live.keys() {
             if self.entry(id).is_none() {
-                tracing::warn!(sandbox = %id, "unregistered sandbox from an interrupted create; killing it");
+                tracing::warn!(sandbox = %id, "unregistered sandbox (warm, or from an interrupted create); killing it");
                 if let Err(e) = self.runtime.kill(id).await {
                     tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
                 }
@@ -687,6 +749,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         waker: dispatcher.waker(),
         guard,
         feeds: feed::Feeds::default(),
+        creates: AtomicUsize::new(0),
+        pool_wake: tokio::sync::Notify::new(),
+        stopping: AtomicBool::new(false),
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts
@@ -717,7 +782,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             lock(&builder.templates).insert(name, state);
         }
     });
-    let served = server::serve(gateway).await;
+    let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());
+    let served = server::serve(Arc::clone(&gateway)).await;
+    // Warm sandboxes belong to no one: stop refilling, then kill them.
+    gateway.stopping.store(true, Ordering::Release);
+    gateway.pool_changed();
+    let _ = filler.await;
+    gateway.runtime.drain().await;
     // Attempts still in flight keep their leases and are made again after the next start.
     let _ = stop_dispatcher.send(());
     match tokio::time::timeout(DISPATCHER_STOP, dispatching).await {

@@ -65,6 +65,13 @@ fn backend(op: &'static str) -> impl FnOnce(BackendError) -> RuntimeError {
     move |source| RuntimeError::Backend { op, source }
 }
 
+/// What every sandbox gets (E2B's default sandbox size: 2 vCPUs, 1 GiB).
+pub(crate) const DEFAULT_LIMITS: Limits = Limits {
+    memory_bytes: Some(1 << 30),
+    pids: Some(4096),
+    cpu_millis: Some(2000),
+};
+
 /// What a new sandbox is made of.
 #[derive(Debug)]
 pub(crate) struct Setup<'a> {
@@ -73,6 +80,39 @@ pub(crate) struct Setup<'a> {
     pub(crate) limits: Limits,
     pub(crate) env_vars: &'a std::collections::BTreeMap<String, String>,
     pub(crate) access_token: &'a str,
+    /// The sandbox was claimed from the warm pool ([`Runtime::claim`]) under `id` and runs
+    /// with this pid: only its agent is left to configure.
+    pub(crate) warm: Option<u32>,
+}
+
+/// A sandbox started ahead of demand: running, its agent listening, not yet configured.
+#[derive(Debug)]
+pub(crate) struct Warm {
+    pub(crate) id: SandboxId,
+    pub(crate) pid: u32,
+}
+
+/// A random string of `len` characters from `[a-z0-9]` (E2B's sandbox ids look like this).
+pub(crate) fn random_token(len: usize) -> Option<String> {
+    use ring::rand::SecureRandom;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = vec![0u8; len];
+    ring::rand::SystemRandom::new().fill(&mut bytes).ok()?;
+    // 252 is the largest multiple of 36 below 256; re-rolling would be exact, but the bias of
+    // mapping 256 values onto 36 is irrelevant for ids and tokens of this length.
+    Some(
+        bytes
+            .iter()
+            .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+            .collect(),
+    )
+}
+
+/// A new sandbox id.
+pub(crate) fn mint_id() -> Result<SandboxId, RuntimeError> {
+    random_token(SANDBOX_ID_LEN)
+        .and_then(|t| SandboxId::new(t).ok())
+        .ok_or_else(|| RuntimeError::Agent("no randomness available for a sandbox id".into()))
 }
 
 /// Templates the gateway serves: E2B's two SDK defaults.
@@ -95,6 +135,8 @@ pub(crate) struct Runtime {
     template_cache: PathBuf,
     /// One build at a time per template; the value is its storage layer once imported.
     templates: HashMap<&'static str, Arc<Mutex<Option<LayerId>>>>,
+    /// Started, unconfigured sandboxes per template, oldest first.
+    warm: std::sync::Mutex<HashMap<&'static str, Vec<Warm>>>,
 }
 
 impl Runtime {
@@ -140,6 +182,7 @@ impl Runtime {
                 .iter()
                 .map(|(name, _)| (*name, Arc::new(Mutex::new(None))))
                 .collect(),
+            warm: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -221,25 +264,102 @@ impl Runtime {
         self.sandbox_run_dir(id).join(SOCKET)
     }
 
-    /// Creates and starts a sandbox, waits for its agent and configures it. On failure
-    /// nothing of the sandbox is left.
+    /// Creates and starts a sandbox, waits for its agent and configures it; a sandbox claimed
+    /// from the warm pool only needs configuring (if that fails it is replaced by a fresh one
+    /// under the same id). On failure nothing of the sandbox is left.
     pub(crate) async fn create(&self, setup: Setup<'_>) -> Result<u32, RuntimeError> {
+        if let Some(pid) = setup.warm {
+            match self.configure(&setup).await {
+                Ok(()) => return Ok(pid),
+                Err(e) => {
+                    tracing::warn!(sandbox = %setup.id, error = %e, "warm sandbox failed; starting a fresh one");
+                    self.destroy(setup.id).await;
+                }
+            }
+        }
         let layer = self.template(setup.template).await?;
-        let result = self.create_inner(&setup, &layer).await;
+        let result = async {
+            let pid = self.boot(setup.id, &layer, setup.limits).await?;
+            self.configure(&setup).await?;
+            Ok(pid)
+        }
+        .await;
         if result.is_err() {
             self.destroy(setup.id).await;
         }
         result
     }
 
-    async fn create_inner(&self, setup: &Setup<'_>, layer: &LayerId) -> Result<u32, RuntimeError> {
+    /// Takes the oldest warm sandbox of `template`, if there is one.
+    pub(crate) fn claim(&self, template: &str) -> Option<Warm> {
+        let mut warm = self
+            .warm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = warm.get_mut(template)?;
+        (!list.is_empty()).then(|| list.remove(0))
+    }
+
+    /// How many warm sandboxes `template` has.
+    pub(crate) fn warm_count(&self, template: &str) -> usize {
+        self.warm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(template)
+            .map_or(0, Vec::len)
+    }
+
+    /// Starts one sandbox of `template` for the warm pool.
+    pub(crate) async fn prestart(&self, template: &'static str) -> Result<(), RuntimeError> {
+        let layer = self.template(template).await?;
+        let id = mint_id()?;
+        match self.boot(&id, &layer, DEFAULT_LIMITS).await {
+            Ok(pid) => {
+                self.warm
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(template)
+                    .or_default()
+                    .push(Warm { id, pid });
+                Ok(())
+            }
+            Err(e) => {
+                self.destroy(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Kills every warm sandbox (at shutdown: nobody has them, nothing re-adopts them).
+    pub(crate) async fn drain(&self) {
+        let all: Vec<Warm> = std::mem::take(
+            &mut *self
+                .warm
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_values()
+        .flatten()
+        .collect();
+        for w in all {
+            self.destroy(&w.id).await;
+        }
+    }
+
+    /// Starts a sandbox on `layer` and waits until its agent accepts connections.
+    async fn boot(
+        &self,
+        id: &SandboxId,
+        layer: &LayerId,
+        limits: Limits,
+    ) -> Result<u32, RuntimeError> {
         let t0 = Instant::now();
         let rootfs = self
             .storage
-            .create_rootfs(setup.id, layer)
+            .create_rootfs(id, layer)
             .await
             .map_err(backend("create the sandbox's root filesystem"))?;
-        let run = self.sandbox_run_dir(setup.id);
+        let run = self.sandbox_run_dir(id);
         let root = self.jail.host_id(0);
         std::fs::create_dir_all(&run)
             .and_then(|()| std::os::unix::fs::chown(&run, Some(root), Some(root)))
@@ -248,7 +368,7 @@ impl Runtime {
                 source: BackendError::io("create", &run, e),
             })?;
         let spec = JailSpec {
-            id: setup.id.clone(),
+            id: id.clone(),
             rootfs,
             init: InitSpec {
                 program: SANDBOX_AGENT.into(),
@@ -274,7 +394,7 @@ impl Runtime {
                     read_only: false,
                 },
             ],
-            limits: setup.limits,
+            limits,
         };
         let t_rootfs = t0.elapsed();
         let info = self
@@ -283,38 +403,50 @@ impl Runtime {
             .await
             .map_err(backend("start the sandbox"))?;
         let t_jail = t0.elapsed();
-        let socket = run.join(SOCKET);
+        drop(
+            connect_when_listening(&run.join(SOCKET), AGENT_START_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    RuntimeError::Agent(format!("{e}; see {}", self.jail.log_path(id).display()))
+                })?,
+        );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            sandbox = %id,
+            rootfs_ms = ms(t_rootfs),
+            jail_ms = ms(t_jail - t_rootfs),
+            agent_ms = ms(t0.elapsed() - t_jail),
+            "sandbox started"
+        );
+        Ok(info.pid)
+    }
+
+    /// Gives a started sandbox's agent its environment and access token (`/init`).
+    async fn configure(&self, setup: &Setup<'_>) -> Result<(), RuntimeError> {
+        let t0 = Instant::now();
         let init = serde_json::json!({
             "envVars": setup.env_vars,
             "accessToken": setup.access_token,
             "defaultUser": "user",
             "defaultWorkdir": "/home/user",
         });
-        let stream = connect_when_listening(&socket, AGENT_START_TIMEOUT)
+        let socket = self.socket(setup.id);
+        let stream = tokio::net::UnixStream::connect(&socket)
             .await
-            .map_err(|e| {
-                RuntimeError::Agent(format!(
-                    "{e}; see {}",
-                    self.jail.log_path(setup.id).display()
-                ))
-            })?;
-        let t_agent = t0.elapsed();
+            .map_err(|e| RuntimeError::Agent(format!("connect {}: {e}", socket.display())))?;
         let status = post_json(stream, "/init", init.to_string())
             .await
             .map_err(RuntimeError::Agent)?;
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             sandbox = %setup.id,
-            rootfs_ms = ms(t_rootfs),
-            jail_ms = ms(t_jail - t_rootfs),
-            agent_ms = ms(t_agent - t_jail),
-            init_ms = ms(t0.elapsed() - t_agent),
-            "sandbox started"
+            init_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            warm = setup.warm.is_some(),
+            "sandbox configured"
         );
         if !(200..300).contains(&status) {
             return Err(RuntimeError::Agent(format!("/init answered {status}")));
         }
-        Ok(info.pid)
+        Ok(())
     }
 
     /// Freezes a sandbox.
@@ -357,7 +489,7 @@ impl Runtime {
     }
 
     /// Best-effort teardown after a failed create.
-    async fn destroy(&self, id: &SandboxId) {
+    pub(crate) async fn destroy(&self, id: &SandboxId) {
         if let Err(e) = self.kill(id).await {
             tracing::warn!(sandbox = %id, error = %e, "cleanup after a failed create");
         }

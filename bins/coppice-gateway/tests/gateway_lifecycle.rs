@@ -231,3 +231,56 @@ fn requests_racing_a_pause_all_succeed() {
     assert!(events(&lab, &plain_id, "sandbox.lifecycle.resumed").is_empty());
     lab.finish();
 }
+
+/// The ids of every sandbox the gateway's jail has (warm ones included), from its cgroups.
+fn jailed_ids(lab: &Lab) -> std::collections::BTreeSet<String> {
+    lab.group_leftovers()
+        .iter()
+        .filter_map(|l| l.strip_prefix("cgroup "))
+        .filter_map(|p| p.rsplit('/').next().map(str::to_owned))
+        .collect()
+}
+
+/// `--warm-pool N` keeps N started sandboxes per template: creates take them (the id the
+/// client gets is a warm sandbox's), they are refilled, they are never listed, and a graceful
+/// stop kills them (`finish` asserts that nothing is left).
+#[test]
+fn the_warm_pool_serves_creates_and_is_drained_at_stop() {
+    let Some(mut lab) = Lab::new("the_warm_pool_serves_creates_and_is_drained_at_stop") else {
+        return;
+    };
+    lab.options.args = vec!["--warm-pool".into(), "3".into()];
+    lab.start();
+    lab.wait_templates_imported();
+    let warm = wait_for("six warm sandboxes", WAIT, || {
+        let ids = jailed_ids(&lab);
+        (ids.len() == 6).then_some(ids)
+    });
+    assert!(lab.listed_ids().is_empty(), "warm sandboxes are not listed");
+    let created: Vec<Value> = (0..3)
+        .map(|_| lab.create(json!({"templateID": "base", "timeout": 600})))
+        .collect();
+    for sbx in &created {
+        let id = id_of(sbx);
+        assert!(
+            warm.contains(&id),
+            "{id} did not come from the pool {warm:?}"
+        );
+        assert_eq!(
+            lab.exec(&id, Some(&token_of(sbx)), "echo $HOME").ok(),
+            "/home/user\n"
+        );
+    }
+    // A fourth create finds the pool empty or refilling; either way it works.
+    let fourth = lab.create(json!({"templateID": "base", "envVars": {"X": "4"}}));
+    assert_eq!(
+        lab.exec(&id_of(&fourth), Some(&token_of(&fourth)), "echo $X")
+            .ok(),
+        "4\n"
+    );
+    wait_for("the pool refilled", WAIT, || {
+        (jailed_ids(&lab).len() == 6 + 4).then_some(())
+    });
+    assert_eq!(lab.listed_ids().len(), 4);
+    lab.finish();
+}

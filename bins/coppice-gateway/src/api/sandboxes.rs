@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coppice_lifecycle::backend::{Limits, SandboxId};
+use coppice_lifecycle::backend::SandboxId;
 use coppice_lifecycle::state::{
     Cause, Command, Lifecycle, Millis, OnTimeout, Policy, SandboxState,
 };
@@ -32,11 +32,6 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const MAX_REFRESH: Duration = Duration::from_secs(3600);
 /// Default limits: E2B's default sandbox size is 2 vCPUs; memory is generous enough for
 /// pandas and matplotlib in the code interpreter.
-const DEFAULT_LIMITS: Limits = Limits {
-    memory_bytes: Some(1 << 30),
-    pids: Some(4096),
-    cpu_millis: Some(2000),
-};
 /// Nominal disk size reported to clients; storage sets no quota yet.
 const DISK_SIZE_MB: u64 = 10 * 1024;
 /// Largest metadata or env map a create may carry, in total bytes.
@@ -98,18 +93,8 @@ fn check_map(field: &str, map: &BTreeMap<String, String>, env: bool) -> Result<(
 
 /// Random `[a-z0-9]` of `len` characters, from the system's CSPRNG.
 fn random_token(len: usize) -> Result<String> {
-    use ring::rand::SecureRandom;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut bytes = vec![0u8; len];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available"))?;
-    // 252 is the largest multiple of 36 below 256; re-rolling would be exact, but the bias of
-    // mapping 256 values onto 36 is irrelevant for ids and tokens of this length.
-    Ok(bytes
-        .iter()
-        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
-        .collect())
+    crate::runtime::random_token(len)
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available"))
 }
 
 fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
@@ -221,8 +206,13 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         ));
     }
 
-    let id = SandboxId::new(random_token(crate::runtime::SANDBOX_ID_LEN)?)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // A warm sandbox of the template, if the pool has one, is this sandbox from here on.
+    let warm = gw.runtime.claim(&template);
+    gw.pool_changed();
+    let id = match &warm {
+        Some(w) => w.id.clone(),
+        None => crate::runtime::mint_id()?,
+    };
     let created = now();
     let record = Record {
         id: id.clone(),
@@ -232,15 +222,24 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         env_vars,
         access_token: random_token(32)?,
         lifecycle: Lifecycle::creating(created, timeout, policy),
-        limits: DEFAULT_LIMITS,
+        limits: crate::runtime::DEFAULT_LIMITS,
         allow_internet: req.allow_internet_access,
         pid: None,
         build_id: String::new(),
         execution_id: String::new(),
         execution_started_at: 0,
     };
-    let entry = gw.insert(record.clone())?;
+    let entry = match gw.insert(record.clone()) {
+        Ok(entry) => entry,
+        Err(e) => {
+            if warm.is_some() {
+                gw.runtime.destroy(&id).await;
+            }
+            return Err(e.into());
+        }
+    };
     let _op = entry.op.write().await;
+    let _creating = gw.creating();
     let started = gw
         .runtime
         .create(Setup {
@@ -249,6 +248,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             limits: record.limits,
             env_vars: &record.env_vars,
             access_token: &record.access_token,
+            warm: warm.map(|w| w.pid),
         })
         .await;
     let pid = match started {
