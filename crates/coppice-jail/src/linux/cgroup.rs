@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 use coppice_lifecycle::backend::{BackendError, Limits, ResourceUsage};
 use serde::{Deserialize, Serialize};
 
+/// The pids in `dir/cgroup.procs`; none when the cgroup is gone.
+fn procs(dir: &Path) -> Result<Vec<u32>, BackendError> {
+    match fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(s) => Ok(s.lines().filter_map(|l| l.trim().parse().ok()).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(BackendError::io("read cgroup file", dir, e)),
+    }
+}
+
 /// How long pause, resume and teardown wait for the kernel before giving up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -369,19 +378,24 @@ impl SandboxCgroups {
 
     /// Host pids of every task in the sandbox.
     pub(crate) fn pids(&self) -> Result<Vec<u32>, BackendError> {
-        // Every hierarchy lists the same tasks; prefer one that exists.
+        // Every hierarchy lists the same tasks once a start has finished; prefer one.
         let dir = self
             .v2
             .as_deref()
             .or_else(|| self.v1.first().map(|(_, d)| d.as_path()));
-        let Some(dir) = dir else {
-            return Ok(Vec::new());
-        };
-        match fs::read_to_string(dir.join("cgroup.procs")) {
-            Ok(s) => Ok(s.lines().filter_map(|l| l.trim().parse().ok()).collect()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(BackendError::io("read cgroup file", dir, e)),
+        dir.map_or(Ok(Vec::new()), procs)
+    }
+
+    /// Host pids of every task in any of the sandbox's cgroups: a start cut short between
+    /// joining one hierarchy and the next leaves its task in only some of them.
+    fn pids_anywhere(&self) -> Result<Vec<u32>, BackendError> {
+        let mut all = Vec::new();
+        for dir in self.all_dirs() {
+            all.extend(procs(&dir)?);
         }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
     }
 
     /// Kills every task, waits until none is left, and removes the cgroups.
@@ -397,13 +411,14 @@ impl SandboxCgroups {
                 if let Some(dir) = &self.v2 {
                     write(&dir.join("cgroup.kill"), "1")?;
                 }
-            } else {
-                for pid in self.pids()? {
-                    let pid = libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX);
-                    // SAFETY: kill(2) with a pid read from the sandbox's cgroup; a stale pid
-                    // only yields ESRCH.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            }
+            // Without cgroup.kill every task, and with it those a cut-short start left
+            // outside the v2 cgroup.
+            for pid in self.pids_anywhere()? {
+                let pid = libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX);
+                // SAFETY: kill(2) with a pid read from the sandbox's cgroups; a stale pid
+                // only yields ESRCH.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             // Tasks frozen by the v1 freezer only die once thawed.
             if let Some(dir) = self.dir(Controller::Freezer) {
@@ -412,7 +427,7 @@ impl SandboxCgroups {
                     write(&state, "THAWED")?;
                 }
             }
-            if self.pids()?.is_empty() {
+            if self.pids_anywhere()?.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
@@ -609,6 +624,59 @@ mod tests {
 1:cpu:/
 0::/
 ";
+
+    /// A start cut short between joining one hierarchy and the next leaves its task in
+    /// only the first: teardown must still find and kill it, or the cgroups stay busy.
+    #[test]
+    #[allow(clippy::print_stdout)] // the skip line must reach the test output
+    fn teardown_kills_a_task_that_joined_only_one_hierarchy() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP teardown_kills_a_task_that_joined_only_one_hierarchy: needs root");
+            return;
+        }
+        let group = format!("coppice-unit-{}", std::process::id());
+        let Ok(h) = Hierarchies::detect(&group) else {
+            println!("SKIP teardown_kills_a_task_that_joined_only_one_hierarchy: no cgroups");
+            return;
+        };
+        let cgroups = match h.create("halfjoined", &Limits::default()) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("SKIP teardown_kills_a_task_that_joined_only_one_hierarchy: {e}");
+                return;
+            }
+        };
+        let Some(last) = cgroups.all_dirs().into_iter().last() else {
+            println!("SKIP teardown_kills_a_task_that_joined_only_one_hierarchy: no hierarchy");
+            return;
+        };
+        #[allow(clippy::disallowed_methods)]
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        // Joined the hierarchy listed last only (v2 on hybrid hosts, where pids() looks).
+        let first = cgroups.all_dirs().into_iter().next().unwrap();
+        let joined = if cgroups.all_dirs().len() > 1 {
+            first
+        } else {
+            last
+        };
+        let result = write(&joined.join("cgroup.procs"), &child.id().to_string())
+            .and_then(|()| cgroups.kill_all_and_remove());
+        let status = child.try_wait();
+        if result.is_err() || !matches!(status, Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            cgroups.remove_dirs();
+        }
+        cgroups.remove_empty_parents();
+        result.unwrap();
+        let _ = child.wait();
+        assert!(cgroups.all_dirs().iter().all(|d| !d.exists()));
+    }
 
     #[test]
     fn hybrid_hosts_nest_under_each_own_cgroup() {
