@@ -669,8 +669,7 @@ mod tests {
         if result.is_err() || !matches!(status, Ok(Some(_))) {
             let _ = child.kill();
             let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-            cgroups.remove_dirs();
+            let _ = cgroups.remove_dirs_checked();
         }
         cgroups.remove_empty_parents();
         result.unwrap();
