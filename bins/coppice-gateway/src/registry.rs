@@ -124,15 +124,18 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let json = serde_json::to_string(record).map_err(err("encode record"))?;
         self.transaction(events, |tx| {
-            tx.execute(
+            // Every lifecycle change writes here: prepared once per connection.
+            tx.prepare_cached(
                 "INSERT INTO sandboxes (id, created_at, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET record = excluded.record",
-                params![
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
                     record.id.as_str(),
                     i64::try_from(record.created_at).unwrap_or(i64::MAX),
                     json
-                ],
-            )
+                ])
+            })
             .map_err(err("write record"))?;
             Ok(())
         })
@@ -150,7 +153,8 @@ impl Registry {
         events: &[Event],
     ) -> Result<(), RegistryError> {
         self.transaction(events, |tx| {
-            tx.execute("DELETE FROM sandboxes WHERE id = ?1", params![id.as_str()])
+            tx.prepare_cached("DELETE FROM sandboxes WHERE id = ?1")
+                .and_then(|mut stmt| stmt.execute(params![id.as_str()]))
                 .map_err(err("delete record"))?;
             Ok(())
         })

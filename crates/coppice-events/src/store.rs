@@ -178,34 +178,36 @@ fn uuid_col(row: &Row<'_>, idx: usize, what: &'static str) -> Result<Uuid, Store
 /// docs). Returns the event's id. Recording the same id twice is [`StoreError::Duplicate`].
 pub fn record(conn: &Connection, event: &Event) -> Result<Uuid, StoreError> {
     let body = event.to_json();
+    let id = event.id.to_string();
     atomically(conn, || {
+        // Both statements run on every lifecycle change: prepared once per connection.
         let inserted = conn
-            .execute(
+            .prepare_cached(
                 "INSERT INTO events (id, type, sandbox_id, ts, body) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO NOTHING",
-                params![
-                    event.id.to_string(),
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    id,
                     event.event_type.as_str(),
                     event.sandbox_id,
                     ms(event.timestamp),
                     body
-                ],
-            )
+                ])
+            })
             .map_err(sql("insert event"))?;
         if inserted == 0 {
             return Err(StoreError::Duplicate { id: event.id });
         }
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO webhook_deliveries (webhook_id, event_id, state, attempts, next_at)
              SELECT w.id, ?1, 'pending', 0, ?3 FROM webhooks w
              WHERE w.enabled = 1
                AND EXISTS (SELECT 1 FROM json_each(w.events) WHERE value = ?2)",
-            params![
-                event.id.to_string(),
-                event.event_type.as_str(),
-                ms(event.timestamp)
-            ],
         )
+        .and_then(|mut stmt| {
+            stmt.execute(params![id, event.event_type.as_str(), ms(event.timestamp)])
+        })
         .map_err(sql("enqueue deliveries"))?;
         Ok(event.id)
     })
