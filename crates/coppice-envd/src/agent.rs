@@ -32,7 +32,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<PathBuf, String> {
 }
 
 /// Runs the agent with `args` (without the program name); returns the process exit code.
-/// Errors are reported on stderr, which the jail sends to the sandbox's log.
+/// Errors are reported on stderr, which the jail sends to the sandbox's log; everything else
+/// the agent logs goes there too, as [`crate::journal`] lines.
 #[allow(
     clippy::print_stderr,
     reason = "the agent's own errors go to its log on stderr"
@@ -46,6 +47,7 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
+        .event_format(crate::journal::JsonLines)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COPPICE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -68,6 +68,13 @@ where
             Err(e) => return reply::error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
         }
     };
+    tracing::info!(
+        event_type = "init",
+        env_vars = init.env_vars.as_ref().map_or(0, HashMap::len),
+        default_user = init.default_user.as_deref(),
+        default_workdir = init.default_workdir.as_deref(),
+        "Sandbox initialized"
+    );
     if let Some(envs) = init.env_vars {
         write(&state.envs).extend(envs);
     }

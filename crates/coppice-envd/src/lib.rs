@@ -8,13 +8,15 @@
 //! interpreter. [`state::AgentState`] is the per-sandbox state set by `/init`, and
 //! [`reaper`] owns every `wait` in the process (the agent is PID 1); [`report`] is what the
 //! agent tells the gateway about enforcement it did (`task.timeout`), as NDJSON in its run
-//! directory.
+//! directory; [`journal`] is the format of the agent's log (JSON lines on stderr) and its
+//! reader.
 //!
 //! **Invariant:** nothing here knows about other sandboxes, the gateway's routing or
 //! lifecycle; the agent sees one sandbox from the inside.
 
 pub mod agent;
 pub mod hop;
+pub mod journal;
 pub mod reaper;
 pub mod report;
 pub mod state;

@@ -115,11 +115,17 @@ struct EndInfo {
 }
 
 impl EndInfo {
+    /// The exit code (-1 for a signal) and envd's `status` string.
+    fn code_and_status(&self) -> (i32, String) {
+        match self.exit {
+            Exit::Code(c) => (c, format!("exit status {c}")),
+            Exit::Signal(s) => (-1, format!("signal: {}", signal_name(s))),
+        }
+    }
+
     fn to_json(&self) -> serde_json::Value {
-        let (code, exited, status) = match self.exit {
-            Exit::Code(c) => (c, true, format!("exit status {c}")),
-            Exit::Signal(s) => (-1, false, format!("signal: {}", signal_name(s))),
-        };
+        let (code, status) = self.code_and_status();
+        let exited = matches!(self.exit, Exit::Code(_));
         let mut end = serde_json::Map::new();
         if code != 0 {
             end.insert("exitCode".into(), json!(code));
@@ -831,6 +837,21 @@ fn spawn(
         pty: pty.clone(),
         fanout: Mutex::new(Fanout::default()),
     });
+    // What E2B's envd logs for every process, so the sandbox's log says what ran.
+    let command = std::iter::once(config.cmd.as_str())
+        .chain(args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!(
+        event_type = "process_start",
+        pid = proc.pid,
+        command = %command,
+        user = %user.name,
+        cwd = %cwd.display(),
+        tag = proc.tag.as_deref(),
+        "Process with pid {} started",
+        proc.pid
+    );
     // Subscribe before any output can be read, so the Start stream misses nothing.
     let events = proc.subscribe();
     lock(&state.processes.procs).insert(proc.pid, Arc::clone(&proc));
@@ -863,10 +884,6 @@ fn spawn(
     }
     let st = Arc::clone(state);
     let p = Arc::clone(&proc);
-    let command = std::iter::once(config.cmd.as_str())
-        .chain(args.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(" ");
     tokio::spawn(async move {
         let (exit, timed_out) = supervise(&p, exit_rx, lifetime, &st, &command).await;
         // Everything the process wrote before it exited is in its pipes now; the pumps
@@ -878,6 +895,16 @@ fn spawn(
         // No more writes can reach a dead process.
         p.stdin.lock().await.take();
         let end = EndInfo { exit, timed_out };
+        let (exit_code, status) = end.code_and_status();
+        tracing::info!(
+            event_type = "process_end",
+            pid = p.pid,
+            exit_code,
+            status = %status,
+            timed_out,
+            "Process with pid {} ended",
+            p.pid
+        );
         st.processes.finished(&p, end.clone());
         p.publish_end(end).await;
     });
