@@ -696,3 +696,35 @@ fn a_feed_records_each_step_exactly_once() {
     forget_feeds(&conn, &["agent:x"]).unwrap();
     assert_eq!(feed_position(&conn, "agent:x").unwrap(), 0);
 }
+
+#[test]
+fn delivery_stats_count_the_outbox_and_the_attempt_log() {
+    let conn = db();
+    assert_eq!(delivery_stats(&conn).unwrap(), DeliveryStats::default());
+    create_webhook(&conn, &hook(&[EventType::Created]), T0).unwrap();
+    let p = policy(&[1000]);
+    for sandbox in ["a", "b", "c"] {
+        record(&conn, &created(sandbox, T0.0)).unwrap();
+    }
+    let mut claims = claim_all(&conn, T0);
+    assert_eq!(claims.len(), 3);
+    finish_attempt(&conn, &claims.remove(0), &answered(T0, 200), &p).unwrap();
+    let retried = claims.remove(0);
+    finish_attempt(&conn, &retried, &answered(T0, 500), &p).unwrap();
+    let again = claim_all(&conn, Millis(T0.0 + 10_000)).remove(0);
+    assert_eq!(again.delivery_id, retried.delivery_id);
+    finish_attempt(&conn, &again, &answered(Millis(T0.0 + 10_000), 500), &p).unwrap();
+    assert_eq!(
+        delivery_stats(&conn).unwrap(),
+        DeliveryStats {
+            // The third delivery is still leased, which is pending.
+            pending: 1,
+            delivered: 1,
+            failed: 1,
+            attempts_delivered: 1,
+            attempts_retrying: 1,
+            attempts_failed: 1,
+            attempts_disabled: 0,
+        }
+    );
+}
