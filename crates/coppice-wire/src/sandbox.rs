@@ -263,6 +263,13 @@ pub struct SandboxMetric {
     pub disk_total: u64,
 }
 
+/// `GET /sandboxes/metrics`: the latest sample of each sandbox asked for (`SandboxesWithMetrics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxesWithMetrics {
+    /// Sandbox id → its latest sample; sandboxes without one are left out.
+    pub sandboxes: std::collections::BTreeMap<String, SandboxMetric>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
