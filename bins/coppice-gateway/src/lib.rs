@@ -19,10 +19,13 @@ pub mod config;
 
 mod api;
 mod feed;
+mod metrics;
 mod registry;
 mod runtime;
+mod sandbox_log;
 mod server;
 mod service;
+mod usage;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -88,6 +91,8 @@ pub(crate) struct Entry {
     /// Data-plane requests under way (until their response body ends or is dropped): an
     /// open stream counts as activity.
     in_flight: AtomicU32,
+    /// Its resource samples, for `GET /sandboxes/{id}/metrics`.
+    pub(crate) usage: usage::History,
 }
 
 impl Entry {
@@ -97,6 +102,7 @@ impl Entry {
             op: tokio::sync::RwLock::new(()),
             activity: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            usage: usage::History::default(),
         })
     }
 
@@ -169,6 +175,8 @@ pub(crate) struct Gateway {
     pool_wake: tokio::sync::Notify,
     /// Set at shutdown: the filler stops starting sandboxes.
     stopping: AtomicBool,
+    /// Counters for `GET /metrics`.
+    pub(crate) metrics: metrics::Metrics,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -265,8 +273,9 @@ impl Gateway {
         mut record: Record,
         event: &LifecycleEvent,
     ) -> Result<Record, registry::RegistryError> {
-        let event = lifecycle_event(&mut record, event, now());
-        self.registry.put_with_events(&record, &[event])?;
+        let recorded = lifecycle_event(&mut record, event, now());
+        self.registry.put_with_events(&record, &[recorded])?;
+        self.metrics.lifecycle(event);
         *lock(&entry.record) = record.clone();
         // `record` came from `Entry::record`, so it holds every touch so far (touches wait
         // for the operation lock the caller holds); a later window starts from this commit.
@@ -420,6 +429,7 @@ impl Gateway {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pruned_at = std::time::Instant::now();
         self.prune_events();
+        self.prune_logs().await;
         let mut ticks: u32 = 0;
         loop {
             tick.tick().await;
@@ -430,6 +440,7 @@ impl Gateway {
             if pruned_at.elapsed() >= RETENTION_INTERVAL {
                 pruned_at = std::time::Instant::now();
                 self.prune_events();
+                self.prune_logs().await;
             }
             let now = now();
             for entry in self.entries() {
@@ -447,6 +458,79 @@ impl Gateway {
                     self.store_activity(&entry).await;
                 }
             }
+        }
+    }
+
+    /// Takes a resource sample of `entry`'s sandbox into its history, if it is running.
+    pub(crate) async fn sample(&self, entry: &Entry) -> Option<usage::Sample> {
+        let record = entry.record();
+        if record.lifecycle.state != SandboxState::Running {
+            return None;
+        }
+        match self.runtime.usage(&record.id).await {
+            Ok((cpu, disk)) => Some(entry.usage.record(
+                now().0,
+                record.lifecycle.started_at.0,
+                usage::cpu_count(&record.limits),
+                &cpu,
+                &disk,
+            )),
+            Err(e) => {
+                // A sandbox killed or paused since it was listed.
+                tracing::debug!(sandbox = %record.id, error = %e, "no usage sample");
+                None
+            }
+        }
+    }
+
+    /// Every [`usage::SAMPLE_INTERVAL`]: samples every running sandbox and rotates every
+    /// sandbox's log that grew past its bound.
+    async fn watch_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(usage::SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for entry in self.entries() {
+                self.sample(&entry).await;
+                let path = self.runtime.log_path(&entry.record().id);
+                let rotated = tokio::task::spawn_blocking(move || {
+                    sandbox_log::rotate_if_large(&path, sandbox_log::MAX_FILE_BYTES)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                })
+                .await;
+                match rotated {
+                    Ok(Ok(true)) => tracing::debug!(sandbox = %entry.record().id, "log rotated"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "rotating a sandbox log failed"),
+                    Err(e) => tracing::warn!(error = %e, "rotating a sandbox log panicked"),
+                }
+            }
+        }
+    }
+
+    /// Removes the logs of sandboxes the gateway no longer has once they are
+    /// [`sandbox_log::RETENTION`] old.
+    async fn prune_logs(&self) {
+        let live: std::collections::HashSet<String> = self
+            .entries()
+            .iter()
+            .map(|e| e.record().id.to_string())
+            .collect();
+        let dir = self.runtime.logs_dir();
+        let pruned = tokio::task::spawn_blocking(move || {
+            sandbox_log::prune(
+                &dir,
+                |id| live.contains(id),
+                SystemTime::now(),
+                sandbox_log::RETENTION,
+            )
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(files = n, "pruned sandbox logs"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning sandbox logs failed"),
+            Err(e) => tracing::warn!(error = %e, "pruning sandbox logs panicked"),
         }
     }
 
@@ -588,6 +672,11 @@ impl Gateway {
                 self.registry
                     .delete_with_events(&id, &events)
                     .map_err(|e| setup(&e))?;
+                if !events.is_empty() {
+                    self.metrics.lifecycle(&LifecycleEvent::Killed {
+                        cause: Cause::Failure,
+                    });
+                }
                 continue;
             }
             // The registry is the truth for paused vs running.
@@ -752,6 +841,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         creates: AtomicUsize::new(0),
         pool_wake: tokio::sync::Notify::new(),
         stopping: AtomicBool::new(false),
+        metrics: metrics::Metrics::default(),
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts
@@ -762,6 +852,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }));
     gateway.reconcile().await?;
     tokio::spawn(Arc::clone(&gateway).reap_forever());
+    tokio::spawn(Arc::clone(&gateway).watch_forever());
     // Templates build in the background; /health says 200 once the default one is ready.
     let builder = Arc::clone(&gateway);
     tokio::spawn(async move {

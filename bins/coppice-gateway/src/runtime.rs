@@ -378,7 +378,9 @@ impl Runtime {
                         "PATH".into(),
                         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
                     ),
-                    ("COPPICE_LOG".into(), "warn".into()),
+                    // Process starts and ends are logged at info: they are what the
+                    // sandbox logs routes show (`docs/metrics.md`).
+                    ("COPPICE_LOG".into(), "info".into()),
                 ],
                 cwd: "/".into(),
             },
@@ -505,6 +507,16 @@ impl Runtime {
             .into_iter()
             .map(|i| (i.id, i.state))
             .collect())
+    }
+
+    /// The file that collects a sandbox's agent log (kept after the sandbox is killed).
+    pub(crate) fn log_path(&self, id: &SandboxId) -> PathBuf {
+        self.jail.log_path(id)
+    }
+
+    /// The directory of every sandbox's log.
+    pub(crate) fn logs_dir(&self) -> PathBuf {
+        self.jail.logs_dir()
     }
 
     /// CPU, memory and disk use of a sandbox.

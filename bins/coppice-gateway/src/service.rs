@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -12,7 +13,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
-use crate::api::{closing, events, has_body, json, proxy, sandboxes, Body};
+use crate::api::{closing, events, has_body, json, logs, metrics, proxy, sandboxes, Body};
+use crate::metrics::Family;
 use crate::Gateway;
 
 /// Largest control-plane request body.
@@ -64,15 +66,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
-    match proxy::target(&req, gw.config.domain.as_deref()) {
-        Some(Ok(target)) => return proxy::forward(gw, req, target).await,
-        Some(Err(e)) => return e.into_response(),
-        None => {}
-    }
-    match control(gw, req).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(),
-    }
+    let arrived = Instant::now();
+    let (family, resp) = match proxy::target(&req, gw.config.domain.as_deref()) {
+        Some(Ok(target)) => (
+            Family::proxy(target.port),
+            proxy::forward(gw, req, target).await,
+        ),
+        Some(Err(e)) => (Family::ProxyOther, e.into_response()),
+        None => {
+            let family = Family::control(req.uri().path());
+            let resp = match control(gw, req).await {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(),
+            };
+            (family, resp)
+        }
+    };
+    // Until the response head: a streamed body goes on afterwards.
+    gw.metrics.request(family, resp.status(), arrived.elapsed());
+    resp
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
@@ -146,6 +158,7 @@ async fn dispatch(
         (&Method::POST, ["v2", "sandboxes"]) => sandboxes::create(gw, &body, false).await,
         (&Method::GET, ["sandboxes"]) => sandboxes::list(gw, query, true),
         (&Method::GET, ["v2", "sandboxes"]) => sandboxes::list(gw, query, false),
+        (&Method::GET, ["sandboxes", "metrics"]) => metrics::latest(gw, query),
         (&Method::GET, ["sandboxes", id]) => sandboxes::get(gw, id),
         (&Method::DELETE, ["sandboxes", id]) => sandboxes::kill(gw, id).await,
         (&Method::POST, ["sandboxes", id, "pause"]) => sandboxes::pause(gw, id, &body).await,
@@ -160,7 +173,10 @@ async fn dispatch(
             sandboxes::set_timeout(gw, id, &body).await
         }
         (&Method::POST, ["sandboxes", id, "refreshes"]) => sandboxes::refresh(gw, id, &body).await,
-        (&Method::GET, ["sandboxes", id, "metrics"]) => sandboxes::metrics(gw, id).await,
+        (&Method::GET, ["metrics"]) => Ok(metrics::prometheus(gw)),
+        (&Method::GET, ["sandboxes", id, "metrics"]) => metrics::sandbox(gw, id, query).await,
+        (&Method::GET, ["sandboxes", id, "logs"]) => logs::legacy(gw, id, query).await,
+        (&Method::GET, ["v2", "sandboxes", id, "logs"]) => logs::v2(gw, id, query).await,
         (&Method::GET, ["events", "sandboxes"]) => events::list(gw, None, query),
         (&Method::GET, ["events", "sandboxes", id]) => events::list(gw, Some(id), query),
         (&Method::POST, ["events", "webhooks"]) => events::create_webhook(gw, &body),
@@ -179,10 +195,12 @@ async fn dispatch(
         (&Method::POST, ["events", "webhooks", id, "replay"]) => {
             events::replay_since(gw, Some(id), &body)
         }
-        (_, ["sandboxes" | "v2" | "events", ..]) | (_, ["health"]) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed on {path}"),
-        )),
+        (_, ["sandboxes" | "v2" | "events", ..]) | (_, ["health" | "metrics"]) => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            ))
+        }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {method} {path}"),

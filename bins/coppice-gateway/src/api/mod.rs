@@ -3,6 +3,8 @@
 
 pub(crate) mod error;
 pub(crate) mod events;
+pub(crate) mod logs;
+pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub(crate) mod sandboxes;
 

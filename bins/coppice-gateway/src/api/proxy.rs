@@ -160,10 +160,16 @@ async fn send(
         req.headers_mut().insert(SANDBOX_PORT, v);
     }
     // Once sent, the request's body belongs to the agent connection, whatever happens.
+    // Body bytes are counted both ways for `coppice_proxy_bytes_total`.
+    let req = req.map(|b| gw.metrics.count_in(b));
     Ok(match sender.send_request(req).await {
         Ok(resp) => resp.map(|b| {
             Tracked {
-                inner: b.map_err(|e| Box::new(e) as _).boxed(),
+                inner: gw
+                    .metrics
+                    .count_out(b)
+                    .map_err(|e| Box::new(e) as _)
+                    .boxed(),
                 _in_flight: in_flight,
             }
             .boxed()

@@ -1,5 +1,5 @@
 //! `/sandboxes` and `/v2/sandboxes`: create, list, get, kill, pause, resume, connect,
-//! timeout, refreshes, metrics.
+//! timeout, refreshes (metrics and logs are in `api/metrics.rs` and `api/logs.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use coppice_lifecycle::state::{
 use coppice_wire::query::{ListQuery, StateFilter};
 use coppice_wire::sandbox::{
     ConnectRequest, LifecycleBlock, NewSandbox, OnTimeoutWire, PauseRequest, RefreshRequest,
-    ResumeRequest, Sandbox, SandboxDetail, SandboxMetric, TimeoutRequest,
+    ResumeRequest, Sandbox, SandboxDetail, TimeoutRequest,
 };
 use coppice_wire::timestamp::format_millis;
 use http::{HeaderValue, Response, StatusCode};
@@ -458,34 +458,4 @@ pub(crate) async fn refresh(gw: &Gateway, id: &str, body: &Bytes) -> Result<Resp
     let duration = seconds("duration", req.duration.unwrap_or(60), MAX_REFRESH)?;
     change(gw, id, |now| Command::Refresh { now, duration }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
-}
-
-/// `GET /sandboxes/{id}/metrics`: one sample, now, from the cgroups and the storage layer.
-pub(crate) async fn metrics(gw: &Gateway, id: &str) -> Result<Response<Body>> {
-    let record = entry(gw, id)?.record();
-    if record.lifecycle.state == SandboxState::Creating {
-        return Ok(json(StatusCode::OK, &Vec::<SandboxMetric>::new()));
-    }
-    let (cpu, disk) = gw.runtime.usage(&record.id).await?;
-    let cpus = record.limits.cpu_millis.map_or(1, |m| m.div_ceil(1000));
-    let t = now();
-    let lived = t.since(record.lifecycle.started_at).as_secs_f64().max(1e-3);
-    // Average use since start, as a share of the sandbox's CPUs.
-    #[allow(
-        clippy::cast_precision_loss,
-        reason = "a percentage needs no more precision"
-    )]
-    let pct = (cpu.cpu_nanos as f64 / 1e9) / lived / f64::from(cpus) * 100.0;
-    let sample = SandboxMetric {
-        timestamp: format_millis(t.0),
-        timestamp_unix: i64::try_from(t.0 / 1000).unwrap_or(i64::MAX),
-        cpu_count: cpus,
-        cpu_used_pct: pct.min(100.0),
-        mem_used: cpu.memory_bytes,
-        mem_total: record.limits.memory_bytes.unwrap_or(0),
-        mem_cache: 0,
-        disk_used: disk.written_bytes,
-        disk_total: DISK_SIZE_MB << 20,
-    };
-    Ok(json(StatusCode::OK, &vec![sample]))
 }

@@ -80,9 +80,15 @@ impl LinuxJail {
         self.inner.config.uid_base + sandbox_uid
     }
 
-    /// The file that collects the sandbox init's stdout and stderr.
+    /// The file that collects the sandbox init's stdout and stderr. It is never removed by
+    /// the driver: it outlives the sandbox for whoever reads it.
     pub fn log_path(&self, id: &SandboxId) -> PathBuf {
-        self.inner.config.logs_dir().join(format!("{id}.log"))
+        self.logs_dir().join(format!("{id}.log"))
+    }
+
+    /// The directory of every sandbox's [`LinuxJail::log_path`].
+    pub fn logs_dir(&self) -> PathBuf {
+        self.inner.config.logs_dir()
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SandboxId, Record>> {
