@@ -177,6 +177,8 @@ pub(crate) struct Gateway {
     stopping: AtomicBool,
     /// Counters for `GET /metrics`.
     pub(crate) metrics: metrics::Metrics,
+    /// The webhook dispatcher's counters, for `GET /metrics`.
+    pub(crate) dispatch_stats: coppice_events::dispatch::Stats,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -842,6 +844,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         pool_wake: tokio::sync::Notify::new(),
         stopping: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
+        dispatch_stats: dispatcher.stats(),
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

@@ -5,8 +5,8 @@
 //!
 //! Each counter is bumped in exactly one place: lifecycle counters by `Gateway::commit` (and
 //! the restart sweep that records a dead sandbox's `killed`), request timings by the router,
-//! bytes by the proxy's bodies. Gauges (sandboxes running and paused, webhook deliveries) are
-//! read when scraped, from what the gateway holds.
+//! bytes by the proxy's bodies. Gauges (sandboxes running and paused, the webhook outbox) and
+//! the webhook dispatcher's own counters are read when scraped.
 
 use std::fmt::Write as _;
 use std::pin::Pin;
@@ -174,8 +174,10 @@ pub(crate) struct Levels {
     pub(crate) running: u64,
     /// Sandboxes paused now.
     pub(crate) paused: u64,
-    /// The webhook outbox and attempt log, if the store could be read.
-    pub(crate) webhooks: Option<coppice_events::store::DeliveryStats>,
+    /// The webhook outbox, if the store could be read.
+    pub(crate) outbox: Option<coppice_events::store::DeliveryStats>,
+    /// The webhook dispatcher's counters.
+    pub(crate) dispatch: coppice_events::dispatch::DispatchStats,
 }
 
 impl Metrics {
@@ -326,8 +328,31 @@ impl Metrics {
         out.sample(name, &[("direction", "in")], load(&self.proxy_in));
         out.sample(name, &[("direction", "out")], load(&self.proxy_out));
 
-        if let Some(w) = levels.webhooks {
-            let name = "coppice_webhook_deliveries";
+        let d = &levels.dispatch;
+        let name = "coppice_webhook_attempts_total";
+        out.family(
+            name,
+            "counter",
+            "Webhook delivery attempts by outcome: accepted, to be retried, given up, or \
+             answered 410 (which disables the webhook).",
+        );
+        for (outcome, n) in [
+            ("delivered", d.delivered),
+            ("retrying", d.retrying),
+            ("failed", d.failed),
+            ("disabled", d.disabled),
+        ] {
+            out.sample(name, &[("outcome", outcome)], n);
+        }
+        let name = "coppice_webhook_connections_total";
+        out.family(
+            name,
+            "counter",
+            "Connections the webhook dispatcher opened (kept alive between attempts).",
+        );
+        out.sample(name, &[], d.connections);
+        if let Some(w) = levels.outbox {
+            let name = "coppice_webhook_outbox";
             out.family(
                 name,
                 "gauge",
@@ -339,20 +364,6 @@ impl Metrics {
                 ("failed", w.failed),
             ] {
                 out.sample(name, &[("state", state)], n);
-            }
-            let name = "coppice_webhook_attempts";
-            out.family(
-                name,
-                "gauge",
-                "Logged webhook delivery attempts by outcome, among those retention keeps.",
-            );
-            for (outcome, n) in [
-                ("delivered", w.attempts_delivered),
-                ("retrying", w.attempts_retrying),
-                ("failed", w.attempts_failed),
-                ("disabled", w.attempts_disabled),
-            ] {
-                out.sample(name, &[("outcome", outcome)], n);
             }
         }
         out.text
@@ -579,8 +590,15 @@ mod tests {
             ),
             "0"
         );
-        // Without the store's numbers the webhook gauges are left out rather than zero.
-        assert!(!text.contains("coppice_webhook_deliveries"));
+        assert_eq!(
+            value(
+                &text,
+                "coppice_webhook_attempts_total{outcome=\"delivered\"}"
+            ),
+            "0"
+        );
+        // Without the store's numbers the outbox gauge is left out rather than zero.
+        assert!(!text.contains("coppice_webhook_outbox"));
     }
 
     #[test]
@@ -607,7 +625,7 @@ mod tests {
         let text = m.render(&Levels {
             running: 1,
             paused: 2,
-            webhooks: None,
+            ..Levels::default()
         });
         assert_eq!(value(&text, "coppice_sandboxes_created_total"), "2");
         assert_eq!(

@@ -1,7 +1,7 @@
 //! What an operator watches, through the real gateway: the Prometheus series at `GET /metrics`
 //! moving as real sandboxes are created, paused (by call and by timeout), resumed (by call,
-//! connect and traffic) and killed (by call and by timeout), with request latencies and proxy
-//! bytes; each sandbox's resource history at `GET /sandboxes/{id}/metrics` with its `start`
+//! connect and traffic) and killed (by call and by timeout), with request latencies, proxy
+//! bytes and webhook deliveries to a receiver on loopback; each sandbox's resource history at `GET /sandboxes/{id}/metrics` with its `start`
 //! and `end` filters and `GET /sandboxes/metrics`; and the sandbox logs routes, legacy and v2,
 //! with their filters, readable while paused and after the kill, and bounded on disk. Real
 //! binary, real sandboxes; see `support/mod.rs`.
@@ -32,6 +32,8 @@ use support::{empty, millis, now_millis, wait_for, Lab, Resp};
 const REAPER_WAIT: Duration = Duration::from_secs(30);
 /// How long the gateway's 5 s sampler may take to come round.
 const SAMPLER_WAIT: Duration = Duration::from_secs(30);
+/// How long a webhook delivery may take to arrive.
+const DELIVERY_WAIT: Duration = Duration::from_secs(60);
 
 fn id_of(v: &Value) -> String {
     v["sandboxID"].as_str().unwrap().to_owned()
@@ -98,7 +100,9 @@ fn prometheus_series_follow_the_lifecycle() {
     let Some(mut lab) = Lab::new("prometheus_series_follow_the_lifecycle") else {
         return;
     };
+    let receiver = Receiver::start();
     lab.options.api_keys = Some("k1".into());
+    lab.options.args = vec!["--webhook-allow".into(), "127.0.0.0/8".into()];
     lab.start();
 
     // Behind the API key, like every control-plane route but /health.
@@ -113,8 +117,23 @@ fn prometheus_series_follow_the_lifecycle() {
             .unwrap(),
     );
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = lab.api(
+        "POST",
+        "/events/webhooks",
+        Some(json!({
+            "name": "metrics",
+            "url": format!("http://{}/hook", receiver.addr),
+            "events": ["sandbox.lifecycle.created"],
+            "signatureSecret": "s3cr3t",
+        })),
+    );
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
     let t0 = scrape(&lab);
     assert_eq!(get(&t0, "coppice_sandboxes_created_total"), 0.0);
+    assert_eq!(
+        get(&t0, "coppice_webhook_attempts_total{outcome=\"delivered\"}"),
+        0.0
+    );
     assert_eq!(get(&t0, "coppice_sandboxes_running"), 0.0);
 
     // Created, then traffic through the proxy (which counts bytes both ways).
@@ -268,12 +287,105 @@ fn prometheus_series_follow_the_lifecycle() {
     );
     assert_eq!(get(&t8, "coppice_sandboxes_paused"), 1.0);
     assert_eq!(get(&t8, "coppice_sandboxes_running"), 0.0);
-    // No webhooks are configured: the outbox is empty, and its gauges say so.
+    // The three `created` events reached the receiver: the dispatcher's counters and the
+    // outbox say so.
+    let t9 = wait_for("three deliveries counted", DELIVERY_WAIT, || {
+        let m = scrape(&lab);
+        (get(&m, "coppice_webhook_attempts_total{outcome=\"delivered\"}") >= 3.0).then_some(m)
+    });
+    assert_eq!(receiver.count(), 3);
     assert_eq!(
-        get(&t8, "coppice_webhook_deliveries{state=\"pending\"}"),
+        get(&t9, "coppice_webhook_attempts_total{outcome=\"delivered\"}"),
+        3.0
+    );
+    assert_eq!(
+        get(&t9, "coppice_webhook_attempts_total{outcome=\"failed\"}"),
         0.0
     );
+    assert!(get(&t9, "coppice_webhook_connections_total") >= 1.0);
+    assert_eq!(get(&t9, "coppice_webhook_outbox{state=\"delivered\"}"), 3.0);
+    assert_eq!(get(&t9, "coppice_webhook_outbox{state=\"pending\"}"), 0.0);
     lab.finish();
+}
+
+/// A webhook receiver on loopback that accepts everything and counts what it got.
+struct Receiver {
+    addr: std::net::SocketAddr,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&count);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let stream = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((s, _)) => s,
+                            Err(_) => continue,
+                        },
+                    };
+                    let seen = Arc::clone(&seen);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(
+                            move |req: http::Request<hyper::body::Incoming>| {
+                                let seen = Arc::clone(&seen);
+                                async move {
+                                    use http_body_util::BodyExt as _;
+                                    let _ = req.into_body().collect().await;
+                                    seen.fetch_add(1, Ordering::SeqCst);
+                                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                                        http_body_util::Full::new(bytes::Bytes::new()),
+                                    ))
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        Self {
+            addr,
+            count,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `GET /sandboxes/{id}/metrics` with a raw query.

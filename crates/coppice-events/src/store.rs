@@ -1152,61 +1152,38 @@ pub fn prune(conn: &Connection, policy: &Retention, now: Millis) -> Result<Prune
     })
 }
 
-/// How many outbox rows are in each state, and how many logged attempts had each outcome,
-/// among what retention has kept. These are levels, not running totals: pruning lowers them.
+/// How many outbox rows are in each state, among what retention has kept. These are levels,
+/// not running totals (pruning lowers them); the dispatcher counts attempts itself
+/// (`dispatch::Stats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeliveryStats {
-    /// Deliveries waiting for a (further) attempt.
+    /// Deliveries waiting for a (further) attempt: the backlog.
     pub pending: u64,
     /// Deliveries a receiver accepted.
     pub delivered: u64,
     /// Deliveries given up on (retries used up, or a 410).
     pub failed: u64,
-    /// Attempts answered with a 2xx.
-    pub attempts_delivered: u64,
-    /// Attempts that failed and were rescheduled.
-    pub attempts_retrying: u64,
-    /// Attempts after which the delivery was given up.
-    pub attempts_failed: u64,
-    /// Attempts answered with 410, which disabled their webhook.
-    pub attempts_disabled: u64,
 }
 
-/// Counts the outbox by state and the attempt log by outcome.
+/// Counts the outbox by state.
 pub fn delivery_stats(conn: &Connection) -> Result<DeliveryStats, StoreError> {
     let mut stats = DeliveryStats::default();
-    let count = |query: &str, apply: &mut dyn FnMut(&str, u64)| {
-        let mut stmt = conn
-            .prepare_cached(query)
-            .map_err(sql("count deliveries"))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(sql("count deliveries"))?;
-        for row in rows {
-            let (key, n) = row.map_err(sql("count deliveries"))?;
-            apply(&key, u64::try_from(n).unwrap_or(0));
-        }
-        Ok::<(), StoreError>(())
-    };
-    count(
-        "SELECT state, COUNT(*) FROM webhook_deliveries GROUP BY state",
-        &mut |state, n| match state {
+    let mut stmt = conn
+        .prepare_cached("SELECT state, COUNT(*) FROM webhook_deliveries GROUP BY state")
+        .map_err(sql("count deliveries"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(sql("count deliveries"))?;
+    for row in rows {
+        let (state, n) = row.map_err(sql("count deliveries"))?;
+        let n = u64::try_from(n).unwrap_or(0);
+        match state.as_str() {
             "pending" => stats.pending = n,
             "delivered" => stats.delivered = n,
             "failed" => stats.failed = n,
             _ => {}
-        },
-    )?;
-    count(
-        "SELECT outcome, COUNT(*) FROM webhook_attempts GROUP BY outcome",
-        &mut |outcome, n| match outcome {
-            "delivered" => stats.attempts_delivered = n,
-            "retrying" => stats.attempts_retrying = n,
-            "failed" => stats.attempts_failed = n,
-            "disabled" => stats.attempts_disabled = n,
-            _ => {}
-        },
-    )?;
+        }
+    }
     Ok(stats)
 }
 

@@ -33,13 +33,14 @@ pub(crate) fn prometheus(gw: &Gateway) -> Response<Body> {
             _ => {}
         }
     }
-    levels.webhooks = match gw
+    levels.dispatch = gw.dispatch_stats.snapshot();
+    levels.outbox = match gw
         .registry()
         .with_conn(coppice_events::store::delivery_stats)
     {
         Ok(stats) => Some(stats),
         Err(e) => {
-            tracing::warn!(error = %e, "webhook delivery numbers unavailable");
+            tracing::warn!(error = %e, "the webhook outbox could not be counted");
             None
         }
     };
