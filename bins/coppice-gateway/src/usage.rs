@@ -29,8 +29,10 @@ pub(crate) struct Sample {
     pub(crate) cpu_nanos: u64,
     /// CPU use since the previous sample, in percent of the sandbox's CPUs.
     pub(crate) cpu_pct: f64,
-    /// Memory charged to the sandbox, in bytes.
+    /// Memory charged to the sandbox, in bytes, page cache included.
     pub(crate) memory_bytes: u64,
+    /// The page cache part of `memory_bytes`.
+    pub(crate) memory_cache_bytes: u64,
     /// Bytes its own writes take on disk.
     pub(crate) disk_bytes: u64,
 }
@@ -89,6 +91,7 @@ impl History {
                 cpus,
             ),
             memory_bytes: usage.memory_bytes,
+            memory_cache_bytes: usage.memory_cache_bytes.min(usage.memory_bytes),
             disk_bytes: disk.written_bytes,
         };
         if samples.len() == HISTORY {
@@ -161,6 +164,14 @@ mod tests {
         let s = h.record(12_000, 11_999, 1, &usage(9_000_000_000, 0), &disk);
         assert_eq!(s.cpu_pct, 100.0);
         assert_eq!(cpu_pct(1, 0, 1), 0.0);
+        // The cache is never more than the charge it is part of (two files read apart).
+        let odd = ResourceUsage {
+            memory_bytes: 10,
+            memory_cache_bytes: 12,
+            ..ResourceUsage::default()
+        };
+        let s = h.record(13_000, 0, 1, &odd, &disk);
+        assert_eq!((s.memory_bytes, s.memory_cache_bytes), (10, 10));
     }
 
     #[test]

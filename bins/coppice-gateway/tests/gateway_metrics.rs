@@ -451,6 +451,20 @@ fn sandbox_metrics_keep_a_history_with_filters() {
             .any(|s| s["cpuUsedPct"].as_f64().unwrap() > 1.0),
         "the busy loop used CPU: {history:?}"
     );
+    // Writing the file filled the page cache, which is reported apart from used memory.
+    assert!(
+        history
+            .iter()
+            .any(|s| s["memCache"].as_u64().unwrap() >= 4 << 20),
+        "the file's pages are cached: {history:?}"
+    );
+    for s in &history {
+        let (used, cache) = (
+            s["memUsed"].as_u64().unwrap(),
+            s["memCache"].as_u64().unwrap(),
+        );
+        assert!(used + cache <= 1 << 30, "{s}");
+    }
 
     // start and end are Unix seconds, both included.
     let t1 = times[1] / 1000;

@@ -300,6 +300,10 @@ pub struct ResourceUsage {
     pub cpu_nanos: u64,
     /// Memory charged to it, in bytes.
     pub memory_bytes: u64,
+    /// The part of `memory_bytes` that is page cache (file data the kernel can reclaim);
+    /// 0 where the driver cannot tell.
+    #[serde(default)]
+    pub memory_cache_bytes: u64,
     /// Tasks (processes and threads) alive in it.
     pub tasks: u32,
     /// Times a new task was refused because the sandbox was at its task limit (a fork that

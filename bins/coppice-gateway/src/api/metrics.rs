@@ -57,10 +57,11 @@ fn wire(record: &Record, s: &Sample) -> SandboxMetric {
         timestamp_unix: i64::try_from(s.at / 1000).unwrap_or(i64::MAX),
         cpu_count: cpu_count(&record.limits),
         cpu_used_pct: s.cpu_pct,
-        mem_used: s.memory_bytes,
+        // As envd reports a VM's memory: used excludes the page cache, which is reported
+        // beside it.
+        mem_used: s.memory_bytes - s.memory_cache_bytes,
         mem_total: record.limits.memory_bytes.unwrap_or(0),
-        // The cgroup's charge includes the page cache; it is not split out yet.
-        mem_cache: 0,
+        mem_cache: s.memory_cache_bytes,
         disk_used: s.disk_bytes,
         disk_total: DISK_TOTAL,
     }

@@ -504,15 +504,22 @@ impl SandboxCgroups {
                 .unwrap_or(0);
             usage.cpu_nanos = usec.saturating_mul(1000);
         }
+        // The page cache inside that charge: v1 `total_cache` (this group and any below it)
+        // or `cache`, v2 `file`, from memory.stat.
         if let Some(dir) = self.dir(Controller::Memory) {
             usage.memory_bytes = read(&dir.join("memory.usage_in_bytes"))?
                 .trim()
                 .parse()
                 .unwrap_or(0);
+            let stat = fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+            usage.memory_cache_bytes = parse_counter(&stat, "total_cache")
+                .or_else(|| parse_counter(&stat, "cache"))
+                .unwrap_or(0);
         } else if let Some(dir) = &self.v2 {
             if let Ok(s) = fs::read_to_string(dir.join("memory.current")) {
                 usage.memory_bytes = s.trim().parse().unwrap_or(0);
             }
+            usage.memory_cache_bytes = counter(&dir.join("memory.stat"), "file");
         }
         if let Some(dir) = self.dir(Controller::Pids) {
             usage.tasks = read(&dir.join("pids.current"))?.trim().parse().unwrap_or(0);
