@@ -168,12 +168,14 @@ pub(crate) struct Metrics {
 }
 
 /// What is read when scraped rather than counted.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Levels {
     /// Sandboxes running now.
     pub(crate) running: u64,
     /// Sandboxes paused now.
     pub(crate) paused: u64,
+    /// Warm sandboxes waiting to be claimed, per template.
+    pub(crate) warm: Vec<(&'static str, u64)>,
     /// The webhook outbox, if the store could be read.
     pub(crate) outbox: Option<coppice_events::store::DeliveryStats>,
     /// The webhook dispatcher's counters.
@@ -274,6 +276,14 @@ impl Metrics {
         out.sample("coppice_sandboxes_running", &[], levels.running);
         out.family("coppice_sandboxes_paused", "gauge", "Sandboxes paused now.");
         out.sample("coppice_sandboxes_paused", &[], levels.paused);
+        out.family(
+            "coppice_warm_sandboxes",
+            "gauge",
+            "Sandboxes started ahead of creates (--warm-pool), per template.",
+        );
+        for (template, n) in &levels.warm {
+            out.sample("coppice_warm_sandboxes", &[("template", template)], *n);
+        }
 
         let name = "coppice_http_request_duration_seconds";
         out.family(
@@ -650,6 +660,15 @@ mod tests {
         );
         assert_eq!(value(&text, "coppice_sandboxes_running"), "1");
         assert_eq!(value(&text, "coppice_sandboxes_paused"), "2");
+        assert!(!text.contains("coppice_warm_sandboxes{"));
+        let text = m.render(&Levels {
+            warm: vec![("base", 2)],
+            ..Levels::default()
+        });
+        assert_eq!(
+            value(&text, "coppice_warm_sandboxes{template=\"base\"}"),
+            "2"
+        );
     }
 
     #[test]

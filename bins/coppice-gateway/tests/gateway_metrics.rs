@@ -287,6 +287,11 @@ fn prometheus_series_follow_the_lifecycle() {
     );
     assert_eq!(get(&t8, "coppice_sandboxes_paused"), 1.0);
     assert_eq!(get(&t8, "coppice_sandboxes_running"), 0.0);
+    // The warm pool refills to its size once creates stop (default 2 per template).
+    wait_for("the warm pool to refill", REAPER_WAIT, || {
+        let m = scrape(&lab);
+        (get(&m, "coppice_warm_sandboxes{template=\"base\"}") == 2.0).then_some(())
+    });
     // The three `created` events reached the receiver: the dispatcher's counters and the
     // outbox say so.
     let t9 = wait_for("three deliveries counted", DELIVERY_WAIT, || {

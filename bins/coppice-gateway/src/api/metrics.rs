@@ -33,6 +33,10 @@ pub(crate) fn prometheus(gw: &Gateway) -> Response<Body> {
             _ => {}
         }
     }
+    levels.warm = crate::runtime::TEMPLATES
+        .iter()
+        .map(|(name, _)| (*name, gw.runtime.warm_count(name) as u64))
+        .collect();
     levels.dispatch = gw.dispatch_stats.snapshot();
     levels.outbox = match gw
         .registry()
