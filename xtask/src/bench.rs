@@ -152,7 +152,7 @@ fn build(b: &Build) -> Result<String, String> {
     Ok(dir.join(b.profile).join(b.bin).display().to_string())
 }
 
-fn today() -> Result<String, String> {
+pub(crate) fn today() -> Result<String, String> {
     let out = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
         .output()

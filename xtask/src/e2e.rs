@@ -84,11 +84,11 @@ pub(crate) fn run(args: &[&str]) -> Result<(), String> {
 }
 
 /// One gateway process and the pytest run against it.
-struct Phase<'a> {
-    name: &'static str,
+pub(crate) struct Phase<'a> {
+    pub(crate) name: &'static str,
     /// `Some([valid, second valid])` starts the gateway with `COPPICE_API_KEYS`.
-    keys: Option<&'a [String; 2]>,
-    pytest: Vec<String>,
+    pub(crate) keys: Option<&'a [String; 2]>,
+    pub(crate) pytest: Vec<String>,
 }
 
 fn run_phase(
@@ -153,7 +153,7 @@ fn run_pytest(python: &Path, port: u16, api_key: &str, phase: &Phase<'_>) -> Res
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -161,7 +161,7 @@ fn is_root() -> bool {
 }
 
 /// The cargo target directory (`CARGO_TARGET_DIR` or `<root>/target`).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -196,7 +196,7 @@ fn build_gateway() -> Result<(), String> {
 // ---- The venv ----
 
 /// Makes sure `<target>/e2e-venv` holds the suite's requirements; returns its python.
-fn ensure_venv(root: &Path, target: &Path) -> Result<PathBuf, String> {
+pub(crate) fn ensure_venv(root: &Path, target: &Path) -> Result<PathBuf, String> {
     let requirements = root.join("tests/e2e/requirements.txt");
     let wanted =
         fs::read(&requirements).map_err(|e| format!("read {}: {e}", requirements.display()))?;
@@ -266,7 +266,7 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
-fn random_key() -> Result<String, String> {
+pub(crate) fn random_key() -> Result<String, String> {
     let mut bytes = [0u8; 16];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -279,9 +279,9 @@ fn random_key() -> Result<String, String> {
 
 // ---- The gateway process ----
 
-struct Gateway {
+pub(crate) struct Gateway {
     child: Option<Child>,
-    port: u16,
+    pub(crate) port: u16,
     state_dir: PathBuf,
     log_path: PathBuf,
     /// Whether the gateway's output also goes to the terminal (until it is healthy).
@@ -289,7 +289,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(binary: &Path, phase: &Phase<'_>, log_path: &Path) -> Result<Self, String> {
+    pub(crate) fn start(binary: &Path, phase: &Phase<'_>, log_path: &Path) -> Result<Self, String> {
         let port = free_port()?;
         let state_dir = PathBuf::from(format!(
             "/var/tmp/coppice-e2e-{}-{}",
@@ -350,7 +350,7 @@ impl Gateway {
 
     /// Polls `GET /health` until it answers 200 with every template ready, the gateway exits,
     /// or the deadline passes.
-    fn wait_healthy(&mut self) -> Result<(), String> {
+    pub(crate) fn wait_healthy(&mut self) -> Result<(), String> {
         let timeout = std::env::var("COPPICE_E2E_HEALTH_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -411,7 +411,7 @@ impl Gateway {
 
     /// Deletes every sandbox left, stops the gateway, removes the state dir. Runs every step
     /// even when one fails, and reports the first failure.
-    fn shutdown(&mut self, api_key: &str) -> Result<(), String> {
+    pub(crate) fn shutdown(&mut self, api_key: &str) -> Result<(), String> {
         self.echo.store(true, Ordering::Relaxed);
         let running = self
             .child
@@ -491,7 +491,7 @@ fn forward(
     });
 }
 
-fn print_tail(log_path: &Path) {
+pub(crate) fn print_tail(log_path: &Path) {
     let Ok(text) = fs::read_to_string(log_path) else {
         return;
     };

@@ -6,11 +6,14 @@
 //!   also runs as a `#[test]`.
 //! - `bench <name>`: runs a benchmark and writes its JSON under `benchmarks/results/<name>/`.
 //! - `e2e [pytest args]`: the E2B SDK suite in `tests/e2e/` against a real gateway.
+//! - `smoke <name>`: a receipt of a feature through the real SDK, with its timings, under
+//!   `benchmarks/results/`.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::disallowed_methods)]
 
 mod bench;
 mod ci;
 mod e2e;
+mod smoke;
 mod tidy;
 
 use std::path::PathBuf;
@@ -24,6 +27,7 @@ fn main() -> ExitCode {
         ["tidy"] => tidy::run(&project_root()),
         ["bench", name, rest @ ..] => bench::run(name, rest),
         ["e2e", rest @ ..] => e2e::run(rest),
+        ["smoke", name] => smoke::run(name),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -31,8 +35,10 @@ fn main() -> ExitCode {
                  ci [--no-install]   install test dependencies, then fmt, clippy, test, e2e, deny\n  \
                  tidy                check repository rules\n  \
                  bench <name>        run a benchmark: {}\n  \
-                 e2e [pytest args]   the E2B SDK suite (tests/e2e) against a real gateway",
-                bench::NAMES.join(", ")
+                 e2e [pytest args]   the E2B SDK suite (tests/e2e) against a real gateway\n  \
+                 smoke <name>        a receipt through the real SDK: {}",
+                bench::NAMES.join(", "),
+                smoke::NAMES.join(", ")
             );
             return ExitCode::from(2);
         }
