@@ -1,7 +1,9 @@
-//! What every benchmark program reports: percentiles of its samples and the machine it ran on.
+//! What every benchmark program reports: percentiles of its samples, its headline figures,
+//! the machine it ran on, and the kernel floors measured the same way by all of them.
 //!
 //! Included by path (`#[path = ".../benchmarks/support/stats.rs"] mod stats;`) into the
-//! benchmark examples of several crates, which cannot share a module otherwise.
+//! benchmark examples of several crates, which cannot share a module otherwise, and into xtask
+//! (for [`machine`]).
 
 // Each benchmark uses part of this file.
 #![allow(dead_code)]
@@ -17,10 +19,12 @@ pub(crate) struct Stats {
     pub(crate) min: f64,
     pub(crate) max: f64,
     pub(crate) mean: f64,
+    pub(crate) n: usize,
 }
 
 impl Stats {
-    /// Sorts `samples` and summarises them (nearest-rank percentiles).
+    /// Sorts `samples` and summarises them (nearest-rank percentiles). `samples` must not be
+    /// empty.
     pub(crate) fn of(samples: &mut [Duration]) -> Self {
         samples.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -34,6 +38,7 @@ impl Stats {
             min: ms(samples[0]),
             max: ms(samples[samples.len() - 1]),
             mean: samples.iter().map(|d| ms(*d)).sum::<f64>() / n,
+            n: samples.len(),
         }
     }
 
@@ -41,9 +46,120 @@ impl Stats {
     pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "p50": self.p50, "p95": self.p95, "p99": self.p99,
-            "min": self.min, "max": self.max, "mean": self.mean,
+            "min": self.min, "max": self.max, "mean": self.mean, "n": self.n,
         })
     }
+}
+
+/// One headline figure of a report: what `cargo xtask bench` tabulates in the README, draws,
+/// and compares between runs (its median: `p50`, or `value` for a single number).
+///
+/// In the report it is one element of the `figures` array: `id` (`<part>.<name>`, stable
+/// across runs), `what`, `unit`, `better` (`lower` or `higher`), then either `p50`/`p95`/`p99`/
+/// `n` or `value`, and optionally `kind: "baseline"`, `floors` (the kernel floor it is compared
+/// with and the ratio), `target` and `note`.
+#[derive(Debug, Clone)]
+pub(crate) struct Figure(serde_json::Map<String, serde_json::Value>);
+
+impl Figure {
+    /// A latency in milliseconds, lower is better.
+    pub(crate) fn latency(id: &str, what: &str, s: &Stats) -> Self {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), id.into());
+        m.insert("what".into(), what.into());
+        m.insert("unit".into(), "ms".into());
+        m.insert("better".into(), "lower".into());
+        m.insert("p50".into(), s.p50.into());
+        m.insert("p95".into(), s.p95.into());
+        m.insert("p99".into(), s.p99.into());
+        m.insert("n".into(), s.n.into());
+        Self(m)
+    }
+
+    /// A single number in `unit`.
+    pub(crate) fn value(
+        id: &str,
+        what: &str,
+        unit: &str,
+        value: f64,
+        higher_is_better: bool,
+    ) -> Self {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), id.into());
+        m.insert("what".into(), what.into());
+        m.insert("unit".into(), unit.into());
+        m.insert(
+            "better".into(),
+            if higher_is_better { "higher" } else { "lower" }.into(),
+        );
+        m.insert("value".into(), value.into());
+        Self(m)
+    }
+
+    /// Marks a floor measured in the same run (it is context, not a result of ours).
+    pub(crate) fn baseline(mut self) -> Self {
+        self.0.insert("kind".into(), "baseline".into());
+        self
+    }
+
+    /// Adds a floor measured in the same run and the ratio of our median to it.
+    pub(crate) fn floor(mut self, what: &str, floor_p50: f64) -> Self {
+        let ours = self.0.get("p50").or_else(|| self.0.get("value"));
+        let ratio = ours
+            .and_then(serde_json::Value::as_f64)
+            .map(|v| v / floor_p50);
+        let entry = serde_json::json!({ "what": what, "p50": floor_p50, "ratio": ratio });
+        match self
+            .0
+            .get_mut("floors")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(list) => list.push(entry),
+            None => {
+                self.0.insert("floors".into(), vec![entry].into());
+            }
+        }
+        self
+    }
+
+    /// The target this figure is held to (e.g. `p50 ≤ 15 ms`) and whether this run met it.
+    pub(crate) fn target(mut self, text: &str, met: bool) -> Self {
+        self.0.insert(
+            "target".into(),
+            serde_json::json!({ "text": text, "met": met }),
+        );
+        self
+    }
+
+    /// A short qualification shown next to the figure.
+    pub(crate) fn note(mut self, text: &str) -> Self {
+        self.0.insert("note".into(), text.into());
+        self
+    }
+
+    /// Whether the target, if any, was met.
+    pub(crate) fn met(&self) -> Option<bool> {
+        self.0.get("target")?.get("met")?.as_bool()
+    }
+
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.0.clone())
+    }
+}
+
+/// The `figures` array and the `targets` map (`id` → met) of a report.
+pub(crate) fn figures_json(figures: &[Figure]) -> (serde_json::Value, serde_json::Value) {
+    let targets: serde_json::Map<String, serde_json::Value> = figures
+        .iter()
+        .filter_map(|f| {
+            let id = f.0.get("id")?.as_str()?.to_owned();
+            Some((id, f.met()?.into()))
+        })
+        .collect();
+    (
+        figures.iter().map(Figure::json).collect::<Vec<_>>().into(),
+        targets.into(),
+    )
 }
 
 /// What this run ran on, and how busy it was when it started.
@@ -77,9 +193,9 @@ pub(crate) fn machine() -> serde_json::Value {
 /// The namespace floor, measured the same way by every benchmark: `unshare --fork --pid
 /// --mount --net --uts --ipc --mount-proc true`, from spawn to exit.
 pub(crate) fn unshare_true() -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
-    let t = std::time::Instant::now();
-    let status = std::process::Command::new("unshare")
-        .args([
+    spawn_to_exit(
+        "unshare",
+        &[
             "--fork",
             "--pid",
             "--mount",
@@ -88,12 +204,47 @@ pub(crate) fn unshare_true() -> Result<Duration, Box<dyn std::error::Error + Sen
             "--ipc",
             "--mount-proc",
             "true",
-        ])
+        ],
+    )
+}
+
+/// The same floor through Debian's bubblewrap, as a container tool would start a sandbox:
+/// new pid, net, uts, ipc and mount namespaces, the host root read-only, a fresh `/proc` and
+/// `/dev`, then `true`.
+pub(crate) fn bwrap_true() -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    spawn_to_exit(
+        "bwrap",
+        &[
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-ipc",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "true",
+        ],
+    )
+}
+
+/// How long `program args` takes from spawn to a successful exit.
+fn spawn_to_exit(
+    program: &str,
+    args: &[&str],
+) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    let t = std::time::Instant::now();
+    let status = std::process::Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::null())
-        .status()?;
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
     let elapsed = t.elapsed();
     if !status.success() {
-        return Err(format!("unshare baseline failed: {status}").into());
+        return Err(format!("{program} baseline failed: {status}").into());
     }
     Ok(elapsed)
 }

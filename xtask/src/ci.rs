@@ -25,7 +25,7 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 pub(crate) fn run(args: &[&str]) -> Result<(), String> {
     let install = !args.contains(&"--no-install");
     if install {
-        install_debian_packages()?;
+        install_debian_packages(DEBIAN_PACKAGES)?;
         install_cargo_deny()?;
     }
     run_cmd("cargo", &["fmt", "--all", "--", "--check"])?;
@@ -66,12 +66,9 @@ fn installed(package: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn install_debian_packages() -> Result<(), String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+/// Installs those of `packages` that are missing (as root; otherwise says why not).
+pub(crate) fn install_debian_packages(packages: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

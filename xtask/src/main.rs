@@ -4,7 +4,8 @@
 //!   E2B SDK suite (`e2e`) and cargo-deny — the one command `.ci/run` and the README name.
 //! - `tidy`: repository rules as code (crate docs, lint inheritance, dependency direction);
 //!   also runs as a `#[test]`.
-//! - `bench <name>`: runs a benchmark and writes its JSON under `benchmarks/results/<name>/`.
+//! - `bench <part>...|all|compare|readme`: the benchmark suite; results under
+//!   `benchmarks/results/<date>/`, tables and chart in `benchmarks/README.md`.
 //! - `e2e [pytest args]`: the E2B SDK suite in `tests/e2e/` against a real gateway.
 //! - `smoke <name>`: a receipt of a feature through the real SDK, with its timings, under
 //!   `benchmarks/results/`.
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["ci", rest @ ..] => ci::run(rest),
         ["tidy"] => tidy::run(&project_root()),
-        ["bench", name, rest @ ..] => bench::run(name, rest),
+        ["bench", rest @ ..] => bench::run(rest),
         ["e2e", rest @ ..] => e2e::run(rest),
         ["smoke", name] => smoke::run(name),
         _ => {
@@ -34,11 +35,11 @@ fn main() -> ExitCode {
                  commands:\n  \
                  ci [--no-install]   install test dependencies, then fmt, clippy, test, e2e, deny\n  \
                  tidy                check repository rules\n  \
-                 bench <name>        run a benchmark: {}\n  \
                  e2e [pytest args]   the E2B SDK suite (tests/e2e) against a real gateway\n  \
-                 smoke <name>        a receipt through the real SDK: {}",
-                bench::NAMES.join(", "),
-                smoke::NAMES.join(", ")
+                 smoke <name>        a receipt through the real SDK: {}\n  \
+                 {}",
+                smoke::NAMES.join(", "),
+                bench::usage()
             );
             return ExitCode::from(2);
         }

@@ -48,7 +48,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rusqlite::Connection;
-use stats::{machine, Stats};
+use stats::{figures_json, machine, Figure, Stats};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -366,9 +366,40 @@ async fn measure(events: usize, rate: u64, seconds: u64) -> Result<serde_json::V
         lat.p50,
         lat.p99,
     );
+    let figures = [
+        Figure::value(
+            "webhooks.record",
+            "events recorded (one transaction each, one webhook subscribed)",
+            "events/s",
+            recorded_per_sec,
+            true,
+        )
+        .floor("plain insert", plain_per_sec),
+        Figure::value(
+            "webhooks.drain",
+            "deliveries of a backlog to a verifying loopback receiver",
+            "deliveries/s",
+            delivered_per_sec,
+            true,
+        )
+        .floor("raw keep-alive client", raw_per_sec)
+        .target(
+            "≥ 2000 deliveries/s",
+            delivered_per_sec >= TARGET_DELIVERIES_PER_SEC,
+        ),
+        Figure::latency(
+            "webhooks.event_to_delivery",
+            "event recorded → delivery verified, at 2000 events/s",
+            &lat,
+        )
+        .target("p99 ≤ 50 ms", lat.p99 <= TARGET_P99_MS),
+    ];
+    let (figures, targets) = figures_json(&figures);
     Ok(serde_json::json!({
         "benchmark": "webhooks",
         "machine": machine(),
+        "figures": figures,
+        "targets": targets,
         "level": "library: coppice_events::store on a WAL SQLite file (synchronous=NORMAL) + \
                   dispatch::Dispatcher on its own connection + a hyper HTTP/1.1 receiver on \
                   127.0.0.1 verifying e2b-signature and webhook-signature; no gateway HTTP layer",

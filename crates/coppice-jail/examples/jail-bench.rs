@@ -1,6 +1,7 @@
 //! `cargo xtask bench jail`: start (until PID 1 has exec'd), pause, resume and kill of a
 //! sandbox on the default template, against `unshare --fork --pid --mount --net --uts --ipc
-//! --mount-proc true` measured in the same run, interleaved so both see the same machine.
+//! --mount-proc true` and the same through bubblewrap, measured in the same run, interleaved so
+//! all see the same machine.
 //!
 //! Prints one JSON report on stdout; progress goes to stderr. `--runs N` (default 200).
 // A benchmark program: it reports on stdout/stderr and waits on a plain thread.
@@ -14,7 +15,7 @@
 #[path = "../../../benchmarks/support/stats.rs"]
 mod stats;
 
-use stats::{machine, Stats};
+use stats::{figures_json, machine, Figure, Stats};
 use std::path::Path;
 use std::time::Instant;
 
@@ -60,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut resume = Vec::with_capacity(runs);
     let mut kill = Vec::with_capacity(runs);
     let mut unshare = Vec::with_capacity(runs);
+    let mut bwrap = Vec::with_capacity(runs);
     let warmup = 5;
     eprintln!("jail bench: {runs} runs (+{warmup} warm-up)");
     for i in 0..runs + warmup {
@@ -80,12 +82,14 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         std::fs::remove_dir_all(dir.path().join("layers").join(id.as_str()))?;
 
         let t_unshare = stats::unshare_true()?;
+        let t_bwrap = stats::bwrap_true()?;
         if i >= warmup {
             start.push(t_start);
             pause.push(t_pause);
             resume.push(t_resume);
             kill.push(t_kill);
             unshare.push(t_unshare);
+            bwrap.push(t_bwrap);
         }
     }
 
@@ -94,11 +98,36 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let r = Stats::of(&mut resume);
     let k = Stats::of(&mut kill);
     let u = Stats::of(&mut unshare);
+    let b = Stats::of(&mut bwrap);
     let ratio = s.p50 / u.p50;
     let summary = format!(
-        "start p50 {:.2} ms / p95 {:.2} ms ({ratio:.2}x `unshare` at {:.2} ms); pause p50 {:.3} ms; resume p50 {:.3} ms; kill p50 {:.2} ms; n={runs}",
-        s.p50, s.p95, u.p50, p.p50, r.p50, k.p50
+        "start p50 {:.2} ms / p95 {:.2} ms ({ratio:.2}x `unshare` at {:.2} ms, {:.2}x `bwrap` at {:.2} ms); pause p50 {:.3} ms; resume p50 {:.3} ms; kill p50 {:.2} ms; n={runs}",
+        s.p50, s.p95, u.p50, s.p50 / b.p50, b.p50, p.p50, r.p50, k.p50
     );
+    let figures = [
+        Figure::latency("jail.start", "jail start (until PID 1 has exec'd)", &s)
+            .floor("unshare … true", u.p50)
+            .floor("bwrap … true", b.p50)
+            .target("p50 ≤ 5 ms and ≤ 2× unshare", s.p50 <= 5.0 && ratio <= 2.0),
+        Figure::latency("jail.pause", "jail pause (cgroup freeze)", &p)
+            .target("p50 ≤ 1 ms", p.p50 <= 1.0),
+        Figure::latency("jail.resume", "jail resume (cgroup thaw)", &r)
+            .target("p50 ≤ 1 ms", r.p50 <= 1.0),
+        Figure::latency("jail.kill", "jail kill", &k),
+        Figure::latency(
+            "jail.unshare",
+            "unshare --fork --pid --mount --net --uts --ipc --mount-proc true",
+            &u,
+        )
+        .baseline(),
+        Figure::latency(
+            "jail.bwrap",
+            "bwrap --unshare-{pid,net,uts,ipc} --ro-bind / / --proc --dev true",
+            &b,
+        )
+        .baseline(),
+    ];
+    let (figures, targets) = figures_json(&figures);
     let report = serde_json::json!({
         "benchmark": "jail",
         "machine": machine(),
@@ -110,14 +139,14 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             "resume": r.json(),
             "kill": k.json(),
             "baseline_unshare": u.json(),
+            "baseline_bwrap": b.json(),
         },
-        "ratios": { "start_p50_over_unshare_p50": ratio },
-        "targets": {
-            "start_p50_le_5ms": s.p50 <= 5.0,
-            "pause_p50_le_1ms": p.p50 <= 1.0,
-            "resume_p50_le_1ms": r.p50 <= 1.0,
-            "start_le_2x_unshare": ratio <= 2.0,
+        "ratios": {
+            "start_p50_over_unshare_p50": ratio,
+            "start_p50_over_bwrap_p50": s.p50 / b.p50,
         },
+        "figures": figures,
+        "targets": targets,
         "summary": summary,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

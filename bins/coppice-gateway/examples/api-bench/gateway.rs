@@ -1,0 +1,375 @@
+//! The gateway under test: a release build started on 127.0.0.1:0 with its own state
+//! directory, and everything needed to leave nothing behind — its sandboxes, its process, its
+//! directory — on success, on error, on a panic and on Ctrl-C.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use coppice_jail::{JailConfig, LinuxJail};
+use coppice_lifecycle::backend::Isolation;
+use http_body_util::Full;
+
+use crate::client::{self, connect, delete, live_set, send, timeout, Live, Res};
+
+/// Held while our gateway runs, so the gateway integration tests never run next to it.
+const LOCK_FILE: &str = "/tmp/coppice-gateway-tests.lock";
+/// How long to wait for that lock before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(15 * 60);
+/// Where the template trees are built once for every gateway on this machine.
+pub(crate) const TEMPLATE_CACHE: &str = "/var/cache/coppice/templates";
+/// The soft open-files limit a login shell or a systemd service starts with: the gateway is
+/// measured as a user would start it, not with whatever this process happens to have.
+const DEFAULT_NOFILE: u64 = 1024;
+
+/// Takes an exclusive `flock` on the gateway tests' lock, waiting (bounded) while someone
+/// else holds it.
+pub(crate) fn lock_exclusive() -> Res<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = Path::new(LOCK_FILE);
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let mut told = false;
+    loop {
+        client::check_interrupted()?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if Instant::now() > deadline {
+                    return Err(
+                        format!("{} stayed locked for {LOCK_WAIT:?}", path.display()).into(),
+                    );
+                }
+                if !told {
+                    eprintln!(
+                        "api bench: waiting for {} (gateway tests running)",
+                        path.display()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                file = f;
+            }
+            Err((_, e)) => return Err(format!("flock {}: {e}", path.display()).into()),
+        }
+    }
+}
+
+/// Lowers this process's soft open-files limit to [`DEFAULT_NOFILE`] (the gateway inherits
+/// it); returns the limits the gateway will start with.
+pub(crate) fn default_nofile() -> Res<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let soft = soft.min(DEFAULT_NOFILE);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
+    Ok((soft, hard))
+}
+
+/// Lines the gateway's reader thread reports.
+enum Event {
+    Listening(SocketAddr),
+    Template(String),
+}
+
+/// The gateway under test, with everything needed to clean up after it.
+pub(crate) struct GatewayProc {
+    child: Mutex<Child>,
+    /// `None` once cleaned up.
+    state: Option<tempfile::TempDir>,
+    events: mpsc::Receiver<Event>,
+    addr: Mutex<Option<SocketAddr>>,
+    log: Arc<Mutex<VecDeque<String>>>,
+    /// Sandboxes created through this gateway and not yet killed.
+    pub(crate) live: Live,
+}
+
+impl GatewayProc {
+    /// Starts `gateway` with `agent` as the sandboxes' agent and a fresh state directory in
+    /// /var/tmp (disk-backed, so sandbox files never count as host memory; short enough for
+    /// the agents' socket paths). The gateway gets its own process group, so a Ctrl-C at the
+    /// terminal reaches this program, which then cleans up, and not the gateway.
+    pub(crate) fn spawn(gateway: &Path, agent: &Path) -> Res<Self> {
+        use std::os::unix::process::CommandExt;
+        let state = tempfile::Builder::new()
+            .prefix("coppice-api-bench-")
+            .tempdir_in("/var/tmp")?;
+        let mut child = Command::new(gateway)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--template-cache")
+            .arg(TEMPLATE_CACHE)
+            .arg("--agent")
+            .arg(agent)
+            .env("COPPICE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("COPPICE_API_KEYS")
+            .env_remove("COPPICE_API_KEYS_FILE")
+            .env_remove("COPPICE_DOMAIN")
+            .env_remove("COPPICE_ENVD_LISTEN")
+            .env_remove("COPPICE_CODE_LISTEN")
+            .env_remove("COPPICE_WEBHOOK_URL")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
+        let (tx, events) = mpsc::channel();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let ring = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let line = strip_ansi(&line);
+                if line.contains(" listening") {
+                    if let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("address="))
+                        .and_then(|a| a.parse().ok())
+                    {
+                        let _ = tx.send(Event::Listening(addr));
+                    }
+                }
+                if line.contains("template ready") || line.contains("template unavailable") {
+                    let _ = tx.send(Event::Template(line.clone()));
+                }
+                let mut ring = ring
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if ring.len() == 200 {
+                    ring.pop_front();
+                }
+                ring.push_back(line);
+            }
+        });
+        Ok(Self {
+            child: Mutex::new(child),
+            state: Some(state),
+            events,
+            addr: Mutex::new(None),
+            log,
+            live: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    pub(crate) fn addr(&self) -> Res<SocketAddr> {
+        self.addr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ok_or_else(|| "the gateway is not listening".into())
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .id()
+    }
+
+    /// The state directory (`--state-dir`).
+    pub(crate) fn state_dir(&self) -> Res<&Path> {
+        Ok(self.state.as_ref().ok_or("the gateway is gone")?.path())
+    }
+
+    /// Where the gateway's runtime puts sandbox `id`'s agent socket
+    /// (`<state>/run/<id>/agent.sock`, `src/runtime.rs`).
+    pub(crate) fn agent_socket(&self, id: &str) -> Res<PathBuf> {
+        Ok(self.state_dir()?.join("run").join(id).join("agent.sock"))
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
+        let ring = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let skip = ring.len().saturating_sub(20);
+        ring.iter()
+            .skip(skip)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits for the listener, `/health` 200 and every template import to finish (so no
+    /// background import runs while we measure). Call once.
+    pub(crate) fn wait_ready(&self) -> Res<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut templates = 0;
+        while templates < 2 || self.addr().is_err() {
+            client::check_interrupted()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .events
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(Event::Listening(a)) => {
+                    *self
+                        .addr
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(a);
+                }
+                Ok(Event::Template(line)) => {
+                    eprintln!("api bench: gateway: {line}");
+                    if line.contains("template unavailable") {
+                        return Err(format!("a template did not build: {line}").into());
+                    }
+                    templates += 1;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(format!("the gateway exited:\n{}", self.log_tail()).into());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    format!("the gateway was not ready in time:\n{}", self.log_tail()).into(),
+                );
+            }
+        }
+        let addr = self.addr()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        loop {
+            let status = rt.block_on(async {
+                let mut s = connect(addr).await?;
+                let req = http::Request::get("/health")
+                    .header("host", "127.0.0.1")
+                    .body(Full::new(Bytes::new()))?;
+                timeout(send(&mut s, req)).await.map(|(status, _)| status)
+            });
+            if matches!(status, Ok(200)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("/health never said 200 ({status:?})").into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills every sandbox we created through the API, then cleans up the rest (see
+    /// [`Self::cleanup`]); errors if anything had to be cleaned up behind the gateway's back.
+    pub(crate) fn shutdown(mut self, rt: &tokio::runtime::Runtime) -> Res<()> {
+        let mut problems = Vec::new();
+        let left: Vec<String> = live_set(&self.live).iter().cloned().collect();
+        if let Ok(addr) = self.addr() {
+            for id in &left {
+                // Not `timeout`: after an interrupt these must still go out.
+                let r = rt.block_on(async {
+                    let mut s = connect(addr).await?;
+                    tokio::time::timeout(client::REQUEST_TIMEOUT, delete(&mut s, &self.live, id))
+                        .await
+                        .map_err(|_| "no answer".into())
+                        .and_then(|r| r)
+                });
+                if let Err(e) = r {
+                    problems.push(format!("kill {id}: {e}"));
+                }
+            }
+        }
+        problems.extend(self.cleanup());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; ").into())
+        }
+    }
+
+    /// Stops the gateway, kills any sandbox that survived it through the jail driver
+    /// (sandboxes outlive their gateway by design), and removes the state directory. Runs its
+    /// own runtime on a thread of its own, so it works from `Drop` whatever the caller was
+    /// doing. Returns what went wrong.
+    fn cleanup(&mut self) -> Vec<String> {
+        let Some(state) = self.state.take() else {
+            return Vec::new();
+        };
+        let mut problems = Vec::new();
+        {
+            let mut child = self
+                .child
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        let jail_dir = state.path().join("jail");
+        let swept = std::thread::spawn(move || -> Res<Vec<String>> {
+            let mut survivors = Vec::new();
+            if jail_dir.exists() {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let jail = LinuxJail::open(JailConfig::new(&jail_dir))?;
+                for info in rt.block_on(jail.list())? {
+                    survivors.push(format!("sandbox {} survived its gateway", info.id));
+                    rt.block_on(jail.kill(&info.id))?;
+                }
+            }
+            Ok(survivors)
+        })
+        .join();
+        match swept {
+            Ok(Ok(survivors)) => problems.extend(survivors),
+            Ok(Err(e)) => problems.push(format!("sweeping sandboxes: {e}")),
+            Err(_) => problems.push("sweeping sandboxes panicked".into()),
+        }
+        if let Err(e) = state.close() {
+            problems.push(format!("removing the state directory: {e}"));
+        }
+        problems
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        for problem in self.cleanup() {
+            eprintln!("api bench: cleanup: {problem}");
+        }
+    }
+}
+
+/// Drops terminal colour sequences (`ESC [ ... m`), in case the log is coloured anyway.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
