@@ -32,7 +32,7 @@ use crate::client::{
     self, connect, connect_unix, delete, live_set, send, start_to_first_output, timeout, BoxError,
     Live, Res, Sandbox, Sender, Via, ARGS, PROGRAM, REQUEST_TIMEOUT,
 };
-use crate::gateway::{GatewayProc, TEMPLATE_CACHE};
+use crate::gateway::{CreateStages, GatewayProc, TEMPLATE_CACHE};
 use crate::stats::{self, Figure, Stats};
 use crate::{Ctx, Opts, Report, BASE};
 
@@ -228,6 +228,7 @@ fn measure_gateways(
         for _ in 0..WARMUP {
             rt.block_on(round(*addr, &gw.live, 1, &mut warmup))?;
         }
+        gw.take_stages();
     }
     for (l, cc, n) in [
         (0, 1, opts.runs),
@@ -238,6 +239,7 @@ fn measure_gateways(
         for _ in 0..n {
             for ((gw, addr), level) in gws.iter().zip(&addrs).zip(levels.iter_mut()) {
                 rt.block_on(round(*addr, &gw.live, cc, &mut level[l]))?;
+                level[l].stages.extend(gw.take_stages());
             }
             if cc == 1 {
                 floor.sample()?;
@@ -301,6 +303,7 @@ fn level_json(level: &mut Level) -> Res<(serde_json::Value, Stats, usize)> {
         "create_call": Stats::of(&mut create).json(),
         "first_command": Stats::of(&mut command).json(),
         "kill": Stats::of(&mut kill).json(),
+        "gateway_stages": gateway_stages(&level.stages),
         "cpu": {
             "busy_ms_per_sandbox": level.cpu_ms as f64 / (samples.len() + level.failures.len()) as f64,
             "utilisation_of_all_cores": level.cpu_ms as f64 / (level.wall.as_secs_f64() * 1000.0 * cpus() as f64),
@@ -385,6 +388,30 @@ struct Level {
     cpu_ms: u64,
     /// Wall time of the same intervals.
     wall: Duration,
+    /// The gateway's own account of each create's stages.
+    stages: Vec<CreateStages>,
+}
+
+/// Medians and tails of the stages the gateway logged for a level's creates (null when its
+/// log had none, e.g. a runtime that no longer logs them).
+fn gateway_stages(stages: &[CreateStages]) -> serde_json::Value {
+    if stages.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let stat = |f: fn(&CreateStages) -> f64| {
+        let mut d: Vec<Duration> = stages
+            .iter()
+            .map(|s| Duration::from_secs_f64(f(s).max(0.0) / 1000.0))
+            .collect();
+        Stats::of(&mut d).json()
+    };
+    serde_json::json!({
+        "what": "the gateway's runtime's own clock around each stage of a create (its debug log): root filesystem, jail start, agent socket, /init",
+        "rootfs": stat(|s| s.rootfs),
+        "jail_start": stat(|s| s.jail),
+        "agent_socket": stat(|s| s.agent),
+        "init": stat(|s| s.init),
+    })
 }
 
 /// Busy CPU time of the whole machine so far, in ms (`/proc/stat`, 10 ms ticks).

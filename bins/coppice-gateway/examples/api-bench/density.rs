@@ -306,6 +306,8 @@ struct Snapshot {
     gateway_rss_kib: u64,
     gateway_fds: usize,
     processes: usize,
+    /// Threads of the whole machine (each takes a pid from `kernel.pid_max`).
+    tasks: u64,
     cgroups: serde_json::Value,
 }
 
@@ -338,6 +340,12 @@ impl Snapshot {
                         .all(|b| b.is_ascii_digit())
                 })
                 .count(),
+            tasks: std::fs::read_to_string("/proc/loadavg")?
+                .split_whitespace()
+                .nth(3)
+                .and_then(|f| f.split_once('/'))
+                .and_then(|(_, total)| total.parse().ok())
+                .ok_or("no task count in /proc/loadavg")?,
             cgroups: cgroups.into(),
         })
     }
@@ -348,6 +356,7 @@ impl Snapshot {
             "gateway_rss_kib": self.gateway_rss_kib,
             "gateway_fds": self.gateway_fds,
             "processes": self.processes,
+            "tasks": self.tasks,
             "cgroups_per_controller": self.cgroups,
         })
     }

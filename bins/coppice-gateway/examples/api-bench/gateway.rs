@@ -88,8 +88,41 @@ pub(crate) struct GatewayProc {
     events: mpsc::Receiver<Event>,
     addr: Mutex<Option<SocketAddr>>,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// The stages of every create the gateway logged (see [`CreateStages`]).
+    stages: Arc<Mutex<Vec<CreateStages>>>,
     /// Sandboxes created through this gateway and not yet killed.
     pub(crate) live: Live,
+}
+
+/// How long the gateway's runtime spent in each stage of one create, in ms, as it logs them at
+/// debug level (`sandbox started rootfs_ms=… jail_ms=… agent_ms=… init_ms=…`, `src/runtime.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CreateStages {
+    pub(crate) rootfs: f64,
+    pub(crate) jail: f64,
+    pub(crate) agent: f64,
+    pub(crate) init: f64,
+}
+
+impl CreateStages {
+    /// The stages of a "sandbox started" log line, if it is one.
+    fn parse(line: &str) -> Option<Self> {
+        if !line.contains("sandbox started") {
+            return None;
+        }
+        let field = |name: &str| -> Option<f64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?
+                .parse()
+                .ok()
+        };
+        Some(Self {
+            rootfs: field("rootfs_ms")?,
+            jail: field("jail_ms")?,
+            agent: field("agent_ms")?,
+            init: field("init_ms")?,
+        })
+    }
 }
 
 impl GatewayProc {
@@ -111,7 +144,8 @@ impl GatewayProc {
             .arg(TEMPLATE_CACHE)
             .arg("--agent")
             .arg(agent)
-            .env("COPPICE_LOG", "info")
+            // Debug for the runtime only: its per-create stage timings.
+            .env("COPPICE_LOG", "info,coppice_gateway::runtime=debug")
             .env("NO_COLOR", "1")
             .env_remove("COPPICE_API_KEYS")
             .env_remove("COPPICE_API_KEYS_FILE")
@@ -128,6 +162,8 @@ impl GatewayProc {
         let (tx, events) = mpsc::channel();
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let ring = Arc::clone(&log);
+        let stages = Arc::new(Mutex::new(Vec::new()));
+        let logged = Arc::clone(&stages);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -144,6 +180,12 @@ impl GatewayProc {
                 if line.contains("template ready") || line.contains("template unavailable") {
                     let _ = tx.send(Event::Template(line.clone()));
                 }
+                if let Some(s) = CreateStages::parse(&line) {
+                    logged
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(s);
+                }
                 let mut ring = ring
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -159,6 +201,7 @@ impl GatewayProc {
             events,
             addr: Mutex::new(None),
             log,
+            stages,
             live: Arc::new(Mutex::new(HashSet::new())),
         })
     }
@@ -186,6 +229,16 @@ impl GatewayProc {
     /// (`<state>/run/<id>/agent.sock`, `src/runtime.rs`).
     pub(crate) fn agent_socket(&self, id: &str) -> Res<PathBuf> {
         Ok(self.state_dir()?.join("run").join(id).join("agent.sock"))
+    }
+
+    /// The create stages logged since the last call.
+    pub(crate) fn take_stages(&self) -> Vec<CreateStages> {
+        std::mem::take(
+            &mut *self
+                .stages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     pub(crate) fn log_tail(&self) -> String {
@@ -353,6 +406,22 @@ impl Drop for GatewayProc {
         for problem in self.cleanup() {
             eprintln!("api bench: cleanup: {problem}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_runtimes_stage_line() {
+        let line = "2026-11-23T16:27:31Z DEBUG coppice_gateway::runtime: sandbox started sandbox=vt64 rootfs_ms=0.78 jail_ms=17.39 agent_ms=0.18 init_ms=0.19";
+        let s = CreateStages::parse(line).unwrap();
+        assert_eq!(
+            (s.rootfs, s.jail, s.agent, s.init),
+            (0.78, 17.39, 0.18, 0.19)
+        );
+        assert!(CreateStages::parse("INFO coppice_gateway: created sandbox=x").is_none());
     }
 }
 
