@@ -5,12 +5,16 @@
 //! --net --uts --ipc --mount-proc true`, the same through bubblewrap, and a plain fork+exec of
 //! `/bin/echo hi` to its first byte.
 //!
-//! When the sandboxes get the static agent (`--agent`), a second gateway whose sandboxes run
-//! the agent built into the gateway binary runs beside the first and is sampled alternately.
+//! The gateway as it ships (its default warm pool; the static agent when `--agent` is given)
+//! sets the figures. Beside it, sampled alternately so machine drift hits all alike: a gateway
+//! whose sandboxes run the agent built into the gateway binary, and one with `--warm-pool 0`,
+//! where every create starts its sandbox on the request path. Each level also reports the
+//! gateway runtime's own account from its debug log: how many creates the warm pool served,
+//! and the stages of every sandbox start.
 //!
-//! A second part rebuilds what the gateway's runtime does for a create from the same backends
-//! in this process, with a clock around each stage (root filesystem, run directory, jail
-//! start, agent socket, `/init`, first command), so the report says where the time goes.
+//! A second part rebuilds the runtime's cold create from the same backends in this process,
+//! with a clock around each stage (root filesystem, run directory, jail start, agent socket,
+//! `/init`, first command), so the report says where the time goes.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -32,7 +36,7 @@ use crate::client::{
     self, connect, connect_unix, delete, live_set, send, start_to_first_output, timeout, BoxError,
     Live, Res, Sandbox, Sender, Via, ARGS, PROGRAM, REQUEST_TIMEOUT,
 };
-use crate::gateway::{CreateStages, GatewayProc, TEMPLATE_CACHE};
+use crate::gateway::{GatewayProc, RuntimeLine, TEMPLATE_CACHE};
 use crate::stats::{self, Figure, Stats};
 use crate::{Ctx, Opts, Report, BASE};
 
@@ -48,26 +52,46 @@ const LIMITS: Limits = Limits {
 
 pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     let (rt, opts) = (ctx.rt, ctx.opts);
-    // The static agent is what production sandboxes run, so it goes first and sets the
-    // targets; the gateway binary doubles as the agent when no separate one is given.
+    // The gateway as it ships — default warm pool, the static agent if given — goes first and
+    // sets the targets. Beside it, alternately: the agent built into the gateway binary, and
+    // no warm pool (every create starts its sandbox on the request path).
+    let agent = opts.agent.clone().unwrap_or_else(|| opts.gateway.clone());
     let mut labels = vec![if opts.agent.is_some() {
         "static_agent"
     } else {
         "builtin_agent"
     }];
-    let mut second = None;
+    let mut others = Vec::new();
+    let mut wanted: Vec<(&str, &Path, &[&str])> = Vec::new();
     if opts.agent.is_some() {
-        eprintln!("api bench: create: a second gateway with the builtin agent");
-        let gw = GatewayProc::spawn(&opts.gateway, &opts.gateway)?;
-        gw.wait_ready()?;
-        second = Some(gw);
-        labels.push("builtin_agent");
+        wanted.push(("builtin_agent", &opts.gateway, &[]));
+    }
+    wanted.push(("no_warm_pool", &agent, &["--warm-pool", "0"]));
+    let mut spawned = Ok(());
+    for (label, agent, args) in wanted {
+        eprintln!("api bench: create: another gateway: {label}");
+        match GatewayProc::spawn(&opts.gateway, agent, args).and_then(|gw| {
+            let ready = gw.wait_ready();
+            others.push(gw);
+            ready
+        }) {
+            Ok(()) => labels.push(label),
+            Err(e) => {
+                spawned = Err(e);
+                break;
+            }
+        }
     }
     let mut gws = vec![ctx.gw];
-    gws.extend(second.as_ref());
+    gws.extend(others.iter());
     let mut floor = Floor::default();
-    let outcome = measure_gateways(rt, &gws, opts, &mut floor);
-    let cleanup = second.map_or(Ok(()), |gw| gw.shutdown(rt));
+    let outcome = spawned.and_then(|()| measure_gateways(rt, &gws, opts, &mut floor));
+    let mut cleanup = Ok(());
+    for gw in others {
+        if let Err(e) = gw.shutdown(rt) {
+            cleanup = Err(e);
+        }
+    }
     let measured = outcome?;
     cleanup?;
     let mut results = serde_json::Map::new();
@@ -101,7 +125,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
         bwrap.p50,
         c10.p95,
         c50.p95,
-        labels[0].replace('_', " "),
+        labels[0].replace('_', " ") + ", warm pool as shipped",
         c1.n,
         c10.n,
         c50.n,
@@ -120,14 +144,16 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             .floor("unshare … true", unshare.p50)
             .target("p95 ≤ 250 ms", c50.p95 <= 250.0 && ok(2)),
     ];
-    if let Some(builtin) = measured.get(1) {
+    for (label, r) in labels.iter().zip(&measured).skip(1) {
+        let what = match *label {
+            "builtin_agent" => "create → first command output, cc=1, agent built into the gateway",
+            _ => {
+                "create → first command output, cc=1, no warm pool (jail start on the request path)"
+            }
+        };
         figures.push(
-            Figure::latency(
-                "create.cc1_builtin_agent",
-                "create → first command output, cc=1, agent built into the gateway",
-                &builtin.cc1,
-            )
-            .floor("unshare … true", unshare.p50),
+            Figure::latency(&format!("create.cc1_{label}"), what, &r.cc1)
+                .floor("unshare … true", unshare.p50),
         );
     }
     figures.extend([
@@ -388,29 +414,59 @@ struct Level {
     cpu_ms: u64,
     /// Wall time of the same intervals.
     wall: Duration,
-    /// The gateway's own account of each create's stages.
-    stages: Vec<CreateStages>,
+    /// The gateway runtime's own account of the sandboxes it brought up meanwhile.
+    stages: Vec<RuntimeLine>,
 }
 
-/// Medians and tails of the stages the gateway logged for a level's creates (null when its
-/// log had none, e.g. a runtime that no longer logs them).
-fn gateway_stages(stages: &[CreateStages]) -> serde_json::Value {
-    if stages.is_empty() {
+/// The gateway runtime's own account of a level: how many creates took a sandbox from its
+/// warm pool, `/init`, and the stages of the sandboxes it started meanwhile (on a create's
+/// path or refilling the pool). Null when its log had none.
+fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
+    if lines.is_empty() {
         return serde_json::Value::Null;
     }
-    let stat = |f: fn(&CreateStages) -> f64| {
-        let mut d: Vec<Duration> = stages
+    let stat = |v: Vec<f64>| {
+        if v.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let mut d: Vec<Duration> = v
             .iter()
-            .map(|s| Duration::from_secs_f64(f(s).max(0.0) / 1000.0))
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0))
             .collect();
         Stats::of(&mut d).json()
     };
+    let (mut init, mut warm, mut cold) = (Vec::new(), 0, 0);
+    let (mut rootfs, mut jail, mut agent) = (Vec::new(), Vec::new(), Vec::new());
+    for line in lines {
+        match *line {
+            RuntimeLine::Configured { init: ms, warm: w } => {
+                init.push(ms);
+                if w {
+                    warm += 1;
+                } else {
+                    cold += 1;
+                }
+            }
+            RuntimeLine::Started {
+                rootfs: r,
+                jail: j,
+                agent: a,
+            } => {
+                rootfs.push(r);
+                jail.push(j);
+                agent.push(a);
+            }
+        }
+    }
     serde_json::json!({
-        "what": "the gateway's runtime's own clock around each stage of a create (its debug log): root filesystem, jail start, agent socket, /init",
-        "rootfs": stat(|s| s.rootfs),
-        "jail_start": stat(|s| s.jail),
-        "agent_socket": stat(|s| s.agent),
-        "init": stat(|s| s.init),
+        "what": "the gateway runtime's debug log: creates served from its warm pool or started on the request path, /init, and every sandbox start during the level (on a create's path or refilling the pool)",
+        "creates_from_warm_pool": warm,
+        "creates_started_on_request": cold,
+        "init": stat(init),
+        "starts": rootfs.len(),
+        "start_rootfs": stat(rootfs),
+        "start_jail": stat(jail),
+        "start_agent_socket": stat(agent),
     })
 }
 

@@ -88,40 +88,45 @@ pub(crate) struct GatewayProc {
     events: mpsc::Receiver<Event>,
     addr: Mutex<Option<SocketAddr>>,
     log: Arc<Mutex<VecDeque<String>>>,
-    /// The stages of every create the gateway logged (see [`CreateStages`]).
-    stages: Arc<Mutex<Vec<CreateStages>>>,
+    /// What the runtime logged about the sandboxes it brought up, not yet taken.
+    stages: Arc<Mutex<Vec<RuntimeLine>>>,
     /// Sandboxes created through this gateway and not yet killed.
     pub(crate) live: Live,
 }
 
-/// How long the gateway's runtime spent in each stage of one create, in ms, as it logs them at
-/// debug level (`sandbox started rootfs_ms=… jail_ms=… agent_ms=… init_ms=…`, `src/runtime.rs`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CreateStages {
-    pub(crate) rootfs: f64,
-    pub(crate) jail: f64,
-    pub(crate) agent: f64,
-    pub(crate) init: f64,
+/// What the gateway's runtime logs at debug level about each sandbox it brings up
+/// (`src/runtime.rs`): a start (root filesystem, jail, agent socket; on a create's path, or
+/// filling the warm pool), and the `/init` that makes it some create's sandbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RuntimeLine {
+    /// `sandbox started rootfs_ms=… jail_ms=… agent_ms=…`
+    Started { rootfs: f64, jail: f64, agent: f64 },
+    /// `sandbox configured init_ms=… warm=…`
+    Configured { init: f64, warm: bool },
 }
 
-impl CreateStages {
-    /// The stages of a "sandbox started" log line, if it is one.
+impl RuntimeLine {
+    /// The runtime line `line` is, if it is one.
     fn parse(line: &str) -> Option<Self> {
-        if !line.contains("sandbox started") {
-            return None;
-        }
-        let field = |name: &str| -> Option<f64> {
+        let field = |name: &str| -> Option<&str> {
             line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?
-                .parse()
-                .ok()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
         };
-        Some(Self {
-            rootfs: field("rootfs_ms")?,
-            jail: field("jail_ms")?,
-            agent: field("agent_ms")?,
-            init: field("init_ms")?,
-        })
+        let ms = |name: &str| -> Option<f64> { field(name)?.parse().ok() };
+        if line.contains("sandbox started") {
+            Some(Self::Started {
+                rootfs: ms("rootfs_ms")?,
+                jail: ms("jail_ms")?,
+                agent: ms("agent_ms")?,
+            })
+        } else if line.contains("sandbox configured") {
+            Some(Self::Configured {
+                init: ms("init_ms")?,
+                warm: field("warm")? == "true",
+            })
+        } else {
+            None
+        }
     }
 }
 
@@ -130,7 +135,7 @@ impl GatewayProc {
     /// /var/tmp (disk-backed, so sandbox files never count as host memory; short enough for
     /// the agents' socket paths). The gateway gets its own process group, so a Ctrl-C at the
     /// terminal reaches this program, which then cleans up, and not the gateway.
-    pub(crate) fn spawn(gateway: &Path, agent: &Path) -> Res<Self> {
+    pub(crate) fn spawn(gateway: &Path, agent: &Path, extra_args: &[&str]) -> Res<Self> {
         use std::os::unix::process::CommandExt;
         let state = tempfile::Builder::new()
             .prefix("coppice-api-bench-")
@@ -144,7 +149,8 @@ impl GatewayProc {
             .arg(TEMPLATE_CACHE)
             .arg("--agent")
             .arg(agent)
-            // Debug for the runtime only: its per-create stage timings.
+            .args(extra_args)
+            // Debug for the runtime only: its stage timings per sandbox.
             .env("COPPICE_LOG", "info,coppice_gateway::runtime=debug")
             .env("NO_COLOR", "1")
             .env_remove("COPPICE_API_KEYS")
@@ -153,6 +159,7 @@ impl GatewayProc {
             .env_remove("COPPICE_ENVD_LISTEN")
             .env_remove("COPPICE_CODE_LISTEN")
             .env_remove("COPPICE_WEBHOOK_URL")
+            .env_remove("COPPICE_WARM_POOL")
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -180,7 +187,7 @@ impl GatewayProc {
                 if line.contains("template ready") || line.contains("template unavailable") {
                     let _ = tx.send(Event::Template(line.clone()));
                 }
-                if let Some(s) = CreateStages::parse(&line) {
+                if let Some(s) = RuntimeLine::parse(&line) {
                     logged
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -231,8 +238,8 @@ impl GatewayProc {
         Ok(self.state_dir()?.join("run").join(id).join("agent.sock"))
     }
 
-    /// The create stages logged since the last call.
-    pub(crate) fn take_stages(&self) -> Vec<CreateStages> {
+    /// The runtime lines logged since the last call.
+    pub(crate) fn take_stages(&self) -> Vec<RuntimeLine> {
         std::mem::take(
             &mut *self
                 .stages
@@ -414,14 +421,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_runtimes_stage_line() {
-        let line = "2026-11-23T16:27:31Z DEBUG coppice_gateway::runtime: sandbox started sandbox=vt64 rootfs_ms=0.78 jail_ms=17.39 agent_ms=0.18 init_ms=0.19";
-        let s = CreateStages::parse(line).unwrap();
+    fn reads_the_runtimes_stage_lines() {
+        let started = "2026-11-23T16:27:31Z DEBUG coppice_gateway::runtime: sandbox started sandbox=vt64 rootfs_ms=0.78 jail_ms=17.39 agent_ms=0.18";
         assert_eq!(
-            (s.rootfs, s.jail, s.agent, s.init),
-            (0.78, 17.39, 0.18, 0.19)
+            RuntimeLine::parse(started),
+            Some(RuntimeLine::Started {
+                rootfs: 0.78,
+                jail: 17.39,
+                agent: 0.18
+            })
         );
-        assert!(CreateStages::parse("INFO coppice_gateway: created sandbox=x").is_none());
+        let configured = "DEBUG coppice_gateway::runtime: sandbox configured sandbox=vt64 init_ms=0.25 warm=true";
+        assert_eq!(
+            RuntimeLine::parse(configured),
+            Some(RuntimeLine::Configured {
+                init: 0.25,
+                warm: true
+            })
+        );
+        assert_eq!(
+            RuntimeLine::parse("INFO coppice_gateway: created sandbox=x"),
+            None
+        );
     }
 }
 

@@ -153,7 +153,7 @@ fn main() -> Result<(), BoxError> {
         nofile.0,
         nofile.1
     );
-    let gw = GatewayProc::spawn(&opts.gateway, &agent)?;
+    let gw = GatewayProc::spawn(&opts.gateway, &agent, &[])?;
     let mut out = serde_json::Map::new();
     let mut failed = Vec::new();
     match gw.wait_ready() {
