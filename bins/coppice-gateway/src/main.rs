@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -45,5 +46,23 @@ fn main() -> ExitCode {
             eprintln!("coppice-gateway: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one. Every data-plane request in flight holds
+/// two descriptors (the client's connection and the agent's), and the soft limit a shell or a
+/// systemd service starts with (1024) would cap a host of a thousand sandboxes at about 500
+/// open streams; the hard limit is what the administrator allows. Sandboxes inherit the
+/// raised limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
 }
