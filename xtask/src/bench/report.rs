@@ -69,11 +69,11 @@ const PEERS: &[(&str, &str)] = &[
 /// Points of a peer's published create-latency curve: `(label, [(concurrency, ms)])`.
 const PEER_CURVES: &[(&str, &[(f64, f64)])] = &[
     (
-        "CubeSandbox avg, their claim [V-b]",
+        "CubeSandbox avg, their claim [V-b]*",
         &[(1.0, 47.8), (10.0, 88.7), (50.0, 276.0)],
     ),
     (
-        "CubeSandbox p95, their claim [V-b]",
+        "CubeSandbox p95, their claim [V-b]*",
         &[(1.0, 57.4), (50.0, 508.0)],
     ),
 ];
@@ -295,8 +295,8 @@ pub(super) fn chart(create: &serde_json::Value, date: &str) -> Option<String> {
         (50.0, 250.0, "p95"),
     ];
 
-    let (w, h) = (720.0, 440.0);
-    let (left, right, top, bottom) = (70.0, 250.0, 40.0, 50.0);
+    let (w, h) = (780.0, 440.0);
+    let (left, right, top, bottom) = (70.0, 290.0, 40.0, 50.0);
     let all = ours
         .iter()
         .flat_map(|(_, p)| p.iter().map(|(_, v)| *v))
@@ -387,6 +387,12 @@ pub(super) fn chart(create: &serde_json::Value, date: &str) -> Option<String> {
         );
     }
     legend.push(("target (p50 at cc=1, p95 above)".into(), "#2a9d8f", false));
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="{}" font-size="11">* 2-vCPU sandboxes on a 96-core host</text>"##,
+        w - right + 15.0,
+        top + 10.0 + 20.0 * 6.5 + 4.0
+    );
     for (i, (label, colour, dashed)) in legend.iter().enumerate() {
         #[allow(clippy::cast_precision_loss, reason = "a handful of legend rows")]
         let ly = top + 10.0 + 20.0 * i as f64;

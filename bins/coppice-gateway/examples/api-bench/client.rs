@@ -220,8 +220,20 @@ pub(crate) async fn start_to_first_output(
     via: Via,
     t0: Instant,
 ) -> Res<Duration> {
+    run_to_first_output(sender, sbx, via, t0, PROGRAM, &ARGS).await
+}
+
+/// [`start_to_first_output`] of `program args`; returns only when the command has ended.
+pub(crate) async fn run_to_first_output(
+    sender: &mut Sender,
+    sbx: &Sandbox,
+    via: Via,
+    t0: Instant,
+    program: &str,
+    args: &[&str],
+) -> Res<Duration> {
     let msg = serde_json::json!({
-        "process": {"cmd": PROGRAM, "args": ARGS},
+        "process": {"cmd": program, "args": args},
         "stdin": false,
     })
     .to_string();

@@ -100,6 +100,15 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
         }))?;
     let check_secs = t_check.elapsed().as_secs_f64();
 
+    // All at once: every sandbox runs a command at the same moment, each on its own
+    // connection, as a thousand SDK clients would; the gateway proxies them all together.
+    let t_burst = Instant::now();
+    let peak = FdPeak::watch(pid);
+    let burst = ctx.rt.block_on(all_at_once(addr, &sandboxes));
+    let gateway_fds_in_burst = peak.stop();
+    let (mut burst_lat, burst_failed) = burst?;
+    let burst_secs = t_burst.elapsed().as_secs_f64();
+
     // Kill them all.
     let t_kill = Instant::now();
     let (mut kill_lat, unkilled) = ctx.rt.block_on(each(addr, &sandboxes, async |s, sbx| {
@@ -130,8 +139,10 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
         .clone()
         .unwrap_or_else(|| format!("stopped at the {want} asked for"));
     let summary = format!(
-        "{started} idle sandboxes ({stop_text}); host memory {host_mib:.2} MiB each (MemAvailable), cgroup memory {cgroup_mib:.2} MiB each, gateway RSS +{gateway_kib:.1} KiB each; {answered}/{started} answered a command; create p50 {:.1} ms / p99 {:.1} ms over the ramp; all killed in {kill_secs:.1} s",
-        c.p50, c.p99
+        "{started} idle sandboxes ({stop_text}); host memory {host_mib:.2} MiB each (MemAvailable), cgroup memory {cgroup_mib:.2} MiB each, gateway RSS +{gateway_kib:.1} KiB each; {answered}/{started} answered a command, {} when all at once (gateway peak {gateway_fds_in_burst} fds); create p50 {:.1} ms / p99 {:.1} ms over the ramp; all killed in {kill_secs:.1} s",
+        started - burst_failed.len(),
+        c.p50,
+        c.p99
     );
     let mut figures = vec![
         Figure::value(
@@ -175,10 +186,32 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             &c,
         ),
     ];
+    let burst_answered = started - burst_failed.len();
+    #[allow(clippy::cast_precision_loss, reason = "counts")]
+    figures.push(
+        Figure::value(
+            "density.answered_all_at_once",
+            "share answering when every one runs a command at the same moment",
+            "%",
+            burst_answered as f64 * 100.0 / n,
+            true,
+        )
+        .target("100%", burst_failed.is_empty())
+        .note(&format!(
+            "{started} open streams; the gateway held up to {gateway_fds_in_burst} descriptors"
+        )),
+    );
+    if !burst_lat.is_empty() {
+        figures.push(Figure::latency(
+            "density.first_output_all_at_once",
+            "command → first output, every sandbox at the same moment",
+            &Stats::of(&mut burst_lat),
+        ));
+    }
     if let Some(a) = &a {
         figures.push(Figure::latency(
             "density.command_when_full",
-            "command → first output with every sandbox running",
+            "command → first output of each, all running, 8 at a time",
             a,
         ));
     }
@@ -200,6 +233,14 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             "unanswered": unanswered.iter().take(5).collect::<Vec<_>>(),
             "check_seconds": check_secs,
             "command_when_full": a.as_ref().map(Stats::json),
+            "all_at_once": {
+                "command": format!("/bin/sh {}", HELD.join(" ")),
+                "answered": burst_answered,
+                "failed": burst_failed.len(),
+                "failures": burst_failed.iter().take(5).collect::<Vec<_>>(),
+                "seconds": burst_secs,
+                "gateway_peak_fds": gateway_fds_in_burst,
+            },
             "kill_seconds": kill_secs,
             "kill": k.as_ref().map(Stats::json),
             "not_killed": unkilled.iter().take(5).collect::<Vec<_>>(),
@@ -210,6 +251,79 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             "settle_seconds": SETTLE.as_secs(),
         }),
     })
+}
+
+/// The command each sandbox runs in the all-at-once check: it answers at once and holds its
+/// stream open a while, so every stream is open at the same time.
+const HELD: [&str; 2] = ["-c", "echo hi; sleep 2"];
+
+/// The most descriptors a process held while watched (sampled every 10 ms).
+struct FdPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl FdPeak {
+    fn watch(pid: u32) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+                    peak = peak.max(fds.count());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap_or(0)
+    }
+}
+
+/// Every sandbox runs [`HELD`] at once, each from a connection of its own; returns the times
+/// to first output of those that answered and the errors of the rest.
+async fn all_at_once(
+    addr: std::net::SocketAddr,
+    sandboxes: &[Sandbox],
+) -> Res<(Vec<Duration>, Vec<String>)> {
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(sandboxes.len()));
+    let tasks: Vec<_> = sandboxes
+        .iter()
+        .map(|sbx| {
+            let (sbx, start) = (sbx.clone(), std::sync::Arc::clone(&start));
+            tokio::spawn(async move {
+                let conn = connect(addr).await;
+                start.wait().await;
+                let mut s = conn.map_err(|e| format!("{}: connect: {e}", sbx.id))?;
+                timeout(client::run_to_first_output(
+                    &mut s,
+                    &sbx,
+                    Via::Gateway,
+                    Instant::now(),
+                    "/bin/sh",
+                    &HELD,
+                ))
+                .await
+                .map_err(|e| format!("{}: {e}", sbx.id))
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await? {
+            Ok(d) => ok.push(d),
+            Err(e) => failed.push(e),
+        }
+    }
+    check_interrupted()?;
+    Ok((ok, failed))
 }
 
 /// Sum of `memUsed` over the sandboxes' metrics.

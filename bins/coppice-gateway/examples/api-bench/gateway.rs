@@ -23,9 +23,10 @@ const LOCK_FILE: &str = "/tmp/coppice-gateway-tests.lock";
 const LOCK_WAIT: Duration = Duration::from_secs(15 * 60);
 /// Where the template trees are built once for every gateway on this machine.
 pub(crate) const TEMPLATE_CACHE: &str = "/var/cache/coppice/templates";
-/// The soft open-files limit a login shell or a systemd service starts with: the gateway is
-/// measured as a user would start it, not with whatever this process happens to have.
-const DEFAULT_NOFILE: u64 = 1024;
+/// The soft open-files limit a login shell or a systemd service starts a program with: the
+/// gateway starts with it (through util-linux `prlimit`), as a user's would, whatever this
+/// process has.
+pub(crate) const DEFAULT_NOFILE: u64 = 1024;
 
 /// Takes an exclusive `flock` on the gateway tests' lock, waiting (bounded) while someone
 /// else holds it.
@@ -64,14 +65,13 @@ pub(crate) fn lock_exclusive() -> Res<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
-/// Lowers this process's soft open-files limit to [`DEFAULT_NOFILE`] (the gateway inherits
-/// it); returns the limits the gateway will start with.
-pub(crate) fn default_nofile() -> Res<(u64, u64)> {
+/// Raises this process's soft open-files limit to its hard one (a thousand client
+/// connections at once must not fail here); returns the hard limit.
+pub(crate) fn raise_nofile() -> Res<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    let soft = soft.min(DEFAULT_NOFILE);
-    setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
-    Ok((soft, hard))
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(hard)
 }
 
 /// Lines the gateway's reader thread reports.
@@ -131,16 +131,20 @@ impl RuntimeLine {
 }
 
 impl GatewayProc {
-    /// Starts `gateway` with `agent` as the sandboxes' agent and a fresh state directory in
-    /// /var/tmp (disk-backed, so sandbox files never count as host memory; short enough for
-    /// the agents' socket paths). The gateway gets its own process group, so a Ctrl-C at the
-    /// terminal reaches this program, which then cleans up, and not the gateway.
+    /// Starts `gateway` (with the soft open-files limit [`DEFAULT_NOFILE`]) with `agent` as the
+    /// sandboxes' agent, `extra_args`, and a fresh state directory in /var/tmp (disk-backed,
+    /// so sandbox files never count as host memory; short enough for the agents' socket
+    /// paths). The gateway gets its own process group, so a Ctrl-C at the terminal reaches
+    /// this program, which then cleans up, and not the gateway.
     pub(crate) fn spawn(gateway: &Path, agent: &Path, extra_args: &[&str]) -> Res<Self> {
         use std::os::unix::process::CommandExt;
         let state = tempfile::Builder::new()
             .prefix("coppice-api-bench-")
             .tempdir_in("/var/tmp")?;
-        let mut child = Command::new(gateway)
+        let mut child = Command::new("prlimit")
+            .arg(format!("--nofile={DEFAULT_NOFILE}:"))
+            .arg("--")
+            .arg(gateway)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--state-dir")
@@ -416,6 +420,24 @@ impl Drop for GatewayProc {
     }
 }
 
+/// Drops terminal colour sequences (`ESC [ ... m`), in case the log is coloured anyway.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,22 +466,4 @@ mod tests {
             None
         );
     }
-}
-
-/// Drops terminal colour sequences (`ESC [ ... m`), in case the log is coloured anyway.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

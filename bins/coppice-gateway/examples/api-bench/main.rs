@@ -144,7 +144,8 @@ fn main() -> Result<(), BoxError> {
         .build()?;
     client::catch_interrupts(&rt)?;
     let _lock = gateway::lock_exclusive()?;
-    let nofile = gateway::default_nofile()?;
+    let hard = gateway::raise_nofile()?;
+    let nofile = (gateway::DEFAULT_NOFILE, hard);
     let agent = opts.agent.clone().unwrap_or_else(|| opts.gateway.clone());
     eprintln!(
         "api bench: gateway {} with agent {} (open files {} / {})",
