@@ -7,9 +7,9 @@
 //! the last, divided by the count: everything the host gave them (processes, page tables,
 //! kernel objects for namespaces, mounts and cgroups, the gateway's own bookkeeping), and
 //! nothing the kernel can reclaim. Other work on the machine moves `MemAvailable` too, so the
-//! report also gives the sandboxes' own cgroup memory (the sum of `GET /sandboxes/{id}/metrics`
-//! `memUsed`, which nothing else touches), the gateway's RSS growth, and how much came back
-//! when they were killed.
+//! report also gives the sandboxes' own cgroup charge (the sum of `GET /sandboxes/{id}/metrics`
+//! `memUsed` and `memCache`, which nothing else touches), the gateway's RSS growth, and how much
+//! came back when they were killed.
 
 use std::time::{Duration, Instant};
 
@@ -90,7 +90,8 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     std::thread::sleep(SETTLE);
     let full = Snapshot::take(pid)?;
     // The sandboxes' own memory, as the API reports it (their cgroups).
-    let cgroup_bytes: u64 = ctx.rt.block_on(sum_mem_used(addr, &sandboxes))?;
+    let (used_bytes, cache_bytes) = ctx.rt.block_on(sum_memory(addr, &sandboxes))?;
+    let cgroup_bytes = used_bytes + cache_bytes;
 
     // Does every one still answer?
     let t_check = Instant::now();
@@ -164,7 +165,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
         .note("other work on the machine moves MemAvailable too"),
         Figure::value(
             "density.cgroup_mib_per_sandbox",
-            "sandbox cgroup memory per idle sandbox (GET /sandboxes/{id}/metrics memUsed)",
+            "sandbox cgroup charge per idle sandbox (GET /sandboxes/{id}/metrics memUsed + memCache)",
             "MiB",
             cgroup_mib,
             false,
@@ -227,6 +228,8 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             "create_call": c.json(),
             "host_memory_mib_per_sandbox": host_mib,
             "cgroup_memory_mib_per_sandbox": cgroup_mib,
+            "metrics_mem_used_bytes": used_bytes,
+            "metrics_mem_cache_bytes": cache_bytes,
             "gateway_rss_kib_per_sandbox": gateway_kib,
             "mem_available_recovered_after_kill_mib": recovered_mib,
             "answered": answered,
@@ -326,10 +329,10 @@ async fn all_at_once(
     Ok((ok, failed))
 }
 
-/// Sum of `memUsed` over the sandboxes' metrics.
-async fn sum_mem_used(addr: std::net::SocketAddr, sandboxes: &[Sandbox]) -> Res<u64> {
+/// Sums of `memUsed` and `memCache` over the sandboxes' newest metrics samples.
+async fn sum_memory(addr: std::net::SocketAddr, sandboxes: &[Sandbox]) -> Res<(u64, u64)> {
     let mut s = connect(addr).await?;
-    let mut total = 0;
+    let (mut used, mut cache) = (0, 0);
     for sbx in sandboxes {
         let req = client::control(Method::GET, &format!("/sandboxes/{}/metrics", sbx.id))
             .body(Full::new(bytes::Bytes::new()))?;
@@ -338,9 +341,17 @@ async fn sum_mem_used(addr: std::net::SocketAddr, sandboxes: &[Sandbox]) -> Res<
             return Err(format!("metrics of {} answered {status}", sbx.id).into());
         }
         let v: serde_json::Value = serde_json::from_slice(&body)?;
-        total += v[0]["memUsed"].as_u64().ok_or("metrics without memUsed")?;
+        let newest = v
+            .as_array()
+            .and_then(|a| a.last())
+            .ok_or("metrics without a sample")?;
+        used += newest["memUsed"]
+            .as_u64()
+            .ok_or("metrics without memUsed")?;
+        // Older gateways report no cache apart.
+        cache += newest["memCache"].as_u64().unwrap_or(0);
     }
-    Ok(total)
+    Ok((used, cache))
 }
 
 /// Runs `f` on every sandbox from [`PARALLEL`] connections; returns the durations of those
