@@ -10,6 +10,32 @@
 
 use std::time::Duration;
 
+/// The value after `name` (e.g. `--runs`) on this program's command line, if given.
+pub(crate) fn arg(name: &str) -> Option<String> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == name {
+            return args.next();
+        }
+    }
+    None
+}
+
+/// The number after `name`, or `default` when it is not given.
+pub(crate) fn num_arg<T>(
+    name: &str,
+    default: T,
+) -> Result<T, Box<dyn std::error::Error + Send + Sync>>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match arg(name) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|e| format!("{name} {v:?}: {e}").into()),
+    }
+}
+
 /// Percentiles and extremes of a set of timings, in milliseconds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stats {

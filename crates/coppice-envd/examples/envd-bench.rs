@@ -34,15 +34,8 @@ const ARGS: [&str; 1] = ["hi"];
 type Sender = http1::SendRequest<Full<Bytes>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let runs: usize = arg("--runs").map(|s| s.parse()).transpose()?.unwrap_or(200);
-    let agent_bin = PathBuf::from(arg("--agent").ok_or("--agent PATH is required")?);
+    let runs: usize = stats::num_arg("--runs", 200)?;
+    let agent_bin = PathBuf::from(stats::arg("--agent").ok_or("--agent PATH is required")?);
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("agent.sock");
     let mut agent = Command::new(&agent_bin)

@@ -61,25 +61,9 @@ const TARGET_DELIVERIES_PER_SEC: f64 = 2000.0;
 const TARGET_P99_MS: f64 = 50.0;
 
 fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let events: usize = arg("--events")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5000);
-    let rate: u64 = arg("--rate")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(2000);
-    let seconds: u64 = arg("--seconds")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(3);
+    let events: usize = stats::num_arg("--events", 5000)?;
+    let rate: u64 = stats::num_arg("--rate", 2000)?;
+    let seconds: u64 = stats::num_arg("--seconds", 3)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

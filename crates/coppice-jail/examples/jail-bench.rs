@@ -23,14 +23,7 @@ use coppice_jail::{JailConfig, LinuxJail};
 use coppice_lifecycle::backend::{InitSpec, Isolation, JailSpec, Limits, RootfsSpec, SandboxId};
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let args: Vec<String> = std::env::args().collect();
-    let runs: usize = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(200);
+    let runs: usize = stats::num_arg("--runs", 200)?;
 
     if let Some(missing) = <LinuxJail as Isolation>::probe()?
         .missing()

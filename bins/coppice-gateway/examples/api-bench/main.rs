@@ -96,23 +96,16 @@ pub(crate) struct Report {
 }
 
 fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
     let num = |name: &str, default: usize| -> Res<usize> {
-        let n = arg(name).map(|s| s.parse()).transpose()?.unwrap_or(default);
+        let n = stats::num_arg(name, default)?;
         if n == 0 {
             return Err(format!("{name} must be at least 1").into());
         }
         Ok(n)
     };
     let opts = Opts {
-        gateway: PathBuf::from(arg("--gateway").ok_or("--gateway PATH is required")?),
-        agent: arg("--agent").map(PathBuf::from),
+        gateway: PathBuf::from(stats::arg("--gateway").ok_or("--gateway PATH is required")?),
+        agent: stats::arg("--agent").map(PathBuf::from),
         runs: num("--runs", 100)?,
         rounds10: num("--rounds10", 10)?,
         rounds50: num("--rounds50", 3)?,
@@ -120,6 +113,7 @@ fn main() -> Result<(), BoxError> {
         stage_runs: num("--stage-runs", 50)?,
         density: num("--density", 1000)?,
     };
+    let args: Vec<String> = std::env::args().collect();
     let mut wanted: Vec<&str> = args
         .iter()
         .enumerate()
