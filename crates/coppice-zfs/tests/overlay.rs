@@ -644,3 +644,81 @@ async fn the_default_template_imports_by_hard_links_and_mounts() {
             .contains("user:x:1000:1000::/home/user:/bin/bash"));
     });
 }
+
+/// Roots are built outside the storage lock: concurrent creates of distinct ids all succeed,
+/// concurrent creates of one id publish exactly one root, a layer being deleted and a
+/// sandbox being created on it never both succeed, and concurrent removals leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_and_removes_stay_consistent() {
+    if !privileged("concurrent_creates_and_removes_stay_consistent") {
+        return;
+    }
+    let dir = scratch();
+    let src = template_tree(dir.path());
+    let storage = std::sync::Arc::new(OverlayStorage::open(dir.path().join("store")).unwrap());
+    storage.import_template(&layer("base"), &src).await.unwrap();
+
+    let creates: Vec<_> = (0..24)
+        .map(|i| {
+            let s = std::sync::Arc::clone(&storage);
+            tokio::spawn(async move {
+                s.create_rootfs(&sandbox(&format!("c{i}")), &layer("base"))
+                    .await
+            })
+        })
+        .collect();
+    for c in creates {
+        c.await.unwrap().unwrap();
+    }
+    let same: Vec<_> = (0..8)
+        .map(|_| {
+            let s = std::sync::Arc::clone(&storage);
+            tokio::spawn(async move { s.create_rootfs(&sandbox("dup"), &layer("base")).await })
+        })
+        .collect();
+    let mut won = 0;
+    for c in same {
+        match c.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(BackendError::AlreadyExists { .. }) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(storage.sandboxes().await.unwrap().len(), 25);
+
+    // A layer deleted while a root is created on it: the create fails or the delete does.
+    storage
+        .import_template(&layer("other"), &src)
+        .await
+        .unwrap();
+    let s1 = std::sync::Arc::clone(&storage);
+    let s2 = std::sync::Arc::clone(&storage);
+    let (created, deleted) = tokio::join!(
+        tokio::spawn(async move { s1.create_rootfs(&sandbox("race"), &layer("other")).await }),
+        tokio::spawn(async move { s2.delete_layer(&layer("other")).await }),
+    );
+    let (created, deleted) = (created.unwrap(), deleted.unwrap());
+    assert!(
+        created.is_ok() != deleted.is_ok(),
+        "create {created:?}, delete {deleted:?}"
+    );
+
+    let mut ids = storage.sandboxes().await.unwrap();
+    ids.sort();
+    let removes: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let s = std::sync::Arc::clone(&storage);
+            tokio::spawn(async move { s.remove_rootfs(&id).await })
+        })
+        .collect();
+    for r in removes {
+        r.await.unwrap().unwrap();
+    }
+    assert!(storage.sandboxes().await.unwrap().is_empty());
+    assert_eq!(
+        fs::read_dir(dir.path().join("store/tmp")).unwrap().count(),
+        0
+    );
+}

@@ -306,13 +306,20 @@ impl Layout {
     /// Unpublishes `path` by one rename into `tmp/`, then removes it. A crash after the
     /// rename leaves only a `tmp/` entry for [`Layout::recover`].
     fn retire(&self, path: &Path, what: &str) -> Result<(), BackendError> {
+        let doomed = self.unpublish(path, what)?;
+        tree::remove(&doomed)
+    }
+
+    /// The first half of [`Layout::retire`]: renames `path` into `tmp/` and returns where it
+    /// went. Removing it needs no lock, since nothing refers to a `tmp/` entry.
+    fn unpublish(&self, path: &Path, what: &str) -> Result<PathBuf, BackendError> {
         let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
         let doomed = self
             .tmp_dir()
             .join(format!("deleting-{what}-{}-{seq}", std::process::id()));
         fs::rename(path, &doomed).map_err(|e| BackendError::io("unpublish", path, e))?;
         tree::fsync_dir(path.parent().unwrap_or(&self.root))?;
-        tree::remove(&doomed)
+        Ok(doomed)
     }
 
     fn recover(&self) -> Result<(), BackendError> {
@@ -494,7 +501,8 @@ impl Layout {
         sandbox: &SandboxId,
         base: &LayerId,
     ) -> Result<RootfsSpec, BackendError> {
-        let _lock = self.lock()?;
+        // The root is built outside the storage lock, so concurrent creates overlap; only the
+        // checks that must agree with `delete_layer` and the publishing rename take it.
         if self.sandbox_dir(sandbox).exists() {
             return Err(BackendError::AlreadyExists {
                 kind: "sandbox",
@@ -527,10 +535,21 @@ impl Layout {
             let meta_path = staging.join("sandbox.json");
             fs::write(&meta_path, to_json(&meta, &meta_path)?)
                 .map_err(|e| BackendError::io("write", &meta_path, e))?;
-            self.publish_volatile(&staging, &self.sandbox_dir(sandbox))?;
+            {
+                let _lock = self.lock()?;
+                if self.sandbox_dir(sandbox).exists() {
+                    return Err(BackendError::AlreadyExists {
+                        kind: "sandbox",
+                        id: sandbox.to_string(),
+                    });
+                }
+                // The base may have been deleted while the root was built.
+                self.chain(base)?;
+                self.publish_volatile(&staging, &self.sandbox_dir(sandbox))?;
+            }
             self.spec(sandbox, &meta)
         })();
-        if result.is_err() {
+        if result.is_err() && staging.exists() {
             tree::remove(&staging)?;
         }
         result
@@ -559,9 +578,13 @@ impl Layout {
     }
 
     fn remove_rootfs(&self, sandbox: &SandboxId) -> Result<(), BackendError> {
-        let _lock = self.lock()?;
-        self.require_sandbox(sandbox)?;
-        self.retire(&self.sandbox_dir(sandbox), &format!("sandbox-{sandbox}"))
+        let doomed = {
+            let _lock = self.lock()?;
+            self.require_sandbox(sandbox)?;
+            self.unpublish(&self.sandbox_dir(sandbox), &format!("sandbox-{sandbox}"))?
+        };
+        // The files go outside the lock: other creates and removals need not wait for them.
+        tree::remove(&doomed)
     }
 
     fn delete_layer(&self, id: &LayerId) -> Result<(), BackendError> {
