@@ -139,9 +139,25 @@ async fn send(
     let socket = gw.runtime.socket(&record.id);
     let stream = match tokio::net::UnixStream::connect(&socket).await {
         Ok(s) => s,
-        Err(e) => {
+        // No socket, or nobody listening: the agent is gone, which E2B reports as its 502.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             tracing::warn!(sandbox = %record.id, error = %e, "agent unreachable");
             return Err(not_found(&target.id));
+        }
+        // Anything else (out of file descriptors, ...) is the gateway's trouble, not a
+        // missing sandbox: say so, so a client retries instead of giving the sandbox up.
+        Err(e) => {
+            tracing::error!(sandbox = %record.id, error = %e, "cannot connect to the agent");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the gateway cannot reach the sandbox's agent: {e}"),
+            )
+            .into_response());
         }
     };
     let agent_error = |e: hyper::Error| {
