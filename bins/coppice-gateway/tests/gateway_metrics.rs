@@ -102,7 +102,12 @@ fn prometheus_series_follow_the_lifecycle() {
     };
     let receiver = Receiver::start();
     lab.options.api_keys = Some("k1".into());
-    lab.options.args = vec!["--webhook-allow".into(), "127.0.0.0/8".into()];
+    lab.options.args = vec![
+        "--webhook-allow".into(),
+        "127.0.0.0/8".into(),
+        "--warm-pool".into(),
+        "2".into(),
+    ];
     lab.start();
 
     // Behind the API key, like every control-plane route but /health.
@@ -287,7 +292,7 @@ fn prometheus_series_follow_the_lifecycle() {
     );
     assert_eq!(get(&t8, "coppice_sandboxes_paused"), 1.0);
     assert_eq!(get(&t8, "coppice_sandboxes_running"), 0.0);
-    // The warm pool refills to its size once creates stop (default 2 per template).
+    // The warm pool refills to its size once creates stop (2 per template here).
     wait_for("the warm pool to refill", REAPER_WAIT, || {
         let m = scrape(&lab);
         (get(&m, "coppice_warm_sandboxes{template=\"base\"}") == 2.0).then_some(())
