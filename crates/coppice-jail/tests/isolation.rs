@@ -372,7 +372,10 @@ fn fork_bomb_is_stopped_by_the_pids_limit() {
         if usage.tasks_refused > 0 {
             break usage;
         }
-        assert!(Instant::now() < deadline, "no refused fork counted: {usage:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no refused fork counted: {usage:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(peak <= 48, "{peak} tasks despite pids.max=48");
