@@ -116,6 +116,10 @@ const PARTS: &[(&str, &Program)] = &[
     ("density", &API),
 ];
 
+/// `api`, the name the gateway issue gave its benchmark: create → first output at cc 1, 10
+/// and 50, and the control-plane rate.
+const API_ALIAS: (&str, &[&str]) = ("api", &["create", "control"]);
+
 /// Parts whose floors run `bwrap`.
 const NEEDS_BWRAP: &[&str] = &["jail", "create"];
 
@@ -142,7 +146,7 @@ const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 pub(crate) fn usage() -> String {
     let names: Vec<&str> = PARTS.iter().map(|(n, _)| *n).collect();
     format!(
-        "bench <part>...|all [--quick] [args]   run benchmarks: {}\n  \
+        "bench <part>...|all [--quick] [args]   run benchmarks: {} (api = create control)\n  \
          bench compare [part...] [--fresh DIR] [--against DIR] [args]\n                      \
          \x20               a fresh run against the last committed results\n  \
          bench readme                       regenerate benchmarks/README.md from results",
@@ -185,6 +189,8 @@ fn parts_and_args<'a>(args: &[&'a str]) -> Result<(Vec<&'static str>, Vec<&'a st
     while let Some(word) = args.get(i).filter(|a| !a.starts_with("--")) {
         if *word == "all" {
             parts.extend(PARTS.iter().map(|(n, _)| *n));
+        } else if *word == API_ALIAS.0 {
+            parts.extend(API_ALIAS.1);
         } else {
             let (name, _) = PARTS.iter().find(|(n, _)| n == word).ok_or_else(|| {
                 format!(
@@ -462,6 +468,8 @@ mod tests {
         let (parts, rest) = parts_and_args(&["all"]).unwrap();
         assert_eq!(parts.len(), PARTS.len());
         assert!(rest.is_empty());
+        let (parts, _) = parts_and_args(&["api"]).unwrap();
+        assert_eq!(parts, ["create", "control"]);
         let unknown = parts_and_args(&["nope"]).unwrap_err();
         assert!(unknown.contains("unknown benchmark part"), "{unknown}");
         let none = parts_and_args(&["--runs", "5"]).unwrap_err();
