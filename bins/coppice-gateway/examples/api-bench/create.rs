@@ -10,7 +10,10 @@
 //! whose sandboxes run the agent built into the gateway binary, and one with `--warm-pool 0`,
 //! where every create starts its sandbox on the request path. Each level also reports the
 //! gateway runtime's own account from its debug log: how many creates the warm pool served,
-//! and the stages of every sandbox start.
+//! and the stages of every sandbox start. Each cc=10 and cc=50 burst starts once the machine
+//! has settled (under 10% CPU busy for 100 ms, at most 10 s of waiting): the alternately sampled
+//! gateways refill their pools after their own bursts, and one gateway's refill must not land
+//! on another's burst.
 //!
 //! A second part rebuilds the runtime's cold create from the same backends in this process,
 //! with a clock around each stage (root filesystem, run directory, jail start, agent socket,
@@ -278,6 +281,12 @@ fn measure_gateways(
         eprintln!("api bench: cc={cc}, {n} rounds per gateway");
         for _ in 0..n {
             for ((gw, addr), level) in gws.iter().zip(&addrs).zip(levels.iter_mut()) {
+                if cc > 1 {
+                    // A burst arrives at a settled machine: the gateways sampled alternately
+                    // refill their warm pools after their own bursts, which would otherwise
+                    // land on this gateway's (a deployment runs one gateway).
+                    settle()?;
+                }
                 rt.block_on(round(*addr, &gw.live, cc, &mut level[l]))?;
                 level[l].stages.extend(gw.take_stages());
             }
@@ -483,6 +492,27 @@ fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
         "start_agent_socket": stat(agent),
     })
 }
+
+/// Waits (at most [`SETTLE_LIMIT`]) until the machine's CPU is under 10% busy over
+/// [`SETTLE_WINDOW`].
+fn settle() -> Res<()> {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let capacity_ms = u64::try_from(cpus()).unwrap_or(1)
+        * u64::try_from(SETTLE_WINDOW.as_millis()).unwrap_or(100);
+    loop {
+        let before = cpu_busy_ms()?;
+        std::thread::sleep(SETTLE_WINDOW);
+        let busy = cpu_busy_ms()?.saturating_sub(before);
+        if busy * 10 < capacity_ms || Instant::now() > deadline {
+            return Ok(());
+        }
+    }
+}
+
+/// How long [`settle`] measures the machine's CPU for, each time.
+const SETTLE_WINDOW: Duration = Duration::from_millis(100);
+/// The longest [`settle`] waits.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Busy CPU time of the whole machine so far, in ms (`/proc/stat`, 10 ms ticks).
 fn cpu_busy_ms() -> Res<u64> {
