@@ -22,20 +22,14 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
-use serde_json::{json, Value};
-use support::{empty, ids_of, metadata_query, millis, next_token, now_millis, Exec, Lab};
+use serde_json::json;
+use support::{
+    empty, id_of, ids_of, metadata_query, millis, next_token, now_millis, token_of, Exec, Lab,
+};
 
 /// Slack for comparing a window end with the test's own clock: the gateway stamps times
 /// between the test's before and after readings, rounded to milliseconds.
 const CLOCK_SLACK_MS: u64 = 1_000;
-
-fn id_of(v: &Value) -> String {
-    v["sandboxID"].as_str().unwrap().to_owned()
-}
-
-fn token_of(v: &Value) -> String {
-    v["envdAccessToken"].as_str().unwrap().to_owned()
-}
 
 fn is_sandbox_id(s: &str) -> bool {
     !s.is_empty()

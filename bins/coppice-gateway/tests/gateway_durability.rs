@@ -21,19 +21,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use http::StatusCode;
-use serde_json::{json, Value};
-use support::{now_millis, wait_for, Lab};
+use serde_json::json;
+use support::{id_of, now_millis, token_of, wait_for, Lab};
 
 /// How long the reaper may take to act on an ended window (it looks every 250 ms).
 const REAPER_WAIT: Duration = Duration::from_secs(30);
-
-fn id_of(v: &Value) -> String {
-    v["sandboxID"].as_str().unwrap().to_owned()
-}
-
-fn token_of(v: &Value) -> String {
-    v["envdAccessToken"].as_str().unwrap().to_owned()
-}
 
 /// How the first gateway goes away.
 #[derive(Debug, Clone, Copy)]

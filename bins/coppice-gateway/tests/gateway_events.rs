@@ -30,7 +30,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use support::{wait_for, Lab};
+use support::{events_of, id_of, wait_for, Lab};
 
 /// How long a delivery may take to arrive (E2B's retry schedule waits about 10 s).
 const DELIVERY_WAIT: Duration = Duration::from_secs(90);
@@ -256,16 +256,6 @@ fn lab_with_loopback_webhooks(name: &str, extra: &[String]) -> Option<Lab> {
     lab.options.args = vec!["--webhook-allow".into(), "127.0.0.0/8".into()];
     lab.options.args.extend(extra.iter().cloned());
     Some(lab)
-}
-
-fn id_of(v: &Value) -> String {
-    v["sandboxID"].as_str().unwrap().to_owned()
-}
-
-fn events_of(lab: &Lab, path: &str) -> Vec<Value> {
-    let r = lab.api("GET", path, None);
-    assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
-    r.json().as_array().unwrap().clone()
 }
 
 fn types_of(events: &[Value]) -> Vec<String> {

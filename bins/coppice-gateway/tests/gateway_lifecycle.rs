@@ -22,26 +22,12 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::{json, Value};
-use support::{millis, wait_for, Lab};
+use support::{events_of, id_of, millis, token_of, wait_for, Lab};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn id_of(v: &Value) -> String {
-    v["sandboxID"].as_str().unwrap().to_owned()
-}
-
-fn token_of(v: &Value) -> String {
-    v["envdAccessToken"].as_str().unwrap().to_owned()
-}
-
 fn events(lab: &Lab, id: &str, ty: &str) -> Vec<Value> {
-    let r = lab.api(
-        "GET",
-        &format!("/events/sandboxes/{id}?types={ty}&limit=100"),
-        None,
-    );
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    r.json().as_array().unwrap().clone()
+    events_of(lab, &format!("/events/sandboxes/{id}?types={ty}&limit=100"))
 }
 
 fn state(lab: &Lab, id: &str) -> String {

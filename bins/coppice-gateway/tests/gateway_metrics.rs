@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{json, Value};
-use support::{empty, millis, now_millis, wait_for, Lab, Resp};
+use support::{empty, id_of, millis, now_millis, token_of, wait_for, Lab, Resp};
 
 /// How long the reaper may take to act on an ended window (it looks every 250 ms).
 const REAPER_WAIT: Duration = Duration::from_secs(30);
@@ -34,14 +34,6 @@ const REAPER_WAIT: Duration = Duration::from_secs(30);
 const SAMPLER_WAIT: Duration = Duration::from_secs(30);
 /// How long a webhook delivery may take to arrive.
 const DELIVERY_WAIT: Duration = Duration::from_secs(60);
-
-fn id_of(v: &Value) -> String {
-    v["sandboxID"].as_str().unwrap().to_owned()
-}
-
-fn token_of(v: &Value) -> String {
-    v["envdAccessToken"].as_str().unwrap().to_owned()
-}
 
 /// `GET /metrics` as the lab's client; asserts 200 and the exposition content type.
 fn scrape(lab: &Lab) -> BTreeMap<String, f64> {

@@ -932,3 +932,20 @@ fn processes_in(fragment: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The `sandboxID` of a create response.
+pub fn id_of(v: &Value) -> String {
+    v["sandboxID"].as_str().unwrap().to_owned()
+}
+
+/// The `envdAccessToken` of a create response.
+pub fn token_of(v: &Value) -> String {
+    v["envdAccessToken"].as_str().unwrap().to_owned()
+}
+
+/// `GET path` of the events API (asserting 200): the event records.
+pub fn events_of(lab: &Lab, path: &str) -> Vec<Value> {
+    let r = lab.api("GET", path, None);
+    assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+    r.json().as_array().unwrap().clone()
+}
