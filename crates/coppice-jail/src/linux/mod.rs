@@ -50,6 +50,16 @@ impl LinuxJail {
     /// Opens the driver on `config.state_dir`, re-adopting every sandbox a previous process
     /// recorded there and cleaning up those that are gone (and cgroups nobody recorded).
     pub fn open(config: JailConfig) -> Result<Self, BackendError> {
+        let jail = Self::attach(config)?;
+        jail.recover()?;
+        Ok(jail)
+    }
+
+    /// Opens the driver without looking at what an earlier process left: it knows no sandbox
+    /// until [`LinuxJail::recover`] has run. For a caller that must answer (say, bind its
+    /// port) before re-adopting thousands of sandboxes; it must start none before then,
+    /// because recovery treats every cgroup it has no record of as an orphan.
+    pub fn attach(config: JailConfig) -> Result<Self, BackendError> {
         if config.uid_count < 65536 || config.uid_base == 0 {
             return Err(BackendError::InvalidSpec {
                 field: "uid range",
@@ -70,7 +80,6 @@ impl LinuxJail {
                 records: Mutex::new(HashMap::new()),
             }),
         };
-        jail.recover()?;
         Ok(jail)
     }
 
@@ -100,7 +109,10 @@ impl LinuxJail {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn recover(&self) -> Result<(), BackendError> {
+    /// Re-adopts every sandbox recorded under the state directory whose init still runs,
+    /// and removes what is left of the others and of starts that never wrote a record.
+    /// Blocking; [`LinuxJail::open`] runs it, [`LinuxJail::attach`] leaves it to the caller.
+    pub fn recover(&self) -> Result<(), BackendError> {
         let dir = self.inner.config.records_dir();
         let entries = fs::read_dir(&dir).map_err(|e| BackendError::io("read", &dir, e))?;
         let mut known = Vec::new();
