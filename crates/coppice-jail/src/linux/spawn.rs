@@ -15,6 +15,16 @@
 //! Everything that needs host privileges (mounts, device nodes, hostname, loopback) happens
 //! before the user namespace is entered, so the sandbox's root owns none of the mount, pid,
 //! network, uts or ipc namespaces and cannot remount, reconfigure or escape them.
+//!
+//! A child never outlives a parent that dies before its `execve`: its first act is to arm
+//! `PR_SET_PDEATHSIG(SIGKILL)` and close every descriptor but the three it needs (so it holds
+//! none of the gateway's listener, database, logs or client sockets, nor the handshake sockets
+//! of sandboxes started beside it, even for an instant), then to check the parent through a
+//! pidfd, in case it died before the `prctl`. Changing credentials disarms the signal, so the
+//! parent is checked again after becoming sandbox root; from there to `execve` the child only
+//! drops privileges. A parent gone in that last stretch leaves a sandbox that has no record,
+//! which the next start removes as an orphan. Once init runs, the signal is off: a sandbox
+//! outlives the gateway by design and is re-adopted.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -104,6 +114,7 @@ impl Step {
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 enum Stage {
+    ParentGone,
     WaitCgroup,
     UnshareCgroup,
     Hostname,
@@ -120,7 +131,8 @@ enum Stage {
 }
 
 impl Stage {
-    const ALL: [Stage; 13] = [
+    const ALL: [Stage; 14] = [
+        Stage::ParentGone,
         Stage::WaitCgroup,
         Stage::UnshareCgroup,
         Stage::Hostname,
@@ -138,6 +150,7 @@ impl Stage {
 
     fn describe(self) -> &'static str {
         match self {
+            Stage::ParentGone => "check that the parent lives",
             Stage::WaitCgroup => "wait for cgroup placement",
             Stage::UnshareCgroup => "unshare cgroup namespace",
             Stage::Hostname => "set hostname",
@@ -508,6 +521,7 @@ pub(crate) fn spawn(
     handshake: &mut dyn Handshake,
 ) -> Result<u32, BackendError> {
     let (parent_end, child_end) = seqpacket_pair()?;
+    let parent = own_pidfd()?;
     let flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWUTS
@@ -528,9 +542,10 @@ pub(crate) fn spawn(
     };
     if ret == 0 {
         // SAFETY: we are the freshly cloned child; see `child_main`.
-        unsafe { child_main(plan, child_end.as_raw_fd()) }
+        unsafe { child_main(plan, child_end.as_raw_fd(), parent.as_raw_fd()) }
     }
     drop(child_end);
+    drop(parent);
     if ret < 0 {
         return Err(BackendError::Start {
             id: id.to_owned(),
@@ -642,6 +657,96 @@ fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), BackendError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A pidfd of this process, for a child to tell whether its parent still lives (a child in
+/// a new pid namespace sees 0 from `getppid`, so it cannot compare pids). Close-on-exec.
+fn own_pidfd() -> Result<OwnedFd, BackendError> {
+    // SAFETY: pidfd_open on our own pid with no flags; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0u32) };
+    match RawFd::try_from(fd) {
+        // SAFETY: the fd was just created and is owned by nobody else.
+        Ok(fd) if fd >= 0 => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+        _ => Err(BackendError::io(
+            "open a pidfd of",
+            "this process",
+            io::Error::last_os_error(),
+        )),
+    }
+}
+
+/// Whether the process behind `pidfd` has exited (a pidfd polls readable then).
+///
+/// # Safety
+///
+/// Async-signal-safe; `pidfd` must be a pidfd.
+unsafe fn has_exited(pidfd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one fd without waiting.
+    unsafe { libc::poll(&mut pfd, 1, 0) != 0 }
+}
+
+/// The parent's next one-byte message on `sock`; `None` on end-of-file, on an error, when
+/// the parent has exited (the other end may live on in a process that inherited it), or when
+/// nothing comes within twice the parent's own setup timeout.
+///
+/// # Safety
+///
+/// Async-signal-safe; only for the child.
+unsafe fn parent_says(sock: RawFd, parent: RawFd) -> Option<u8> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sock,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: parent,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let timeout = i32::try_from(2 * SETUP_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: polls two fds this child owns.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        // SAFETY: reads this thread's errno.
+        if r < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
+            continue;
+        }
+        if r <= 0 || fds[1].revents != 0 {
+            return None;
+        }
+        break;
+    }
+    let mut byte = 0u8;
+    // SAFETY: reads one byte into a local.
+    let n = unsafe { libc::recv(sock, (&raw mut byte).cast(), 1, 0) };
+    (n == 1).then_some(byte)
+}
+
+/// Closes every descriptor from 3 up except those in `keep`.
+///
+/// # Safety
+///
+/// Async-signal-safe; only for the child, which owns nothing else.
+unsafe fn close_all_but(keep: &mut [RawFd]) {
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    for &fd in keep.iter() {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd > from {
+            // SAFETY: closes a range of descriptors this child does not use.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: as above, for everything above the last kept descriptor.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
 fn send(sock: &OwnedFd, msg: &[u8]) -> io::Result<()> {
     // SAFETY: writes from a live buffer to a socket we own.
     let r = unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
@@ -688,7 +793,7 @@ fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 ///
 /// Must only be called in the child of a fork-like clone. It makes only async-signal-safe
 /// system calls on memory prepared before the clone and never returns.
-unsafe fn child_main(plan: &Plan, sock: RawFd) -> ! {
+unsafe fn child_main(plan: &Plan, sock: RawFd, parent: RawFd) -> ! {
     // SAFETY: every pointer passed below comes from a `CString` or `Vec` owned by `plan`,
     // which the clone copied intact into this process.
     unsafe {
@@ -698,13 +803,18 @@ unsafe fn child_main(plan: &Plan, sock: RawFd) -> ! {
             msg[0] = b'E';
             msg[1..5].copy_from_slice(&stage.to_le_bytes());
             msg[5..9].copy_from_slice(&errno.to_le_bytes());
-            libc::send(sock, msg.as_ptr().cast(), msg.len(), 0);
+            libc::send(sock, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL);
             libc::_exit(127)
         };
         let stage = |s: Stage| plan.stage_index(s);
 
-        let mut byte = 0u8;
-        if libc::recv(sock, (&mut byte as *mut u8).cast(), 1, 0) != 1 || byte != b'G' {
+        // First, before anything can block: die with the parent, and hold nothing of it.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        close_all_but(&mut [sock, parent, plan.log_fd.as_raw_fd()]);
+        if has_exited(parent) {
+            libc::_exit(127);
+        }
+        if parent_says(sock, parent) != Some(b'G') {
             fail(stage(Stage::WaitCgroup));
         }
         if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
@@ -778,9 +888,8 @@ unsafe fn child_main(plan: &Plan, sock: RawFd) -> ! {
         if libc::unshare(libc::CLONE_NEWUSER) != 0 {
             fail(stage(Stage::UnshareUser));
         }
-        if libc::send(sock, b"U".as_ptr().cast(), 1, 0) != 1
-            || libc::recv(sock, (&mut byte as *mut u8).cast(), 1, 0) != 1
-            || byte != b'M'
+        if libc::send(sock, b"U".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) != 1
+            || parent_says(sock, parent) != Some(b'M')
         {
             fail(stage(Stage::WaitMaps));
         }
@@ -792,6 +901,11 @@ unsafe fn child_main(plan: &Plan, sock: RawFd) -> ! {
             || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0
         {
             fail(stage(Stage::SetIds));
+        }
+        // The new credentials disarmed the parent-death signal; a parent that died since
+        // the handshake's last message is caught here.
+        if has_exited(parent) {
+            fail(stage(Stage::ParentGone));
         }
         for cap in &plan.drop_caps {
             if libc::prctl(libc::PR_CAPBSET_DROP, *cap, 0, 0, 0) != 0
@@ -881,5 +995,198 @@ unsafe fn loopback_up() -> bool {
         }
         libc::close(fd);
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    use coppice_lifecycle::backend::{InitSpec, Limits, SandboxId};
+
+    use super::*;
+
+    /// Set in the environment of this test binary re-executed as a parent that dies.
+    const DYING_PARENT: &str = "COPPICE_SPAWN_TEST_DYING_PARENT";
+
+    fn skip(name: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            #[allow(clippy::print_stdout)] // the skip line must reach the test output
+            {
+                println!("SKIP {name}: cloning into new namespaces needs root");
+            }
+            return true;
+        }
+        false
+    }
+
+    /// A plan whose child never gets past the handshake's first message in these tests.
+    fn plan(root: &Path) -> Plan {
+        let spec = JailSpec {
+            id: SandboxId::new("spawntest").unwrap(),
+            rootfs: RootfsSpec::Directory(root.to_path_buf()),
+            init: InitSpec {
+                program: PathBuf::from("/bin/true"),
+                args: Vec::new(),
+                env: Vec::new(),
+                cwd: PathBuf::from("/"),
+            },
+            mounts: Vec::new(),
+            limits: Limits::default(),
+        };
+        let log = std::fs::File::create(root.join("log")).unwrap().into();
+        Plan::new(&spec, root, log, 100_000, 65_536).unwrap()
+    }
+
+    /// Waits, boundedly, for `done`.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            #[allow(clippy::disallowed_methods)] // a plain test thread
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done()
+    }
+
+    /// What the descriptors above stdio of `pid` point to.
+    fn fds_of(pid: u32) -> Vec<PathBuf> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.parse::<u32>().ok())
+                            .is_some_and(|n| n > 2)
+                    })
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Inspects the child while it waits for its cgroups, then fails the start.
+    struct Inspect<F: FnMut(u32)>(F);
+    impl<F: FnMut(u32)> Handshake for Inspect<F> {
+        fn join_cgroups(&mut self, pid: u32) -> Result<(), BackendError> {
+            (self.0)(pid);
+            Err(BackendError::InvalidSpec {
+                field: "test",
+                reason: "stop here".into(),
+            })
+        }
+    }
+
+    /// Right after the clone the child lets go of everything the parent has open: here a
+    /// marker file standing for the gateway's listener and database.
+    #[test]
+    fn a_new_child_holds_none_of_the_parents_descriptors() {
+        if skip("a_new_child_holds_none_of_the_parents_descriptors") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        let _held = std::fs::File::create(&marker).unwrap();
+        let plan = plan(dir.path());
+        let mut seen = Vec::new();
+        let result = spawn(
+            "spawntest",
+            &plan,
+            &mut Inspect(|pid| {
+                let settled = eventually(|| !fds_of(pid).contains(&marker));
+                seen = fds_of(pid);
+                assert!(
+                    settled,
+                    "the child still holds {}: {seen:?}",
+                    marker.display()
+                );
+            }),
+        );
+        assert!(matches!(result, Err(BackendError::InvalidSpec { .. })));
+        // Its handshake socket, the parent's pidfd and its log file; nothing else.
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen.iter().any(|p| p == &dir.path().join("log")),
+            "{seen:?}"
+        );
+    }
+
+    /// A child whose parent dies before it has exec'd dies too, even when something else
+    /// keeps the other end of its handshake socket open (as a sibling cloned at the same
+    /// moment did before children closed what they inherit), so end-of-file never comes.
+    #[test]
+    fn a_child_dies_with_its_parent_before_exec() {
+        if std::env::var_os(DYING_PARENT).is_some() {
+            // The re-executed parent: start a child, keep its socket open elsewhere, die.
+            let dir = PathBuf::from(std::env::var_os(DYING_PARENT).unwrap());
+            let plan = plan(&dir);
+            let _ = spawn(
+                "spawntest",
+                &plan,
+                &mut Inspect(|pid| {
+                    // SAFETY: a plain fork of this single-purpose process; the fork only
+                    // sleeps and holds the descriptors it inherited.
+                    let holder = unsafe { libc::fork() };
+                    if holder == 0 {
+                        // SAFETY: async-signal-safe calls in the forked child, which lets go
+                        // of the test's output so that nobody waits for it.
+                        unsafe {
+                            for fd in 0..3 {
+                                libc::close(fd);
+                            }
+                            libc::sleep(30);
+                            libc::_exit(0)
+                        }
+                    }
+                    std::fs::write(dir.join("holder"), holder.to_string()).unwrap();
+                    std::fs::write(dir.join("child"), pid.to_string()).unwrap();
+                    // SAFETY: ends this process at once, as a kill -9 would.
+                    unsafe { libc::_exit(0) }
+                }),
+            );
+            return;
+        }
+        if skip("a_child_dies_with_its_parent_before_exec") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        #[allow(clippy::disallowed_methods)]
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "linux::spawn::tests::a_child_dies_with_its_parent_before_exec",
+                "--test-threads=1",
+            ])
+            .env(DYING_PARENT, dir.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status}");
+        let pid: u32 = std::fs::read_to_string(dir.path().join("child"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let holder: libc::pid_t = std::fs::read_to_string(dir.path().join("holder"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let gone = eventually(|| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rfind(')').is_some_and(|i| s[i + 2..].starts_with('Z'))
+            })
+        });
+        // SAFETY: kill(2) on the processes this test started.
+        unsafe {
+            libc::kill(holder, libc::SIGKILL);
+            if !gone {
+                libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGKILL);
+            }
+        }
+        assert!(gone, "child {pid} outlived its parent");
     }
 }
