@@ -7,12 +7,15 @@
 //! and is unit-tested everywhere through a recording [`zfs::CommandRunner`]). On Linux,
 //! `template::TemplateBuilder` builds and caches the default Debian bookworm root
 //! filesystem that every sandbox starts from. `docs/storage.md` describes the on-disk
-//! layouts, the crash-safety argument and the zfs-fuse quirks.
+//! layouts, the crash-safety argument and the zfs-fuse quirks. Every helper process (debootstrap,
+//! cp, zfs, ...) is spawned through `command`, which gives it a timeout and kills it, with
+//! its process group, when its job or the gateway ends.
 //!
 //! **Invariant:** nothing here mounts a sandbox root or knows about processes; storage hands
 //! out paths and layer chains, and a published layer or root is complete or absent, never
 //! half-made.
 
+mod command;
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]

@@ -11,15 +11,16 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::SystemTime;
 
 use coppice_lifecycle::backend::BackendError;
 use serde::{Deserialize, Serialize};
 
+use crate::command;
 use crate::linux::tree;
 
 /// Packages added to debootstrap's minbase set.
@@ -219,7 +220,7 @@ impl TemplateBuilder {
             .arg(SUITE)
             .arg(staging)
             .arg(&mirror);
-        stream(cmd, progress)?;
+        command::stream(cmd, command::INSTALL, progress)?;
 
         progress("creating user `user` (uid 1000) with passwordless sudo");
         in_chroot(staging, &["groupadd", "--gid", "1000", "user"])?;
@@ -352,7 +353,6 @@ fn mirror_from_sources(text: &str) -> Option<String> {
     })
 }
 
-/// Runs `args` inside the chroot `root` with a clean, fixed environment.
 /// Whether `program` is on `PATH` or in the sbin directories root's `PATH` usually has.
 fn installed(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -387,16 +387,17 @@ fn ensure_debootstrap(progress: &mut dyn FnMut(&str)) -> Result<(), BackendError
         .env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
-    if stream(install(), progress).is_err() {
+    if command::stream(install(), command::INSTALL, progress).is_err() {
         // A fresh machine may have no package lists yet.
         let mut update = Command::new("apt-get");
         update.args(["update", "-q"]);
-        stream(update, progress)?;
-        stream(install(), progress)?;
+        command::stream(update, command::INSTALL, progress)?;
+        command::stream(install(), command::INSTALL, progress)?;
     }
     Ok(())
 }
 
+/// Runs `args` inside the chroot `root` with a clean, fixed environment.
 fn in_chroot(root: &Path, args: &[&str]) -> Result<(), BackendError> {
     let mut cmd = Command::new("chroot");
     cmd.arg(root)
@@ -405,40 +406,7 @@ fn in_chroot(root: &Path, args: &[&str]) -> Result<(), BackendError> {
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LC_ALL", "C")
         .env("DEBIAN_FRONTEND", "noninteractive");
-    tree::run(cmd)
-}
-
-/// Runs `cmd` with stdout and stderr merged, handing each line to `progress` as it arrives.
-fn stream(mut cmd: Command, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
-    let line = tree::command_line(&cmd);
-    let spawn_err = |e| BackendError::io("run", PathBuf::from(&line), e);
-    let (reader, writer) = io::pipe().map_err(spawn_err)?;
-    cmd.stdin(Stdio::null())
-        .stdout(writer.try_clone().map_err(spawn_err)?)
-        .stderr(writer);
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    // The command holds the pipe's write ends; drop it so the reader sees EOF when the child
-    // exits.
-    drop(cmd);
-    let mut last = Vec::new();
-    for text in BufReader::new(reader).lines() {
-        let text = text.map_err(spawn_err)?;
-        progress(&text);
-        last.push(text);
-        if last.len() > 8 {
-            last.remove(0);
-        }
-    }
-    let status = child.wait().map_err(spawn_err)?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(BackendError::Command {
-            command: line,
-            status: status.to_string(),
-            stderr: last.join("\n"),
-        })
-    }
+    command::run(cmd, command::CHROOT_STEP)
 }
 
 /// Adds `shift` to the uid and gid of every file under `root` (not following symlinks), so

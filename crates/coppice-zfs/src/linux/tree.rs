@@ -7,10 +7,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use coppice_lifecycle::backend::BackendError;
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::command;
 
 /// How [`copy`] shares data with its source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,41 +38,7 @@ pub(crate) fn copy(src: &Path, dst: &Path, mode: CopyMode) -> Result<(), Backend
         CopyMode::Reflink => cmd.args(["-a", "--reflink=auto"]),
     };
     cmd.arg("--no-target-directory").arg(src).arg(dst);
-    run(cmd)
-}
-
-/// Runs a command to completion with its output captured; a failure becomes
-/// [`BackendError::Command`] with the tail of its stderr.
-pub(crate) fn run(mut cmd: Command) -> Result<(), BackendError> {
-    let line = command_line(&cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| BackendError::io("run", PathBuf::from(&line), e))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(BackendError::Command {
-            command: line,
-            status: out.status.to_string(),
-            stderr: tail(&String::from_utf8_lossy(&out.stderr)),
-        })
-    }
-}
-
-/// The command as one line, for error messages.
-pub(crate) fn command_line(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The last few lines of a command's output, enough to say why it failed.
-pub(crate) fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.trim_end().lines().collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
+    command::run(cmd, command::TREE_COPY)
 }
 
 /// Whether `a` and `b` are on the same filesystem (so hard links between them work).
@@ -277,14 +245,6 @@ mod tests {
         assert_eq!(unescape_mount_path("/a\\040b/c"), "/a b/c");
         assert_eq!(unescape_mount_path("/plain"), "/plain");
         assert_eq!(unescape_mount_path("/trailing\\"), "/trailing\\");
-    }
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        let text: String = (0..20).map(|i| format!("line {i}\n")).collect();
-        let t = tail(&text);
-        assert!(t.starts_with("line 12"), "{t}");
-        assert!(t.ends_with("line 19"), "{t}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use coppice_lifecycle::backend::{
     SandboxId, Storage,
 };
 
+use crate::command;
 use inventory::{Inventory, Layer, PROPERTIES, READY, RETIRED, SEALED};
 pub use runner::{CommandOutput, CommandRunner, SystemRunner};
 
@@ -51,11 +52,16 @@ pub struct ZfsConfig {
     /// Waits between retries of a command that failed with "dataset is busy" (zfs-fuse
     /// reports that for a while after a clone is created or a file is closed).
     pub busy_backoff: Vec<Duration>,
+    /// How long one `zfs` command may run before it is killed: a wedged zfs-fuse must fail
+    /// the operation, not hang it. A command that times out is not retried.
+    pub command_timeout: Duration,
+    /// How long copying a template's files in (`cp -a`) may run before it is killed.
+    pub copy_timeout: Duration,
 }
 
 impl ZfsConfig {
-    /// Defaults for the root dataset `root`: `zfs` and `cp` from `PATH`, and busy retries
-    /// for up to about six seconds.
+    /// Defaults for the root dataset `root`: `zfs` and `cp` from `PATH`, busy retries for up
+    /// to about six seconds, a minute per `zfs` command and ten minutes for a template copy.
     pub fn new(root: impl Into<String>) -> Self {
         Self {
             root: root.into(),
@@ -65,6 +71,8 @@ impl ZfsConfig {
                 .into_iter()
                 .map(Duration::from_millis)
                 .collect(),
+            command_timeout: command::ZFS,
+            copy_timeout: command::TREE_COPY,
         }
     }
 
@@ -147,41 +155,45 @@ impl<R: CommandRunner> ZfsStorage<R> {
         &self.inner.config.root
     }
 
-    /// Runs `argv` once; a failure becomes [`BackendError::Command`].
-    async fn run(&self, argv: Vec<String>) -> Result<String, BackendError> {
-        let line = argv.join(" ");
-        let out = self.inner.runner.run(argv).await?;
+    /// A command's output, or [`BackendError::Command`] if it failed.
+    fn checked(argv: &[String], out: CommandOutput) -> Result<String, BackendError> {
         if out.success {
             Ok(out.stdout)
         } else {
             Err(BackendError::Command {
-                command: line,
+                command: argv.join(" "),
                 status: out.status,
                 stderr: out.stderr.trim().to_owned(),
             })
         }
     }
 
+    /// Runs `argv` once, for at most `timeout`; a failure becomes [`BackendError::Command`].
+    async fn run(&self, argv: Vec<String>, timeout: Duration) -> Result<String, BackendError> {
+        let out = self.inner.runner.run(argv.clone(), timeout).await?;
+        Self::checked(&argv, out)
+    }
+
     /// Runs `zfs <args>`, retrying with the configured backoff while zfs says the dataset
-    /// is busy.
+    /// is busy. A command that timed out is not retried: the backoff is for a busy answer,
+    /// not for a zfs that does not answer.
     async fn zfs(&self, args: &[&str]) -> Result<String, BackendError> {
         let argv: Vec<String> = std::iter::once(self.inner.config.zfs.as_str())
             .chain(args.iter().copied())
             .map(str::to_owned)
             .collect();
+        let timeout = self.inner.config.command_timeout;
         let mut delays = self.inner.config.busy_backoff.iter();
         loop {
-            let result = self.run(argv.clone()).await;
-            if let Err(BackendError::Command { stderr, .. }) = &result {
-                if stderr.contains("busy") {
-                    if let Some(delay) = delays.next() {
-                        tracing::debug!(command = %argv.join(" "), ?delay, "dataset busy; retrying");
-                        tokio::time::sleep(*delay).await;
-                        continue;
-                    }
+            let out = self.inner.runner.run(argv.clone(), timeout).await?;
+            if !out.success && out.stderr.contains("busy") {
+                if let Some(delay) = delays.next() {
+                    tracing::debug!(command = %argv.join(" "), ?delay, "dataset busy; retrying");
+                    tokio::time::sleep(*delay).await;
+                    continue;
                 }
             }
-            return result;
+            return Self::checked(&argv, out);
         }
     }
 
@@ -334,12 +346,15 @@ impl<R: CommandRunner> ZfsStorage<R> {
         // root directory itself.
         let mut from = source.as_os_str().to_owned();
         from.push("/.");
-        self.run(vec![
-            self.inner.config.cp.clone(),
-            "-a".into(),
-            from.to_string_lossy().into_owned(),
-            format!("{}/", mountpoint.display()),
-        ])
+        self.run(
+            vec![
+                self.inner.config.cp.clone(),
+                "-a".into(),
+                from.to_string_lossy().into_owned(),
+                format!("{}/", mountpoint.display()),
+            ],
+            self.inner.config.copy_timeout,
+        )
         .await?;
         self.zfs(&["set", "readonly=on", dataset]).await?;
         self.zfs(&["snapshot", &format!("{dataset}@{SEALED}")])
@@ -496,10 +511,9 @@ impl<R: CommandRunner> ZfsStorage<R> {
 impl<R: CommandRunner> Storage for ZfsStorage<R> {
     fn probe() -> Result<Capabilities, BackendError> {
         let answer = |program: &str, args: &[&str]| -> Capability {
-            let out = std::process::Command::new(program)
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .output();
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args);
+            let out = command::output(cmd, command::PROBE, None);
             let (available, detail) = match out {
                 Ok(o) if o.status.success() => {
                     (true, format!("`{program} {}` answers", args.join(" ")))
@@ -512,7 +526,10 @@ impl<R: CommandRunner> Storage for ZfsStorage<R> {
                         String::from_utf8_lossy(&o.stderr).trim()
                     ),
                 ),
-                Err(e) => (false, format!("{program}: {e}")),
+                Err(e) => match std::error::Error::source(&e) {
+                    Some(source) => (false, format!("{e}: {source}")),
+                    None => (false, e.to_string()),
+                },
             };
             Capability {
                 name: program.into(),

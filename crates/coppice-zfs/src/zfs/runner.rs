@@ -1,9 +1,11 @@
 //! How the zfs driver runs its commands: a trait, so command plans can be recorded in tests.
 
 use std::future::Future;
-use std::process::Stdio;
+use std::time::Duration;
 
 use coppice_lifecycle::backend::BackendError;
+
+use crate::command;
 
 /// What one command produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,37 +42,52 @@ impl CommandOutput {
     }
 }
 
-/// Runs one command line (`argv[0]` is the program) to completion.
+/// Runs one command line (`argv[0]` is the program) to completion, or kills it after
+/// `timeout`.
 ///
 /// A command that runs and fails is `Ok` with `success == false`; `Err` means it could not
-/// be run at all.
+/// be run at all or did not finish in time (then it is `BackendError::Command` whose status
+/// says so), and the driver does not retry it.
 pub trait CommandRunner: Send + Sync + 'static {
     /// Runs `argv` and collects its output.
     fn run(
         &self,
         argv: Vec<String>,
+        timeout: Duration,
     ) -> impl Future<Output = Result<CommandOutput, BackendError>> + Send;
 }
 
-/// Runs commands for real with `tokio::process`.
+/// Runs commands for real.
+///
+/// Each command runs to completion on a `spawn_blocking` thread, in its own process group,
+/// with a parent-death signal that is tied to the thread that forked it (see the crate's
+/// `command` module); `tokio::process` would fork on a runtime thread that may end while
+/// the command runs. Dropping the future kills the command and its group, as
+/// `kill_on_drop` would.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemRunner;
 
 impl CommandRunner for SystemRunner {
-    async fn run(&self, argv: Vec<String>) -> Result<CommandOutput, BackendError> {
+    async fn run(
+        &self,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<CommandOutput, BackendError> {
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| BackendError::InvalidSpec {
                 field: "command",
                 reason: "empty command line".into(),
             })?;
-        let out = tokio::process::Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        let (lifeline, end) =
+            command::lifeline().map_err(|e| BackendError::io("run", program, e))?;
+        let out = tokio::task::spawn_blocking(move || command::output(cmd, timeout, Some(end)))
             .await
-            .map_err(|e| BackendError::io("run", program, e))?;
+            .map_err(|e| BackendError::io("run", program, std::io::Error::other(e)))??;
+        // Held until here, so that dropping this future while it waits kills the command.
+        drop(lifeline);
         Ok(CommandOutput {
             success: out.status.success(),
             status: out.status.to_string(),

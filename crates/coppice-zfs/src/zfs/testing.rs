@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use coppice_lifecycle::backend::BackendError;
 
@@ -58,7 +59,11 @@ impl RecordingRunner {
 }
 
 impl CommandRunner for RecordingRunner {
-    async fn run(&self, argv: Vec<String>) -> Result<CommandOutput, BackendError> {
+    async fn run(
+        &self,
+        argv: Vec<String>,
+        _timeout: Duration,
+    ) -> Result<CommandOutput, BackendError> {
         let line = argv.join(" ");
         let mut state = self.state();
         state.calls.push(line.clone());
