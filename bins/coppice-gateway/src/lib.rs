@@ -25,6 +25,7 @@ mod runtime;
 mod sandbox_log;
 mod server;
 mod service;
+mod state_lock;
 mod usage;
 
 use std::collections::HashMap;
@@ -797,6 +798,10 @@ fn webhook_tls(config: &Config) -> Result<Tls, StartError> {
 pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
+    // First of all: a second gateway on this state directory must touch nothing. Held until
+    // `run` returns, which is the life of the process.
+    let _state_lock = state_lock::StateLock::acquire(&config.state_dir)
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let db = config.state_dir.join("registry.db");
     let registry =
         Registry::open(&db).map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
