@@ -28,7 +28,7 @@ mod service;
 mod state_lock;
 mod usage;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -635,11 +635,17 @@ impl Gateway {
         }
     }
 
-    /// Brings the registry and the backends into agreement after a (re)start.
-    async fn reconcile(&self) -> Result<(), StartError> {
+    /// Brings the registry and the backends into agreement after a (re)start: the registry
+    /// forgets what did not survive, what nobody registered is killed and windows that passed
+    /// while the gateway was down end. Nothing in it is quadratic, and the teardowns and
+    /// expiries run [`RECONCILE_CONCURRENCY`] at a time, so thousands of sandboxes take
+    /// seconds.
+    async fn reconcile(self: &Arc<Self>) -> Result<(), StartError> {
         let setup = |e: &dyn std::error::Error| StartError::Setup(api::error::error_chain(e));
         let records = self.registry.load_all().map_err(|e| setup(&e))?;
         let live = self.runtime.live().await.map_err(|e| setup(&e))?;
+        let registered: HashSet<SandboxId> = records.iter().map(|r| r.id.clone()).collect();
+        let mut gone = Vec::new();
         for record in records {
             let id = record.id.clone();
             let state = record.lifecycle.state;
@@ -653,33 +659,7 @@ impl Gateway {
             );
             if !keep {
                 tracing::warn!(sandbox = %id, ?state, ?alive, "sandbox did not survive; cleaning up");
-                if let Err(e) = self.runtime.kill(&id).await {
-                    tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
-                }
-                // A sandbox that was running or paused died with the previous gateway: that is
-                // its `killed`. A killed record already has its event; a creating one never
-                // had a `created`.
-                let at = now();
-                let events: Vec<Event> = match record.lifecycle.transition(Command::Kill {
-                    now: at,
-                    cause: Cause::Failure,
-                }) {
-                    Ok((_, event))
-                        if matches!(state, SandboxState::Running | SandboxState::Paused) =>
-                    {
-                        let mut record = record.clone();
-                        vec![lifecycle_event(&mut record, &event, at)]
-                    }
-                    _ => Vec::new(),
-                };
-                self.registry
-                    .delete_with_events(&id, &events)
-                    .map_err(|e| setup(&e))?;
-                if !events.is_empty() {
-                    self.metrics.lifecycle(&LifecycleEvent::Killed {
-                        cause: Cause::Failure,
-                    });
-                }
+                gone.push(record);
                 continue;
             }
             // The registry is the truth for paused vs running.
@@ -691,25 +671,84 @@ impl Gateway {
             if let Err(e) = fix {
                 tracing::warn!(sandbox = %id, error = %e, "could not restore the sandbox's state");
             }
-            tracing::info!(sandbox = %id, ?state, "re-adopted");
+            tracing::debug!(sandbox = %id, ?state, "re-adopted");
             lock(&self.sandboxes).insert(id, Entry::new(record));
         }
-        // Sandboxes the jail has but the registry does not: a create cut short by a crash.
-        for id in live.keys() {
-            if self.entry(id).is_none() {
-                tracing::warn!(sandbox = %id, "unregistered sandbox (warm, or from an interrupted create); killing it");
-                if let Err(e) = self.runtime.kill(id).await {
+        // Sandboxes the jail has but the registry does not: warm ones of the previous run, or
+        // a create cut short by a crash.
+        let unregistered: Vec<SandboxId> = live
+            .into_keys()
+            .filter(|id| !registered.contains(id))
+            .collect();
+        for id in &unregistered {
+            tracing::warn!(sandbox = %id, "unregistered sandbox (warm, or from an interrupted create); killing it");
+        }
+        // Collected first: a future that the spawn in `run` must prove `Send` cannot hold
+        // borrowing iterators across an await.
+        let doomed: Vec<SandboxId> = gone
+            .iter()
+            .map(|r| r.id.clone())
+            .chain(unregistered.iter().cloned())
+            .collect();
+        each_bounded(doomed, |id| {
+            let gw = Arc::clone(self);
+            async move {
+                if let Err(e) = gw.runtime.kill(&id).await {
                     tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
                 }
             }
+        })
+        .await;
+        // A sandbox that was running or paused died with the previous gateway: that is its
+        // `killed`. A killed record already has its event; a creating one never had a
+        // `created`. Every record goes in one transaction with those events.
+        let at = now();
+        let events: Vec<Event> = gone
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.lifecycle.state,
+                    SandboxState::Running | SandboxState::Paused
+                )
+            })
+            .filter_map(|r| {
+                let (_, event) = r
+                    .lifecycle
+                    .transition(Command::Kill {
+                        now: at,
+                        cause: Cause::Failure,
+                    })
+                    .ok()?;
+                Some(lifecycle_event(&mut r.clone(), &event, at))
+            })
+            .collect();
+        let ids: Vec<SandboxId> = gone.into_iter().map(|r| r.id).collect();
+        self.registry
+            .delete_many_with_events(&ids, &events)
+            .map_err(|e| setup(&e))?;
+        for _ in &events {
+            self.metrics.lifecycle(&LifecycleEvent::Killed {
+                cause: Cause::Failure,
+            });
         }
         // Windows that passed while the gateway was down end now.
         let now = now();
-        for entry in self.entries() {
-            if entry.record().lifecycle.is_expired(now) {
-                self.expire(&entry).await;
-            }
-        }
+        let expired: Vec<Arc<Entry>> = self
+            .entries()
+            .into_iter()
+            .filter(|e| e.record().lifecycle.is_expired(now))
+            .collect();
+        each_bounded(expired, |entry| {
+            let gw = Arc::clone(self);
+            async move { gw.expire(&entry).await }
+        })
+        .await;
+        tracing::info!(
+            adopted = self.entries().len(),
+            gone = ids.len(),
+            unregistered = unregistered.len(),
+            "sandboxes of the previous run re-adopted"
+        );
         Ok(())
     }
 
@@ -740,6 +779,34 @@ impl Gateway {
         self.runtime.kill(&record.id).await?;
         self.remove(&record.id)?;
         Ok(())
+    }
+}
+
+/// How many teardowns or expiries [`Gateway::reconcile`] runs at once: enough to overlap
+/// their cgroup, filesystem and registry waits, few enough to leave the blocking pool and
+/// the disk to the requests served meanwhile.
+const RECONCILE_CONCURRENCY: usize = 32;
+
+/// Runs `op` on every item, at most [`RECONCILE_CONCURRENCY`] at a time, and waits for all.
+async fn each_bounded<T, F, Fut>(items: impl IntoIterator<Item = T>, op: F)
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    let joined = |r: Option<Result<(), tokio::task::JoinError>>| {
+        if let Some(Err(e)) = r {
+            tracing::error!(error = %e, "a reconcile task panicked");
+        }
+    };
+    for item in items {
+        if running.len() >= RECONCILE_CONCURRENCY {
+            joined(running.join_next().await);
+        }
+        running.spawn(op(item));
+    }
+    while let Some(r) = running.join_next().await {
+        joined(Some(r));
     }
 }
 
