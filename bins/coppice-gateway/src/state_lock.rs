@@ -39,6 +39,20 @@ pub(crate) enum StateLockError {
         /// The holder's pid, as it wrote it into the file.
         pid: Option<u32>,
     },
+    /// The lock is held, but the gateway that wrote its pid is gone: a process it started
+    /// inherited the descriptor before it could exec and outlived it.
+    #[error(
+        "{} is locked, but coppice-gateway pid {pid} that took it is gone: a process it \
+         started holds it (`fuser -v {}` names it); stop that process",
+        path.display(),
+        path.display()
+    )]
+    Orphaned {
+        /// The lock file.
+        path: PathBuf,
+        /// The gateway that took the lock.
+        pid: u32,
+    },
     /// The lock file could not be opened, locked or written.
     #[error("{op} {}", path.display())]
     Io {
@@ -79,9 +93,13 @@ impl StateLock {
                 // The holder may be between its truncate and its write: then the pid is
                 // unknown, which the message says.
                 let _ = file.read_to_string(&mut text);
+                let pid: Option<u32> = text.trim().parse().ok();
+                if let Some(pid) = pid.filter(|p| !is_alive(*p)) {
+                    return Err(StateLockError::Orphaned { path, pid });
+                }
                 return Err(StateLockError::InUse {
                     dir: state_dir.to_path_buf(),
-                    pid: text.trim().parse().ok(),
+                    pid,
                 });
             }
             Err((_, errno)) => return Err(io("lock")(errno.into())),
@@ -92,6 +110,17 @@ impl StateLock {
             .map_err(io("write the pid into"))?;
         Ok(Self { _file: file })
     }
+}
+
+/// Whether process `pid` exists (signal 0 checks without sending anything).
+fn is_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
+        Err(Errno::ESRCH)
+    )
 }
 
 #[cfg(test)]
@@ -136,6 +165,21 @@ mod tests {
         let _held = StateLock::acquire(dir.path()).unwrap();
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert_eq!(text, format!("{}\n", std::process::id()));
+    }
+
+    #[test]
+    fn a_lock_kept_past_its_gateway_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        std::fs::write(&path, "999999999\n").unwrap();
+        let file = File::options().read(true).open(&path).unwrap();
+        let _inherited = Flock::lock(file, FlockArg::LockExclusiveNonblock).unwrap();
+        match StateLock::acquire(dir.path()) {
+            Err(StateLockError::Orphaned { path: p, pid }) => {
+                assert_eq!((p, pid), (path, 999_999_999));
+            }
+            other => panic!("expected Orphaned, got {other:?}"),
+        }
     }
 
     #[test]
