@@ -1,9 +1,11 @@
 //! The Coppice gateway: E2B's control plane and sandbox proxy on raw hyper.
 //!
-//! [`run`] opens the durable [`registry`] (whose database also holds the event log and the
-//! webhook outbox), starts the webhook dispatcher on its own connection, re-adopts the
-//! sandboxes a previous run left (killing those whose window passed), builds the templates,
-//! and serves every listener until SIGTERM or SIGINT; sandboxes keep running across restarts.
+//! [`run`] locks the state directory ([`state_lock`]: one gateway per state directory), binds
+//! its listeners, opens the durable [`registry`] (whose database also holds the event log and
+//! the webhook outbox), starts the webhook dispatcher on its own connection, re-adopts the
+//! sandboxes a previous run left in the background (killing those whose window passed; until
+//! then sandbox routes answer 503, see [`adoption`]), builds the templates, and serves every
+//! listener until SIGTERM or SIGINT; sandboxes keep running across restarts.
 //! [`service`] is the one route table, `api/*` the handlers (they parse, call the lifecycle
 //! state machine and [`runtime`], and serialize), `api/error.rs` the one mapping from errors
 //! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; the reaper
@@ -17,6 +19,7 @@
 
 pub mod config;
 
+mod adoption;
 mod api;
 mod feed;
 mod metrics;
@@ -25,9 +28,10 @@ mod runtime;
 mod sandbox_log;
 mod server;
 mod service;
+mod state_lock;
 mod usage;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -175,6 +179,9 @@ pub(crate) struct Gateway {
     pool_wake: tokio::sync::Notify,
     /// Set at shutdown: the filler stops starting sandboxes.
     stopping: AtomicBool,
+    /// Whether the sandboxes of a previous run are re-adopted yet; sandbox routes and the
+    /// warm-pool filler wait for it.
+    adoption: adoption::Adoption,
     /// Counters for `GET /metrics`.
     pub(crate) metrics: metrics::Metrics,
     /// The webhook dispatcher's counters, for `GET /metrics`.
@@ -316,10 +323,11 @@ impl Gateway {
                         .is_some_and(|s| s == "ready")
                         && self.runtime.warm_count(name) < target
                 });
-            let idle = self.creates.load(Ordering::Acquire) == 0;
+            // Before re-adoption is over, a started sandbox would be killed as unregistered.
+            let idle = self.adoption.is_done() && self.creates.load(Ordering::Acquire) == 0;
             let Some(name) = wanted.filter(|_| idle) else {
-                // Woken by a claim, the end of a create or shutdown; the timeout covers a
-                // template becoming ready.
+                // Woken by a claim, the end of a create or of re-adoption, or shutdown; the
+                // timeout covers a template becoming ready.
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), self.pool_wake.notified()).await;
                 continue;
@@ -634,11 +642,21 @@ impl Gateway {
         }
     }
 
-    /// Brings the registry and the backends into agreement after a (re)start.
-    async fn reconcile(&self) -> Result<(), StartError> {
+    /// Brings the registry and the backends into agreement after a (re)start, behind the
+    /// listener: the jail re-adopts what survived, the registry forgets what did not, what
+    /// nobody registered is killed and windows that passed while the gateway was down end.
+    /// Sandbox routes answer 503 until it returns. Nothing in it is quadratic, and the
+    /// teardowns and expiries run [`RECONCILE_CONCURRENCY`] at a time, so thousands of
+    /// sandboxes take seconds.
+    async fn reconcile(self: &Arc<Self>) -> Result<(), StartError> {
         let setup = |e: &dyn std::error::Error| StartError::Setup(api::error::error_chain(e));
         let records = self.registry.load_all().map_err(|e| setup(&e))?;
+        self.adoption.begin(records.len());
+        // The jail knows no sandbox before this: `Runtime::open` only attaches.
+        self.runtime.recover().await.map_err(|e| setup(&e))?;
         let live = self.runtime.live().await.map_err(|e| setup(&e))?;
+        let registered: HashSet<SandboxId> = records.iter().map(|r| r.id.clone()).collect();
+        let mut gone = Vec::new();
         for record in records {
             let id = record.id.clone();
             let state = record.lifecycle.state;
@@ -652,33 +670,7 @@ impl Gateway {
             );
             if !keep {
                 tracing::warn!(sandbox = %id, ?state, ?alive, "sandbox did not survive; cleaning up");
-                if let Err(e) = self.runtime.kill(&id).await {
-                    tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
-                }
-                // A sandbox that was running or paused died with the previous gateway: that is
-                // its `killed`. A killed record already has its event; a creating one never
-                // had a `created`.
-                let at = now();
-                let events: Vec<Event> = match record.lifecycle.transition(Command::Kill {
-                    now: at,
-                    cause: Cause::Failure,
-                }) {
-                    Ok((_, event))
-                        if matches!(state, SandboxState::Running | SandboxState::Paused) =>
-                    {
-                        let mut record = record.clone();
-                        vec![lifecycle_event(&mut record, &event, at)]
-                    }
-                    _ => Vec::new(),
-                };
-                self.registry
-                    .delete_with_events(&id, &events)
-                    .map_err(|e| setup(&e))?;
-                if !events.is_empty() {
-                    self.metrics.lifecycle(&LifecycleEvent::Killed {
-                        cause: Cause::Failure,
-                    });
-                }
+                gone.push(record);
                 continue;
             }
             // The registry is the truth for paused vs running.
@@ -690,25 +682,85 @@ impl Gateway {
             if let Err(e) = fix {
                 tracing::warn!(sandbox = %id, error = %e, "could not restore the sandbox's state");
             }
-            tracing::info!(sandbox = %id, ?state, "re-adopted");
+            tracing::debug!(sandbox = %id, ?state, "re-adopted");
             lock(&self.sandboxes).insert(id, Entry::new(record));
+            self.adoption.adopted_one();
         }
-        // Sandboxes the jail has but the registry does not: a create cut short by a crash.
-        for id in live.keys() {
-            if self.entry(id).is_none() {
-                tracing::warn!(sandbox = %id, "unregistered sandbox (warm, or from an interrupted create); killing it");
-                if let Err(e) = self.runtime.kill(id).await {
+        // Sandboxes the jail has but the registry does not: warm ones of the previous run, or
+        // a create cut short by a crash.
+        let unregistered: Vec<SandboxId> = live
+            .into_keys()
+            .filter(|id| !registered.contains(id))
+            .collect();
+        for id in &unregistered {
+            tracing::warn!(sandbox = %id, "unregistered sandbox (warm, or from an interrupted create); killing it");
+        }
+        // Collected first: a future that the spawn in `run` must prove `Send` cannot hold
+        // borrowing iterators across an await.
+        let doomed: Vec<SandboxId> = gone
+            .iter()
+            .map(|r| r.id.clone())
+            .chain(unregistered.iter().cloned())
+            .collect();
+        each_bounded(doomed, |id| {
+            let gw = Arc::clone(self);
+            async move {
+                if let Err(e) = gw.runtime.kill(&id).await {
                     tracing::warn!(sandbox = %id, error = %e, "cleanup failed");
                 }
             }
+        })
+        .await;
+        // A sandbox that was running or paused died with the previous gateway: that is its
+        // `killed`. A killed record already has its event; a creating one never had a
+        // `created`. Every record goes in one transaction with those events.
+        let at = now();
+        let events: Vec<Event> = gone
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.lifecycle.state,
+                    SandboxState::Running | SandboxState::Paused
+                )
+            })
+            .filter_map(|r| {
+                let (_, event) = r
+                    .lifecycle
+                    .transition(Command::Kill {
+                        now: at,
+                        cause: Cause::Failure,
+                    })
+                    .ok()?;
+                Some(lifecycle_event(&mut r.clone(), &event, at))
+            })
+            .collect();
+        let ids: Vec<SandboxId> = gone.into_iter().map(|r| r.id).collect();
+        self.registry
+            .delete_many_with_events(&ids, &events)
+            .map_err(|e| setup(&e))?;
+        for _ in &events {
+            self.metrics.lifecycle(&LifecycleEvent::Killed {
+                cause: Cause::Failure,
+            });
         }
         // Windows that passed while the gateway was down end now.
         let now = now();
-        for entry in self.entries() {
-            if entry.record().lifecycle.is_expired(now) {
-                self.expire(&entry).await;
-            }
-        }
+        let expired: Vec<Arc<Entry>> = self
+            .entries()
+            .into_iter()
+            .filter(|e| e.record().lifecycle.is_expired(now))
+            .collect();
+        each_bounded(expired, |entry| {
+            let gw = Arc::clone(self);
+            async move { gw.expire(&entry).await }
+        })
+        .await;
+        tracing::info!(
+            adopted = self.entries().len(),
+            gone = ids.len(),
+            unregistered = unregistered.len(),
+            "sandboxes of the previous run re-adopted"
+        );
         Ok(())
     }
 
@@ -739,6 +791,34 @@ impl Gateway {
         self.runtime.kill(&record.id).await?;
         self.remove(&record.id)?;
         Ok(())
+    }
+}
+
+/// How many teardowns or expiries [`Gateway::reconcile`] runs at once: enough to overlap
+/// their cgroup, filesystem and registry waits, few enough to leave the blocking pool and
+/// the disk to the requests served meanwhile.
+const RECONCILE_CONCURRENCY: usize = 32;
+
+/// Runs `op` on every item, at most [`RECONCILE_CONCURRENCY`] at a time, and waits for all.
+async fn each_bounded<T, F, Fut>(items: impl IntoIterator<Item = T>, op: F)
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    let joined = |r: Option<Result<(), tokio::task::JoinError>>| {
+        if let Some(Err(e)) = r {
+            tracing::error!(error = %e, "a reconcile task panicked");
+        }
+    };
+    for item in items {
+        if running.len() >= RECONCILE_CONCURRENCY {
+            joined(running.join_next().await);
+        }
+        running.spawn(op(item));
+    }
+    while let Some(r) = running.join_next().await {
+        joined(Some(r));
     }
 }
 
@@ -794,9 +874,20 @@ fn webhook_tls(config: &Config) -> Result<Tls, StartError> {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
+///
+/// The start-up order matters: the state directory's lock comes first (a second gateway on
+/// it must touch nothing), then the listeners (a restart gets its port back at once), then
+/// the registry and the backends, whose jail only attaches; re-adopting the previous run's
+/// sandboxes happens behind the listener, and only then do the reaper, the watcher and the
+/// warm-pool filler start.
 pub async fn run(config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
+    // First of all: a second gateway on this state directory must touch nothing. Held until
+    // `run` returns, which is the life of the process.
+    let _state_lock = state_lock::StateLock::acquire(&config.state_dir)
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    let listeners = server::bind(&config).await?;
     let db = config.state_dir.join("registry.db");
     let registry =
         Registry::open(&db).map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
@@ -843,6 +934,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         creates: AtomicUsize::new(0),
         pool_wake: tokio::sync::Notify::new(),
         stopping: AtomicBool::new(false),
+        adoption: adoption::Adoption::default(),
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
     });
@@ -853,9 +945,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let dispatching = tokio::spawn(dispatcher.run(async move {
         let _ = stopped.await;
     }));
-    gateway.reconcile().await?;
-    tokio::spawn(Arc::clone(&gateway).reap_forever());
-    tokio::spawn(Arc::clone(&gateway).watch_forever());
+    let adopter = Arc::clone(&gateway);
+    let adopting = tokio::spawn(async move {
+        adopter.reconcile().await?;
+        adopter.adoption.finish();
+        tokio::spawn(Arc::clone(&adopter).reap_forever());
+        tokio::spawn(Arc::clone(&adopter).watch_forever());
+        adopter.pool_changed();
+        Ok::<(), StartError>(())
+    });
+    // A failed re-adoption stops the gateway, as it did when it ran before the listener.
+    let adoption_failed = async move {
+        match adopting.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => e,
+            Err(e) => StartError::Setup(format!("re-adopting sandboxes panicked: {e}")),
+        }
+    };
     // Templates build in the background; /health says 200 once the default one is ready.
     let builder = Arc::clone(&gateway);
     tokio::spawn(async move {
@@ -877,7 +983,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     });
     let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());
-    let served = server::serve(Arc::clone(&gateway)).await;
+    let served = tokio::select! {
+        served = server::serve(Arc::clone(&gateway), listeners) => served,
+        e = adoption_failed => Err(e),
+    };
     // Warm sandboxes belong to no one: stop refilling, then kill them.
     gateway.stopping.store(true, Ordering::Release);
     gateway.pool_changed();

@@ -152,10 +152,24 @@ impl Registry {
         id: &SandboxId,
         events: &[Event],
     ) -> Result<(), RegistryError> {
+        self.delete_many_with_events(std::slice::from_ref(id), events)
+    }
+
+    /// Forgets every sandbox of `ids` and records `events`, all in one transaction: after a
+    /// restart that found thousands of sandboxes gone, one commit instead of thousands.
+    pub(crate) fn delete_many_with_events(
+        &self,
+        ids: &[SandboxId],
+        events: &[Event],
+    ) -> Result<(), RegistryError> {
         self.transaction(events, |tx| {
-            tx.prepare_cached("DELETE FROM sandboxes WHERE id = ?1")
-                .and_then(|mut stmt| stmt.execute(params![id.as_str()]))
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM sandboxes WHERE id = ?1")
                 .map_err(err("delete record"))?;
+            for id in ids {
+                stmt.execute(params![id.as_str()])
+                    .map_err(err("delete record"))?;
+            }
             Ok(())
         })
     }
@@ -291,5 +305,44 @@ mod tests {
             .with_conn(|c| list_events(c, &EventQuery::default()))
             .unwrap();
         assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn many_deletes_and_their_events_commit_together() {
+        use coppice_events::event::SandboxContext;
+        use coppice_events::store::{list_events, EventQuery};
+        use coppice_lifecycle::state::{Cause, LifecycleEvent};
+
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("registry.db")).unwrap();
+        for (id, created_at) in [("a", 1), ("b", 2), ("c", 3)] {
+            reg.put(&record(id, created_at)).unwrap();
+        }
+        let killed = |id: &str| {
+            let ctx = SandboxContext {
+                sandbox_id: id.into(),
+                ..SandboxContext::default()
+            };
+            let cause = Cause::Failure;
+            Event::lifecycle(&ctx, &LifecycleEvent::Killed { cause }, Millis(9))
+        };
+        let ids = [SandboxId::new("a").unwrap(), SandboxId::new("c").unwrap()];
+        let events = [killed("a"), killed("c")];
+        // A duplicate event fails the whole batch: no record goes, no event is kept.
+        let twice = [events[0].clone(), events[0].clone()];
+        reg.delete_many_with_events(&ids, &twice).unwrap_err();
+        assert_eq!(reg.load_all().unwrap().len(), 3);
+        reg.delete_many_with_events(&ids, &events).unwrap();
+        let left: Vec<String> = reg
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(left, ["b"]);
+        let recorded = reg
+            .with_conn(|c| list_events(c, &EventQuery::default()))
+            .unwrap();
+        assert_eq!(recorded.len(), 2);
     }
 }

@@ -140,13 +140,14 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    /// Opens storage and the jail under `state_dir` (re-adopting running sandboxes).
+    /// Opens storage and the jail under `state_dir`. The jail knows no sandbox until
+    /// [`Runtime::recover`] has run, and nothing may start one before then.
     pub(crate) fn open(
         state_dir: &Path,
         template_cache: &Path,
         agent: PathBuf,
     ) -> Result<Self, RuntimeError> {
-        let jail = LinuxJail::open(JailConfig::new(state_dir.join("jail")))
+        let jail = LinuxJail::attach(JailConfig::new(state_dir.join("jail")))
             .map_err(backend("open the jail driver"))?;
         let storage =
             OverlayStorage::open(state_dir.join("storage")).map_err(backend("open storage"))?;
@@ -184,6 +185,22 @@ impl Runtime {
                 .collect(),
             warm: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Re-adopts the sandboxes a previous process left running and removes what is left of
+    /// the others (and cgroups nobody recorded), on the blocking pool.
+    pub(crate) async fn recover(&self) -> Result<(), RuntimeError> {
+        let jail = self.jail.clone();
+        tokio::task::spawn_blocking(move || jail.recover())
+            .await
+            .map_err(|e| {
+                backend("re-adopt sandboxes")(BackendError::io(
+                    "join the recovery task",
+                    "",
+                    std::io::Error::other(e),
+                ))
+            })?
+            .map_err(backend("re-adopt sandboxes"))
     }
 
     /// Whether `name` is a template this gateway serves.

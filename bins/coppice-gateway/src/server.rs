@@ -1,6 +1,7 @@
-//! Accept loops: every listener serves the same router (HTTP/1.1 and HTTP/2 via hyper-util's
-//! auto builder) until SIGTERM or SIGINT, then open connections get a bounded graceful
-//! shutdown. Sandboxes are not touched: they keep running for the next gateway process.
+//! Listeners and accept loops: [`bind`] takes the ports first thing at start, [`serve`] runs
+//! every listener with the same router (HTTP/1.1 and HTTP/2 via hyper-util's auto builder)
+//! until SIGTERM or SIGINT, then open connections get a bounded graceful shutdown. Sandboxes
+//! are not touched: they keep running for the next gateway process.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::config::Config;
 use crate::service::Router;
 use crate::{Gateway, StartError};
 
@@ -19,9 +21,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Back-off after an accept error (e.g. out of file descriptors) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-pub(crate) async fn serve(gw: Arc<Gateway>) -> Result<(), StartError> {
-    let mut addrs = vec![gw.config.listen];
-    addrs.extend(gw.config.extra_listen.iter().copied());
+/// Binds every listener of `config`. The gateway binds first thing after taking its state
+/// directory's lock, before it opens the backends or re-adopts a sandbox, so a restart gets
+/// its port back at once however many sandboxes it has.
+///
+/// `TcpListener::bind` sets SO_REUSEADDR on Unix (tokio 1.54 `net/tcp/listener.rs` binds
+/// through mio 1.2 `TcpListener::bind`, which calls `set_reuseaddr(.., true)` before `bind`),
+/// so connections the previous process left in TIME_WAIT do not keep a restart off its port.
+/// Never SO_REUSEPORT: that would let a second gateway share the port instead of failing.
+pub(crate) async fn bind(config: &Config) -> Result<Vec<TcpListener>, StartError> {
+    let mut addrs = vec![config.listen];
+    addrs.extend(config.extra_listen.iter().copied());
     let mut listeners = Vec::new();
     for addr in addrs {
         let l = TcpListener::bind(addr)
@@ -31,6 +41,11 @@ pub(crate) async fn serve(gw: Arc<Gateway>) -> Result<(), StartError> {
         tracing::info!(address = %local, "listening");
         listeners.push(l);
     }
+    Ok(listeners)
+}
+
+/// Serves `listeners` until SIGTERM or SIGINT.
+pub(crate) async fn serve(gw: Arc<Gateway>, listeners: Vec<TcpListener>) -> Result<(), StartError> {
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| StartError::Setup(format!("install the SIGTERM handler: {e}")))?;
     let mut int = signal(SignalKind::interrupt())

@@ -1,5 +1,7 @@
 //! The one route table: data-plane requests go to the proxy, everything else is matched on
-//! `(method, path segments)` after the API-key check.
+//! `(method, path segments)` after the API-key check. Until the sandboxes of a previous run
+//! are re-adopted ([`crate::adoption`]), the data plane and every `/sandboxes` route answer
+//! 503 and `/health` says `adopting`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -70,7 +72,18 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
     let (family, resp) = match proxy::target(&req, gw.config.domain.as_deref()) {
         Some(Ok(target)) => (
             Family::proxy(target.port),
-            proxy::forward(gw, req, target).await,
+            match gw.adoption.check() {
+                Ok(()) => proxy::forward(gw, req, target).await,
+                Err(e) => {
+                    let unread = has_body(&req);
+                    let resp = ApiError::from(e).into_response();
+                    if unread {
+                        closing(resp)
+                    } else {
+                        resp
+                    }
+                }
+            },
         ),
         Some(Err(e)) => (Family::ProxyOther, e.into_response()),
         None => {
@@ -108,6 +121,17 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
         // 200 once sandboxes of the default template can be created; the body says how far
         // every template is (the others keep building in the background).
         let templates = gw.template_states();
+        if let Err(a) = gw.adoption.check() {
+            return Ok(json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "adopting",
+                    "adopted": a.adopted,
+                    "total": a.total,
+                    "templates": templates,
+                }),
+            ));
+        }
         return Ok(if gw.is_ready() {
             json(
                 StatusCode::OK,
@@ -153,6 +177,11 @@ async fn dispatch(
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["sandboxes", ..] | ["v2", "sandboxes", ..] = segments.as_slice() {
+        // Until the gateway knows its sandboxes again it can neither answer for them nor
+        // start new ones.
+        gw.adoption.check()?;
+    }
     match (method, segments.as_slice()) {
         (&Method::POST, ["sandboxes"]) => sandboxes::create(gw, &body, true).await,
         (&Method::POST, ["v2", "sandboxes"]) => sandboxes::create(gw, &body, false).await,

@@ -6,6 +6,7 @@ use coppice_lifecycle::state::TransitionError;
 use coppice_wire::error::ErrorBody;
 use http::{Response, StatusCode};
 
+use crate::adoption::Adopting;
 use crate::api::{json, Body};
 use crate::registry::RegistryError;
 use crate::runtime::RuntimeError;
@@ -15,6 +16,8 @@ use crate::runtime::RuntimeError;
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
+    /// Seconds for a `Retry-After` header: the failure is expected to pass by itself.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -23,6 +26,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -38,13 +42,29 @@ impl ApiError {
 
     /// The response.
     pub(crate) fn into_response(self) -> Response<Body> {
-        if self.status.is_server_error() {
+        // An answer that tells the client when to retry is the gateway working as meant.
+        if self.status.is_server_error() && self.retry_after.is_none() {
             tracing::error!(status = %self.status, message = %self.message, "request failed");
         }
-        json(
+        let mut resp = json(
             self.status,
             &ErrorBody::new(self.status.as_u16(), self.message),
-        )
+        );
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<Adopting> for ApiError {
+    fn from(e: Adopting) -> Self {
+        // Re-adoption takes seconds even with thousands of sandboxes.
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     }
 }
 
@@ -145,6 +165,40 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn re_adoption_is_a_503_with_retry_after() {
+        let resp = ApiError::from(Adopting {
+            adopted: 1,
+            total: 4,
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
+        assert_eq!(
+            resp.headers()[http::header::CONTENT_TYPE],
+            "application/json"
+        );
+        let body = body_json(resp);
+        assert_eq!(body["code"], 503);
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("re-adopting its sandboxes after a restart")),
+            "{body}"
+        );
+    }
+
+    fn body_json(resp: Response<Body>) -> serde_json::Value {
+        use http_body_util::BodyExt;
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(resp.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
     }
 
     fn libc_eperm() -> i32 {

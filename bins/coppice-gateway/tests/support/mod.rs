@@ -173,6 +173,8 @@ pub struct Lab {
     rt: tokio::runtime::Runtime,
     gateway: Option<Proc>,
     starts: u32,
+    /// When the current gateway was spawned.
+    launched: Instant,
     _flock: Flock<File>,
     _serial: MutexGuard<'static, ()>,
 }
@@ -225,6 +227,7 @@ impl Lab {
             rt,
             gateway: None,
             starts: 0,
+            launched: Instant::now(),
             _flock: flock,
             _serial: serial,
         })
@@ -241,13 +244,16 @@ impl Lab {
 
     /// Starts a gateway on this lab's state directory and waits until `/health` is 200.
     pub fn start(&mut self) {
-        assert!(self.gateway.is_none(), "a gateway is already running");
-        self.starts += 1;
-        let log_path = self.log_path(self.starts);
-        let log = File::create(&log_path).unwrap();
+        self.launch("127.0.0.1:0".parse().unwrap());
+        self.wait_healthy();
+    }
+
+    /// The gateway command on this lab's state directory, listening on `listen`, with the
+    /// lab's options and nothing from the environment the tests run in.
+    fn command(&self, listen: SocketAddr) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coppice-gateway"));
         cmd.arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen.to_string())
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--template-cache")
@@ -256,7 +262,6 @@ impl Lab {
             cmd.arg("--domain").arg(d);
         }
         cmd.args(&self.options.args);
-        // Nothing from the environment the tests run in may reconfigure the gateway.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("COPPICE_") {
                 cmd.env_remove(k);
@@ -266,28 +271,33 @@ impl Lab {
         if let Some(keys) = &self.options.api_keys {
             cmd.env("COPPICE_API_KEYS", keys);
         }
-        let launched = Instant::now();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut proc = Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        cmd
+    }
+
+    /// Spawns a gateway on this lab's state directory listening on `listen` and returns at
+    /// once; with port 0 it first waits for the log to say which port it got. Follow with
+    /// [`Lab::wait_healthy`].
+    pub fn launch(&mut self, listen: SocketAddr) {
+        assert!(self.gateway.is_none(), "a gateway is already running");
+        self.starts += 1;
+        let log_path = self.log_path(self.starts);
+        let log = File::create(&log_path).unwrap();
+        self.launched = Instant::now();
+        let child = self.command(listen).stderr(log).spawn().unwrap();
+        self.gateway = Some(Proc {
             child,
-            addr: "127.0.0.1:1".parse().unwrap(),
-        };
+            addr: listen,
+        });
+        if listen.port() != 0 {
+            return;
+        }
         let deadline = Instant::now() + START_TIMEOUT;
         let addr = loop {
             if let Some(addr) = listening_address(&log_path) {
                 break addr;
             }
-            if let Some(status) = proc.child.try_wait().unwrap() {
-                panic!(
-                    "the gateway exited with {status} before listening:\n{}",
-                    tail(&log_path)
-                );
-            }
+            self.assert_alive("before listening");
             assert!(
                 Instant::now() < deadline,
                 "the gateway did not listen within {START_TIMEOUT:?}:\n{}",
@@ -295,17 +305,35 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        proc.addr = addr;
-        self.gateway = Some(proc);
+        if let Some(proc) = &mut self.gateway {
+            proc.addr = addr;
+        }
+    }
+
+    /// Panics with the log if the gateway has exited.
+    fn assert_alive(&mut self, when: &str) {
+        let log = tail(&self.log_path(self.starts));
+        if let Some(proc) = &mut self.gateway {
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                self.gateway = None;
+                panic!("the gateway exited with {status} {when}:\n{log}");
+            }
+        }
+    }
+
+    /// Waits until the gateway's `/health` is 200 (templates ready, sandboxes re-adopted).
+    pub fn wait_healthy(&mut self) {
+        let deadline = self.launched + START_TIMEOUT;
         loop {
             let r = self.try_send(self.get("/health").body(empty()).unwrap());
             if matches!(&r, Ok(r) if r.status == StatusCode::OK) {
                 break;
             }
+            self.assert_alive("before it was healthy");
             assert!(
                 Instant::now() < deadline,
                 "the gateway was not healthy within {START_TIMEOUT:?} ({r:?}):\n{}",
-                tail(&log_path)
+                tail(&self.log_path(self.starts))
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -313,8 +341,55 @@ impl Lab {
             "{}: gateway {} healthy after {:?}",
             self.name,
             self.starts,
-            launched.elapsed()
+            self.launched.elapsed()
         );
+    }
+
+    /// The running gateway's pid.
+    pub fn pid(&self) -> u32 {
+        self.gateway
+            .as_ref()
+            .expect("no gateway running")
+            .child
+            .id()
+    }
+
+    /// `GET /health`, whatever its status.
+    pub fn health(&self) -> Resp {
+        self.send(self.get("/health").body(empty()).unwrap())
+    }
+
+    /// Runs another gateway on this lab's state directory, listening on `listen`, beside the
+    /// running one, and waits up to `limit` for it to exit; returns its exit status and log,
+    /// or `None` (after killing it) if it was still running then.
+    pub fn run_another(
+        &self,
+        listen: SocketAddr,
+        limit: Duration,
+    ) -> Option<(std::process::ExitStatus, String)> {
+        let log_path = self.state_dir.join("test-gateway-another.log");
+        let log = File::create(&log_path).unwrap();
+        let mut child = self.command(listen).stderr(log).spawn().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((
+                    status,
+                    strip_ansi(&std::fs::read_to_string(&log_path).unwrap()),
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                eprintln!(
+                    "{}: the other gateway was still running after {limit:?}:\n{}",
+                    self.name,
+                    tail(&log_path)
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, and waits for the gateway to exit (killing it if it does not).

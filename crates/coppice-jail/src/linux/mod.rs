@@ -115,7 +115,9 @@ impl LinuxJail {
     pub fn recover(&self) -> Result<(), BackendError> {
         let dir = self.inner.config.records_dir();
         let entries = fs::read_dir(&dir).map_err(|e| BackendError::io("read", &dir, e))?;
-        let mut known = Vec::new();
+        // A set: every cgroup of every hierarchy is looked up in it, and with thousands of
+        // sandboxes a list would make recovery quadratic.
+        let mut known = std::collections::HashSet::new();
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -130,7 +132,7 @@ impl LinuxJail {
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
             match record {
                 Some(r) if pid_start(r.pid) == Some(r.pid_start) => {
-                    known.push(id.as_str().to_owned());
+                    known.insert(id.as_str().to_owned());
                     self.records().insert(id, r);
                 }
                 Some(r) => {
