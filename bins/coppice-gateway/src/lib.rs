@@ -17,6 +17,7 @@
 
 pub mod config;
 
+mod admission;
 mod api;
 mod feed;
 mod metrics;
@@ -179,6 +180,8 @@ pub(crate) struct Gateway {
     pub(crate) metrics: metrics::Metrics,
     /// The webhook dispatcher's counters, for `GET /metrics`.
     pub(crate) dispatch_stats: coppice_events::dispatch::Stats,
+    /// `--max-sandboxes` and `--min-free-memory`: who gets a sandbox.
+    pub(crate) admission: admission::Admission,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -317,9 +320,17 @@ impl Gateway {
                         && self.runtime.warm_count(name) < target
                 });
             let idle = self.creates.load(Ordering::Acquire) == 0;
-            let Some(name) = wanted.filter(|_| idle) else {
+            // Below the memory floor (or over the limit) the pool shrinks first.
+            if let Some(w) = self.admission.surplus_warm(&self) {
+                self.runtime.destroy(&w.id).await;
+                continue;
+            }
+            let ticket = wanted
+                .filter(|_| idle)
+                .and_then(|name| Some((name, self.admission.admit_warm(&self)?)));
+            let Some((name, _ticket)) = ticket else {
                 // Woken by a claim, the end of a create or shutdown; the timeout covers a
-                // template becoming ready.
+                // template becoming ready and memory or places coming free.
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), self.pool_wake.notified()).await;
                 continue;
@@ -825,6 +836,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::warn!("COPPICE_API_KEYS is not set: any API key is accepted");
     }
     tracing::info!(agent = %agent.display(), state_dir = %config.state_dir.display(), "starting");
+    let admission = admission::Admission::new(&config).map_err(StartError::Setup)?;
     let gateway = Arc::new(Gateway {
         config,
         registry,
@@ -845,6 +857,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         stopping: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
+        admission,
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

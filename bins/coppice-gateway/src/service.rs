@@ -108,15 +108,16 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
         // 200 once sandboxes of the default template can be created; the body says how far
         // every template is (the others keep building in the background).
         let templates = gw.template_states();
+        let capacity = gw.admission.capacity(gw);
         return Ok(if gw.is_ready() {
             json(
                 StatusCode::OK,
-                &serde_json::json!({"status": "ok", "templates": templates}),
+                &serde_json::json!({"status": "ok", "templates": templates, "capacity": capacity}),
             )
         } else {
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"status": "building the default template", "templates": templates}),
+                &serde_json::json!({"status": "building the default template", "templates": templates, "capacity": capacity}),
             )
         });
     }

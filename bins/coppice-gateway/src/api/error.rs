@@ -6,6 +6,7 @@ use coppice_lifecycle::state::TransitionError;
 use coppice_wire::error::ErrorBody;
 use http::{Response, StatusCode};
 
+use crate::admission::AdmissionError;
 use crate::api::{json, Body};
 use crate::registry::RegistryError;
 use crate::runtime::RuntimeError;
@@ -15,6 +16,8 @@ use crate::runtime::RuntimeError;
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
+    /// Seconds for a `Retry-After` header.
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +26,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -41,10 +45,26 @@ impl ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, message = %self.message, "request failed");
         }
-        json(
+        let mut resp = json(
             self.status,
             &ErrorBody::new(self.status.as_u16(), self.message),
-        )
+        );
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<AdmissionError> for ApiError {
+    fn from(e: AdmissionError) -> Self {
+        // E2B's status for "not now": the SDKs retry it after Retry-After, then raise
+        // RateLimitException with the message.
+        Self {
+            retry_after: Some(crate::admission::RETRY_AFTER.as_secs()),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
     }
 }
 
@@ -145,6 +165,18 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn refused_creates_are_429_with_retry_after() {
+        let resp = ApiError::from(AdmissionError::SandboxLimit {
+            used: 3,
+            max: 3,
+            warm: 0,
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
     }
 
     fn libc_eperm() -> i32 {
