@@ -532,7 +532,8 @@ impl Admission {
                         AdmissionError::MemoryFloor { .. } => &self.refused_memory,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(reason = e.reason(), "create refused: {e}");
+                    // At debug: a runaway client would flood the log; the counter is what to watch.
+                    tracing::debug!(reason = e.reason(), "create refused: {e}");
                     return Err(e);
                 }
             }
