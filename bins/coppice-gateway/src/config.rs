@@ -45,6 +45,12 @@ pub struct Config {
     /// Sandboxes kept started, per template, ahead of creates (`--warm-pool`, default
     /// [`Config::DEFAULT_WARM_POOL`]; 0 turns the pool off).
     pub warm_pool: usize,
+    /// Most sandboxes at once, warm ones and starts under way included (`--max-sandboxes`;
+    /// `None`: derived from host memory, see `docs/api.md`).
+    pub max_sandboxes: Option<usize>,
+    /// Host memory no sandbox start may take, in bytes (`--min-free-memory`; `None`: 5% of
+    /// the host's memory, at least 512 MiB).
+    pub min_free_memory: Option<u64>,
 }
 
 /// The subscription `--webhook-url`/`--webhook-secret` ask for.
@@ -84,7 +90,11 @@ usage: coppice-gateway [options]
   --webhook-ca-file FILE  extra CA certificates (PEM) for https webhooks        COPPICE_WEBHOOK_CA_FILE
   --event-retention-days N   prune events older than N days (default 7; 0: never) COPPICE_EVENT_RETENTION_DAYS
   --event-retention-count N  keep at most the newest N events (default: all)   COPPICE_EVENT_RETENTION_COUNT
-  --warm-pool N           sandboxes kept started per template (default 10; 0: off) COPPICE_WARM_POOL";
+  --warm-pool N           sandboxes kept started per template (default 10; 0: off) COPPICE_WARM_POOL
+  --max-sandboxes N       most sandboxes at once, warm ones included            COPPICE_MAX_SANDBOXES
+                          (default: (memory - floor) / 1 GiB sandbox limit x 16)
+  --min-free-memory SIZE  host memory kept free; creates past it get 429        COPPICE_MIN_FREE_MEMORY
+                          (bytes or 512M, 2G; default 5% of memory, at least 512M)";
 
 impl Config {
     /// Warm sandboxes per template unless configured: a burst of ten creates (an agent
@@ -116,7 +126,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 16] = [
+            const KNOWN: [&str; 18] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -133,6 +143,8 @@ impl Config {
                 "event-retention-days",
                 "event-retention-count",
                 "warm-pool",
+                "max-sandboxes",
+                "min-free-memory",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -235,8 +247,23 @@ impl Config {
                 ))
             }
         };
+        let max_sandboxes = match number("max-sandboxes", "COPPICE_MAX_SANDBOXES")? {
+            None => None,
+            Some(0) => {
+                return Err("--max-sandboxes (COPPICE_MAX_SANDBOXES): must be at least 1".into())
+            }
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        let min_free_memory = get("min-free-memory", "COPPICE_MIN_FREE_MEMORY")
+            .map(|v| {
+                crate::admission::parse_size(&v)
+                    .map_err(|e| format!("--min-free-memory (COPPICE_MIN_FREE_MEMORY): {e}"))
+            })
+            .transpose()?;
         Ok(Self {
             warm_pool,
+            max_sandboxes,
+            min_free_memory,
             webhook,
             webhook_allow: cidrs("webhook-allow", "COPPICE_WEBHOOK_ALLOW")?,
             webhook_deny: cidrs("webhook-deny", "COPPICE_WEBHOOK_DENY")?,
@@ -284,6 +311,32 @@ mod tests {
         assert!(c.api_keys.is_empty());
         assert!(c.domain.is_none());
         assert_eq!(c.warm_pool, Config::DEFAULT_WARM_POOL);
+        assert_eq!(c.max_sandboxes, None);
+        assert_eq!(c.min_free_memory, None);
+    }
+
+    #[test]
+    fn admission_limits() {
+        let c = parse(&["--max-sandboxes", "3", "--min-free-memory", "2G"], &[]).unwrap();
+        assert_eq!(c.max_sandboxes, Some(3));
+        assert_eq!(c.min_free_memory, Some(2 << 30));
+        let c = parse(
+            &[],
+            &[
+                ("COPPICE_MAX_SANDBOXES", "40"),
+                ("COPPICE_MIN_FREE_MEMORY", "536870912"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.max_sandboxes, Some(40));
+        assert_eq!(c.min_free_memory, Some(512 << 20));
+        assert!(parse(&["--max-sandboxes", "0"], &[])
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(parse(&["--min-free-memory", "lots"], &[])
+            .unwrap_err()
+            .contains("--min-free-memory"));
+        assert!(USAGE.contains("--max-sandboxes") && USAGE.contains("COPPICE_MIN_FREE_MEMORY"));
     }
 
     #[test]

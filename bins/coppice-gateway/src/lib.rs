@@ -19,6 +19,7 @@
 
 pub mod config;
 
+mod admission;
 mod adoption;
 mod api;
 mod feed;
@@ -186,6 +187,8 @@ pub(crate) struct Gateway {
     pub(crate) metrics: metrics::Metrics,
     /// The webhook dispatcher's counters, for `GET /metrics`.
     pub(crate) dispatch_stats: coppice_events::dispatch::Stats,
+    /// `--max-sandboxes` and `--min-free-memory`: who gets a sandbox.
+    pub(crate) admission: admission::Admission,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -323,11 +326,24 @@ impl Gateway {
                         .is_some_and(|s| s == "ready")
                         && self.runtime.warm_count(name) < target
                 });
-            // Before re-adoption is over, a started sandbox would be killed as unregistered.
-            let idle = self.adoption.is_done() && self.creates.load(Ordering::Acquire) == 0;
-            let Some(name) = wanted.filter(|_| idle) else {
+            // Before re-adoption is over, a started sandbox would be killed as unregistered,
+            // and the sandboxes not yet adopted are not counted against the limits.
+            let adopted = self.adoption.is_done();
+            let idle = adopted && self.creates.load(Ordering::Acquire) == 0;
+            // Below the memory floor (or over the limit) the pool shrinks first.
+            if let Some(w) = adopted
+                .then(|| self.admission.surplus_warm(&self))
+                .flatten()
+            {
+                self.runtime.destroy(&w.id).await;
+                continue;
+            }
+            let ticket = wanted
+                .filter(|_| idle)
+                .and_then(|name| Some((name, self.admission.admit_warm(&self)?)));
+            let Some((name, _ticket)) = ticket else {
                 // Woken by a claim, the end of a create or of re-adoption, or shutdown; the
-                // timeout covers a template becoming ready.
+                // timeout covers a template becoming ready and memory or places coming free.
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), self.pool_wake.notified()).await;
                 continue;
@@ -916,6 +932,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::warn!("COPPICE_API_KEYS is not set: any API key is accepted");
     }
     tracing::info!(agent = %agent.display(), state_dir = %config.state_dir.display(), "starting");
+    let admission = admission::Admission::new(&config).map_err(StartError::Setup)?;
     let gateway = Arc::new(Gateway {
         config,
         registry,
@@ -937,6 +954,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         adoption: adoption::Adoption::default(),
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
+        admission,
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

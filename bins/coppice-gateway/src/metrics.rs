@@ -5,8 +5,9 @@
 //!
 //! Each counter is bumped in exactly one place: lifecycle counters by `Gateway::commit` (and
 //! the restart sweep that records a dead sandbox's `killed`), request timings by the router,
-//! bytes by the proxy's bodies. Gauges (sandboxes running and paused, the webhook outbox) and
-//! the webhook dispatcher's own counters are read when scraped.
+//! bytes by the proxy's bodies. Gauges (sandboxes running and paused, the webhook outbox,
+//! admission's capacity and host memory) and the webhook dispatcher's and admission's own
+//! counters are read when scraped.
 
 use std::fmt::Write as _;
 use std::pin::Pin;
@@ -180,6 +181,10 @@ pub(crate) struct Levels {
     pub(crate) outbox: Option<coppice_events::store::DeliveryStats>,
     /// The webhook dispatcher's counters.
     pub(crate) dispatch: coppice_events::dispatch::DispatchStats,
+    /// Admission's places and host memory.
+    pub(crate) capacity: crate::admission::Capacity,
+    /// Admission's refused creates.
+    pub(crate) refused: crate::admission::Refused,
 }
 
 impl Metrics {
@@ -284,6 +289,54 @@ impl Metrics {
         for (template, n) in &levels.warm {
             out.sample("coppice_warm_sandboxes", &[("template", template)], *n);
         }
+        let c = &levels.capacity;
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        for (name, help, value) in [
+            (
+                "coppice_sandboxes_capacity",
+                "Most sandboxes at once (--max-sandboxes), warm ones and starts included.",
+                count(c.max_sandboxes),
+            ),
+            (
+                "coppice_sandboxes_used",
+                "Places taken under --max-sandboxes: running, paused, warm, and starts under way.",
+                count(c.used),
+            ),
+            (
+                "coppice_sandboxes_free",
+                "Places left under --max-sandboxes.",
+                count(c.free),
+            ),
+            (
+                "coppice_host_memory_floor_bytes",
+                "Host memory no sandbox start may take (--min-free-memory).",
+                c.min_free_memory_bytes,
+            ),
+        ] {
+            out.family(name, "gauge", help);
+            out.sample(name, &[], value);
+        }
+        if let Some(available) = c.mem_available_bytes {
+            let name = "coppice_host_memory_available_bytes";
+            out.family(
+                name,
+                "gauge",
+                "The host's available memory (MemAvailable), read at the scrape.",
+            );
+            out.sample(name, &[], available);
+        }
+        let name = "coppice_creates_refused_total";
+        out.family(
+            name,
+            "counter",
+            "Creates answered 429, by the limit they hit: --max-sandboxes or --min-free-memory.",
+        );
+        out.sample(
+            name,
+            &[("reason", "max_sandboxes")],
+            levels.refused.max_sandboxes,
+        );
+        out.sample(name, &[("reason", "memory")], levels.refused.memory);
 
         let name = "coppice_http_request_duration_seconds";
         out.family(
@@ -609,6 +662,46 @@ mod tests {
         );
         // Without the store's numbers the outbox gauge is left out rather than zero.
         assert!(!text.contains("coppice_webhook_outbox"));
+        for reason in ["max_sandboxes", "memory"] {
+            let s = format!("coppice_creates_refused_total{{reason=\"{reason}\"}}");
+            assert_eq!(value(&text, &s), "0");
+        }
+        assert_eq!(value(&text, "coppice_sandboxes_capacity"), "0");
+        assert!(!text.contains("coppice_host_memory_available_bytes"));
+        let text = m.render(&Levels {
+            capacity: crate::admission::Capacity {
+                max_sandboxes: 10,
+                used: 4,
+                warm: 1,
+                free: 6,
+                mem_available_bytes: Some(3 << 30),
+                min_free_memory_bytes: 1 << 30,
+            },
+            refused: crate::admission::Refused {
+                max_sandboxes: 2,
+                memory: 1,
+            },
+            ..Levels::default()
+        });
+        samples(&text);
+        assert_eq!(value(&text, "coppice_sandboxes_capacity"), "10");
+        assert_eq!(value(&text, "coppice_sandboxes_used"), "4");
+        assert_eq!(value(&text, "coppice_sandboxes_free"), "6");
+        assert_eq!(
+            value(&text, "coppice_host_memory_available_bytes"),
+            "3221225472"
+        );
+        assert_eq!(
+            value(&text, "coppice_host_memory_floor_bytes"),
+            "1073741824"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "coppice_creates_refused_total{reason=\"max_sandboxes\"}"
+            ),
+            "2"
+        );
     }
 
     #[test]

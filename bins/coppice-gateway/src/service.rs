@@ -132,15 +132,16 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
                 }),
             ));
         }
+        let capacity = gw.admission.capacity(gw);
         return Ok(if gw.is_ready() {
             json(
                 StatusCode::OK,
-                &serde_json::json!({"status": "ok", "templates": templates}),
+                &serde_json::json!({"status": "ok", "templates": templates, "capacity": capacity}),
             )
         } else {
             json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"status": "building the default template", "templates": templates}),
+                &serde_json::json!({"status": "building the default template", "templates": templates, "capacity": capacity}),
             )
         });
     }

@@ -6,6 +6,7 @@ use coppice_lifecycle::state::TransitionError;
 use coppice_wire::error::ErrorBody;
 use http::{Response, StatusCode};
 
+use crate::admission::AdmissionError;
 use crate::adoption::Adopting;
 use crate::api::{json, Body};
 use crate::registry::RegistryError;
@@ -17,7 +18,7 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) message: String,
     /// Seconds for a `Retry-After` header: the failure is expected to pass by itself.
-    retry_after: Option<u32>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -64,6 +65,17 @@ impl From<Adopting> for ApiError {
         Self {
             retry_after: Some(1),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+impl From<AdmissionError> for ApiError {
+    fn from(e: AdmissionError) -> Self {
+        // E2B's status for "not now": the SDKs retry it after Retry-After, then raise
+        // RateLimitException with the message.
+        Self {
+            retry_after: Some(crate::admission::RETRY_AFTER.as_secs()),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
         }
     }
 }
@@ -199,6 +211,18 @@ mod tests {
             .unwrap()
             .to_bytes();
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn refused_creates_are_429_with_retry_after() {
+        let resp = ApiError::from(AdmissionError::SandboxLimit {
+            used: 3,
+            max: 3,
+            warm: 0,
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[http::header::RETRY_AFTER], "1");
     }
 
     fn libc_eperm() -> i32 {

@@ -38,6 +38,8 @@ pub(crate) fn prometheus(gw: &Gateway) -> Response<Body> {
         .map(|(name, _)| (*name, gw.runtime.warm_count(name) as u64))
         .collect();
     levels.dispatch = gw.dispatch_stats.snapshot();
+    levels.capacity = gw.admission.capacity(gw);
+    levels.refused = gw.admission.refused();
     levels.outbox = match gw
         .registry()
         .with_conn(coppice_events::store::delivery_stats)

@@ -206,8 +206,9 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         ));
     }
 
-    // A warm sandbox of the template, if the pool has one, is this sandbox from here on.
-    let warm = gw.runtime.claim(&template);
+    // A place under --max-sandboxes and --min-free-memory (429 otherwise), with a warm
+    // sandbox of the template if the pool has one: that is this sandbox from here on.
+    let (mut ticket, warm) = gw.admission.admit(gw, &template).await?;
     gw.pool_changed();
     let id = match &warm {
         Some(w) => w.id.clone(),
@@ -230,7 +231,11 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         execution_started_at: 0,
     };
     let entry = match gw.insert(record.clone()) {
-        Ok(entry) => entry,
+        Ok(entry) => {
+            // The registry counts it now; the ticket keeps its start's memory reservation.
+            ticket.counted();
+            entry
+        }
         Err(e) => {
             if warm.is_some() {
                 gw.runtime.destroy(&id).await;

@@ -84,6 +84,8 @@ pub struct Options {
     pub domain: Option<String>,
     /// Further command-line arguments (`--webhook-allow 127.0.0.0/8`, ...).
     pub args: Vec<String>,
+    /// `COPPICE_*` variables to set (after the test's own environment is cleared of them).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running gateway process.
@@ -271,6 +273,7 @@ impl Lab {
         if let Some(keys) = &self.options.api_keys {
             cmd.env("COPPICE_API_KEYS", keys);
         }
+        cmd.envs(self.options.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         cmd
     }
