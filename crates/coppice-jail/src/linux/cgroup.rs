@@ -5,10 +5,24 @@
 //! hierarchy root). Limits go to whichever hierarchy holds the controller; freezing uses the v1
 //! freezer when one is mounted, else v2 `cgroup.freeze`; teardown uses v2 `cgroup.kill` when
 //! available, else SIGKILL to every listed task.
+//!
+//! Memory cgroups are never removed while the host keeps fewer than [`MAX_SPARES`] spare
+//! ones: a sandbox gets a numbered slot, `<own>/<group>/slot-<n>`, in the hierarchy that
+//! holds the memory controller, and at teardown the slot is reset and kept for the next
+//! sandbox. A removed memory cgroup lingers in the kernel, offline but allocated, for as
+//! long as any page charged to it stays cached, and a sandbox charges pages it never frees:
+//! the blocks of the host directories and inode tables its writes dirtied, its log file,
+//! template files it read first. On this host 100 creates and kills left 100 such cgroups;
+//! `drop_caches` freed every one of them (`docs/backends.md`). A reused slot keeps what
+//! its earlier tenants left cached, charged to it and reclaimable under its limit; its
+//! counters are read at each start and subtracted, so usage reads as the sandbox's own.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coppice_lifecycle::backend::{BackendError, Limits, ResourceUsage};
@@ -26,6 +40,12 @@ fn procs(dir: &Path) -> Result<Vec<u32>, BackendError> {
 /// How long pause, resume and teardown wait for the kernel before giving up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Spare memory cgroups the driver keeps; past this many, a freed one is removed.
+pub(crate) const MAX_SPARES: usize = 1024;
+
+/// The prefix of memory cgroup slots, which no sandbox id can start with.
+const SLOT_PREFIX: &str = "slot-";
+
 /// The cgroup hierarchies of this host that sandboxes use.
 #[derive(Debug, Clone)]
 pub(crate) struct Hierarchies {
@@ -33,6 +53,26 @@ pub(crate) struct Hierarchies {
     v1: Vec<(Controller, PathBuf)>,
     /// The v2 directory of `<own>/<group>`, and the controllers it can enable.
     v2: Option<(PathBuf, Vec<Controller>)>,
+    /// Memory cgroups kept for reuse.
+    slots: Arc<Slots>,
+}
+
+/// Numbered memory cgroups in the directory of the hierarchy that holds memory; see the
+/// module docs.
+#[derive(Debug, Default)]
+struct Slots {
+    /// Freed slots, most recent last (their pages are likeliest still cached).
+    free: Mutex<Vec<PathBuf>>,
+    /// The number the next new slot gets.
+    next: AtomicU64,
+}
+
+/// Counters that only grow while a cgroup lives, as a sandbox found them when it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Counters {
+    cpu_nanos: u64,
+    tasks_refused: u64,
+    oom_kills: u64,
 }
 
 /// The controllers Coppice uses.
@@ -73,6 +113,14 @@ pub(crate) struct SandboxCgroups {
     pub(crate) v1: Vec<(Controller, PathBuf)>,
     /// The v2 directory, if the host has a unified hierarchy.
     pub(crate) v2: Option<PathBuf>,
+    /// The memory cgroup when it is a reusable slot (one of the directories above), which
+    /// teardown resets and keeps instead of removing. Records written before slots existed
+    /// have none.
+    #[serde(default)]
+    pub(crate) slot: Option<PathBuf>,
+    /// What the counters read before this sandbox's first task joined.
+    #[serde(default)]
+    pub(crate) baseline: Counters,
 }
 
 impl Hierarchies {
@@ -155,7 +203,103 @@ impl Hierarchies {
                 }
             }
         }
-        Self { v1, v2 }
+        Self {
+            v1,
+            v2,
+            slots: Arc::default(),
+        }
+    }
+
+    /// The `<own>/<group>` directory of the hierarchy that holds the memory controller,
+    /// where the slots live.
+    fn memory_group(&self) -> Option<&Path> {
+        self.v1
+            .iter()
+            .find(|(c, _)| *c == Controller::Memory)
+            .map(|(_, d)| d.as_path())
+            .or_else(|| {
+                self.v2
+                    .as_ref()
+                    .filter(|(_, cs)| cs.contains(&Controller::Memory))
+                    .map(|(d, _)| d.as_path())
+            })
+    }
+
+    /// A free slot, or a new one; `None` when no hierarchy holds memory.
+    fn take_slot(&self) -> Result<Option<PathBuf>, BackendError> {
+        let Some(group) = self.memory_group() else {
+            return Ok(None);
+        };
+        if let Some(slot) = lock(&self.slots.free).pop() {
+            return Ok(Some(slot));
+        }
+        fs::create_dir_all(group).map_err(|e| BackendError::io("create cgroup", group, e))?;
+        loop {
+            let n = self.slots.next.fetch_add(1, Ordering::Relaxed);
+            let slot = group.join(format!("{SLOT_PREFIX}{n}"));
+            match fs::create_dir(&slot) {
+                Ok(()) => return Ok(Some(slot)),
+                // Left by an earlier process and not yet adopted: take the next number.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(BackendError::io("create cgroup", &slot, e)),
+            }
+        }
+    }
+
+    /// Resets an empty slot and keeps it for the next sandbox, or removes it when enough
+    /// are kept already (or it cannot be reset).
+    fn put_slot(&self, slot: &Path) {
+        if lock(&self.slots.free).len() < MAX_SPARES && reset_slot(slot).is_ok() {
+            let mut free = lock(&self.slots.free);
+            if free.len() < MAX_SPARES {
+                free.push(slot.to_path_buf());
+                return;
+            }
+        }
+        let _ = fs::remove_dir(slot);
+    }
+
+    /// Takes the slots in the memory group that no live sandbox of `in_use` holds: emptied
+    /// of any task a start cut short left there, reset and kept. Numbers new slots past
+    /// the highest found.
+    pub(crate) fn adopt_slots(&self, in_use: &HashSet<PathBuf>) -> Result<(), BackendError> {
+        let Some(group) = self.memory_group() else {
+            return Ok(());
+        };
+        let Ok(entries) = fs::read_dir(group) else {
+            return Ok(());
+        };
+        let held: HashSet<PathBuf> = lock(&self.slots.free).iter().cloned().collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(n) = name
+                .strip_prefix(SLOT_PREFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            self.slots.next.fetch_max(n + 1, Ordering::Relaxed);
+            let slot = entry.path();
+            if in_use.contains(&slot) || held.contains(&slot) {
+                continue;
+            }
+            kill_tasks_in(&[slot.clone()], None, None)?;
+            self.put_slot(&slot);
+        }
+        Ok(())
+    }
+
+    /// Removes every free slot (and the group directories, once empty): for a caller that
+    /// is done with this driver for good, such as a test cleaning up. The kernel frees a
+    /// removed memory cgroup only once the pages charged to it leave the page cache.
+    pub(crate) fn remove_free_slots(&self) {
+        let free = std::mem::take(&mut *lock(&self.slots.free));
+        for slot in &free {
+            let _ = fs::remove_dir(slot);
+        }
+        for dir in self.group_dirs() {
+            let _ = fs::remove_dir(dir);
+        }
     }
 
     /// Which hierarchy holds `c`, if any.
@@ -176,7 +320,7 @@ impl Hierarchies {
         dirs
     }
 
-    /// The cgroups a sandbox called `name` has (or would have).
+    /// The cgroups a sandbox called `name` has (or would have) without a memory slot.
     pub(crate) fn sandbox(&self, name: &str) -> SandboxCgroups {
         SandboxCgroups {
             v1: self
@@ -185,34 +329,104 @@ impl Hierarchies {
                 .map(|(c, dir)| (*c, dir.join(name)))
                 .collect(),
             v2: self.v2.as_ref().map(|(dir, _)| dir.join(name)),
+            slot: None,
+            baseline: Counters::default(),
         }
     }
 
-    /// Creates the sandbox's cgroups and applies `limits`; on failure removes what it made.
+    /// Creates the sandbox's cgroups, its memory cgroup a slot, and applies `limits`; on
+    /// failure gives back what it took.
     pub(crate) fn create(
         &self,
         name: &str,
         limits: &Limits,
     ) -> Result<SandboxCgroups, BackendError> {
-        let cgroups = self.sandbox(name);
-        let result = (|| {
-            for (_, dir) in &cgroups.v1 {
-                create_dir(dir)?;
+        let mut cgroups = self.sandbox(name);
+        let slot = self.take_slot()?;
+        if let Some(slot) = &slot {
+            if self.v1.iter().any(|(c, _)| *c == Controller::Memory) {
+                for (c, dir) in &mut cgroups.v1 {
+                    if *c == Controller::Memory {
+                        dir.clone_from(slot);
+                    }
+                }
+            } else {
+                cgroups.v2 = Some(slot.clone());
             }
-            if let Some((group_dir, controllers)) = &self.v2 {
-                ensure_group_dir(group_dir, controllers)?;
-                if let Some(dir) = &cgroups.v2 {
+        }
+        cgroups.slot = slot;
+        let result = (|| {
+            for (c, dir) in &cgroups.v1 {
+                if *c != Controller::Memory || cgroups.slot.is_none() {
                     create_dir(dir)?;
                 }
             }
-            cgroups.apply(self, limits)
+            if let Some((group_dir, controllers)) = &self.v2 {
+                ensure_group_dir(group_dir, controllers)?;
+                match &cgroups.v2 {
+                    Some(dir) if cgroups.slot.as_ref() != Some(dir) => create_dir(dir)?,
+                    _ => {}
+                }
+            }
+            cgroups.apply(self, limits)?;
+            cgroups.baseline = cgroups.counters()?;
+            Ok(())
         })();
         if result.is_err() {
             cgroups.remove_dirs();
+            if let Some(slot) = &cgroups.slot {
+                self.put_slot(slot);
+            }
             cgroups.remove_empty_parents();
         }
         result.map(|()| cgroups)
     }
+
+    /// Kills every task of the sandbox, removes its cgroups and keeps its memory slot for
+    /// the next one.
+    pub(crate) fn release(&self, cgroups: &SandboxCgroups) -> Result<(), BackendError> {
+        cgroups.kill_all_and_remove()?;
+        if let Some(slot) = &cgroups.slot {
+            self.put_slot(slot);
+        }
+        Ok(())
+    }
+}
+
+/// Puts a slot's settings back to a new cgroup's: no limits, not frozen, peak and failure
+/// counts cleared (the cumulative counters cannot be reset; starts read them instead).
+fn reset_slot(slot: &Path) -> Result<(), BackendError> {
+    if slot.join("memory.limit_in_bytes").exists() {
+        // The combined limit may never drop below the memory limit: raise it first.
+        let memsw = slot.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            write(&memsw, "-1")?;
+        }
+        write(&slot.join("memory.limit_in_bytes"), "-1")?;
+        let _ = write(&slot.join("memory.max_usage_in_bytes"), "0");
+        let _ = write(&slot.join("memory.failcnt"), "0");
+    } else {
+        // A v2 slot is the sandbox's whole cgroup.
+        for (file, value) in [
+            ("memory.max", "max"),
+            ("memory.swap.max", "max"),
+            ("pids.max", "max"),
+            ("cpu.max", "max"),
+            ("cgroup.freeze", "0"),
+        ] {
+            let path = slot.join(file);
+            if path.exists() {
+                write(&path, value)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single push, pop or take: a poisoned lock holds a
+    // consistent list.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Creates `dir`, failing if it exists (a sandbox's cgroup is never shared).
@@ -386,66 +600,26 @@ impl SandboxCgroups {
         dir.map_or(Ok(Vec::new()), procs)
     }
 
-    /// Host pids of every task in any of the sandbox's cgroups: a start cut short between
-    /// joining one hierarchy and the next leaves its task in only some of them.
-    fn pids_anywhere(&self) -> Result<Vec<u32>, BackendError> {
-        let mut all = Vec::new();
-        for dir in self.all_dirs() {
-            all.extend(procs(&dir)?);
-        }
-        all.sort_unstable();
-        all.dedup();
-        Ok(all)
-    }
-
-    /// Kills every task, waits until none is left, and removes the cgroups.
+    /// Kills every task, waits until none is left, and removes the cgroups but the memory
+    /// slot (see [`Hierarchies::release`]).
     pub(crate) fn kill_all_and_remove(&self) -> Result<(), BackendError> {
-        let has_v2_kill = self
+        let v2_kill = self
             .v2
             .as_ref()
-            .is_some_and(|d| d.join("cgroup.kill").exists());
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        let mut backoff = Backoff::default();
-        loop {
-            if has_v2_kill {
-                if let Some(dir) = &self.v2 {
-                    write(&dir.join("cgroup.kill"), "1")?;
-                }
-            }
-            // Without cgroup.kill every task, and with it those a cut-short start left
-            // outside the v2 cgroup.
-            for pid in self.pids_anywhere()? {
-                let pid = libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX);
-                // SAFETY: kill(2) with a pid read from the sandbox's cgroups; a stale pid
-                // only yields ESRCH.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            // Tasks frozen by the v1 freezer only die once thawed.
-            if let Some(dir) = self.dir(Controller::Freezer) {
-                let state = dir.join("freezer.state");
-                if state.exists() {
-                    write(&state, "THAWED")?;
-                }
-            }
-            if self.pids_anywhere()?.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(BackendError::io(
-                    "kill every task in",
-                    self.v2.clone().unwrap_or_default(),
-                    io::Error::from(io::ErrorKind::TimedOut),
-                ));
-            }
-            backoff.wait();
-        }
+            .map(|d| d.join("cgroup.kill"))
+            .filter(|f| f.exists());
+        let freezer = self
+            .dir(Controller::Freezer)
+            .map(|d| d.join("freezer.state"));
+        let dirs = self.all_dirs();
+        kill_tasks_in(&dirs, v2_kill.as_deref(), freezer.as_deref())?;
         self.remove_dirs_checked()
     }
-
-    /// Removes the (empty) cgroup directories, retrying while the kernel finishes exits.
+    /// Removes the (empty) cgroup directories but the slot, retrying while the kernel
+    /// finishes exits.
     fn remove_dirs_checked(&self) -> Result<(), BackendError> {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
-        for dir in self.all_dirs() {
+        for dir in self.owned_dirs() {
             let mut backoff = Backoff::default();
             loop {
                 match fs::remove_dir(&dir) {
@@ -463,23 +637,45 @@ impl SandboxCgroups {
         Ok(())
     }
 
-    /// Best-effort removal after a failed create.
+    /// Best-effort removal after a failed create (the slot is given back by the caller).
     pub(crate) fn remove_dirs(&self) {
-        for dir in self.all_dirs() {
+        for dir in self.owned_dirs() {
             let _ = fs::remove_dir(dir);
         }
     }
 
+    /// Every cgroup directory of the sandbox, its memory slot included.
     fn all_dirs(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = self.v1.iter().map(|(_, d)| d.clone()).collect();
         dirs.extend(self.v2.iter().cloned());
         dirs
     }
 
+    /// The directories that are the sandbox's alone: all but its memory slot.
+    fn owned_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.all_dirs();
+        dirs.retain(|d| self.slot.as_ref() != Some(d));
+        dirs
+    }
+
+    /// The counters as they read now (for the baseline of a new sandbox).
+    fn counters(&self) -> Result<Counters, BackendError> {
+        let raw = SandboxCgroups {
+            baseline: Counters::default(),
+            ..self.clone()
+        }
+        .usage()?;
+        Ok(Counters {
+            cpu_nanos: raw.cpu_nanos,
+            tasks_refused: raw.tasks_refused,
+            oom_kills: raw.oom_kills,
+        })
+    }
+
     /// Removes the group directories above the sandbox's cgroups if they are now empty, so
-    /// a driver with no sandboxes leaves no cgroup behind.
+    /// a driver with no sandboxes leaves no cgroup behind (but its spare slots).
     pub(crate) fn remove_empty_parents(&self) {
-        for dir in self.all_dirs() {
+        for dir in self.owned_dirs() {
             if let Some(parent) = dir.parent() {
                 // Fails with EBUSY/ENOTEMPTY while other sandboxes live there; that is fine.
                 let _ = fs::remove_dir(parent);
@@ -538,7 +734,60 @@ impl SandboxCgroups {
         } else if let Some(dir) = &self.v2 {
             usage.oom_kills = counter(&dir.join("memory.events"), "oom_kill");
         }
+        // A reused slot counted for its earlier tenants too.
+        let b = self.baseline;
+        usage.cpu_nanos = usage.cpu_nanos.saturating_sub(b.cpu_nanos);
+        usage.tasks_refused = usage.tasks_refused.saturating_sub(b.tasks_refused);
+        usage.oom_kills = usage.oom_kills.saturating_sub(b.oom_kills);
         Ok(usage)
+    }
+}
+
+/// SIGKILLs every task in `dirs` until none is left: through `v2_kill` (a `cgroup.kill`
+/// file) when there is one, thawing the v1 `freezer` state file when there is one (frozen
+/// tasks only die once thawed).
+fn kill_tasks_in(
+    dirs: &[PathBuf],
+    v2_kill: Option<&Path>,
+    freezer: Option<&Path>,
+) -> Result<(), BackendError> {
+    let tasks = || -> Result<Vec<u32>, BackendError> {
+        let mut all = Vec::new();
+        for dir in dirs {
+            all.extend(procs(dir)?);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    };
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut backoff = Backoff::default();
+    loop {
+        if let Some(kill) = v2_kill {
+            write(kill, "1")?;
+        }
+        // Without cgroup.kill every task, and with it those a cut-short start left outside
+        // the v2 cgroup.
+        for pid in tasks()? {
+            let pid = libc::pid_t::try_from(pid).unwrap_or(libc::pid_t::MAX);
+            // SAFETY: kill(2) with a pid read from the sandbox's cgroups; a stale pid only
+            // yields ESRCH.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(state) = freezer.filter(|f| f.exists()) {
+            write(state, "THAWED")?;
+        }
+        if tasks()?.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BackendError::io(
+                "kill every task in",
+                dirs.first().cloned().unwrap_or_default(),
+                io::Error::from(io::ErrorKind::TimedOut),
+            ));
+        }
+        backoff.wait();
     }
 }
 
@@ -671,7 +920,7 @@ mod tests {
             last
         };
         let result = write(&joined.join("cgroup.procs"), &child.id().to_string())
-            .and_then(|()| cgroups.kill_all_and_remove());
+            .and_then(|()| h.release(&cgroups));
         let status = child.try_wait();
         if result.is_err() || !matches!(status, Ok(Some(_))) {
             let _ = child.kill();
@@ -679,9 +928,66 @@ mod tests {
             let _ = cgroups.remove_dirs_checked();
         }
         cgroups.remove_empty_parents();
+        h.remove_free_slots();
         result.unwrap();
         let _ = child.wait();
         assert!(cgroups.all_dirs().iter().all(|d| !d.exists()));
+    }
+
+    /// A killed sandbox's memory cgroup is kept, reset, and given to the next sandbox, whose
+    /// counters start from zero; nothing is left once the spares are removed.
+    #[test]
+    #[allow(clippy::print_stdout)] // the skip line must reach the test output
+    fn memory_cgroups_are_reused_with_their_settings_reset() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP memory_cgroups_are_reused_with_their_settings_reset: needs root");
+            return;
+        }
+        let group = format!("coppice-unit-slots-{}", std::process::id());
+        let h = match Hierarchies::detect(&group) {
+            Ok(h) if h.memory_group().is_some() => h,
+            _ => {
+                println!(
+                    "SKIP memory_cgroups_are_reused_with_their_settings_reset: no memory cgroup"
+                );
+                return;
+            }
+        };
+        let limited = Limits {
+            memory_bytes: Some(64 << 20),
+            pids: None,
+            cpu_millis: None,
+        };
+        let first = h.create("first", &limited).unwrap();
+        let slot = first.slot.clone().unwrap();
+        let limit_file = if slot.join("memory.limit_in_bytes").exists() {
+            "memory.limit_in_bytes"
+        } else {
+            "memory.max"
+        };
+        assert_eq!(
+            read(&slot.join(limit_file)).unwrap().trim(),
+            (64u64 << 20).to_string()
+        );
+        h.release(&first).unwrap();
+        assert!(slot.exists(), "the slot is kept");
+        assert!(first.owned_dirs().iter().all(|d| !d.exists()));
+
+        let second = h.create("second", &Limits::default()).unwrap();
+        let same = second.slot.as_ref() == Some(&slot);
+        let unlimited = read(&slot.join(limit_file)).unwrap();
+        let usage = second.usage();
+        h.release(&second).unwrap();
+        h.remove_free_slots();
+        assert!(same, "{:?} is not {slot:?}", second.slot);
+        assert!(
+            unlimited.trim() == "max" || unlimited.trim().parse::<u64>().unwrap() > 1 << 40,
+            "the limit was not reset: {unlimited}"
+        );
+        assert_eq!(usage.unwrap().oom_kills, 0);
+        assert!(!slot.exists(), "spares removed");
+        assert!(h.group_dirs().iter().all(|d| !d.exists()));
     }
 
     #[test]

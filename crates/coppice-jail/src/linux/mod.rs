@@ -137,7 +137,7 @@ impl LinuxJail {
                 }
                 Some(r) => {
                     // Init is gone: whatever is left in its cgroups goes too.
-                    r.cgroups.kill_all_and_remove()?;
+                    self.inner.hierarchies.release(&r.cgroups)?;
                     self.forget(&id);
                 }
                 None => {
@@ -161,6 +161,28 @@ impl LinuxJail {
                 }
             }
         }
+        self.adopt_slots()
+    }
+
+    /// Takes every memory slot that no recorded sandbox holds as free, whatever a crash left
+    /// in it; only while no start is under way.
+    fn adopt_slots(&self) -> Result<(), BackendError> {
+        let in_use = self
+            .records()
+            .values()
+            .filter_map(|r| r.cgroups.slot.clone())
+            .collect();
+        self.inner.hierarchies.adopt_slots(&in_use)
+    }
+
+    /// Removes the spare memory cgroups kept for reuse under this state directory, by this
+    /// process or an earlier one (the sandboxes' other cgroups go at each kill). For a caller
+    /// done with the directory for good, such as a test, while no start is under way; a
+    /// gateway keeps them across restarts, because a removed memory cgroup stays allocated
+    /// in the kernel for as long as pages charged to it are cached.
+    pub fn remove_spare_cgroups(&self) -> Result<(), BackendError> {
+        self.adopt_slots()?;
+        self.inner.hierarchies.remove_free_slots();
         Ok(())
     }
 
@@ -257,7 +279,7 @@ impl LinuxJail {
         let pid = match spawn::spawn(id.as_str(), &plan, &mut Join(&cgroups)) {
             Ok(pid) => pid,
             Err(e) => {
-                let _ = cgroups.kill_all_and_remove();
+                let _ = self.inner.hierarchies.release(&cgroups);
                 let _ = fs::remove_dir(&root);
                 return Err(e);
             }
@@ -270,7 +292,7 @@ impl LinuxJail {
             cgroups,
         };
         if let Err(e) = self.persist(&id, &record) {
-            let _ = record.cgroups.kill_all_and_remove();
+            let _ = self.inner.hierarchies.release(&record.cgroups);
             reap(pid);
             let _ = fs::remove_dir(&root);
             return Err(e);
@@ -288,7 +310,7 @@ impl LinuxJail {
 
     fn kill_blocking(&self, id: &SandboxId) -> Result<(), BackendError> {
         let record = self.record(id)?;
-        record.cgroups.kill_all_and_remove()?;
+        self.inner.hierarchies.release(&record.cgroups)?;
         record.cgroups.remove_empty_parents();
         // Init is our child when this process started it; reap it so no zombie lingers.
         reap(record.pid);
