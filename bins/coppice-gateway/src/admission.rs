@@ -47,6 +47,9 @@ pub(crate) const START_RESERVE: u64 = 64 * MIB;
 /// What a refused create's `Retry-After` says. The E2B SDKs retry a 429 three times, waiting
 /// this long each time, before raising `RateLimitException` with the message.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a create at the limit waits for a warm start under way (which it can then
+/// claim or evict) before it is refused; such a start takes milliseconds.
+const WARMING_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a create was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -498,6 +501,9 @@ impl Admission {
         template: &str,
     ) -> Result<(Ticket<'_>, Option<Warm>), AdmissionError> {
         let mut drained = false;
+        // A warm start under way holds a place a create may take once it is done; it takes
+        // milliseconds, so a create waits for it rather than be refused.
+        let warming_deadline = tokio::time::Instant::now() + WARMING_WAIT;
         loop {
             match self.book(
                 Want::Create,
@@ -525,6 +531,11 @@ impl Admission {
                     for w in pool {
                         gw.runtime.destroy(&w.id).await;
                     }
+                }
+                Err((AdmissionError::SandboxLimit { .. }, census))
+                    if census.warming > 0 && tokio::time::Instant::now() < warming_deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((e, _)) => {
                     let counter = match e {
