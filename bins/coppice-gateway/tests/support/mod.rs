@@ -688,14 +688,17 @@ impl Lab {
         }
     }
 
-    /// Everything in this lab's cgroup group: sandbox cgroups and processes.
+    /// Everything in this lab's cgroup group: sandbox cgroups and processes. The jail's
+    /// memory cgroups are numbered slots (`slot-<n>`), kept for reuse after a kill, so they
+    /// are not listed (a task in one is, as a process); the lab's teardown removes them.
     pub fn group_leftovers(&self) -> Vec<String> {
         let group = self.cgroup_group();
         let mut left = Vec::new();
         for dir in cgroup_dirs_named(&group) {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let slot = e.file_name().to_string_lossy().starts_with("slot-");
+                    if e.file_type().is_ok_and(|t| t.is_dir()) && !slot {
                         left.push(format!("cgroup {}", e.path().display()));
                     }
                 }
@@ -790,13 +793,18 @@ impl Lab {
         let jail_dir = self.state_dir.join("jail");
         if jail_dir.exists() {
             match LinuxJail::open(JailConfig::new(&jail_dir)) {
-                Ok(jail) => self.rt.block_on(async {
-                    if let Ok(list) = jail.list().await {
-                        for info in list {
-                            let _ = jail.kill(&info.id).await;
+                Ok(jail) => {
+                    self.rt.block_on(async {
+                        if let Ok(list) = jail.list().await {
+                            for info in list {
+                                let _ = jail.kill(&info.id).await;
+                            }
                         }
+                    });
+                    if let Err(e) = jail.remove_spare_cgroups() {
+                        eprintln!("{}: removing the spare cgroups: {e}", self.name);
                     }
-                }),
+                }
                 Err(e) => eprintln!("{}: teardown could not open the jail: {e}", self.name),
             }
         }
