@@ -161,6 +161,15 @@ impl LinuxJail {
                 }
             }
         }
+        // Mount points of starts cut short before their record was written.
+        let roots = self.inner.config.roots_dir();
+        if let Ok(entries) = fs::read_dir(&roots) {
+            for entry in entries.flatten() {
+                if !known.contains(entry.file_name().to_string_lossy().as_ref()) {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
+        }
         self.adopt_slots()
     }
 
