@@ -704,6 +704,13 @@ impl Gateway {
         }
         // Sandboxes the jail has but the registry does not: warm ones of the previous run, or
         // a create cut short by a crash.
+        let on_disk = self.runtime.on_disk().await.map_err(|e| setup(&e))?;
+        // A warm start cut short between its root filesystem and its jail record left a
+        // root and a run directory that neither the registry nor the jail names.
+        let half_started: Vec<SandboxId> = on_disk
+            .into_iter()
+            .filter(|id| !registered.contains(id) && !live.contains_key(id))
+            .collect();
         let unregistered: Vec<SandboxId> = live
             .into_keys()
             .filter(|id| !registered.contains(id))
@@ -711,12 +718,16 @@ impl Gateway {
         for id in &unregistered {
             tracing::warn!(sandbox = %id, "unregistered sandbox (warm, or from an interrupted create); killing it");
         }
+        for id in &half_started {
+            tracing::warn!(sandbox = %id, "root filesystem of an interrupted start; removing it");
+        }
         // Collected first: a future that the spawn in `run` must prove `Send` cannot hold
         // borrowing iterators across an await.
         let doomed: Vec<SandboxId> = gone
             .iter()
             .map(|r| r.id.clone())
             .chain(unregistered.iter().cloned())
+            .chain(half_started.iter().cloned())
             .collect();
         each_bounded(doomed, |id| {
             let gw = Arc::clone(self);
@@ -775,6 +786,7 @@ impl Gateway {
             adopted = self.entries().len(),
             gone = ids.len(),
             unregistered = unregistered.len(),
+            half_started = half_started.len(),
             "sandboxes of the previous run re-adopted"
         );
         Ok(())

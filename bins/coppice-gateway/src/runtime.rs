@@ -3,7 +3,7 @@
 //!
 //! This is the one place that composes the backends; handlers above it see only sandbox ids.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -524,6 +524,39 @@ impl Runtime {
             .into_iter()
             .map(|i| (i.id, i.state))
             .collect())
+    }
+
+    /// Sandboxes with a writable root or a run directory on this host, whether or not the
+    /// jail has them: a start that a crash cut short before the jail recorded it leaves
+    /// both behind, and nothing else names them.
+    pub(crate) async fn on_disk(&self) -> Result<HashSet<SandboxId>, RuntimeError> {
+        let mut ids: HashSet<SandboxId> = self
+            .storage
+            .sandboxes()
+            .await
+            .map_err(backend("list root filesystems"))?
+            .into_iter()
+            .collect();
+        let run = self.run_dir.clone();
+        let runs = tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(&run).map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| SandboxId::new(e.file_name().to_string_lossy()).ok())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .map_err(|e| RuntimeError::Backend {
+            op: "list run directories",
+            source: BackendError::io("join the listing task", "", std::io::Error::other(e)),
+        })?
+        .map_err(|e| RuntimeError::Backend {
+            op: "list run directories",
+            source: BackendError::io("read", &self.run_dir, e),
+        })?;
+        ids.extend(runs);
+        Ok(ids)
     }
 
     /// The file that collects a sandbox's agent log (kept after the sandbox is killed).

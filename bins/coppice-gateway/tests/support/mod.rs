@@ -357,6 +357,11 @@ impl Lab {
             .id()
     }
 
+    /// The current gateway's log so far.
+    pub fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default())
+    }
+
     /// `GET /health`, whatever its status.
     pub fn health(&self) -> Resp {
         self.send(self.get("/health").body(empty()).unwrap())
