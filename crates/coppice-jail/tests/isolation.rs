@@ -483,7 +483,7 @@ fn twenty_sandboxes_start_concurrently() {
             w.spec(
                 id,
                 &w.base,
-                "hostname > /run/coppice/hostname",
+                "hostname > /run/coppice/hostname; touch /run/coppice/done",
                 Limits {
                     memory_bytes: Some(128 << 20),
                     pids: Some(64),
@@ -516,6 +516,8 @@ fn twenty_sandboxes_start_concurrently() {
     }
     for id in &ids {
         let ex = w.dir.path().join("exchange").join(id);
+        // `done` comes last: the answer may exist before the shell has written into it.
+        answer(&ex, "done");
         assert_eq!(answer(&ex, "hostname").trim(), id);
     }
     assert_eq!(rt.block_on(w.jail.list()).unwrap().len(), 20);
