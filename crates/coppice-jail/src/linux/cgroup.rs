@@ -283,7 +283,7 @@ impl Hierarchies {
             if in_use.contains(&slot) || held.contains(&slot) {
                 continue;
             }
-            kill_tasks_in(&[slot.clone()], None, None)?;
+            kill_tasks_in(std::slice::from_ref(&slot), None, None)?;
             self.put_slot(&slot);
         }
         Ok(())
