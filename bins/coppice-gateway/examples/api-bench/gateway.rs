@@ -513,6 +513,9 @@ impl GatewayProc {
                     survivors.push(format!("sandbox {} survived its gateway", info.id));
                     rt.block_on(jail.kill(&info.id))?;
                 }
+                // The gateway keeps emptied memory cgroups as slots for its next start; this
+                // state directory has none, so they go (else each run leaves up to 1,024).
+                jail.remove_spare_cgroups()?;
             }
             Ok(survivors)
         })
