@@ -100,7 +100,7 @@ const API: Program = Program {
 };
 
 /// Every part, in the order `all` runs them: the backends and libraries alone, then the gateway (density
-/// last, since it fills the machine). A new part is a line here (and, for a new program, a
+/// and scale last, since they fill the machine). A new part is a line here (and, for a new program, a
 /// `Program` above).
 const PARTS: &[(&str, &Program)] = &[
     ("jail", &JAIL),
@@ -114,6 +114,7 @@ const PARTS: &[(&str, &Program)] = &[
     ("proxy", &API),
     ("control", &API),
     ("density", &API),
+    ("scale", &API),
 ];
 
 /// `api`, the name the gateway issue gave its benchmark: create → first output at cc 1, 10
@@ -137,6 +138,22 @@ const QUICK: &[&str] = &[
     "1",
     "--density",
     "50",
+    "--sandboxes",
+    "20,60",
+    "--live",
+    "40",
+    "--bursts",
+    "1",
+    "--burst-cc",
+    "10",
+    "--cycles",
+    "50",
+    "--warmup-cycles",
+    "5",
+    "--check",
+    "10",
+    "--jail-baseline",
+    "20",
 ];
 
 /// The target triple static binaries are built for.

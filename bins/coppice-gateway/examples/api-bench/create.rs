@@ -495,7 +495,7 @@ fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
 
 /// Waits (at most [`SETTLE_LIMIT`]) until the machine's CPU is under 10% busy over
 /// [`SETTLE_WINDOW`].
-fn settle() -> Res<()> {
+pub(crate) fn settle() -> Res<()> {
     let deadline = Instant::now() + SETTLE_LIMIT;
     let capacity_ms = u64::try_from(cpus()).unwrap_or(1)
         * u64::try_from(SETTLE_WINDOW.as_millis()).unwrap_or(100);
@@ -515,7 +515,7 @@ const SETTLE_WINDOW: Duration = Duration::from_millis(100);
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Busy CPU time of the whole machine so far, in ms (`/proc/stat`, 10 ms ticks).
-fn cpu_busy_ms() -> Res<u64> {
+pub(crate) fn cpu_busy_ms() -> Res<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().ok_or("empty /proc/stat")?;
     let ticks: Vec<u64> = line
@@ -549,7 +549,7 @@ pub(crate) async fn create_and_run(
 
 /// The gateway runtime's create, rebuilt here from the same backends with a clock around
 /// each stage (`Runtime::create_inner` in `src/runtime.rs`).
-struct Replica {
+pub(crate) struct Replica {
     dir: PathBuf,
     storage: OverlayStorage,
     jail: LinuxJail,
@@ -560,7 +560,7 @@ struct Replica {
 
 /// Stage durations of one replica create.
 #[derive(Debug, Clone, Copy)]
-struct Stages {
+pub(crate) struct Stages {
     rootfs: Duration,
     run_dir: Duration,
     jail_start: Duration,
@@ -601,7 +601,7 @@ impl Stages {
 }
 
 impl Replica {
-    fn open(agent: &Path) -> Res<(Self, tempfile::TempDir)> {
+    pub(crate) fn open(agent: &Path) -> Res<(Self, tempfile::TempDir)> {
         let dir = tempfile::Builder::new()
             .prefix("coppice-api-bench-stages-")
             .tempdir_in("/var/tmp")?;
@@ -627,7 +627,7 @@ impl Replica {
         Ok((replica, dir))
     }
 
-    async fn create(&self, n: usize) -> Res<(SandboxId, Stages)> {
+    pub(crate) async fn create(&self, n: usize) -> Res<(SandboxId, Stages)> {
         let id = SandboxId::new(format!("stage{}x{n}", std::process::id()))?;
         let t0 = Instant::now();
         self.live
@@ -740,7 +740,7 @@ impl Replica {
         ))
     }
 
-    async fn destroy(&self, id: &SandboxId) -> Res<()> {
+    pub(crate) async fn destroy(&self, id: &SandboxId) -> Res<()> {
         self.jail.kill(id).await?;
         self.storage.remove_rootfs(id).await?;
         let run = self.dir.join("run").join(id.as_str());
@@ -752,8 +752,9 @@ impl Replica {
         Ok(())
     }
 
-    /// Kills whatever is still alive (after an error).
-    async fn destroy_all(&self) {
+    /// Kills whatever is still alive (after an error) and removes the jail's spare memory
+    /// cgroups.
+    pub(crate) async fn destroy_all(&self) {
         let left: Vec<SandboxId> = self
             .live
             .lock()
@@ -764,6 +765,10 @@ impl Replica {
         for id in left {
             let _ = self.jail.kill(&id).await;
             let _ = self.storage.remove_rootfs(&id).await;
+        }
+        // The jail keeps emptied memory cgroups for reuse; nothing reuses these.
+        if let Err(e) = self.jail.remove_spare_cgroups() {
+            eprintln!("api bench: removing the replica's spare memory cgroups: {e}");
         }
     }
 }

@@ -330,7 +330,10 @@ async fn all_at_once(
 }
 
 /// Sums of `memUsed` and `memCache` over the sandboxes' newest metrics samples.
-async fn sum_memory(addr: std::net::SocketAddr, sandboxes: &[Sandbox]) -> Res<(u64, u64)> {
+pub(crate) async fn sum_memory(
+    addr: std::net::SocketAddr,
+    sandboxes: &[Sandbox],
+) -> Res<(u64, u64)> {
     let mut s = connect(addr).await?;
     let (mut used, mut cache) = (0, 0);
     for sbx in sandboxes {
@@ -399,7 +402,9 @@ where
 }
 
 /// Polls futures side by side on this task (no spawn: they borrow).
-async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+pub(crate) async fn join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut pending: Vec<_> = futures.into_iter().map(Box::pin).map(Some).collect();
     let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -487,7 +492,7 @@ impl Snapshot {
     }
 }
 
-fn kib_field(text: &str, key: &str) -> Res<u64> {
+pub(crate) fn kib_field(text: &str, key: &str) -> Res<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())

@@ -78,6 +78,50 @@ pub(crate) fn raise_nofile() -> Res<u64> {
 enum Event {
     Listening(SocketAddr),
     Template(String),
+    /// The `sandboxes of the previous run re-adopted` line.
+    Adopted(String),
+}
+
+/// How [`GatewayProc::restart`] stops the running gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// `kill -9`: a crash. Its sandboxes live on.
+    Kill,
+    /// SIGTERM: a graceful stop (warm sandboxes go, the others live on).
+    Term,
+}
+
+/// What a restart took, each from the moment the new process was spawned.
+#[derive(Debug, Clone)]
+pub(crate) struct Restarted {
+    /// From the signal to the old process's exit.
+    pub(crate) stopped: Duration,
+    /// Until the port accepted a TCP connection.
+    pub(crate) listening: Duration,
+    /// Until `/health` first answered something other than `adopting`.
+    pub(crate) adopted: Duration,
+    /// Until `/health` answered 200.
+    pub(crate) healthy: Duration,
+    /// `/health` answers that said `adopting`, and the last of them.
+    pub(crate) adopting_answers: usize,
+    pub(crate) last_adopting: Option<String>,
+    /// The gateway's own line about the re-adoption (`adopted=… gone=… unregistered=…`).
+    pub(crate) log_line: Option<String>,
+}
+
+impl Restarted {
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        serde_json::json!({
+            "old_process_exit_ms": ms(self.stopped),
+            "spawn_to_listening_ms": ms(self.listening),
+            "spawn_to_adoption_over_ms": ms(self.adopted),
+            "spawn_to_health_200_ms": ms(self.healthy),
+            "health_answers_adopting": self.adopting_answers,
+            "last_adopting_answer": self.last_adopting,
+            "gateway_log": self.log_line,
+        })
+    }
 }
 
 /// The gateway under test, with everything needed to clean up after it.
@@ -85,6 +129,8 @@ pub(crate) struct GatewayProc {
     child: Mutex<Child>,
     /// `None` once cleaned up.
     state: Option<tempfile::TempDir>,
+    /// The binary, the agent and the extra arguments it was started with, for a restart.
+    command: (PathBuf, PathBuf, Vec<String>),
     events: mpsc::Receiver<Event>,
     addr: Mutex<Option<SocketAddr>>,
     log: Arc<Mutex<VecDeque<String>>>,
@@ -137,83 +183,153 @@ impl GatewayProc {
     /// paths). The gateway gets its own process group, so a Ctrl-C at the terminal reaches
     /// this program, which then cleans up, and not the gateway.
     pub(crate) fn spawn(gateway: &Path, agent: &Path, extra_args: &[&str]) -> Res<Self> {
-        use std::os::unix::process::CommandExt;
         let state = tempfile::Builder::new()
             .prefix("coppice-api-bench-")
             .tempdir_in("/var/tmp")?;
-        let mut child = Command::new("prlimit")
-            .arg(format!("--nofile={DEFAULT_NOFILE}:"))
-            .arg("--")
-            .arg(gateway)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--state-dir")
-            .arg(state.path())
-            .arg("--template-cache")
-            .arg(TEMPLATE_CACHE)
-            .arg("--agent")
-            .arg(agent)
-            .args(extra_args)
-            // Debug for the runtime only: its stage timings per sandbox.
-            .env("COPPICE_LOG", "info,coppice_gateway::runtime=debug")
-            .env("NO_COLOR", "1")
-            .env_remove("COPPICE_API_KEYS")
-            .env_remove("COPPICE_API_KEYS_FILE")
-            .env_remove("COPPICE_DOMAIN")
-            .env_remove("COPPICE_ENVD_LISTEN")
-            .env_remove("COPPICE_CODE_LISTEN")
-            .env_remove("COPPICE_WEBHOOK_URL")
-            .env_remove("COPPICE_WARM_POOL")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
-        let (tx, events) = mpsc::channel();
         let log = Arc::new(Mutex::new(VecDeque::new()));
-        let ring = Arc::clone(&log);
         let stages = Arc::new(Mutex::new(Vec::new()));
-        let logged = Arc::clone(&stages);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let line = strip_ansi(&line);
-                if line.contains(" listening") {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("address="))
-                        .and_then(|a| a.parse().ok())
-                    {
-                        let _ = tx.send(Event::Listening(addr));
-                    }
-                }
-                if line.contains("template ready") || line.contains("template unavailable") {
-                    let _ = tx.send(Event::Template(line.clone()));
-                }
-                if let Some(s) = RuntimeLine::parse(&line) {
-                    logged
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(s);
-                }
-                let mut ring = ring
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if ring.len() == 200 {
-                    ring.pop_front();
-                }
-                ring.push_back(line);
-            }
-        });
+        let command = (
+            gateway.to_path_buf(),
+            agent.to_path_buf(),
+            extra_args.iter().map(|a| (*a).to_owned()).collect(),
+        );
+        let (child, events) = launch(&command, "127.0.0.1:0", state.path(), &log, &stages)?;
         Ok(Self {
             child: Mutex::new(child),
             state: Some(state),
+            command,
             events,
             addr: Mutex::new(None),
             log,
             stages,
             live: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    /// Stops the gateway `how`, then starts the same binary with the same arguments on the
+    /// same address and state directory, and waits (bounded) until `/health` says 200. The
+    /// clocks start when the new process is spawned; the port is polled by TCP connects
+    /// every millisecond, `/health` every 5 ms.
+    pub(crate) fn restart(&mut self, how: Stop) -> Res<Restarted> {
+        let addr = self.addr()?;
+        let state = self.state_dir()?.to_path_buf();
+        let stopped = {
+            let mut child = self
+                .child
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+            let (signal, patience) = match how {
+                Stop::Kill => (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(30)),
+                Stop::Term => (nix::sys::signal::Signal::SIGTERM, Duration::from_secs(120)),
+            };
+            let t = Instant::now();
+            nix::sys::signal::kill(pid, signal)?;
+            loop {
+                if child.try_wait()?.is_some() {
+                    break t.elapsed();
+                }
+                if t.elapsed() > patience {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "the gateway did not exit within {patience:?} of {signal}:\n{}",
+                        self.log_tail()
+                    )
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        client::check_interrupted()?;
+        let t0 = Instant::now();
+        let (child, events) = launch(
+            &self.command,
+            &addr.to_string(),
+            &state,
+            &self.log,
+            &self.stages,
+        )?;
+        *self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = child;
+        self.events = events;
+        let deadline = t0 + Duration::from_secs(300);
+        let exited = |gw: &Self| -> Res<()> {
+            let mut child = gw
+                .child
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match child.try_wait()? {
+                Some(status) => Err(format!(
+                    "the restarted gateway exited ({status}):\n{}",
+                    gw.log_tail()
+                )
+                .into()),
+                None => Ok(()),
+            }
+        };
+        let listening = loop {
+            client::check_interrupted()?;
+            if std::net::TcpStream::connect(addr).is_ok() {
+                break t0.elapsed();
+            }
+            exited(self)?;
+            if Instant::now() > deadline {
+                return Err(format!("{addr} did not accept connections in time").into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (mut adopted, mut adopting_answers, mut last_adopting) = (None, 0, None);
+        let healthy = loop {
+            client::check_interrupted()?;
+            let answer = rt.block_on(async {
+                let mut s = connect(addr).await?;
+                let req = http::Request::get("/health")
+                    .header("host", "127.0.0.1")
+                    .body(Full::new(Bytes::new()))?;
+                timeout(send(&mut s, req)).await
+            });
+            if let Ok((status, body)) = &answer {
+                let text = String::from_utf8_lossy(body);
+                if text.contains("\"adopting\"") {
+                    adopting_answers += 1;
+                    last_adopting = Some(text.into_owned());
+                } else if adopted.is_none() {
+                    adopted = Some(t0.elapsed());
+                }
+                if *status == 200 {
+                    break t0.elapsed();
+                }
+            }
+            exited(self)?;
+            if Instant::now() > deadline {
+                return Err(
+                    format!("/health never said 200 after the restart ({answer:?})").into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The gateway logs its account right before re-adoption ends.
+        let mut log_line = None;
+        while let Ok(event) = self.events.recv_timeout(Duration::from_millis(200)) {
+            if let Event::Adopted(line) = event {
+                log_line = Some(line);
+                break;
+            }
+        }
+        Ok(Restarted {
+            stopped,
+            listening,
+            adopted: adopted.unwrap_or(healthy),
+            healthy,
+            adopting_answers,
+            last_adopting,
+            log_line,
         })
     }
 
@@ -283,6 +399,7 @@ impl GatewayProc {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(a);
                 }
+                Ok(Event::Adopted(_)) => {}
                 Ok(Event::Template(line)) => {
                     eprintln!("api bench: gateway: {line}");
                     if line.contains("template unavailable") {
@@ -396,6 +513,9 @@ impl GatewayProc {
                     survivors.push(format!("sandbox {} survived its gateway", info.id));
                     rt.block_on(jail.kill(&info.id))?;
                 }
+                // The gateway keeps emptied memory cgroups as slots for its next start; this
+                // state directory has none, so they go (else each run leaves up to 1,024).
+                jail.remove_spare_cgroups()?;
             }
             Ok(survivors)
         })
@@ -418,6 +538,86 @@ impl Drop for GatewayProc {
             eprintln!("api bench: cleanup: {problem}");
         }
     }
+}
+
+/// Starts `command` (binary, agent, extra arguments) on `listen` with `state` as its state
+/// directory, and a thread reading its log into `log`, `stages` and the returned channel.
+fn launch(
+    command: &(PathBuf, PathBuf, Vec<String>),
+    listen: &str,
+    state: &Path,
+    log: &Arc<Mutex<VecDeque<String>>>,
+    stages: &Arc<Mutex<Vec<RuntimeLine>>>,
+) -> Res<(Child, mpsc::Receiver<Event>)> {
+    use std::os::unix::process::CommandExt;
+    let (gateway, agent, extra_args) = command;
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={DEFAULT_NOFILE}:"))
+        .arg("--")
+        .arg(gateway)
+        .arg("--listen")
+        .arg(listen)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--template-cache")
+        .arg(TEMPLATE_CACHE)
+        .arg("--agent")
+        .arg(agent)
+        .args(extra_args)
+        // Debug for the runtime only: its stage timings per sandbox.
+        .env("COPPICE_LOG", "info,coppice_gateway::runtime=debug")
+        .env("NO_COLOR", "1")
+        .env_remove("COPPICE_API_KEYS")
+        .env_remove("COPPICE_API_KEYS_FILE")
+        .env_remove("COPPICE_DOMAIN")
+        .env_remove("COPPICE_ENVD_LISTEN")
+        .env_remove("COPPICE_CODE_LISTEN")
+        .env_remove("COPPICE_WEBHOOK_URL")
+        .env_remove("COPPICE_WARM_POOL")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr pipe")?;
+    let (tx, events) = mpsc::channel();
+    let ring = Arc::clone(log);
+    let logged = Arc::clone(stages);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            if line.contains(" listening") {
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("address="))
+                    .and_then(|a| a.parse().ok())
+                {
+                    let _ = tx.send(Event::Listening(addr));
+                }
+            }
+            if line.contains("template ready") || line.contains("template unavailable") {
+                let _ = tx.send(Event::Template(line.clone()));
+            }
+            if line.contains("sandboxes of the previous run re-adopted") {
+                let _ = tx.send(Event::Adopted(line.clone()));
+            }
+            if let Some(s) = RuntimeLine::parse(&line) {
+                logged
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(s);
+            }
+            let mut ring = ring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ring.len() == 200 {
+                ring.pop_front();
+            }
+            ring.push_back(line);
+        }
+    });
+    Ok((child, events))
 }
 
 /// Drops terminal colour sequences (`ESC [ ... m`), in case the log is coloured anyway.

@@ -11,13 +11,15 @@
 //! | `proxy` | the same envd call through the gateway and straight to the agent ([`data`]) |
 //! | `control` | `GET /sandboxes/{id}` rate and latency on 64 connections ([`control`]) |
 //! | `density` | idle sandboxes until 1000 or a limit; memory each; all still answer ([`density`]) |
+//! | `scale` | 1,000 and 10,000 live: re-adoption after `kill -9`, teardown rate, memory each, create bursts with 5,000 live, kernel memory over 5,000 cycles ([`scale`]) |
 //!
 //! `--gateway PATH` (a release build, required) is started once on 127.0.0.1:0 with its own
 //! state directory and serves every part of the run; `--agent PATH` is the agent its sandboxes
 //! run (default: the gateway binary's built-in one). `--part NAME` (repeatable, or a comma
 //! list; default all), `--runs N` samples per figure (default 100), `--rounds10 N` /
 //! `--rounds50 N` rounds at cc=10/50 (10, 3), `--stage-runs N` (50), `--rate-secs S` (3),
-//! `--density N` (1000).
+//! `--density N` (1000); `scale` has its own counts (`--sandboxes 1000,10000`, `--live 5000`,
+//! `--cycles 5000`, ..., see [`scale`]).
 //!
 //! Prints `{"parts": {"<part>": <report>, ...}}` on stdout (a part that failed reports
 //! `{"error": ...}` and the exit status is non-zero); progress goes to stderr. Every sandbox
@@ -42,6 +44,7 @@ mod data;
 mod density;
 mod gateway;
 mod lifecycle;
+mod scale;
 
 use std::path::PathBuf;
 
@@ -57,7 +60,7 @@ pub(crate) const WARMUP: usize = 5;
 /// Measures one part.
 type Part = fn(&Ctx<'_>) -> Res<Report>;
 
-/// The parts, in the order a full run takes them (density last: it fills the machine).
+/// The parts, in the order a full run takes them (density and scale last: they fill the machine).
 const PARTS: &[(&str, Part)] = &[
     ("create", create::run),
     ("pause", lifecycle::run_pause),
@@ -67,6 +70,7 @@ const PARTS: &[(&str, Part)] = &[
     ("proxy", data::run_proxy),
     ("control", control::run),
     ("density", density::run),
+    ("scale", scale::run),
 ];
 
 #[derive(Debug)]
@@ -79,6 +83,7 @@ pub(crate) struct Opts {
     pub(crate) rate_secs: u64,
     pub(crate) stage_runs: usize,
     pub(crate) density: usize,
+    pub(crate) scale: scale::ScaleOpts,
 }
 
 /// What a part runs against.
@@ -112,6 +117,7 @@ fn main() -> Result<(), BoxError> {
         rate_secs: u64::try_from(num("--rate-secs", 3)?)?,
         stage_runs: num("--stage-runs", 50)?,
         density: num("--density", 1000)?,
+        scale: scale::ScaleOpts::from_args()?,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut wanted: Vec<&str> = args
