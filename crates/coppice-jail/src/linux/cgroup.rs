@@ -256,6 +256,10 @@ impl Hierarchies {
                 return;
             }
         }
+        // Past the spares kept, the kernel frees a removed memory cgroup at once only if no
+        // page is charged to it any more: reclaim what can be reclaimed first.
+        let _ = fs::write(slot.join("memory.force_empty"), "0");
+        let _ = fs::write(slot.join("memory.reclaim"), "1G");
         let _ = fs::remove_dir(slot);
     }
 
