@@ -870,13 +870,15 @@ fn activity_due(
 /// `coppice-envd` left there by an older build would silently run stale code in sandboxes.
 fn agent_binary(config: &Config) -> Result<PathBuf, StartError> {
     if let Some(a) = &config.agent {
-        return if a.is_file() {
-            Ok(a.clone())
-        } else {
-            Err(StartError::Setup(format!(
-                "--agent {}: no such file",
+        // Absolute, because it is bind-mounted into every sandbox: a relative path would
+        // make every create fail.
+        return match std::fs::canonicalize(a) {
+            Ok(path) if path.is_file() => Ok(path),
+            Ok(_) => Err(StartError::Setup(format!(
+                "--agent {}: not a file",
                 a.display()
-            )))
+            ))),
+            Err(e) => Err(StartError::Setup(format!("--agent {}: {e}", a.display()))),
         };
     }
     std::env::current_exe()
@@ -1031,4 +1033,30 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Err(_) => tracing::warn!("the webhook dispatcher did not stop in time"),
     }
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::from_args_and_env(args.iter().map(|a| (*a).to_owned()), |_| None).unwrap()
+    }
+
+    /// The agent is bind-mounted into every sandbox, which needs an absolute source.
+    #[test]
+    fn a_relative_agent_path_becomes_absolute() {
+        // Tests run in the package's directory.
+        let agent = agent_binary(&config(&["--agent", "./Cargo.toml"])).unwrap();
+        assert!(agent.is_absolute(), "{}", agent.display());
+        assert!(agent.ends_with("Cargo.toml"));
+        assert!(matches!(
+            agent_binary(&config(&["--agent", "./no-such-agent"])),
+            Err(StartError::Setup(m)) if m.contains("no-such-agent")
+        ));
+        assert!(matches!(
+            agent_binary(&config(&["--agent", "src"])),
+            Err(StartError::Setup(m)) if m.contains("not a file")
+        ));
+    }
 }
