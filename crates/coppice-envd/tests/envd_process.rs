@@ -398,8 +398,15 @@ async fn connect_timeout_kills_the_process_group() {
     assert_eq!(out.error_code().as_deref(), Some("deadline_exceeded"));
     let pid = u32::try_from(pid).unwrap();
     assert!(support::eventually(|| !support::pid_alive(pid) && !support::pid_alive(child)).await);
-    // The kill is reported to the gateway: one task.timeout line in the run directory.
+    // The kill is reported to the gateway: one task.timeout line in the run directory,
+    // written once the agent has the exit, which can be a moment after the pid is gone.
     let file = agent.state.config.report_file.clone().unwrap();
+    assert!(
+        support::eventually(
+            || coppice_envd::report::read_from(&file, 0).is_ok_and(|c| !c.lines.is_empty())
+        )
+        .await
+    );
     let chunk = coppice_envd::report::read_from(&file, 0).unwrap();
     assert_eq!(chunk.lines.len(), 1);
     let report: serde_json::Value = serde_json::from_slice(&chunk.lines[0]).unwrap();
