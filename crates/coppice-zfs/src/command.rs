@@ -12,8 +12,11 @@
 //! [`stream`] for the helper's whole life; async callers run those in `spawn_blocking`,
 //! never `tokio::process` on a runtime thread (a worker that goes through `block_in_place`
 //! later retires as a blocking thread, and blocking threads exit when idle).
-//! The signal is not inherited by the helper's own children: if the gateway dies abruptly,
-//! debootstrap dies but a dpkg it started runs on (see `docs/storage.md`).
+//! The signal is not inherited by the helper's own children, so on Linux every helper is
+//! also the first process (PID 1) of a PID namespace of its own: when it dies, from the
+//! parent-death signal or any other way, the kernel kills everything in that namespace,
+//! descendants that left its process group included. If the gateway dies abruptly,
+//! debootstrap goes and the dpkg it started goes with it (see `docs/storage.md`).
 
 // `run`, `stream` and their timeouts serve the overlay driver and the template builder,
 // which are Linux-only; elsewhere only the zfs driver's `output` is used.
@@ -330,16 +333,21 @@ impl Job {
     /// parent-death signal.
     fn spawn(mut cmd: Command, line: &str) -> Result<Self, BackendError> {
         let io_err = |e| BackendError::io("run", PathBuf::from(line), e);
-        // SAFETY: getpid has no preconditions and cannot fail.
-        let parent = unsafe { libc::getpid() };
+        let parent = Parent::this()?;
         cmd.stdin(Stdio::null()).process_group(0);
         // SAFETY: the closure runs in the forked child before exec, where only
         // async-signal-safe functions may be called: `arm_parent_death` calls prctl (or
-        // procctl), getppid and _exit, and allocates nothing (`last_os_error` does not).
+        // procctl), poll or getppid, and _exit, and allocates nothing (`last_os_error` does
+        // not).
         unsafe {
-            cmd.pre_exec(move || arm_parent_death(parent));
+            cmd.pre_exec(move || arm_parent_death(&parent));
         }
-        let mut child = cmd.spawn().map_err(io_err)?;
+        #[cfg(target_os = "linux")]
+        let own_namespace = pid_namespace::ForChildren::enter();
+        let spawned = cmd.spawn();
+        #[cfg(target_os = "linux")]
+        drop(own_namespace);
+        let mut child = spawned.map_err(io_err)?;
         // Dropping `cmd` closes our copies of the pipes' write ends handed to the child.
         drop(cmd);
         let watched = libc::pid_t::try_from(child.id())
@@ -490,9 +498,66 @@ impl Drop for Job {
     }
 }
 
+/// The gateway as a helper between fork and exec sees it, to tell whether it still lives.
+/// On Linux a pidfd: a helper that is PID 1 of its own namespace sees 0 from `getppid`, so
+/// it cannot compare pids. Elsewhere its pid.
+#[derive(Debug)]
+struct Parent {
+    #[cfg(target_os = "linux")]
+    pidfd: std::os::fd::OwnedFd,
+    #[cfg(not(target_os = "linux"))]
+    pid: libc::pid_t,
+}
+
+impl Parent {
+    fn this() -> Result<Self, BackendError> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::FromRawFd;
+            // SAFETY: pidfd_open on our own pid with no flags; it returns a new
+            // close-on-exec fd or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0u32) };
+            match RawFd::try_from(fd) {
+                Ok(fd) if fd >= 0 => Ok(Self {
+                    // SAFETY: the fd was just created and is owned by nobody else.
+                    pidfd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+                }),
+                _ => Err(BackendError::io(
+                    "open a pidfd of",
+                    "this process",
+                    io::Error::last_os_error(),
+                )),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            // SAFETY: getpid has no preconditions and cannot fail.
+            Ok(Self {
+                pid: unsafe { libc::getpid() },
+            })
+        }
+    }
+
+    /// Whether the gateway has exited. Async-signal-safe.
+    fn is_gone(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            // A pidfd polls readable once its process has exited.
+            let mut pfd = pollfd(self.pidfd.as_raw_fd());
+            // SAFETY: polls one fd we own without waiting.
+            unsafe { libc::poll(&mut pfd, 1, 0) != 0 }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            // SAFETY: getppid has no preconditions and cannot fail.
+            unsafe { libc::getppid() != self.pid }
+        }
+    }
+}
+
 /// Runs in the forked child between fork and exec: arms SIGKILL on the parent's death,
 /// then makes sure the parent had not died already (before the signal was armed).
-fn arm_parent_death(parent: libc::pid_t) -> io::Result<()> {
+fn arm_parent_death(parent: &Parent) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: PR_SET_PDEATHSIG takes a signal number and reads no memory of ours.
@@ -517,8 +582,7 @@ fn arm_parent_death(parent: libc::pid_t) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    // SAFETY: getppid has no preconditions and cannot fail.
-    if unsafe { libc::getppid() } != parent {
+    if parent.is_gone() {
         // The parent died before the signal was armed, so it will never fire: nobody is
         // left to wait for this helper.
         // SAFETY: _exit ends this forked child at once, running nothing of the parent's.
@@ -554,6 +618,51 @@ fn watch_exit(pid: libc::pid_t) -> io::Result<PipeReader> {
             let _ = writer.write_all(&[1]);
         })?;
     Ok(reader)
+}
+
+/// The PID namespace a helper is the first process of (Linux).
+#[cfg(target_os = "linux")]
+mod pid_namespace {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    /// While held, children forked by this thread start a new PID namespace; dropping it
+    /// puts the thread back, so later forks from it (a blocking-pool thread runs anything)
+    /// land where they always did.
+    #[derive(Debug)]
+    pub(super) struct ForChildren {
+        /// This thread's namespace for children before [`ForChildren::enter`].
+        before: File,
+    }
+
+    impl ForChildren {
+        /// `None` where a PID namespace cannot be made (not root, or a kernel without
+        /// them): the helper then runs in the gateway's, and only its process group and
+        /// parent-death signal guard it.
+        pub(super) fn enter() -> Option<Self> {
+            let before = File::open("/proc/thread-self/ns/pid_for_children").ok()?;
+            // SAFETY: unshare with one flag; it changes only where this thread's next
+            // children go.
+            if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+                return None;
+            }
+            Some(Self { before })
+        }
+    }
+
+    impl Drop for ForChildren {
+        fn drop(&mut self) {
+            // SAFETY: setns to the namespace this thread's children went to before: our
+            // own active PID namespace, which setns always accepts for root.
+            let rc = unsafe { libc::setns(self.before.as_raw_fd(), libc::CLONE_NEWPID) };
+            assert_eq!(
+                rc,
+                0,
+                "restoring this thread's PID namespace for children: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
@@ -655,6 +764,22 @@ mod tests {
         assert!(died, "group {pgid} lives");
     }
 
+    /// Sets `$me` to the shell's pid as the host sees it: `$$` is its pid inside the
+    /// helper's own PID namespace (1).
+    const ME: &str = "read -r me _ < /proc/self/stat; ";
+
+    /// Shell that starts `sleep 600` in the background (in a session of its own when
+    /// `escape`, so out of the helper's process group) and sets `$bg` to its host pid,
+    /// passed through `file`.
+    fn background(file: &std::path::Path, escape: bool) -> String {
+        let setsid = if escape { "setsid " } else { "" };
+        format!(
+            "{setsid}sh -c 'read -r b _ < /proc/self/stat; echo $b > {f}.tmp; mv {f}.tmp {f}; \
+             exec sleep 600' & while [ ! -s {f} ]; do sleep 0.01; done; read -r bg < {f}; ",
+            f = file.display()
+        )
+    }
+
     fn pids(text: &str) -> Vec<libc::pid_t> {
         text.split_whitespace()
             .map(|p| p.parse().unwrap())
@@ -663,15 +788,17 @@ mod tests {
 
     #[test]
     fn a_helper_that_outlives_its_timeout_is_killed_with_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let bg = background(&dir.path().join("bg"), false);
         let r = output(
-            sh("sleep 600 & echo $$ $! >&2; sleep 600"),
-            Duration::from_millis(500),
+            sh(&format!("{ME}{bg}echo $me $bg >&2; sleep 600")),
+            Duration::from_secs(3),
             None,
         );
         let Err(BackendError::Command { status, stderr, .. }) = r else {
             panic!("not a timeout: {r:?}");
         };
-        assert_eq!(status, "SIGKILL, timed out after 500 ms");
+        assert_eq!(status, "SIGKILL, timed out after 3 s");
         let [leader, background] = pids(&stderr)[..] else {
             panic!("no pids in {stderr:?}");
         };
@@ -681,13 +808,40 @@ mod tests {
 
     #[test]
     fn what_an_exited_helper_leaves_in_its_group_is_killed() {
-        let out = output(sh("sleep 600 & echo $$ $!"), Duration::from_secs(60), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bg = background(&dir.path().join("bg"), false);
+        let script = format!("{ME}{bg}echo $me $bg");
+        let out = output(sh(&script), Duration::from_secs(60), None).unwrap();
         assert!(out.status.success(), "{out:?}");
         let [leader, background] = pids(&String::from_utf8_lossy(&out.stdout))[..] else {
             panic!("no pids in {out:?}");
         };
         assert_group_dies(leader);
         assert!(dead(background));
+    }
+
+    /// A descendant that left the helper's process group (a daemon dpkg starts, say) is out
+    /// of reach of the group kill, but not of its PID namespace's end.
+    #[test]
+    fn what_an_exited_helper_leaves_outside_its_group_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bg = background(&dir.path().join("bg"), true);
+        let script = format!("{ME}{bg}echo $me $bg");
+        let out = output(sh(&script), Duration::from_secs(60), None).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let [leader, escaped] = pids(&String::from_utf8_lossy(&out.stdout))[..] else {
+            panic!("no pids in {out:?}");
+        };
+        assert_ne!(stat(&escaped.to_string()).map(|s| s.1), Some(leader));
+        let died = eventually(|| dead(escaped));
+        if !died {
+            // SAFETY: kill touches no memory; `escaped` is the live sleep just observed.
+            unsafe { libc::kill(escaped, libc::SIGKILL) };
+        }
+        assert!(
+            died,
+            "{escaped}, which left the helper's group, outlived it"
+        );
     }
 
     #[test]
@@ -786,7 +940,10 @@ mod tests {
     fn a_panicking_progress_callback_kills_the_helper() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
-        let script = format!("echo $$ > {}; echo go; exec sleep 600", pidfile.display());
+        let script = format!(
+            "{ME}echo $me > {}; echo go; exec sleep 600",
+            pidfile.display()
+        );
         let r = std::panic::catch_unwind(move || {
             stream(sh(&script), Duration::from_secs(600), &mut |_| {
                 panic!("callback")
@@ -807,7 +964,7 @@ mod tests {
     async fn dropping_the_runner_future_kills_the_command() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
-        let script = format!("echo $$ > {}; exec sleep 600", pidfile.display());
+        let script = format!("{ME}echo $me > {}; exec sleep 600", pidfile.display());
         let mut run = Box::pin(SystemRunner.run(
             vec!["sh".into(), "-c".into(), script],
             Duration::from_secs(600),
@@ -862,13 +1019,14 @@ mod tests {
 
     /// Re-runs this test binary as a parent that starts a helper and dies abruptly (as a
     /// SIGKILLed gateway would, running no destructor); the kernel must then kill the
-    /// helper.
+    /// helper, and what the helper started, even outside its process group.
     #[test]
     #[allow(clippy::print_stdout)] // The dying parent reports the helper's pid on stdout.
     fn a_helper_dies_with_its_parent() {
-        if std::env::var_os(DYING_PARENT).is_some() {
+        if let Some(dir) = std::env::var_os(DYING_PARENT) {
+            let bg = background(&std::path::Path::new(&dir).join("bg"), true);
             let r = stream(
-                sh("echo $$; exec sleep 600"),
+                sh(&format!("{ME}{bg}echo $me $bg; exec sleep 600")),
                 Duration::from_secs(600),
                 &mut |line| {
                     println!("helper pid {line}");
@@ -879,6 +1037,7 @@ mod tests {
             );
             panic!("the helper ended first: {r:?}");
         }
+        let dir = tempfile::tempdir().unwrap();
         let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -886,25 +1045,35 @@ mod tests {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(DYING_PARENT, "1")
+            .env(DYING_PARENT, dir.path())
             .stdin(Stdio::null())
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         // The test harness prints the test's name on the same line.
-        let pid: libc::pid_t = stdout
+        let reported = stdout
             .split("helper pid ")
             .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no pid from the dying parent: {out:?}"))
-            .parse()
-            .unwrap();
-        let died = eventually(|| dead(pid));
-        if !died {
-            // SAFETY: kill touches no memory; `pid` is the live helper just observed.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            .unwrap_or_else(|| panic!("no pids from the dying parent: {out:?}"));
+        let found: Vec<libc::pid_t> = reported
+            .split_whitespace()
+            .take(2)
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let [helper, escaped] = found[..] else {
+            panic!("no pids from the dying parent: {out:?}");
+        };
+        for (pid, what) in [
+            (helper, "helper"),
+            (escaped, "what it started outside its group"),
+        ] {
+            let died = eventually(|| dead(pid));
+            if !died {
+                // SAFETY: kill touches no memory; `pid` is the live process just observed.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            assert!(died, "{what} ({pid}) outlived the helper's parent");
         }
-        assert!(died, "helper {pid} outlived its parent");
     }
 
     #[test]
