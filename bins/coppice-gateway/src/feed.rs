@@ -29,6 +29,15 @@ pub(crate) struct Feeds {
     positions: Mutex<HashMap<String, u64>>,
 }
 
+/// The cgroup limit a counter belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// Forks refused at the task limit.
+    Tasks,
+    /// Kills by the memory limit.
+    Memory,
+}
+
 fn agent_key(id: &SandboxId) -> String {
     format!("agent:{id}")
 }
@@ -43,13 +52,14 @@ impl Gateway {
     /// Reads what is new in every running sandbox's feeds; `counters` also polls the cgroup
     /// counters (they cost a few file reads each, so the reaper asks for them less often).
     pub(crate) async fn ingest_feeds(&self, counters: bool) {
-        for entry in self.entries() {
-            if entry.record().lifecycle.state != SandboxState::Running {
+        for (n, entry) in self.entries().iter().enumerate() {
+            crate::yield_every(n).await;
+            if entry.lifecycle().state != SandboxState::Running {
                 continue;
             }
-            self.ingest_reports(&entry);
+            self.ingest_reports(entry);
             if counters {
-                self.ingest_counters(&entry).await;
+                self.ingest_counters(entry).await;
             }
         }
     }
@@ -96,19 +106,19 @@ impl Gateway {
     }
 
     fn ingest_reports(&self, entry: &Entry) {
-        let record = entry.record();
-        let key = agent_key(&record.id);
-        let path = self.runtime.report_file(&record.id);
+        let path = self.runtime.report_file(&entry.id);
         // A cheap check first: most passes find nothing new.
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             return;
         };
+        let key = agent_key(&entry.id);
         let Some(from) = self.position(&key) else {
             return;
         };
         if !meta.file_type().is_file() || meta.len() <= from {
             return;
         }
+        let record = entry.record();
         let chunk = match report::read_from(&path, from) {
             Ok(c) => c,
             Err(e) => {
@@ -148,53 +158,52 @@ impl Gateway {
     }
 
     async fn ingest_counters(&self, entry: &Entry) {
-        let record = entry.record();
-        let usage = match self.runtime.enforcement(&record.id).await {
+        let usage = match self.runtime.enforcement(&entry.id).await {
             Ok(u) => u,
             // A sandbox being killed or paused meanwhile: the next pass sees it.
             Err(_) => return,
         };
+        // Most passes find both counters where they were: no event to build.
+        let moved: Vec<(Limit, String, u64, u64)> = [
+            (Limit::Tasks, pids_key(&entry.id), usage.tasks_refused),
+            (Limit::Memory, oom_key(&entry.id), usage.oom_kills),
+        ]
+        .into_iter()
+        .filter_map(|(limit, key, value)| {
+            let seen = self.position(&key)?;
+            (value != seen).then_some((limit, key, value, seen))
+        })
+        .collect();
+        if moved.is_empty() {
+            return;
+        }
+        let record = entry.record();
         let ctx = context(&record);
         let at = now();
-        let steps = [
-            (
-                pids_key(&record.id),
-                usage.tasks_refused,
-                SecurityViolation {
-                    violation_type: "process_limit".into(),
-                    attempted_command: String::new(),
-                    blocked: Blocked::Syscall("fork".into()),
-                    action: "blocked".into(),
-                    occurrences: None,
-                },
-            ),
-            (
-                oom_key(&record.id),
-                usage.oom_kills,
-                SecurityViolation {
-                    violation_type: "memory_limit".into(),
-                    attempted_command: String::new(),
-                    blocked: Blocked::Limit(
-                        record
-                            .limits
-                            .memory_bytes
-                            .map_or_else(|| "memory".into(), |b| format!("memory {b} bytes")),
-                    ),
-                    action: "killed".into(),
-                    occurrences: None,
-                },
-            ),
-        ];
-        for (key, value, mut violation) in steps {
-            let Some(seen) = self.position(&key) else {
-                continue;
-            };
-            if value == seen {
-                continue;
-            }
+        for (limit, key, value, seen) in moved {
             // A counter only grows while its cgroup lives; a lower value is a new cgroup.
             let events = if value > seen {
-                violation.occurrences = Some(value - seen);
+                let violation = match limit {
+                    Limit::Tasks => SecurityViolation {
+                        violation_type: "process_limit".into(),
+                        attempted_command: String::new(),
+                        blocked: Blocked::Syscall("fork".into()),
+                        action: "blocked".into(),
+                        occurrences: Some(value - seen),
+                    },
+                    Limit::Memory => SecurityViolation {
+                        violation_type: "memory_limit".into(),
+                        attempted_command: String::new(),
+                        blocked: Blocked::Limit(
+                            record
+                                .limits
+                                .memory_bytes
+                                .map_or_else(|| "memory".into(), |b| format!("memory {b} bytes")),
+                        ),
+                        action: "killed".into(),
+                        occurrences: Some(value - seen),
+                    },
+                };
                 vec![Event::security_violation(&ctx, &violation, at)]
             } else {
                 Vec::new()

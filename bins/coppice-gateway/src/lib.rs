@@ -45,7 +45,7 @@ use coppice_events::sign::Format;
 use coppice_events::store::{self, Retention};
 use coppice_events::tls::Tls;
 use coppice_lifecycle::backend::{RunState, SandboxId};
-use coppice_lifecycle::state::{Cause, Command, LifecycleEvent, Millis, SandboxState};
+use coppice_lifecycle::state::{Cause, Command, Lifecycle, LifecycleEvent, Millis, SandboxState};
 
 use crate::config::Config;
 use crate::registry::{Record, Registry};
@@ -88,6 +88,8 @@ pub enum StartError {
 /// request's check and its touch.
 #[derive(Debug)]
 pub(crate) struct Entry {
+    /// Its id (never changes; also in `record`).
+    pub(crate) id: SandboxId,
     record: Mutex<Record>,
     pub(crate) op: tokio::sync::RwLock<()>,
     /// Milliseconds since the epoch of the last data-plane request, 0 for none since the last
@@ -103,6 +105,7 @@ pub(crate) struct Entry {
 impl Entry {
     fn new(record: Record) -> Arc<Self> {
         Arc::new(Self {
+            id: record.id.clone(),
             record: Mutex::new(record),
             op: tokio::sync::RwLock::new(()),
             activity: AtomicU64::new(0),
@@ -115,19 +118,31 @@ impl Entry {
     /// sandbox's window is an idle timer).
     pub(crate) fn record(&self) -> Record {
         let mut record = self.stored();
-        let at = self.activity.load(Ordering::Acquire);
-        if let Ok((lifecycle, _)) = record
-            .lifecycle
-            .transition(Command::Activity { at: Millis(at) })
-        {
-            record.lifecycle = lifecycle;
-        }
+        record.lifecycle = self.with_activity(record.lifecycle);
         record
+    }
+
+    /// [`Entry::record`]'s lifecycle alone, without copying the rest of the record: what
+    /// the passes over every sandbox need.
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        self.with_activity(self.stored_lifecycle())
+    }
+
+    fn with_activity(&self, lifecycle: Lifecycle) -> Lifecycle {
+        let at = self.activity.load(Ordering::Acquire);
+        lifecycle
+            .transition(Command::Activity { at: Millis(at) })
+            .map_or(lifecycle, |(moved, _)| moved)
     }
 
     /// The record as the registry has it.
     fn stored(&self) -> Record {
         lock(&self.record).clone()
+    }
+
+    /// The lifecycle as the registry has it.
+    fn stored_lifecycle(&self) -> Lifecycle {
+        lock(&self.record).lifecycle
     }
 
     /// Notes data-plane traffic at `now`; the caller holds `op` for reading.
@@ -469,38 +484,46 @@ impl Gateway {
                 self.prune_logs().await;
             }
             let now = now();
-            for entry in self.entries() {
+            for (n, entry) in self.entries().iter().enumerate() {
+                yield_every(n).await;
                 if entry.in_flight.load(Ordering::Acquire) > 0 {
                     // A request still streaming is traffic now; the expiry below takes the
                     // operation lock, so a touch that races a commit only delays it a tick.
                     entry.touch(now);
                 }
-                let lifecycle = entry.record().lifecycle;
+                let lifecycle = entry.lifecycle();
                 if lifecycle.state == SandboxState::Killed {
-                    self.finish_kill(&entry).await;
+                    self.finish_kill(entry).await;
                 } else if lifecycle.is_expired(now) {
-                    self.expire(&entry).await;
-                } else if activity_due(&entry.stored().lifecycle, &lifecycle, now) {
-                    self.store_activity(&entry).await;
+                    self.expire(entry).await;
+                } else if activity_due(&entry.stored_lifecycle(), &lifecycle, now) {
+                    self.store_activity(entry).await;
                 }
             }
         }
     }
 
-    /// Takes a resource sample of `entry`'s sandbox into its history, if it is running.
+    /// Takes a resource sample of `entry`'s sandbox into its history, if it is running. The
+    /// disk is read only when the sandbox used CPU since the last sample (or a minute has
+    /// passed; [`usage::History::record_idle`]).
     pub(crate) async fn sample(&self, entry: &Entry) -> Option<usage::Sample> {
         let record = entry.record();
         if record.lifecycle.state != SandboxState::Running {
             return None;
         }
-        match self.runtime.usage(&record.id).await {
-            Ok((cpu, disk)) => Some(entry.usage.record(
-                now().0,
-                record.lifecycle.started_at.0,
-                usage::cpu_count(&record.limits),
-                &cpu,
-                &disk,
-            )),
+        let at = now().0;
+        let started_at = record.lifecycle.started_at.0;
+        let cpus = usage::cpu_count(&record.limits);
+        let read = async {
+            let cpu = self.runtime.enforcement(&record.id).await?;
+            if let Some(sample) = entry.usage.record_idle(at, started_at, cpus, &cpu) {
+                return Ok(sample);
+            }
+            let disk = self.runtime.disk_usage(&record.id).await?;
+            Ok::<_, runtime::RuntimeError>(entry.usage.record(at, started_at, cpus, &cpu, &disk))
+        };
+        match read.await {
+            Ok(sample) => Some(sample),
             Err(e) => {
                 // A sandbox killed or paused since it was listed.
                 tracing::debug!(sandbox = %record.id, error = %e, "no usage sample");
@@ -510,26 +533,36 @@ impl Gateway {
     }
 
     /// Every [`usage::SAMPLE_INTERVAL`]: samples every running sandbox and rotates every
-    /// sandbox's log that grew past its bound.
+    /// sandbox's log that grew past its bound (one blocking task for all of them).
     async fn watch_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(usage::SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for entry in self.entries() {
-                self.sample(&entry).await;
-                let path = self.runtime.log_path(&entry.record().id);
-                let rotated = tokio::task::spawn_blocking(move || {
-                    sandbox_log::rotate_if_large(&path, sandbox_log::MAX_FILE_BYTES)
-                        .map_err(|e| format!("{}: {e}", path.display()))
-                })
-                .await;
-                match rotated {
-                    Ok(Ok(true)) => tracing::debug!(sandbox = %entry.record().id, "log rotated"),
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "rotating a sandbox log failed"),
-                    Err(e) => tracing::warn!(error = %e, "rotating a sandbox log panicked"),
+            let entries = self.entries();
+            for (n, entry) in entries.iter().enumerate() {
+                self.sample(entry).await;
+                yield_every(n).await;
+            }
+            let logs: Vec<PathBuf> = entries
+                .iter()
+                .map(|e| self.runtime.log_path(&e.id))
+                .collect();
+            drop(entries);
+            let rotated = tokio::task::spawn_blocking(move || {
+                for path in logs {
+                    match sandbox_log::rotate_if_large(&path, sandbox_log::MAX_FILE_BYTES) {
+                        Ok(true) => tracing::debug!(log = %path.display(), "log rotated"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(log = %path.display(), error = %e, "rotating a sandbox log failed");
+                        }
+                    }
                 }
+            })
+            .await;
+            if let Err(e) = rotated {
+                tracing::warn!(error = %e, "rotating sandbox logs panicked");
             }
         }
     }
@@ -819,6 +852,14 @@ impl Gateway {
         self.runtime.kill(&record.id).await?;
         self.remove(&record.id)?;
         Ok(())
+    }
+}
+
+/// Lets the executor run other tasks every 256 items of a pass over every sandbox, so a pass
+/// over thousands never holds a worker thread for long.
+async fn yield_every(n: usize) {
+    if n % 256 == 255 {
+        tokio::task::yield_now().await;
     }
 }
 

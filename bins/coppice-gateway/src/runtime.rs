@@ -569,22 +569,12 @@ impl Runtime {
         self.jail.logs_dir()
     }
 
-    /// CPU, memory and disk use of a sandbox.
-    pub(crate) async fn usage(
-        &self,
-        id: &SandboxId,
-    ) -> Result<(ResourceUsage, DiskUsage), RuntimeError> {
-        let cpu = self
-            .jail
+    /// The disk a sandbox's own writes take.
+    pub(crate) async fn disk_usage(&self, id: &SandboxId) -> Result<DiskUsage, RuntimeError> {
+        self.storage
             .usage(id)
             .await
-            .map_err(backend("read resource use"))?;
-        let disk = self
-            .storage
-            .usage(id)
-            .await
-            .map_err(backend("read disk use"))?;
-        Ok((cpu, disk))
+            .map_err(backend("read disk use"))
     }
 }
 

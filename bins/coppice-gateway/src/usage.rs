@@ -14,6 +14,10 @@ use coppice_lifecycle::backend::{DiskUsage, Limits, ResourceUsage};
 pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Samples kept per sandbox: one hour at [`SAMPLE_INTERVAL`].
 pub(crate) const HISTORY: usize = 720;
+/// How long a sandbox whose CPU time stands still keeps its last disk reading: nothing in it
+/// ran, so nothing in it wrote, and the walk of its writable layer is skipped. Thousands of
+/// idle sandboxes then cost a file read each per sample, not a directory walk.
+const DISK_REUSE_MS: u64 = 60_000;
 
 /// The CPUs a sandbox with `limits` has, as E2B's `cpuCount` reports them.
 pub(crate) fn cpu_count(limits: &Limits) -> u32 {
@@ -35,6 +39,8 @@ pub(crate) struct Sample {
     pub(crate) memory_cache_bytes: u64,
     /// Bytes its own writes take on disk.
     pub(crate) disk_bytes: u64,
+    /// When `disk_bytes` was read (earlier than `at` when an idle sandbox reused it).
+    pub(crate) disk_at: u64,
 }
 
 /// A sandbox's samples, oldest first.
@@ -75,7 +81,43 @@ impl History {
         usage: &ResourceUsage,
         disk: &DiskUsage,
     ) -> Sample {
+        Self::push(
+            &mut self.lock(),
+            at,
+            started_at,
+            cpus,
+            usage,
+            (disk.written_bytes, at),
+        )
+    }
+
+    /// [`History::record`] without a new disk reading, when the sandbox used no CPU since the
+    /// previous sample and that one's disk reading is younger than [`DISK_REUSE_MS`]; `None`
+    /// when the disk must be read.
+    pub(crate) fn record_idle(
+        &self,
+        at: u64,
+        started_at: u64,
+        cpus: u32,
+        usage: &ResourceUsage,
+    ) -> Option<Sample> {
         let mut samples = self.lock();
+        let prev = *samples.back()?;
+        if prev.cpu_nanos != usage.cpu_nanos || at.saturating_sub(prev.disk_at) >= DISK_REUSE_MS {
+            return None;
+        }
+        let disk = (prev.disk_bytes, prev.disk_at);
+        Some(Self::push(&mut samples, at, started_at, cpus, usage, disk))
+    }
+
+    fn push(
+        samples: &mut VecDeque<Sample>,
+        at: u64,
+        started_at: u64,
+        cpus: u32,
+        usage: &ResourceUsage,
+        (disk_bytes, disk_at): (u64, u64),
+    ) -> Sample {
         let (base_at, base_cpu) = match samples.back() {
             Some(prev) if prev.at < at && prev.cpu_nanos <= usage.cpu_nanos => {
                 (prev.at, prev.cpu_nanos)
@@ -92,7 +134,8 @@ impl History {
             ),
             memory_bytes: usage.memory_bytes,
             memory_cache_bytes: usage.memory_cache_bytes.min(usage.memory_bytes),
-            disk_bytes: disk.written_bytes,
+            disk_bytes,
+            disk_at,
         };
         if samples.len() == HISTORY {
             samples.pop_front();
@@ -172,6 +215,30 @@ mod tests {
         };
         let s = h.record(13_000, 0, 1, &odd, &disk);
         assert_eq!((s.memory_bytes, s.memory_cache_bytes), (10, 10));
+    }
+
+    #[test]
+    fn an_idle_sandbox_reuses_its_disk_reading_for_a_minute() {
+        let h = History::default();
+        let idle = usage(1_000, 1 << 20);
+        // Nothing to reuse before the first full sample.
+        assert_eq!(h.record_idle(5_000, 0, 1, &idle), None);
+        let disk = DiskUsage {
+            written_bytes: 8192,
+            shared_bytes: 0,
+        };
+        h.record(5_000, 0, 1, &idle, &disk);
+        let s = h.record_idle(10_000, 0, 1, &idle).expect("idle: reused");
+        assert_eq!(
+            (s.at, s.disk_bytes, s.disk_at, s.cpu_pct),
+            (10_000, 8192, 5_000, 0.0)
+        );
+        // CPU moved: the disk must be read again.
+        assert_eq!(h.record_idle(15_000, 0, 1, &usage(2_000, 1 << 20)), None);
+        // Idle, but the reading is a minute old by then.
+        assert!(h.record_idle(64_999, 0, 1, &idle).is_some());
+        assert_eq!(h.record_idle(65_000, 0, 1, &idle), None);
+        assert_eq!(h.latest().map(|s| s.at), Some(64_999));
     }
 
     #[test]

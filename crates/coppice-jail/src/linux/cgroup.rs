@@ -687,14 +687,17 @@ impl SandboxCgroups {
         }
     }
 
-    /// CPU, memory and task counts.
-    pub(crate) fn usage(&self) -> Result<ResourceUsage, BackendError> {
-        let mut usage = ResourceUsage::default();
+    /// The CPU time every task of the cgroup (its earlier tenants' included) has used, in
+    /// nanoseconds: one small file, the cheapest sign that anything ran since the last
+    /// reading. `None` when the host accounts CPU in neither hierarchy.
+    pub(crate) fn cpu_nanos_raw(&self) -> Result<Option<u64>, BackendError> {
         if let Some(dir) = self.dir(Controller::Cpuacct) {
-            usage.cpu_nanos = read(&dir.join("cpuacct.usage"))?
-                .trim()
-                .parse()
-                .unwrap_or(0);
+            Ok(Some(
+                read(&dir.join("cpuacct.usage"))?
+                    .trim()
+                    .parse()
+                    .unwrap_or(0),
+            ))
         } else if let Some(dir) = &self.v2 {
             let stat = read(&dir.join("cpu.stat"))?;
             let usec: u64 = stat
@@ -702,8 +705,24 @@ impl SandboxCgroups {
                 .find_map(|l| l.strip_prefix("usage_usec "))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            usage.cpu_nanos = usec.saturating_mul(1000);
+            Ok(Some(usec.saturating_mul(1000)))
+        } else {
+            Ok(None)
         }
+    }
+
+    /// CPU, memory and task counts.
+    pub(crate) fn usage(&self) -> Result<ResourceUsage, BackendError> {
+        let cpu = self.cpu_nanos_raw()?;
+        self.usage_with_cpu(cpu.unwrap_or(0))
+    }
+
+    /// [`Self::usage`] with the CPU time already read by [`Self::cpu_nanos_raw`].
+    pub(crate) fn usage_with_cpu(&self, cpu_nanos_raw: u64) -> Result<ResourceUsage, BackendError> {
+        let mut usage = ResourceUsage {
+            cpu_nanos: cpu_nanos_raw,
+            ..ResourceUsage::default()
+        };
         // The page cache inside that charge: v1 `total_cache` (this group and any below it)
         // or `cache`, v2 `file`, from memory.stat.
         if let Some(dir) = self.dir(Controller::Memory) {

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use coppice_lifecycle::backend::{
     BackendError, Capabilities, Capability, Isolation, JailInfo, JailSpec, ResourceUsage, RunState,
@@ -44,7 +44,23 @@ struct Inner {
     config: JailConfig,
     hierarchies: Hierarchies,
     records: Mutex<HashMap<SandboxId, Record>>,
+    /// Each sandbox's last full usage reading, served again while its CPU time stands still.
+    readings: Mutex<HashMap<SandboxId, Reading>>,
 }
+
+/// A full usage reading and the raw CPU time it was taken at.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    cpu_nanos_raw: u64,
+    at: Instant,
+    usage: ResourceUsage,
+}
+
+/// How long a reading is served again while the sandbox's CPU time stands still. Nothing in
+/// an idle sandbox moves its memory up, its task count or its enforcement counters (each
+/// takes a task running in it), but the kernel may reclaim its page cache meanwhile, so an
+/// idle sandbox is still read in full this often.
+const READING_REUSE: Duration = Duration::from_secs(60);
 
 impl LinuxJail {
     /// Opens the driver on `config.state_dir`, re-adopting every sandbox a previous process
@@ -78,6 +94,7 @@ impl LinuxJail {
                 config,
                 hierarchies,
                 records: Mutex::new(HashMap::new()),
+                readings: Mutex::new(HashMap::new()),
             }),
         };
         Ok(jail)
@@ -98,6 +115,14 @@ impl LinuxJail {
     /// The directory of every sandbox's [`LinuxJail::log_path`].
     pub fn logs_dir(&self) -> PathBuf {
         self.inner.config.logs_dir()
+    }
+
+    fn readings(&self) -> MutexGuard<'_, HashMap<SandboxId, Reading>> {
+        // Every critical section is one lookup, insert or remove.
+        self.inner
+            .readings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn records(&self) -> MutexGuard<'_, HashMap<SandboxId, Record>> {
@@ -197,6 +222,7 @@ impl LinuxJail {
 
     fn forget(&self, id: &SandboxId) {
         self.records().remove(id);
+        self.readings().remove(id);
         let cfg = &self.inner.config;
         let _ = fs::remove_file(cfg.records_dir().join(format!("{id}.json")));
         let _ = fs::remove_dir(cfg.roots_dir().join(id.as_str()));
@@ -382,8 +408,41 @@ impl Isolation for LinuxJail {
         self.info_of(id, &r)
     }
 
+    /// A full reading is half a dozen cgroup files; a sandbox whose CPU time has not moved
+    /// since the last one costs one (see [`READING_REUSE`]), so sampling thousands of idle
+    /// sandboxes stays cheap.
     async fn usage(&self, id: &SandboxId) -> Result<ResourceUsage, BackendError> {
-        self.record(id)?.cgroups.usage()
+        let cgroups = self
+            .records()
+            .get(id)
+            .map(|r| r.cgroups.clone())
+            .ok_or_else(|| BackendError::NotFound {
+                kind: "sandbox",
+                id: id.to_string(),
+            })?;
+        let Some(cpu) = cgroups.cpu_nanos_raw()? else {
+            return cgroups.usage_with_cpu(0);
+        };
+        if let Some(r) = self.readings().get(id) {
+            if r.cpu_nanos_raw == cpu && r.at.elapsed() < READING_REUSE {
+                return Ok(r.usage);
+            }
+        }
+        let usage = cgroups.usage_with_cpu(cpu)?;
+        // Not for a sandbox killed meanwhile: `forget` has run, and nothing would remove it.
+        // (Lock order: records, then readings.)
+        let records = self.records();
+        if records.contains_key(id) {
+            self.readings().insert(
+                id.clone(),
+                Reading {
+                    cpu_nanos_raw: cpu,
+                    at: Instant::now(),
+                    usage,
+                },
+            );
+        }
+        Ok(usage)
     }
 }
 
