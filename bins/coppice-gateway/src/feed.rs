@@ -18,7 +18,7 @@ use std::time::Duration;
 use coppice_envd::report::{self, Report};
 use coppice_events::event::{Blocked, Event, SecurityViolation, TaskTimeout};
 use coppice_events::store;
-use coppice_lifecycle::backend::SandboxId;
+use coppice_lifecycle::backend::{ResourceUsage, SandboxId};
 use coppice_lifecycle::state::{Millis, SandboxState};
 
 use crate::{context, lock, now, Entry, Gateway};
@@ -49,18 +49,16 @@ fn oom_key(id: &SandboxId) -> String {
 }
 
 impl Gateway {
-    /// Reads what is new in every running sandbox's feeds; `counters` also polls the cgroup
-    /// counters (they cost a few file reads each, so the reaper asks for them less often).
-    pub(crate) async fn ingest_feeds(&self, counters: bool) {
+    /// Reads what is new in every running sandbox's agent reports (one `stat` each when
+    /// nothing is). The cgroup counters come with each resource sample instead
+    /// ([`Gateway::sample`]), which reads them anyway.
+    pub(crate) async fn ingest_reports_of_all(&self) {
         for (n, entry) in self.entries().iter().enumerate() {
             crate::yield_every(n).await;
             if entry.lifecycle().state != SandboxState::Running {
                 continue;
             }
             self.ingest_reports(entry);
-            if counters {
-                self.ingest_counters(entry).await;
-            }
         }
     }
 
@@ -158,11 +156,15 @@ impl Gateway {
     }
 
     async fn ingest_counters(&self, entry: &Entry) {
-        let usage = match self.runtime.enforcement(&entry.id).await {
-            Ok(u) => u,
-            // A sandbox being killed or paused meanwhile: the next pass sees it.
-            Err(_) => return,
-        };
+        // A sandbox being killed or paused meanwhile has no reading: the next pass sees it.
+        if let Ok(usage) = self.runtime.enforcement(&entry.id).await {
+            self.ingest_counters_from(entry, &usage);
+        }
+    }
+
+    /// Turns the enforcement counters of `usage`, a reading of `entry`'s cgroups, into
+    /// events where they moved.
+    pub(crate) fn ingest_counters_from(&self, entry: &Entry, usage: &ResourceUsage) {
         // Most passes find both counters where they were: no event to build.
         let moved: Vec<(Limit, String, u64, u64)> = [
             (Limit::Tasks, pids_key(&entry.id), usage.tasks_refused),

@@ -474,10 +474,11 @@ impl Gateway {
         let mut ticks: u32 = 0;
         loop {
             tick.tick().await;
-            // Reports from agents every tick (one stat each when nothing is new), cgroup
-            // counters every fourth.
+            // Reports from agents every fourth tick: one stat each when nothing is new.
             ticks = ticks.wrapping_add(1);
-            self.ingest_feeds(ticks.is_multiple_of(4)).await;
+            if ticks.is_multiple_of(4) {
+                self.ingest_reports_of_all().await;
+            }
             if pruned_at.elapsed() >= RETENTION_INTERVAL {
                 pruned_at = std::time::Instant::now();
                 self.prune_events();
@@ -503,9 +504,10 @@ impl Gateway {
         }
     }
 
-    /// Takes a resource sample of `entry`'s sandbox into its history, if it is running. The
-    /// disk is read only when the sandbox used CPU since the last sample (or a minute has
-    /// passed; [`usage::History::record_idle`]).
+    /// Takes a resource sample of `entry`'s sandbox into its history, if it is running, and
+    /// turns its enforcement counters into events where they moved. The disk is read only
+    /// when the sandbox used CPU since the last sample (or a minute has passed;
+    /// [`usage::History::record_idle`]).
     pub(crate) async fn sample(&self, entry: &Entry) -> Option<usage::Sample> {
         let record = entry.record();
         if record.lifecycle.state != SandboxState::Running {
@@ -516,6 +518,7 @@ impl Gateway {
         let cpus = usage::cpu_count(&record.limits);
         let read = async {
             let cpu = self.runtime.enforcement(&record.id).await?;
+            self.ingest_counters_from(entry, &cpu);
             if let Some(sample) = entry.usage.record_idle(at, started_at, cpus, &cpu) {
                 return Ok(sample);
             }

@@ -16,12 +16,23 @@
 //! `drop_caches` freed every one of them (`docs/backends.md`). A reused slot keeps what
 //! its earlier tenants left cached, charged to it and reclaimable under its limit; its
 //! counters are read at each start and subtracted, so usage reads as the sandbox's own.
+//!
+//! Removing a memory cgroup is also the most expensive cgroup operation there is, and it
+//! grows with the host: the kernel reclaims it against every filesystem's shrinker and, under
+//! the global cgroup lock, moves its share of every filesystem's dentry and inode lists to
+//! the parent, and each sandbox adds a few filesystems. With 10,000 sandboxes live, killing
+//! them all removed a memory cgroup per kill past the spares and ran at about 30 a second,
+//! every other cgroup operation queueing behind. So a kill never removes one: its slot always
+//! joins the spares, and a background thread trims the spares back to [`MAX_SPARES`], oldest
+//! first, one at a time and only once no start or kill has happened for [`TRIM_QUIET`]. The
+//! spares past the bound are the memory cgroups of sandboxes killed a moment ago, so they
+//! never raise the host's peak, and creates take them first.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,8 +51,13 @@ fn procs(dir: &Path) -> Result<Vec<u32>, BackendError> {
 /// How long pause, resume and teardown wait for the kernel before giving up.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Spare memory cgroups the driver keeps; past this many, a freed one is removed.
+/// Spare memory cgroups the driver keeps; past this many, the oldest are removed once the
+/// host is quiet.
 pub(crate) const MAX_SPARES: usize = 1024;
+
+/// How long no sandbox must have started or been killed before spare memory cgroups past
+/// [`MAX_SPARES`] are removed.
+const TRIM_QUIET: Duration = Duration::from_millis(500);
 
 /// The prefix of memory cgroup slots, which no sandbox id can start with.
 const SLOT_PREFIX: &str = "slot-";
@@ -59,12 +75,101 @@ pub(crate) struct Hierarchies {
 
 /// Numbered memory cgroups in the directory of the hierarchy that holds memory; see the
 /// module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slots {
     /// Freed slots, most recent last (their pages are likeliest still cached).
-    free: Mutex<Vec<PathBuf>>,
+    free: Mutex<VecDeque<PathBuf>>,
     /// The number the next new slot gets.
     next: AtomicU64,
+    /// When a slot was last taken or given back, in nanoseconds since `epoch`.
+    busy_at: AtomicU64,
+    epoch: Instant,
+    /// Whether a thread is trimming the spares.
+    trimming: AtomicBool,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            free: Mutex::default(),
+            next: AtomicU64::new(0),
+            busy_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            trimming: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Slots {
+    fn mark_busy(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.busy_at.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long since a slot was last taken or given back.
+    fn quiet_for(&self) -> Duration {
+        let busy = Duration::from_nanos(self.busy_at.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(busy)
+    }
+
+    /// Starts the trimming thread unless one runs.
+    fn trim_in_background(self: &Arc<Self>) {
+        if self.trimming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slots = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("coppice-cgroup-trim".into())
+            .spawn(move || slots.trim());
+        if spawned.is_err() {
+            // Tried again at the next kill.
+            self.trimming.store(false, Ordering::Release);
+        }
+    }
+
+    /// Removes the oldest spares past [`MAX_SPARES`], one at a time, each once the host has
+    /// been quiet for [`TRIM_QUIET`]; returns when none is left to remove.
+    fn trim(&self) {
+        loop {
+            let quiet = self.quiet_for();
+            if quiet < TRIM_QUIET {
+                #[allow(
+                    clippy::disallowed_methods,
+                    reason = "a thread of its own, which runs no async task"
+                )]
+                std::thread::sleep(TRIM_QUIET - quiet);
+                continue;
+            }
+            let oldest = {
+                let mut free = lock(&self.free);
+                if free.len() > MAX_SPARES {
+                    free.pop_front()
+                } else {
+                    None
+                }
+            };
+            match oldest {
+                Some(slot) => remove_slot(&slot),
+                None => {
+                    self.trimming.store(false, Ordering::Release);
+                    // A slot given back since the check above found the flag still set.
+                    if lock(&self.free).len() <= MAX_SPARES
+                        || self.trimming.swap(true, Ordering::AcqRel)
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes a spare memory cgroup. The kernel frees it at once only if no page is charged to
+/// it any more, so what can be reclaimed is reclaimed first.
+fn remove_slot(slot: &Path) {
+    let _ = fs::write(slot.join("memory.force_empty"), "0");
+    let _ = fs::write(slot.join("memory.reclaim"), "1G");
+    let _ = fs::remove_dir(slot);
 }
 
 /// Counters that only grow while a cgroup lives, as a sandbox found them when it started.
@@ -230,7 +335,8 @@ impl Hierarchies {
         let Some(group) = self.memory_group() else {
             return Ok(None);
         };
-        if let Some(slot) = lock(&self.slots.free).pop() {
+        self.slots.mark_busy();
+        if let Some(slot) = lock(&self.slots.free).pop_back() {
             return Ok(Some(slot));
         }
         fs::create_dir_all(group).map_err(|e| BackendError::io("create cgroup", group, e))?;
@@ -246,21 +352,23 @@ impl Hierarchies {
         }
     }
 
-    /// Resets an empty slot and keeps it for the next sandbox, or removes it when enough
-    /// are kept already (or it cannot be reset).
+    /// Resets an empty slot and keeps it for the next sandbox (removing it only if it
+    /// cannot be reset); past [`MAX_SPARES`] the oldest go in the background once the host
+    /// is quiet (see the module docs).
     fn put_slot(&self, slot: &Path) {
-        if lock(&self.slots.free).len() < MAX_SPARES && reset_slot(slot).is_ok() {
-            let mut free = lock(&self.slots.free);
-            if free.len() < MAX_SPARES {
-                free.push(slot.to_path_buf());
-                return;
-            }
+        self.slots.mark_busy();
+        if reset_slot(slot).is_err() {
+            remove_slot(slot);
+            return;
         }
-        // Past the spares kept, the kernel frees a removed memory cgroup at once only if no
-        // page is charged to it any more: reclaim what can be reclaimed first.
-        let _ = fs::write(slot.join("memory.force_empty"), "0");
-        let _ = fs::write(slot.join("memory.reclaim"), "1G");
-        let _ = fs::remove_dir(slot);
+        let spares = {
+            let mut free = lock(&self.slots.free);
+            free.push_back(slot.to_path_buf());
+            free.len()
+        };
+        if spares > MAX_SPARES {
+            self.slots.trim_in_background();
+        }
     }
 
     /// Takes the slots in the memory group that no live sandbox of `in_use` holds: emptied
@@ -955,6 +1063,57 @@ mod tests {
         result.unwrap();
         let _ = child.wait();
         assert!(cgroups.all_dirs().iter().all(|d| !d.exists()));
+    }
+
+    /// Spares past the bound are kept while slots come and go, and the oldest are removed
+    /// once the host is quiet, down to the bound.
+    #[test]
+    #[allow(clippy::print_stdout)] // the skip line must reach the test output
+    #[allow(clippy::disallowed_methods)] // a plain test thread polls the trimmer
+    fn spares_past_the_bound_are_trimmed_once_quiet() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIP spares_past_the_bound_are_trimmed_once_quiet: needs root");
+            return;
+        }
+        let group = format!("coppice-unit-trim-{}", std::process::id());
+        let h = match Hierarchies::detect(&group) {
+            Ok(h) if h.memory_group().is_some() => h,
+            _ => {
+                println!("SKIP spares_past_the_bound_are_trimmed_once_quiet: no memory cgroup");
+                return;
+            }
+        };
+        let taken: Vec<PathBuf> = (0..MAX_SPARES + 3)
+            .map(|_| h.take_slot().unwrap().unwrap())
+            .collect();
+        let start = Instant::now();
+        for slot in &taken {
+            h.put_slot(slot);
+        }
+        let spares = || lock(&h.slots.free).len();
+        // Given back just now: nothing is removed yet.
+        let kept_while_busy = spares();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The list shrinks just before each removal.
+        let removed = || taken.iter().filter(|s| !s.exists()).count();
+        while (spares() > MAX_SPARES || removed() < 3) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let trimmed_after = start.elapsed();
+        let left = spares();
+        let gone: Vec<&PathBuf> = taken.iter().filter(|s| !s.exists()).collect();
+        let oldest_gone = gone.iter().all(|s| taken[..3].contains(s));
+        h.remove_free_slots();
+        assert_eq!(kept_while_busy, MAX_SPARES + 3);
+        assert_eq!(left, MAX_SPARES, "spares were not trimmed");
+        assert!(
+            trimmed_after >= TRIM_QUIET,
+            "trimmed before the host was quiet"
+        );
+        assert_eq!(gone.len(), 3, "{gone:?}");
+        assert!(oldest_gone, "the newest spares went: {gone:?}");
+        assert!(taken.iter().all(|s| !s.exists()));
     }
 
     /// A killed sandbox's memory cgroup is kept, reset, and given to the next sandbox, whose
