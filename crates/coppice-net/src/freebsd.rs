@@ -1,0 +1,1 @@
+//! The FreeBSD driver's command plan.
