@@ -209,7 +209,8 @@ impl Netlink {
 
     /// The index of the link `name`, `None` if there is none.
     pub(crate) fn link_index(&mut self, name: &str) -> io::Result<Option<u32>> {
-        let mut msg = Msg::new(RTM_GETLINK, NLM_F_REQUEST);
+        // With an ack requested, the answer is the link and then the ack.
+        let mut msg = Msg::new(RTM_GETLINK, NLM_F_REQUEST | NLM_F_ACK);
         msg.ifinfo(AF_UNSPEC, 0, 0, 0);
         msg.attr_str(IFLA_IFNAME, name);
         let seq = self.send(msg)?;

@@ -128,7 +128,11 @@ pub(crate) fn unmount_dir(dir: &Path) -> io::Result<()> {
 
 /// Whether `path` is a mount point in this mount namespace.
 pub(crate) fn is_mount_point(path: &Path) -> io::Result<bool> {
-    let path = std::fs::canonicalize(path)?;
+    let path = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info.lines().any(|l| {
         l.split(' ')
