@@ -487,8 +487,12 @@ async fn a_sandbox_is_fenced_off_from_host_neighbours_and_metadata() {
     }
     let w = World::new(Slot(2));
     let config = LinuxNetConfig {
-        // The operator's allow-list: only the first fake server.
-        egress_only_to: Some(vec![cidr(&format!("{}/32", w.slot.server()))]),
+        // The operator's allow-list: only the first fake server, and the pool itself so
+        // that neighbours are kept apart by their own rules.
+        egress_only_to: Some(vec![
+            cidr(&format!("{}/32", w.slot.server())),
+            w.slot.pool(),
+        ]),
         ..w.config.clone()
     };
     let net = LinuxNet::start(config).unwrap();
@@ -526,11 +530,22 @@ async fn a_sandbox_is_fenced_off_from_host_neighbours_and_metadata() {
     servers.push(serve(listener, stop.clone(), None));
     assert!(reaches(&b, b_addr), "b from itself");
     let bridged = counter(&w.config, "bridge", "drop_bridged");
+    let routed = counter(&w.config, "inet", "drop_sandbox");
     assert!(!reaches(&a, b_addr), "a neighbour");
-    assert!(counter(&w.config, "bridge", "drop_bridged") > bridged);
+    // Bridged frames meet the bridge table; where br_netfilter also hands them to the IP
+    // hooks, the inet table's neighbour rule sees them first.
+    assert!(
+        counter(&w.config, "bridge", "drop_bridged") > bridged
+            || counter(&w.config, "inet", "drop_sandbox") > routed
+    );
+    assert!(
+        !reaches(&a, SocketAddrV4::new(b.gateway, 8083)),
+        "via the gateway"
+    );
 
     // Cloud metadata: dropped on the host, never routed anywhere.
     let metadata = counter(&w.config, "inet", "drop_metadata");
+    let operator = counter(&w.config, "inet", "drop_operator");
     let r = connect(
         &a,
         SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80),
@@ -538,6 +553,8 @@ async fn a_sandbox_is_fenced_off_from_host_neighbours_and_metadata() {
     );
     assert!(r.is_err(), "{r:?}");
     assert!(counter(&w.config, "inet", "drop_metadata") > metadata);
+    // Dropped by the metadata rule itself, not by the operator's allow-list after it.
+    assert_eq!(counter(&w.config, "inet", "drop_operator"), operator);
 
     // The operator's allow-list beats a sandbox's default policy.
     assert!(reaches(&a, w.server()));
