@@ -28,6 +28,7 @@ const TAIL_LINES: usize = 8;
 #[derive(Debug)]
 pub(crate) struct Output {
     pub(crate) status: ExitStatus,
+    #[cfg_attr(not(test), allow(dead_code))] // Read by the tests (`nft -j list`).
     pub(crate) stdout: String,
     pub(crate) stderr: String,
 }

@@ -29,7 +29,7 @@ use coppice_lifecycle::backend::{
 use serde::{Deserialize, Serialize};
 
 use crate::linux::command::HELPER;
-use crate::linux::netlink::Netlink;
+use crate::linux::netlink::{Flow, Netlink};
 use crate::nft::{update_script, Elements, Rules};
 use crate::pool::{check_overlap, resolvers, Pool};
 
@@ -345,9 +345,12 @@ impl LinuxNet {
         }
         let rules = config.rules(Pool::new(config.pool)?.gateway());
         note(nft(&rules.delete_script()));
-        let pool = config.pool.normalized().to_string();
-        note(conntrack_delete(&["-s", &pool]));
-        note(conntrack_delete(&["-d", &pool]));
+        let pool = config.pool;
+        note(delete_flows(|f| {
+            [f.orig.0, f.orig.1, f.reply.0, f.reply.1]
+                .iter()
+                .any(|a| pool.contains(*a))
+        }));
         note(
             netns::unmount_dir(&config.run_dir)
                 .map_err(|e| BackendError::io("unmount", &config.run_dir, e)),
@@ -511,9 +514,8 @@ impl Inner {
         {
             results.push(nft(&script).map(drop));
         }
-        let a = addr.to_string();
-        results.push(conntrack_delete(&["-s", &a]));
-        results.push(conntrack_delete(&["-d", &a]));
+        // After the link is gone, so no new entry can appear.
+        results.push(delete_flows(|f| f.involves(addr)));
         let record = self.record_path(id);
         results.push(match fs::remove_file(&record) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -744,43 +746,24 @@ fn nft(script: &str) -> Result<(), BackendError> {
     command::run(cmd, script.as_bytes(), HELPER).map(drop)
 }
 
-/// `conntrack -D <filter>`, which exits 1 when nothing matched.
-fn conntrack_delete(filter: &[&str]) -> Result<(), BackendError> {
-    let mut cmd = Command::new("conntrack");
-    cmd.arg("-D").args(filter);
-    let line = command::command_line(&cmd);
-    let out = command::output(cmd, b"", HELPER)?;
-    if out.status.success() || out.stderr.contains("0 flow entries") {
-        Ok(())
-    } else {
-        Err(BackendError::Command {
-            command: line,
-            status: out.status.to_string(),
-            stderr: out.stderr.trim().to_owned(),
-        })
+/// Deletes the conntrack entries `doomed` picks, in one walk of the table (its cost grows
+/// with the table's size, not with the number of entries deleted).
+fn delete_flows(doomed: impl Fn(&Flow) -> bool) -> Result<(), BackendError> {
+    let mut nl = Netlink::open_netfilter().map_err(|e| nl_err("open a conntrack socket", "", e))?;
+    let flows = nl
+        .flows()
+        .map_err(|e| nl_err("list conntrack entries", "", e))?;
+    for f in flows.iter().filter(|f| doomed(f)) {
+        nl.delete_flow(f)
+            .map_err(|e| nl_err("delete a conntrack entry of", &f.orig.0.to_string(), e))?;
     }
+    Ok(())
 }
 
 /// Deletes the conntrack entries of `addr` towards destinations `policy` now denies, so
 /// that nothing of a cut connection stays (the rules already drop its packets both ways).
 fn flush_denied(addr: Ipv4Addr, policy: &EgressPolicy) -> Result<(), BackendError> {
-    let mut cmd = Command::new("conntrack");
-    cmd.args(["-L", "-s", &addr.to_string()]);
-    let out = command::output(cmd, b"", HELPER)?;
-    let denied: BTreeSet<Ipv4Addr> = out
-        .stdout
-        .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("dst="))
-                .and_then(|d| d.parse().ok())
-        })
-        .filter(|dst| !policy.allows(*dst))
-        .collect();
-    for dst in denied {
-        conntrack_delete(&["-s", &addr.to_string(), "-d", &dst.to_string()])?;
-    }
-    Ok(())
+    delete_flows(|f| f.orig.0 == addr && !policy.allows(f.orig.1))
 }
 
 fn write_record(path: &Path, record: &Record) -> Result<(), BackendError> {
@@ -886,13 +869,12 @@ fn probe() -> Capabilities {
             .map(|_| "nft accepts a NAT table".to_owned())
             .map_err(|e| e.to_string()),
     );
-    let mut cmd = Command::new("conntrack");
-    cmd.arg("--version");
     feature(
         "conntrack",
-        command::run(cmd, b"", HELPER)
-            .map(|o| format!("{}{}", o.stdout.trim(), o.stderr.trim()))
-            .map_err(|e| e.to_string()),
+        Netlink::open_netfilter()
+            .and_then(|mut nl| nl.flows())
+            .map(|f| format!("ctnetlink lists {} IPv4 entries", f.len()))
+            .map_err(|e| format!("ctnetlink: {e}")),
     );
     Capabilities {
         driver: "linux-netns".into(),

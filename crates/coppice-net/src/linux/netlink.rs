@@ -1,4 +1,5 @@
-//! A small rtnetlink client: just the link, address and route messages the driver needs.
+//! A small netlink client: the rtnetlink link, address and route messages the driver needs,
+//! and conntrack's dump and delete.
 //!
 //! Hand-written rather than the `rtnetlink` crate: the driver makes about ten requests per
 //! sandbox on the create path, all synchronous on a blocking thread, and this is some 300
@@ -53,6 +54,17 @@ const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RTN_UNICAST: u8 = 1;
 
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const CT_GET: u16 = NFNL_SUBSYS_CTNETLINK << 8 | 1;
+const CT_DELETE: u16 = NFNL_SUBSYS_CTNETLINK << 8 | 2;
+const NFNETLINK_V0: u8 = 0;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+
 const AF_NETLINK: libc::sa_family_t = 16;
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
@@ -81,7 +93,8 @@ pub(crate) struct Route {
     pub(crate) oif: Option<u32>,
 }
 
-/// An `NETLINK_ROUTE` socket of the namespace it was opened in.
+/// A netlink socket (`NETLINK_ROUTE` or `NETLINK_NETFILTER`) of the namespace it was
+/// opened in.
 #[derive(Debug)]
 pub(crate) struct Netlink {
     fd: OwnedFd,
@@ -89,14 +102,23 @@ pub(crate) struct Netlink {
 }
 
 impl Netlink {
-    /// Opens a socket in the calling thread's network namespace.
+    /// Opens an rtnetlink socket in the calling thread's network namespace.
     pub(crate) fn open() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// Opens a netfilter netlink socket (conntrack) in the calling thread's namespace.
+    pub(crate) fn open_netfilter() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_NETFILTER)
+    }
+
+    fn open_protocol(protocol: libc::c_int) -> io::Result<Self> {
         // SAFETY: plain socket call; the result is checked before it is wrapped.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
+                protocol,
             )
         };
         if fd < 0 {
@@ -402,6 +424,90 @@ impl Netlink {
 /// The size of `T` as a socket length (a few bytes: it fits).
 fn socklen<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
+}
+
+/// One conntrack entry, as much of it as the driver needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Flow {
+    /// Source and destination of the original direction.
+    pub(crate) orig: (Ipv4Addr, Ipv4Addr),
+    /// Source and destination of the reply direction (differs from `orig` under NAT).
+    pub(crate) reply: (Ipv4Addr, Ipv4Addr),
+    /// The original tuple as the kernel sent it, to name the entry in a delete.
+    tuple: Vec<u8>,
+    /// Its conntrack zone, if not the default.
+    zone: Option<Vec<u8>>,
+}
+
+impl Flow {
+    /// Whether `addr` is any end of either direction.
+    pub(crate) fn involves(&self, addr: Ipv4Addr) -> bool {
+        [self.orig.0, self.orig.1, self.reply.0, self.reply.1].contains(&addr)
+    }
+}
+
+impl Netlink {
+    /// Every IPv4 conntrack entry of the socket's namespace (one walk of the table).
+    pub(crate) fn flows(&mut self) -> io::Result<Vec<Flow>> {
+        let mut msg = Msg::new(CT_GET, NLM_F_REQUEST | NLM_F_DUMP);
+        msg.push(&[AF_INET, NFNETLINK_V0, 0, 0]);
+        let mut out = Vec::new();
+        for p in self.dump(msg)? {
+            let Some(body) = p.get(4..) else { continue };
+            let mut orig = None;
+            let mut reply = None;
+            let mut zone = None;
+            for (ty, v) in attrs(body) {
+                match ty {
+                    CTA_TUPLE_ORIG => orig = Some((tuple_addrs(v), v.to_vec())),
+                    CTA_TUPLE_REPLY => reply = Some(tuple_addrs(v)),
+                    CTA_ZONE => zone = Some(v.to_vec()),
+                    _ => {}
+                }
+            }
+            if let (Some((Some(o), tuple)), Some(Some(r))) = (orig, reply) {
+                out.push(Flow {
+                    orig: o,
+                    reply: r,
+                    tuple,
+                    zone,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes one conntrack entry; `false` if it was gone already.
+    pub(crate) fn delete_flow(&mut self, flow: &Flow) -> io::Result<bool> {
+        let mut msg = Msg::new(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK);
+        msg.push(&[AF_INET, NFNETLINK_V0, 0, 0]);
+        let t = msg.begin(CTA_TUPLE_ORIG);
+        msg.push(&flow.tuple);
+        msg.end(t);
+        if let Some(z) = &flow.zone {
+            msg.attr(CTA_ZONE, z);
+        }
+        match self.ack(msg) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Source and destination of a `CTA_TUPLE_*` value.
+fn tuple_addrs(tuple: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let (_, ip) = attrs(tuple).find(|(ty, _)| *ty == CTA_TUPLE_IP)?;
+    let mut src = None;
+    let mut dst = None;
+    for (ty, v) in attrs(ip) {
+        match ty {
+            CTA_IP_V4_SRC => src = ipv4(v),
+            CTA_IP_V4_DST => dst = ipv4(v),
+            _ => {}
+        }
+    }
+    Some((src?, dst?))
 }
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
