@@ -743,3 +743,52 @@ fn a_pool_that_collides_with_the_host_is_refused() {
     assert!(!links().contains(&w.config.bridge), "nothing was made");
     assert!(!w.config.run_dir.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_attaches_get_distinct_working_networks() {
+    if !capable("concurrent_attaches_get_distinct_working_networks") {
+        return;
+    }
+    let w = World::new(Slot(6));
+    let net = w.start();
+    // A /28 holds 13 sandboxes: fill it at once, then one more is refused.
+    let ids: Vec<SandboxId> = (0..13).map(|i| id(&format!("c{i}"))).collect();
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|i| {
+            let (net, i) = (net.clone(), i.clone());
+            tokio::spawn(async move { net.attach(&i, &NetSpec::default()).await })
+        })
+        .collect();
+    let mut addrs = std::collections::BTreeSet::new();
+    let mut all = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap().unwrap();
+        assert!(addrs.insert(a.address.addr()), "{a:?}");
+        all.push(a);
+    }
+    let full = net.attach(&id("onemore"), &NetSpec::default()).await;
+    assert!(
+        matches!(full, Err(BackendError::InvalidState { .. })),
+        "{full:?}"
+    );
+    for a in all.iter().step_by(4) {
+        assert!(reaches(a, w.server()), "{}", a.id);
+    }
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|i| {
+            let (net, i) = (net.clone(), i.clone());
+            tokio::spawn(async move { net.release(&i).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let prefix = &w.config.link_prefix;
+    assert!(!links().iter().any(|l| l.starts_with(prefix)));
+    assert!(std::fs::read_dir(&w.config.run_dir)
+        .unwrap()
+        .next()
+        .is_none());
+}
