@@ -115,6 +115,7 @@ impl Rules<'_> {
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    iifname \"{bridge}\" tcp flags syn tcp option maxseg size set rt mtu
     iifname \"{bridge}\" jump sandbox_out
     oifname \"{bridge}\" ct state established,related jump sandbox_reply
     oifname \"{bridge}\" counter name {inbound} drop
@@ -310,6 +311,10 @@ mod tests {
         );
         assert!(text.contains("ip saddr 198.51.100.128/26 oifname != \"coppice0\" masquerade"));
         assert!(text.contains("iifname \"cpv*\" counter name drop_bridged drop"));
+        // Uplinks with a small MTU (1400 on our machines) must not black-hole sandbox TCP.
+        assert!(
+            text.contains("iifname \"coppice0\" tcp flags syn tcp option maxseg size set rt mtu")
+        );
     }
 
     #[test]
