@@ -241,9 +241,22 @@ mod tests {
         };
         assert!(status.contains("timed out"), "{status}");
         let background: libc::pid_t = stderr.trim().parse().unwrap();
-        // The background sleep was in the group: SIGKILLed, so gone or a zombie.
-        let state = std::fs::read_to_string(format!("/proc/{background}/stat")).unwrap_or_default();
-        let state = state.rsplit_once(')').map(|(_, r)| r.trim().chars().next());
-        assert!(matches!(state, None | Some(Some('Z'))), "{state:?}");
+        // The background sleep was in the group: SIGKILLed, so soon gone or a zombie.
+        let dead = || {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{background}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(')').map(|(_, r)| r.trim().chars().next());
+            matches!(state, None | Some(Some('Z')))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !dead() && std::time::Instant::now() < deadline {
+            #[allow(clippy::disallowed_methods)] // A plain test thread.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !dead() {
+            // SAFETY: kill touches no memory; leave no `sleep 600` behind.
+            unsafe { libc::kill(background, libc::SIGKILL) };
+            panic!("background sleep {background} outlived its group");
+        }
     }
 }

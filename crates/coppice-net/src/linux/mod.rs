@@ -484,6 +484,7 @@ impl Inner {
         {
             nft(&script)?;
         }
+        wait_forwarding(&link);
         Ok(elements)
     }
 
@@ -610,9 +611,16 @@ impl Inner {
         for entry in unconfirmed {
             let id = &entry.attachment.id;
             let addr = entry.attachment.address.addr();
+            // A netlink error is not evidence that the link is gone: it fails the recovery
+            // rather than tearing down a live sandbox's network.
+            let link = self.link_name(addr);
+            let has_link = nl
+                .link_index(&link)
+                .map_err(|e| nl_err("look up", &link, e))?
+                .is_some();
             let intact = live.contains(id)
-                && fs::File::open(self.ns_path(id)).is_ok_and(|f| netns::is_namespace(&f))
-                && matches!(nl.link_index(&self.link_name(addr)), Ok(Some(_)));
+                && has_link
+                && fs::File::open(self.ns_path(id)).is_ok_and(|f| netns::is_namespace(&f));
             if intact {
                 if let Some(e) = self.lock().entries.get_mut(id) {
                     e.phase = Phase::Ready;
@@ -737,6 +745,32 @@ async fn blocking<T: Send + 'static>(
 
 fn nl_err(op: &'static str, what: &str, e: io::Error) -> BackendError {
     BackendError::io(op, what, e)
+}
+
+/// How long an attach waits for its bridge port to forward.
+const PORT_READY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until the bridge forwards on `link`. The bridge enables a port only when the
+/// kernel's link-watch work sees the veth's carrier, asynchronously and under the rtnl lock:
+/// on a busy host that is tens to hundreds of milliseconds after the link came up, and a
+/// sandbox's first SYN sent before then is dropped and retried a second later.
+fn wait_forwarding(link: &str) {
+    let state = format!("/sys/class/net/{link}/brport/state");
+    let start = std::time::Instant::now();
+    // 3 is BR_STATE_FORWARDING.
+    while fs::read_to_string(&state)
+        .map(|s| s.trim() != "3")
+        .unwrap_or(true)
+    {
+        if start.elapsed() > PORT_READY {
+            tracing::warn!(%link, "bridge port not forwarding after {PORT_READY:?}");
+            return;
+        }
+        // This runs on a blocking thread, never on a tokio worker.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+    tracing::trace!(%link, waited = ?start.elapsed(), "bridge port forwarding");
 }
 
 /// Runs one `nft -f -` transaction.
