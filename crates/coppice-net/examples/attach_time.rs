@@ -1,9 +1,11 @@
 //! Measures the Linux driver's attach and release, one sandbox at a time, as root:
-//! `cargo run --release -p coppice-net --example attach_time -- [N] [policy]`.
+//! `cargo run --release -p coppice-net --example attach_time -- [N] [policy] [ready]`.
 //!
 //! Uses the pool 198.51.100.240/28 (TEST-NET-2), the bridge `cpbenchbr` and the table
 //! `coppice_bench`, and removes them at the end. With `policy`, each sandbox gets a
 //! non-default egress policy, which costs one `nft` transaction per attach and release.
+//! With `ready`, a ready namespace is made (untimed) before each attach, which then only
+//! moves it into place.
 
 #![allow(clippy::print_stdout)] // A measuring tool: it reports on stdout.
 
@@ -16,7 +18,9 @@ use coppice_net::{LinuxNet, LinuxNetConfig};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map_or(Ok(50), |a| a.parse())?;
-    let with_policy = args.next().as_deref() == Some("policy");
+    let rest: Vec<String> = args.collect();
+    let with_policy = rest.iter().any(|a| a == "policy");
+    let ready = rest.iter().any(|a| a == "ready");
     let dir = std::env::temp_dir().join(format!("coppice-net-bench-{}", std::process::id()));
     let config = LinuxNetConfig {
         bridge: "cpbenchbr".into(),
@@ -24,6 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         link_prefix: "cpbv".into(),
         egress_only_to: Some(vec!["198.51.100.0/24".parse()?]),
         global_forwarding: false,
+        ready_namespaces: usize::from(ready),
         ..LinuxNetConfig::new(&dir, "198.51.100.240/28".parse()?)
     };
     let spec = if with_policy {
@@ -42,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let result = async {
         for i in 0..n {
             let id = SandboxId::new(format!("bench{i}"))?;
+            net.fill_ready().await?;
             let t = Instant::now();
             net.attach(&id, &spec).await?;
             attach.push(t.elapsed());
@@ -56,12 +62,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_dir(&dir);
     result?;
     println!(
-        "{n} sandboxes, {} policy: attach p50 {} p90 {}, release p50 {} p90 {}",
+        "{n} sandboxes, {} policy{}: attach p50 {} p90 {}, release p50 {} p90 {}",
         if with_policy {
             "non-default"
         } else {
             "default"
         },
+        if ready { ", ready namespaces" } else { "" },
         ms(&mut attach, 50),
         ms(&mut attach, 90),
         ms(&mut release, 50),

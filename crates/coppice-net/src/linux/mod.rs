@@ -60,6 +60,10 @@ pub struct LinuxNetConfig {
     pub allow_metadata: bool,
     /// If set, the only destinations any sandbox may reach, whatever its policy.
     pub egress_only_to: Option<Vec<Ipv4Cidr>>,
+    /// How many ready namespaces [`LinuxNet::fill_ready`] keeps (default 0): fully made
+    /// (veth, address, route) with an address taken, so an attach only moves one into place
+    /// and records it.
+    pub ready_namespaces: usize,
     /// Turn on IPv4 forwarding host-wide (`net.ipv4.ip_forward`), as NAT through the host's
     /// default route needs; default true. When false, forwarding is turned on for the bridge
     /// only and the operator enables it on the uplinks.
@@ -78,6 +82,7 @@ impl LinuxNetConfig {
             dns: None,
             allow_metadata: false,
             egress_only_to: None,
+            ready_namespaces: 0,
             global_forwarding: true,
         }
     }
@@ -141,12 +146,16 @@ struct Inner {
     gateway: Ipv4Addr,
     bridge_index: u32,
     state: Mutex<State>,
+    /// Held by [`Inner::fill_ready`], so two fills do not overshoot.
+    filling: Mutex<()>,
 }
 
 #[derive(Debug)]
 struct State {
     pool: Pool,
     entries: BTreeMap<SandboxId, Entry>,
+    /// Addresses of the ready namespaces, each at [`Inner::ready_path`].
+    ready: Vec<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +235,11 @@ impl LinuxNet {
                     })?
             }
         };
+        // A bridge without an address of its own takes the lowest of its ports' and changes
+        // it when that port goes: every sandbox's cached gateway MAC would then be wrong
+        // until its ARP entry expired. A fixed address never changes.
+        nl.set_mac(bridge_index, bridge_mac(&config.bridge))
+            .map_err(|e| nl_err("set the address of", &config.bridge, e))?;
         let prefix = pool.cidr().prefix();
         let gw_cidr = Ipv4Cidr::new(gateway, prefix)?;
         nl.add_addr(bridge_index, gw_cidr)
@@ -291,9 +305,27 @@ impl LinuxNet {
                 config,
                 gateway,
                 bridge_index,
-                state: Mutex::new(State { pool, entries }),
+                state: Mutex::new(State {
+                    pool,
+                    entries,
+                    ready: Vec::new(),
+                }),
+                filling: Mutex::new(()),
             }),
         })
+    }
+
+    /// Makes ready namespaces until there are [`LinuxNetConfig::ready_namespaces`] (each
+    /// holds a pool address meanwhile); returns how many it made. For a background filler:
+    /// call it after [`Network::recover`] and after attaches.
+    pub async fn fill_ready(&self) -> Result<usize, BackendError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.fill_ready()).await
+    }
+
+    /// How many ready namespaces wait.
+    pub fn ready_count(&self) -> usize {
+        self.inner.lock().ready.len()
     }
 
     /// The configuration it runs with.
@@ -376,13 +408,19 @@ impl Inner {
         self.config.run_dir.join(format!("{id}.json"))
     }
 
+    /// Where a ready namespace waits; not a valid sandbox id, so never a sandbox's path.
+    fn ready_path(&self, addr: Ipv4Addr) -> PathBuf {
+        let offset = u32::from(addr) - u32::from(self.config.pool.network());
+        self.config.run_dir.join(format!("ready-{offset:x}"))
+    }
+
     fn link_name(&self, addr: Ipv4Addr) -> String {
         let offset = u32::from(addr) - u32::from(self.config.pool.network());
         format!("{}{offset:x}", self.config.link_prefix)
     }
 
     fn attach(&self, id: &SandboxId, spec: &NetSpec) -> Result<NetAttachment, BackendError> {
-        let attachment = {
+        let (attachment, warm) = {
             let mut state = self.lock();
             if state.entries.contains_key(id) {
                 return Err(BackendError::AlreadyExists {
@@ -390,14 +428,18 @@ impl Inner {
                     id: id.to_string(),
                 });
             }
-            let addr = state.pool.take().map_err(|e| match e {
-                BackendError::InvalidState { op, reason, .. } => BackendError::InvalidState {
-                    op,
-                    id: id.to_string(),
-                    reason,
-                },
-                e => e,
-            })?;
+            let warm = state.ready.pop();
+            let addr = match warm {
+                Some(addr) => addr,
+                None => state.pool.take().map_err(|e| match e {
+                    BackendError::InvalidState { op, reason, .. } => BackendError::InvalidState {
+                        op,
+                        id: id.to_string(),
+                        reason,
+                    },
+                    e => e,
+                })?,
+            };
             let attachment = NetAttachment {
                 id: id.clone(),
                 address: Ipv4Cidr::new(addr, state.pool.cidr().prefix())?,
@@ -415,10 +457,10 @@ impl Inner {
                     phase: Phase::Building,
                 },
             );
-            attachment
+            (attachment, warm.is_some())
         };
         let addr = attachment.address.addr();
-        match self.build(&attachment) {
+        match self.build(&attachment, warm) {
             Ok(elements) => {
                 let mut state = self.lock();
                 if let Some(e) = state.entries.get_mut(id) {
@@ -430,7 +472,13 @@ impl Inner {
             }
             Err(e) => {
                 // `build` applies the set elements last and atomically: none are in.
-                let undone = self.remove_parts(id, addr, &Elements::default());
+                let mut undone = self.remove_parts(id, addr, &Elements::default());
+                if warm {
+                    undone = undone.and(
+                        netns::remove(&self.ready_path(addr))
+                            .map_err(|e| BackendError::io("remove", self.ready_path(addr), e)),
+                    );
+                }
                 let mut state = self.lock();
                 state.entries.remove(id);
                 if undone.is_ok() {
@@ -441,8 +489,9 @@ impl Inner {
         }
     }
 
-    /// Makes the namespace, the veth pair, addresses and route, and the set elements.
-    fn build(&self, a: &NetAttachment) -> Result<Elements, BackendError> {
+    /// Records the sandbox, puts its namespace in place (a ready one moved, or a new one
+    /// made), and adds its set elements.
+    fn build(&self, a: &NetAttachment, warm: bool) -> Result<Elements, BackendError> {
         let addr = a.address.addr();
         write_record(
             &self.record_path(&a.id),
@@ -452,8 +501,28 @@ impl Inner {
             },
         )?;
         let path = self.ns_path(&a.id);
-        let (ns, mut ns_nl) = netns::create(&path)
-            .map_err(|e| BackendError::io("create network namespace", &path, e))?;
+        if warm {
+            let ready = self.ready_path(addr);
+            netns::move_mount(&ready, &path)
+                .map_err(|e| BackendError::io("move a ready network namespace to", &path, e))?;
+        } else {
+            self.make_namespace(&path, addr)?;
+        }
+        let elements = Elements::of(&a.policy);
+        if let Some(script) =
+            update_script(&self.config.table, addr, &Elements::default(), &elements)
+        {
+            nft(&script)?;
+        }
+        Ok(elements)
+    }
+
+    /// Makes a network namespace pinned at `path`: `lo` up, `eth0` with `addr` and the
+    /// default route, its peer a forwarding port of the bridge.
+    fn make_namespace(&self, path: &Path, addr: Ipv4Addr) -> Result<(), BackendError> {
+        let prefix = self.config.pool.prefix();
+        let (ns, mut ns_nl) = netns::create(path)
+            .map_err(|e| BackendError::io("create network namespace", path, e))?;
         let link = self.link_name(addr);
         let mut nl = Netlink::open().map_err(|e| nl_err("open netlink socket", "", e))?;
         nl.new_veth(
@@ -468,24 +537,52 @@ impl Inner {
             .and_then(|i| i.ok_or_else(|| io::ErrorKind::NotFound.into()))
             .map_err(|e| nl_err("look up", &link, e))?;
         nl.set_up(host).map_err(|e| nl_err("set up", &link, e))?;
-        let inside = |e| BackendError::io("configure eth0 in", &path, e);
+        let inside = |e| BackendError::io("configure eth0 in", path, e);
         let eth0 = ns_nl
             .link_index(SANDBOX_INTERFACE)
             .and_then(|i| i.ok_or_else(|| io::ErrorKind::NotFound.into()))
             .map_err(inside)?;
-        ns_nl.add_addr(eth0, a.address).map_err(inside)?;
+        ns_nl
+            .add_addr(eth0, Ipv4Cidr::new(addr, prefix)?)
+            .map_err(inside)?;
         ns_nl.set_up(eth0).map_err(inside)?;
         ns_nl
             .add_default_route(self.gateway, eth0)
             .map_err(inside)?;
-        let elements = Elements::of(&a.policy);
-        if let Some(script) =
-            update_script(&self.config.table, addr, &Elements::default(), &elements)
-        {
-            nft(&script)?;
-        }
         wait_forwarding(&link);
-        Ok(elements)
+        Ok(())
+    }
+
+    /// Makes ready namespaces until there are [`LinuxNetConfig::ready_namespaces`]; returns
+    /// how many it made.
+    fn fill_ready(&self) -> Result<usize, BackendError> {
+        let _one_at_a_time = self
+            .filling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut made = 0;
+        loop {
+            let addr = {
+                let mut state = self.lock();
+                if state.ready.len() >= self.config.ready_namespaces {
+                    return Ok(made);
+                }
+                state.pool.take()?
+            };
+            let path = self.ready_path(addr);
+            if let Err(e) = self.make_namespace(&path, addr) {
+                let link = self.link_name(addr);
+                let undone = Netlink::open()
+                    .and_then(|mut nl| nl.del_link(&link))
+                    .and_then(|_| netns::remove(&path));
+                if undone.is_ok() {
+                    self.lock().pool.put(addr);
+                }
+                return Err(e);
+            }
+            self.lock().ready.push(addr);
+            made += 1;
+        }
     }
 
     /// Removes everything of one sandbox; tries every step and reports the first failure.
@@ -644,13 +741,25 @@ impl Inner {
         // Strays: namespace files and records with no entry, ports with no owner.
         let (known, links): (BTreeSet<String>, BTreeSet<String>) = {
             let state = self.lock();
+            let ready_names = state.ready.iter().map(|a| {
+                self.ready_path(*a)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            let addrs = state
+                .entries
+                .values()
+                .map(|e| e.attachment.address.addr())
+                .chain(state.ready.iter().copied());
             (
-                state.entries.keys().map(ToString::to_string).collect(),
                 state
                     .entries
-                    .values()
-                    .map(|e| self.link_name(e.attachment.address.addr()))
+                    .keys()
+                    .map(ToString::to_string)
+                    .chain(ready_names)
                     .collect(),
+                addrs.map(|a| self.link_name(a)).collect(),
             )
         };
         if let Ok(dir) = fs::read_dir(&self.config.run_dir) {
@@ -745,6 +854,16 @@ async fn blocking<T: Send + 'static>(
 
 fn nl_err(op: &'static str, what: &str, e: io::Error) -> BackendError {
     BackendError::io(op, what, e)
+}
+
+/// A locally administered unicast MAC derived from the bridge's name (FNV-1a), the same on
+/// every start.
+fn bridge_mac(name: &str) -> [u8; 6] {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = hash.to_be_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
 /// How long an attach waits for its bridge port to forward.

@@ -31,6 +31,7 @@ const RTM_GETADDR: u16 = 22;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
@@ -297,6 +298,14 @@ impl Netlink {
         msg.end(peer_info);
         msg.end(data);
         msg.end(info);
+        self.ack(msg)
+    }
+
+    /// Sets a link's hardware address.
+    pub(crate) fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> io::Result<()> {
+        let mut msg = Msg::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK);
+        msg.ifinfo(AF_UNSPEC, index, 0, 0);
+        msg.attr(IFLA_ADDRESS, &mac);
         self.ack(msg)
     }
 

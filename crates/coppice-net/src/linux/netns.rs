@@ -42,6 +42,29 @@ pub(crate) fn create(path: &Path) -> io::Result<(File, Netlink)> {
     }
 }
 
+/// Moves the namespace mount at `from` to `to` (which must not exist) and removes the file
+/// left under `from`.
+pub(crate) fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
+    File::options().write(true).create_new(true).open(to)?;
+    let (f, t) = (cpath(from)?, cpath(to)?);
+    // SAFETY: valid C strings; a move takes no filesystem type or data.
+    let r = unsafe {
+        libc::mount(
+            f.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(to);
+        return Err(e);
+    }
+    std::fs::remove_file(from)
+}
+
 /// Unmounts and unlinks a namespace file; missing pieces are not an error.
 pub(crate) fn remove(path: &Path) -> io::Result<()> {
     let c = cpath(path)?;

@@ -793,8 +793,27 @@ async fn concurrent_attaches_get_distinct_working_networks() {
     for a in all.iter().step_by(4) {
         assert!(reaches(a, w.server()), "{}", a.id);
     }
+    let mac =
+        || std::fs::read_to_string(format!("/sys/class/net/{}/address", w.config.bridge)).unwrap();
+    let before = mac();
+    // A bridge without an address of its own would take its lowest port's: releasing that
+    // sandbox would change it under every other sandbox's cached gateway MAC.
+    let lowest = all
+        .iter()
+        .min_by_key(|a| {
+            let offset = u32::from(a.address.addr()) - u32::from(w.slot.pool().network());
+            let link = format!("{}{offset:x}", w.config.link_prefix);
+            std::fs::read_to_string(format!("/sys/class/net/{link}/address")).unwrap()
+        })
+        .unwrap();
+    let a_neighbour = all.iter().find(|a| a.id != lowest.id).unwrap();
+    assert!(reaches(a_neighbour, w.server()));
+    net.release(&lowest.id).await.unwrap();
+    assert_eq!(mac(), before);
+    assert!(reaches(a_neighbour, w.server()), "after a neighbour left");
     let tasks: Vec<_> = ids
         .iter()
+        .filter(|i| **i != lowest.id)
         .map(|i| {
             let (net, i) = (net.clone(), i.clone());
             tokio::spawn(async move { net.release(&i).await })
@@ -809,4 +828,51 @@ async fn concurrent_attaches_get_distinct_working_networks() {
         .unwrap()
         .next()
         .is_none());
+}
+
+#[tokio::test]
+async fn ready_namespaces_make_attach_a_move() {
+    if !capable("ready_namespaces_make_attach_a_move") {
+        return;
+    }
+    let w = World::new(Slot(7));
+    let config = LinuxNetConfig {
+        ready_namespaces: 2,
+        ..w.config.clone()
+    };
+    let net = LinuxNet::start(config.clone()).unwrap();
+    assert_eq!(net.fill_ready().await.unwrap(), 2);
+    assert_eq!(net.ready_count(), 2);
+    let ready = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(ready(&config.run_dir), ["ready-2", "ready-3"]);
+
+    // An attach takes a ready one (the last made), moved to the sandbox's path.
+    let a = net
+        .attach(&id("warm"), &policy(false, &[w.slot.fake_net()], &[]))
+        .await
+        .unwrap();
+    assert_eq!(a.address.addr(), ip(128 + 16 * 7 + 3));
+    assert_eq!(ready(&config.run_dir), ["ready-2", "warm", "warm.json"]);
+    assert!(netns::is_mount_point(a.namespace.as_ref().unwrap()).unwrap());
+    assert!(reaches(&a, w.server()));
+    assert!(set_elements(&config, "no_internet").contains(&a.address.addr().to_string()));
+    assert_eq!(net.fill_ready().await.unwrap(), 1);
+
+    // A restart removes the ready ones (they hold no sandbox) and keeps the sandbox.
+    let second = LinuxNet::start(config.clone()).unwrap();
+    let kept = second.recover(&[id("warm")]).await.unwrap();
+    assert_eq!(kept, std::slice::from_ref(&a));
+    assert_eq!(ready(&config.run_dir), ["warm", "warm.json"]);
+    let prefix = &config.link_prefix;
+    assert_eq!(links().iter().filter(|l| l.starts_with(prefix)).count(), 1);
+    assert!(reaches(&a, w.server()));
+    second.release(&id("warm")).await.unwrap();
+    assert!(ready(&config.run_dir).is_empty());
 }
