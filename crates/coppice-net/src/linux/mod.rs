@@ -29,7 +29,7 @@ use coppice_lifecycle::backend::{
 use serde::{Deserialize, Serialize};
 
 use crate::linux::command::HELPER;
-use crate::linux::netlink::{Flow, Netlink};
+use crate::linux::netlink::{Flow, Netlink, SetChange};
 use crate::nft::{update_script, Elements, Rules};
 use crate::pool::{check_overlap, resolvers, Pool};
 
@@ -408,6 +408,22 @@ impl Inner {
         self.config.run_dir.join(format!("{id}.json"))
     }
 
+    /// Turns the set elements of the sandbox at `addr` from `old` into `new`, in one
+    /// nftables transaction over netlink (no helper process).
+    fn change_sets(
+        &self,
+        addr: Ipv4Addr,
+        old: &Elements,
+        new: &Elements,
+    ) -> Result<(), BackendError> {
+        if old == new {
+            return Ok(());
+        }
+        Netlink::open_netfilter()
+            .and_then(|mut nl| nl.change_sets(&self.config.table, &set_changes(addr, old, new)))
+            .map_err(|e| nl_err("update the nftables sets of", &addr.to_string(), e))
+    }
+
     /// Where a ready namespace waits; not a valid sandbox id, so never a sandbox's path.
     fn ready_path(&self, addr: Ipv4Addr) -> PathBuf {
         let offset = u32::from(addr) - u32::from(self.config.pool.network());
@@ -509,11 +525,7 @@ impl Inner {
             self.make_namespace(&path, addr)?;
         }
         let elements = Elements::of(&a.policy);
-        if let Some(script) =
-            update_script(&self.config.table, addr, &Elements::default(), &elements)
-        {
-            nft(&script)?;
-        }
+        self.change_sets(addr, &Elements::default(), &elements)?;
         Ok(elements)
     }
 
@@ -607,11 +619,7 @@ impl Inner {
             netns::remove(&path)
                 .map_err(|e| BackendError::io("remove network namespace", &path, e)),
         );
-        if let Some(script) =
-            update_script(&self.config.table, addr, elements, &Elements::default())
-        {
-            results.push(nft(&script).map(drop));
-        }
+        results.push(self.change_sets(addr, elements, &Elements::default()));
         // After the link is gone, so no new entry can appear.
         results.push(delete_flows(|f| f.involves(addr)));
         let record = self.record_path(id);
@@ -635,9 +643,7 @@ impl Inner {
             let entry = ready(&mut state, id, "update the network policy of")?;
             let new = Elements::of(policy);
             let addr = entry.attachment.address.addr();
-            if let Some(script) = update_script(&self.config.table, addr, &entry.elements, &new) {
-                nft(&script)?;
-            }
+            self.change_sets(addr, &entry.elements, &new)?;
             entry.elements = new;
             entry.attachment.policy = policy.clone();
             write_record(
@@ -854,6 +860,37 @@ async fn blocking<T: Send + 'static>(
 
 fn nl_err(op: &'static str, what: &str, e: io::Error) -> BackendError {
     BackendError::io(op, what, e)
+}
+
+/// The set changes that turn `old` into `new` for the sandbox at `addr`: deletions first,
+/// so an element in both is deleted and added again within the one transaction.
+fn set_changes(addr: Ipv4Addr, old: &Elements, new: &Elements) -> Vec<SetChange> {
+    let a = addr.octets();
+    let key = |c: &Ipv4Cidr| [a, c.network().octets()].concat();
+    let key_end = |c: &Ipv4Cidr| [a, c.last().octets()].concat();
+    let pairs = |list: &[Ipv4Cidr]| -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        list.iter().map(|c| (key(c), Some(key_end(c)))).collect()
+    };
+    let mut changes = Vec::new();
+    for (add, e) in [(false, old), (true, new)] {
+        if e.no_internet {
+            changes.push(SetChange {
+                set: "no_internet",
+                add,
+                elements: vec![(a.to_vec(), None)],
+            });
+        }
+        for (set, list) in [("allow_out", &e.allow), ("deny_out", &e.deny)] {
+            if !list.is_empty() {
+                changes.push(SetChange {
+                    set,
+                    add,
+                    elements: pairs(list),
+                });
+            }
+        }
+    }
+    changes
 }
 
 /// A locally administered unicast MAC derived from the bridge's name (FNV-1a), the same on

@@ -66,6 +66,20 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
 
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = NFNL_SUBSYS_NFTABLES << 8 | 12;
+const NFT_MSG_DELSETELEM: u16 = NFNL_SUBSYS_NFTABLES << 8 | 14;
+const NFPROTO_INET: u8 = 1;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+const NFTA_DATA_VALUE: u16 = 1;
+
 const AF_NETLINK: libc::sa_family_t = 16;
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
@@ -151,25 +165,7 @@ impl Netlink {
 
     fn send(&mut self, mut msg: Msg) -> io::Result<u32> {
         self.seq = self.seq.wrapping_add(1);
-        let bytes = msg.finish(self.seq);
-        // SAFETY: `sockaddr_nl` is plain integers, for which all zeroes is valid; zero
-        // `nl_pid` addresses the kernel.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = AF_NETLINK;
-        // SAFETY: `bytes` and `addr` are valid for the lengths passed.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                0,
-                (&raw const addr).cast(),
-                socklen::<libc::sockaddr_nl>(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.send_raw(msg.finish(self.seq))?;
         Ok(self.seq)
     }
 
@@ -501,6 +497,119 @@ impl Netlink {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// One change to an nftables set: elements added or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetChange {
+    /// The set, in the `inet` table the transaction names.
+    pub(crate) set: &'static str,
+    /// Add (true) or delete.
+    pub(crate) add: bool,
+    /// Each element's key and, for interval sets, its key end (network byte order, every
+    /// field padded to 4 bytes).
+    pub(crate) elements: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Netlink {
+    /// Applies `changes` to sets of the `inet` table `table` in one nftables transaction:
+    /// all or nothing.
+    pub(crate) fn change_sets(&mut self, table: &str, changes: &[SetChange]) -> io::Result<()> {
+        let mut batch = Vec::new();
+        // A `struct nfgenmsg` whose `res_id` (network order) names the subsystem.
+        let subsys = NFNL_SUBSYS_NFTABLES.to_be_bytes();
+        let nfgen = [AF_UNSPEC, NFNETLINK_V0, subsys[0], subsys[1]];
+        let mut begin = Msg::new(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST);
+        begin.push(&nfgen);
+        let mut expected = Vec::new();
+        self.seq = self.seq.wrapping_add(1);
+        batch.extend_from_slice(begin.finish(self.seq));
+        for c in changes {
+            let ty = if c.add {
+                NFT_MSG_NEWSETELEM
+            } else {
+                NFT_MSG_DELSETELEM
+            };
+            let flags = NLM_F_REQUEST | NLM_F_ACK | if c.add { NLM_F_CREATE } else { 0 };
+            let mut msg = Msg::new(ty, flags);
+            msg.push(&[NFPROTO_INET, NFNETLINK_V0, 0, 0]);
+            msg.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+            msg.attr_str(NFTA_SET_ELEM_LIST_SET, c.set);
+            let list = msg.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+            for (key, end) in &c.elements {
+                let elem = msg.begin(NFTA_LIST_ELEM);
+                let k = msg.begin(NFTA_SET_ELEM_KEY);
+                msg.attr(NFTA_DATA_VALUE, key);
+                msg.end(k);
+                if let Some(end) = end {
+                    let e = msg.begin(NFTA_SET_ELEM_KEY_END);
+                    msg.attr(NFTA_DATA_VALUE, end);
+                    msg.end(e);
+                }
+                msg.end(elem);
+            }
+            msg.end(list);
+            self.seq = self.seq.wrapping_add(1);
+            expected.push(self.seq);
+            batch.extend_from_slice(msg.finish(self.seq));
+        }
+        let mut end = Msg::new(NFNL_MSG_BATCH_END, NLM_F_REQUEST);
+        end.push(&nfgen);
+        self.seq = self.seq.wrapping_add(1);
+        batch.extend_from_slice(end.finish(self.seq));
+        self.send_raw(&batch)?;
+        // One ack per change; the first error means the kernel aborted the transaction.
+        let mut buf = vec![0u8; 64 * 1024];
+        while !expected.is_empty() {
+            let n = recv(self.fd.as_raw_fd(), &mut buf)?;
+            let mut rest = &buf[..n];
+            while rest.len() >= NLMSG_HDRLEN {
+                let len = u32_at(rest, 0) as usize;
+                if len < NLMSG_HDRLEN || len > rest.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "truncated netlink message",
+                    ));
+                }
+                let (ty, seq) = (u16_at(rest, 4), u32_at(rest, 8));
+                let payload = &rest[NLMSG_HDRLEN..len];
+                rest = &rest[align(len).min(rest.len())..];
+                if ty != NLMSG_ERROR {
+                    continue;
+                }
+                let err = payload
+                    .get(..4)
+                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                if err != 0 {
+                    return Err(io::Error::from_raw_os_error(-err));
+                }
+                expected.retain(|s| *s != seq);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // SAFETY: `sockaddr_nl` is plain integers, for which all zeroes is valid; zero
+        // `nl_pid` addresses the kernel.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = AF_NETLINK;
+        // SAFETY: `bytes` and `addr` are valid for the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                0,
+                (&raw const addr).cast(),
+                socklen::<libc::sockaddr_nl>(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
