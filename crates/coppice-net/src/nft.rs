@@ -4,8 +4,10 @@
 //! set elements keyed by its address, so attach, policy updates and release change elements
 //! and never rules. A `bridge` table of the same name drops frames between the bridge's
 //! ports, so sandboxes cannot reach each other even at layer 2. Named counters count each
-//! kind of drop (tests read them; operators can too). Everything here is pure text; the
-//! values come from validated types and checked names, so nothing needs quoting.
+//! kind of drop (tests read them; operators can too). Everything here is pure text, loaded
+//! once at start with the elements of every recorded sandbox; later element changes go
+//! over netlink (`linux::netlink::Netlink::change_sets`). The values come from validated
+//! types and checked names, so nothing needs quoting.
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -212,7 +214,7 @@ impl Elements {
 }
 
 /// The commands that turn `old` into `new` for the sandbox at `addr`, as one transaction;
-/// `None` if nothing changes.
+/// `None` if nothing changes. Used at start, inside the load transaction.
 pub(crate) fn update_script(
     table: &str,
     addr: Ipv4Addr,
