@@ -156,7 +156,7 @@ struct Fake {
     stop: Arc<AtomicBool>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     threads: Vec<JoinHandle<()>>,
-    _ns: File,
+    ns: File,
 }
 
 impl Fake {
@@ -187,7 +187,11 @@ impl Fake {
             let eth0 = inside.link_index("eth0")?.unwrap();
             inside.add_addr(eth0, Ipv4Cidr::new(slot.server(), 28).unwrap())?;
             inside.add_addr(eth0, Ipv4Cidr::new(slot.server2(), 28).unwrap())?;
-            inside.set_up(eth0)
+            inside.set_up(eth0)?;
+            // The fake internet routes everything back through the host, so it can try to
+            // open connections to sandboxes (in its own namespace: the host's routes are
+            // untouched).
+            inside.add_default_route(slot.fake_host(), eth0)
         })();
         if let Err(e) = made {
             let _ = host.del_link(&link);
@@ -204,7 +208,7 @@ impl Fake {
             stop,
             peers,
             threads,
-            _ns: ns,
+            ns,
         })
     }
 
@@ -546,6 +550,17 @@ async fn a_sandbox_is_fenced_off_from_host_neighbours_and_metadata() {
     let listener = netns::within(b_ns.as_fd(), || TcpListener::bind(b_addr)).unwrap();
     servers.push(serve(listener, stop.clone(), None));
     assert!(reaches(&b, b_addr), "b from itself");
+    // The host reaches into a sandbox (the gateway's way to its ports)...
+    let mut from_host = TcpStream::connect_timeout(&SocketAddr::V4(b_addr), LONG).unwrap();
+    from_host.set_read_timeout(Some(LONG)).unwrap();
+    echo(&mut from_host, b"ingress").unwrap();
+    // ...but the internet does not, even with a route to it.
+    let inbound = counter(&w.config, "inet", "drop_inbound");
+    let from_outside = netns::within(w.fake().ns.as_fd(), || {
+        TcpStream::connect_timeout(&SocketAddr::V4(b_addr), SHORT)
+    });
+    assert!(from_outside.is_err(), "{from_outside:?}");
+    assert!(counter(&w.config, "inet", "drop_inbound") > inbound);
     let bridged = counter(&w.config, "bridge", "drop_bridged");
     let routed = counter(&w.config, "inet", "drop_sandbox");
     assert!(blocked(&a, b_addr), "a neighbour");
