@@ -13,6 +13,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("coppice-jail", 2),
     ("coppice-bhyve", 2),
     ("coppice-zfs", 2),
+    ("coppice-net", 2),
     ("coppice-envd", 3),
     ("coppice-gateway", 4),
     ("coppice-envd-bin", 4),

@@ -5,6 +5,7 @@
 //! | jail | [`Isolation`] | namespaces + cgroups (`coppice-jail`) | jail(8) + jexec |
 //! | bhyve | [`Machine`] | QEMU microVM | bhyve |
 //! | ZFS | [`Storage`] | overlay layers, or zfs | zfs |
+//! | network | [`Network`] | netns + veth + bridge + nftables (`coppice-net`) | VNET jail + epair + pf |
 //!
 //! Every operation an OS lacks returns [`BackendError::Unsupported`]; no trait item is behind a
 //! `cfg`. Specs are validated by their constructors or by the backend, and bad specs come back
@@ -12,7 +13,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -490,6 +493,229 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<DiskUsage, BackendError>> + Send;
 }
 
+/// An IPv4 network in CIDR notation, e.g. `198.51.100.0/24`; a bare address is a `/32`.
+///
+/// The address is kept as given (host bits are not cleared); [`Ipv4Cidr::network`] gives the
+/// network address. IPv4 only for now: the network role does not route IPv6 yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// `addr/prefix`; a prefix above 32 is [`BackendError::InvalidSpec`].
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self, BackendError> {
+        if prefix > 32 {
+            return Err(BackendError::InvalidSpec {
+                field: "cidr",
+                reason: format!("prefix /{prefix} is longer than 32 bits"),
+            });
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    /// The address as given.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The prefix length, 0 to 32.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The netmask as a number.
+    pub fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    /// The last address of the network.
+    pub fn last(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()) | !self.mask())
+    }
+
+    /// The same network with host bits cleared.
+    pub fn normalized(&self) -> Self {
+        Self {
+            addr: self.network(),
+            prefix: self.prefix,
+        }
+    }
+
+    /// Whether `ip` is inside this network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    /// Whether the two networks share at least one address.
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| BackendError::InvalidSpec {
+            field: "cidr",
+            reason: format!("{s:?} is not an IPv4 address or CIDR: {why}"),
+        };
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (
+                a,
+                p.parse::<u8>()
+                    .map_err(|_| bad("the prefix is not a number"))?,
+            ),
+            None => (s, 32),
+        };
+        let addr = addr
+            .parse::<Ipv4Addr>()
+            .map_err(|_| bad("the address does not parse"))?;
+        Self::new(addr, prefix).map_err(|_| bad("the prefix is longer than 32 bits"))
+    }
+}
+
+impl TryFrom<String> for Ipv4Cidr {
+    type Error = BackendError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Ipv4Cidr> for String {
+    fn from(c: Ipv4Cidr) -> Self {
+        c.to_string()
+    }
+}
+
+impl From<Ipv4Addr> for Ipv4Cidr {
+    fn from(addr: Ipv4Addr) -> Self {
+        Self { addr, prefix: 32 }
+    }
+}
+
+/// A sandbox's egress policy, with E2B's semantics.
+///
+/// A packet from the sandbox to `dst` is allowed if `dst` is in `allow_out`; otherwise it is
+/// denied if `dst` is in `deny_out` or if `allow_internet` is false (which denies `0.0.0.0/0`);
+/// otherwise allowed. So `allow_out` always wins over `deny_out`. Operator-wide limits (cloud
+/// metadata, the host's own addresses, other sandboxes, an egress allow-list) apply before
+/// this policy and cannot be lifted by it. Domain names are not handled here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressPolicy {
+    /// E2B's `allowInternetAccess`; false denies every destination not in `allow_out`.
+    pub allow_internet: bool,
+    /// E2B's `network.allowOut` (IPs and CIDRs).
+    pub allow_out: Vec<Ipv4Cidr>,
+    /// E2B's `network.denyOut` (IPs and CIDRs).
+    pub deny_out: Vec<Ipv4Cidr>,
+}
+
+impl Default for EgressPolicy {
+    /// E2B's default: internet allowed, no lists.
+    fn default() -> Self {
+        Self {
+            allow_internet: true,
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
+        }
+    }
+}
+
+impl EgressPolicy {
+    /// Whether a connection to `dst` is allowed by this policy alone.
+    pub fn allows(&self, dst: Ipv4Addr) -> bool {
+        if self.allow_out.iter().any(|c| c.contains(dst)) {
+            return true;
+        }
+        self.allow_internet && !self.deny_out.iter().any(|c| c.contains(dst))
+    }
+}
+
+/// What a sandbox asks of the network role when it is created.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// Its egress policy.
+    pub policy: EgressPolicy,
+}
+
+/// A sandbox's network as the network role made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAttachment {
+    /// The sandbox.
+    pub id: SandboxId,
+    /// Its address and the prefix of its network, e.g. `198.51.100.130/26`.
+    pub address: Ipv4Cidr,
+    /// The host side's address: the sandbox's default route.
+    pub gateway: Ipv4Addr,
+    /// The resolver the sandbox's `/etc/resolv.conf` should name.
+    pub dns: Ipv4Addr,
+    /// A file the isolation role joins instead of making a network stack of its own (a
+    /// network namespace file); `None` where the driver hands over an interface instead.
+    pub namespace: Option<PathBuf>,
+    /// The sandbox-side interface: already inside `namespace` when there is one, otherwise
+    /// the interface the isolation role moves into the sandbox's network stack.
+    pub interface: String,
+    /// The egress policy in force.
+    pub policy: EgressPolicy,
+}
+
+/// The network role: each sandbox's network stack, owned by the host, with egress through
+/// the host's routes under an [`EgressPolicy`].
+///
+/// The driver owns everything it makes (interfaces, addresses, routes, filter rules) so that
+/// root inside a sandbox cannot change it. Attachments outlive the process that made them
+/// until [`Network::release`]; a new process takes them back with [`Network::recover`].
+pub trait Network: Send + Sync + 'static {
+    /// Reports what this host supports for this driver.
+    fn probe() -> Result<Capabilities, BackendError>
+    where
+        Self: Sized;
+
+    /// Gives `id` a network stack with an address from the pool, a default route through the
+    /// host and `spec.policy` in force. A failure leaves nothing behind.
+    fn attach(
+        &self,
+        id: &SandboxId,
+        spec: &NetSpec,
+    ) -> impl Future<Output = Result<NetAttachment, BackendError>> + Send;
+
+    /// Replaces the whole egress policy of `id`; connections it now denies stop at once.
+    fn update_policy(
+        &self,
+        id: &SandboxId,
+        policy: &EgressPolicy,
+    ) -> impl Future<Output = Result<NetAttachment, BackendError>> + Send;
+
+    /// Removes everything made for `id` and returns its address to the pool.
+    fn release(&self, id: &SandboxId) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// The attachments this driver holds.
+    fn list(&self) -> impl Future<Output = Result<Vec<NetAttachment>, BackendError>> + Send;
+
+    /// After a restart: takes back the attachments of `live` sandboxes that survived and
+    /// removes everything else the driver owns. Returns what it took back.
+    fn recover(
+        &self,
+        live: &[SandboxId],
+    ) -> impl Future<Output = Result<Vec<NetAttachment>, BackendError>> + Send;
+}
+
 /// The one error type of every backend.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -705,5 +931,47 @@ mod tests {
             caps.missing().map(|c| c.name.as_str()).collect::<Vec<_>>(),
             ["b"]
         );
+    }
+
+    #[test]
+    fn cidrs_parse_and_compare() {
+        let c: Ipv4Cidr = "198.51.100.130/26".parse().unwrap();
+        assert_eq!(c.network(), Ipv4Addr::new(198, 51, 100, 128));
+        assert_eq!(c.last(), Ipv4Addr::new(198, 51, 100, 191));
+        assert!(c.contains(Ipv4Addr::new(198, 51, 100, 190)));
+        assert!(!c.contains(Ipv4Addr::new(198, 51, 100, 192)));
+        let host: Ipv4Cidr = "198.51.100.7".parse().unwrap();
+        assert_eq!(host.prefix(), 32);
+        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(203, 0, 113, 1)) && all.overlaps(&c));
+        assert!(!c.overlaps(&"198.51.100.0/26".parse().unwrap()));
+        for bad in ["", "198.51.100.1/33", "198.51.100/24", "x/1", "1.2.3.4/"] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
+        }
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json, "\"198.51.100.130/26\"");
+        assert_eq!(serde_json::from_str::<Ipv4Cidr>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn allow_out_wins_over_deny_out() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let cidr = |s: &str| s.parse::<Ipv4Cidr>().unwrap();
+        assert!(EgressPolicy::default().allows(ip("198.51.100.1")));
+        let closed = EgressPolicy {
+            allow_internet: false,
+            allow_out: vec![cidr("198.51.100.64/28")],
+            deny_out: vec![],
+        };
+        assert!(closed.allows(ip("198.51.100.65")));
+        assert!(!closed.allows(ip("198.51.100.1")));
+        let both = EgressPolicy {
+            allow_internet: true,
+            allow_out: vec![cidr("198.51.100.66")],
+            deny_out: vec![cidr("198.51.100.64/28")],
+        };
+        assert!(both.allows(ip("198.51.100.66")));
+        assert!(!both.allows(ip("198.51.100.67")));
+        assert!(both.allows(ip("198.51.100.1")));
     }
 }

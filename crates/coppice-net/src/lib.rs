@@ -1,0 +1,27 @@
+//! The network role: every sandbox gets a network stack that the host owns, an address from
+//! a pool, egress NATed through the host's routes, and E2B's egress policy enforced in the
+//! kernel.
+//!
+//! [`LinuxNet`] implements [`coppice_lifecycle::backend::Network`] with a network namespace
+//! per sandbox, created and configured by the driver and bind-mounted under its run
+//! directory for the jail to join; a veth pair to a bridge the driver owns; netlink for
+//! links, addresses and routes; and one nftables table whose named sets hold each sandbox's
+//! policy. [`freebsd`] is the FreeBSD driver's command plan (VNET jail, epair, bridge, a pf
+//! anchor per sandbox), plain data that is tested on every OS. `testing::FakeNetwork`
+//! (feature `test-util`) stands in for the role in the tests of the layers above.
+//! `docs/network.md` describes the datapath, the rules and recovery.
+//!
+//! **Invariant:** nothing here knows HTTP, templates or processes inside a sandbox; the
+//! driver hands out a namespace file and addresses, and owns every link, address, route,
+//! rule and set element it makes, so that root inside a sandbox can change none of them.
+
+pub mod freebsd;
+#[cfg(target_os = "linux")]
+mod linux;
+mod nft;
+mod pool;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+
+#[cfg(target_os = "linux")]
+pub use linux::{LinuxNet, LinuxNetConfig};
