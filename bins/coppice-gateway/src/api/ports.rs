@@ -13,6 +13,7 @@
 //! get E2B's 403. envd checks its own `X-Access-Token`.
 
 mod netns;
+mod pool;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -146,50 +147,10 @@ pub(crate) async fn send(
     target: &Target,
     in_flight: InFlight,
 ) -> Result<Response<Body>, Response<Body>> {
-    let ns = match gw.runtime.netns(id).await {
-        Ok(ns) => ns,
-        Err(e) => {
-            // Its init is gone: the sandbox died under the gateway.
-            tracing::warn!(sandbox = %id, error = %e, "no network namespace");
-            return Err(proxy::not_found(&target.id));
-        }
-    };
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, netns::connect(ns, target.port)).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) if closed(&e) => {
-            if !gw.runtime.alive(id).await {
-                return Err(proxy::not_found(&target.id));
-            }
-            return Err(e2b_json(
-                StatusCode::BAD_GATEWAY,
-                &PortClosed::new(&*target.id, target.port),
-            ));
-        }
-        Err(_) => {
-            tracing::warn!(sandbox = %id, port = target.port, "connection timed out");
-            return Err(e2b_json(
-                StatusCode::BAD_GATEWAY,
-                &PortClosed::new(&*target.id, target.port),
-            ));
-        }
-        // Out of file descriptors and the like: the gateway's trouble, not the sandbox's.
-        Ok(Err(e)) => {
-            tracing::error!(sandbox = %id, port = target.port, error = %e, "cannot connect to a sandbox port");
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the gateway cannot reach the sandbox's port {}: {e}",
-                    target.port
-                ),
-            )
-            .into_response());
-        }
-    };
-    let _ = stream.set_nodelay(true);
     let upgrade = wants_upgrade(&req);
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare(&mut req, upgrade);
+    let mut req = req.map(|b| gw.metrics.count_in(b));
     let port_error = |e: hyper::Error| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -197,6 +158,23 @@ pub(crate) async fn send(
         )
         .into_response()
     };
+    // A kept connection first; an upgrade takes its connection for good, so it gets a new one.
+    if !upgrade {
+        if let Some(mut sender) = pool::take(id, target.port) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    pool::give_back(id, target.port, sender);
+                    return Ok(answer(gw, resp, in_flight));
+                }
+                // Closed by the server before the request went out: a new connection.
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Ok(port_error(e.into_error())),
+                },
+            }
+        }
+    }
+    let stream = connect(gw, id, target).await?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -206,13 +184,15 @@ pub(crate) async fn send(
             tracing::debug!(error = %e, "sandbox port connection ended");
         }
     });
-    let req = req.map(|b| gw.metrics.count_in(b));
     let mut resp = match sender.send_request(req).await {
         Ok(resp) => resp,
         // The request is gone with the connection: no `Err`, whose callers close because
         // the body is unread.
         Err(e) => return Ok(port_error(e)),
     };
+    if !upgrade {
+        pool::give_back(id, target.port, sender);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_side {
             let server_side = hyper::upgrade::on(&mut resp);
@@ -235,8 +215,65 @@ pub(crate) async fn send(
             return Ok(resp.map(|_| empty_body()));
         }
     }
+    Ok(answer(gw, resp, in_flight))
+}
+
+/// The server's response as the client gets it.
+fn answer(gw: &Gateway, mut resp: Response<Incoming>, in_flight: InFlight) -> Response<Body> {
     strip_hop_by_hop(resp.headers_mut(), false);
-    Ok(proxy::tracked(gw, resp, in_flight))
+    proxy::tracked(gw, resp, in_flight)
+}
+
+/// A new connection to `target.port` inside sandbox `id`; `Err` is the answer to give.
+async fn connect(
+    gw: &Gateway,
+    id: &SandboxId,
+    target: &Target,
+) -> Result<tokio::net::TcpStream, Response<Body>> {
+    let ns = match gw.runtime.netns(id).await {
+        Ok(ns) => ns,
+        Err(e) => {
+            // Its init is gone: the sandbox died under the gateway.
+            tracing::warn!(sandbox = %id, error = %e, "no network namespace");
+            return Err(proxy::not_found(&target.id));
+        }
+    };
+    let port_closed = || {
+        e2b_json(
+            StatusCode::BAD_GATEWAY,
+            &PortClosed::new(&*target.id, target.port),
+        )
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, netns::connect(ns, target.port)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) if closed(&e) => {
+            // A namespace handle outlives a death the gateway has not seen yet.
+            if gw.runtime.alive(id).await {
+                Err(port_closed())
+            } else {
+                Err(proxy::not_found(&target.id))
+            }
+        }
+        Err(_) => {
+            tracing::warn!(sandbox = %id, port = target.port, "connection timed out");
+            Err(port_closed())
+        }
+        // Out of file descriptors and the like: the gateway's trouble, not the sandbox's.
+        Ok(Err(e)) => {
+            tracing::error!(sandbox = %id, port = target.port, error = %e, "cannot connect to a sandbox port");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the gateway cannot reach the sandbox's port {}: {e}",
+                    target.port
+                ),
+            )
+            .into_response())
+        }
+    }
 }
 
 fn empty_body() -> Body {
