@@ -144,6 +144,35 @@ fn user_ports_carry_http_streams_and_websockets() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.text(), format!("hello /by-host host={host} token=None"));
 
+    // An HTTP/2 client (prior knowledge, as hyper-util's server takes it): the server gets
+    // HTTP/1.1 with the :authority as its Host.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, text) = rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(lab.addr()).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{host}/over-h2"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    });
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(text, format!("hello /over-h2 host={host} token=None"));
+
     // A body larger than any buffer, both with a length and chunked as it is written.
     let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
     let r = lab.send(
