@@ -6,7 +6,8 @@
 //! `127.0.0.1:<port>` reaches a server bound there or to the wildcard address, with no
 //! address, route or forwarder in the sandbox. Bodies pass through frame by frame (chunked
 //! uploads, Server-Sent Events); an `Upgrade` (WebSocket) is completed on both sides and then
-//! copied byte for byte. Nothing listening is E2B's 502 "port is not open".
+//! copied byte for byte. Connections to a server are kept alive and reused ([`pool`]).
+//! Nothing listening is E2B's 502 "port is not open".
 //!
 //! A sandbox created with `network.allowPublicTraffic: false` has a traffic access token:
 //! requests to its ports other than envd's must carry it in `e2b-traffic-access-token`, or
