@@ -52,6 +52,11 @@ pub(crate) struct Record {
     /// When the current execution started (ms since the epoch).
     #[serde(default)]
     pub(crate) execution_started_at: u64,
+    /// The `trafficAccessToken` that requests to its ports other than envd's must carry
+    /// (`network.allowPublicTraffic: false`); `None` when they need none. Records written
+    /// before it existed read as `None`: such sandboxes were created open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) traffic_token: Option<String>,
 }
 
 /// Registry failures; the message says which operation failed.
@@ -241,6 +246,7 @@ mod tests {
             build_id: "layer".into(),
             execution_id: String::new(),
             execution_started_at: 0,
+            traffic_token: None,
         }
     }
 
@@ -264,6 +270,31 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(all[1].pid, Some(7));
         assert_eq!(all[0], record("a", 1));
+    }
+
+    #[test]
+    fn records_from_before_the_traffic_token_read_as_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        let mut secured = record("b", 2);
+        secured.traffic_token = Some("t0k".into());
+        {
+            let reg = Registry::open(&path).unwrap();
+            reg.put(&secured).unwrap();
+            // A record as an older gateway wrote it: no `traffic_token` key at all.
+            let mut old = serde_json::to_value(record("a", 1)).unwrap();
+            old.as_object_mut().unwrap().remove("traffic_token");
+            reg.with_conn(|c| {
+                c.execute(
+                    "INSERT INTO sandboxes (id, created_at, record) VALUES ('a', 1, ?1)",
+                    params![old.to_string()],
+                )
+            })
+            .unwrap();
+        }
+        let all = Registry::open(&path).unwrap().load_all().unwrap();
+        assert_eq!(all[0], record("a", 1));
+        assert_eq!(all[1].traffic_token.as_deref(), Some("t0k"));
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub(crate) struct Runtime {
     templates: HashMap<&'static str, Arc<Mutex<Option<LayerId>>>>,
     /// Started, unconfigured sandboxes per template, oldest first.
     warm: std::sync::Mutex<HashMap<&'static str, Vec<Warm>>>,
+    /// Each sandbox's network namespace, opened on its first connection to a user port
+    /// ([`Runtime::netns`]) and closed when it is killed, so it never outlives the sandbox.
+    netns: std::sync::Mutex<HashMap<SandboxId, Arc<std::os::fd::OwnedFd>>>,
 }
 
 impl Runtime {
@@ -184,6 +187,7 @@ impl Runtime {
                 .map(|(name, _)| (*name, Arc::new(Mutex::new(None))))
                 .collect(),
             warm: std::sync::Mutex::new(HashMap::new()),
+            netns: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -279,6 +283,67 @@ impl Runtime {
     /// The host path of a sandbox's agent socket.
     pub(crate) fn socket(&self, id: &SandboxId) -> PathBuf {
         self.sandbox_run_dir(id).join(SOCKET)
+    }
+
+    /// The network namespace of a running sandbox, for connections to its ports: opened once
+    /// from its init's `/proc/<pid>/ns/net` (the jail checks the pid is still that init) and
+    /// kept until [`Runtime::kill`].
+    pub(crate) async fn netns(
+        &self,
+        id: &SandboxId,
+    ) -> Result<Arc<std::os::fd::OwnedFd>, RuntimeError> {
+        let cached = self
+            .netns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(fd) = cached {
+            return Ok(fd);
+        }
+        let info = self
+            .jail
+            .info(id)
+            .await
+            .map_err(backend("find the sandbox's init"))?;
+        if info.state == RunState::Exited {
+            return Err(backend("find the sandbox's init")(BackendError::NotFound {
+                kind: "sandbox",
+                id: id.to_string(),
+            }));
+        }
+        let path = format!("/proc/{}/ns/net", info.pid);
+        let fd = std::fs::File::open(&path).map_err(|e| RuntimeError::Backend {
+            op: "open the sandbox's network namespace",
+            source: BackendError::io("open", &path, e),
+        })?;
+        let fd = Arc::new(std::os::fd::OwnedFd::from(fd));
+        Ok(Arc::clone(
+            self.netns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(id.clone())
+                .or_insert(fd),
+        ))
+    }
+
+    /// Whether a sandbox's init still runs. A handle from [`Runtime::netns`] keeps its
+    /// namespace (and its loopback) alive after a death the gateway has not seen yet, so a
+    /// refused connection asks this before it blames the port; a dead sandbox's handle is
+    /// dropped here.
+    pub(crate) async fn alive(&self, id: &SandboxId) -> bool {
+        let alive = self
+            .jail
+            .info(id)
+            .await
+            .is_ok_and(|info| info.state != RunState::Exited);
+        if !alive {
+            self.netns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(id);
+        }
+        alive
     }
 
     /// Creates and starts a sandbox, waits for its agent and configures it; a sandbox claimed
@@ -491,6 +556,12 @@ impl Runtime {
             Ok(()) | Err(BackendError::NotFound { .. }) => {}
             Err(e) => return Err(backend("kill the sandbox")(e)),
         }
+        // After the kill: a handle opened while it ran is dropped here, none can be opened
+        // after it, and the namespace goes with the last connection into it.
+        self.netns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
         match self.storage.remove_rootfs(id).await {
             Ok(()) | Err(BackendError::NotFound { .. }) => {}
             Err(e) => return Err(backend("remove the sandbox's root filesystem")(e)),

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
-use crate::api::{closing, events, has_body, json, logs, metrics, proxy, sandboxes, Body};
+use crate::api::{closing, events, has_body, json, logs, metrics, ports, proxy, sandboxes, Body};
 use crate::metrics::Family;
 use crate::Gateway;
 
@@ -69,7 +69,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
     let arrived = Instant::now();
-    let (family, resp) = match proxy::target(&req, gw.config.domain.as_deref()) {
+    let (family, resp) = match proxy::target(&req, Some(ports::routing_domain(&gw.config))) {
         Some(Ok(target)) => (
             Family::proxy(target.port),
             match gw.adoption.check() {

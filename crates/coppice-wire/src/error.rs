@@ -50,6 +50,70 @@ impl SandboxNotFound {
     }
 }
 
+/// The data-plane answer for a live sandbox where nothing listens on the requested port: the
+/// SDK string-matches "port is not open" in it and raises `SandboxUnreachableException`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortClosed {
+    /// The id the request named.
+    #[serde(rename = "sandboxId")]
+    pub sandbox_id: String,
+    /// Always "The sandbox is running but port is not open".
+    pub message: String,
+    /// The port the request named.
+    pub port: u16,
+    /// Always 502.
+    pub code: u16,
+}
+
+impl PortClosed {
+    /// The 502 body for `port` of `sandbox_id`.
+    pub fn new(sandbox_id: impl Into<String>, port: u16) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            message: "The sandbox is running but port is not open".into(),
+            port,
+            code: 502,
+        }
+    }
+}
+
+/// The data-plane answer for a request to a sandbox secured with a traffic access token
+/// (`network.allowPublicTraffic: false`) that did not carry it, or carried another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficTokenRejected {
+    /// The id the request named.
+    #[serde(rename = "sandboxId")]
+    pub sandbox_id: String,
+    /// Says whether the header was missing or wrong, and names it.
+    pub message: String,
+    /// Always 403.
+    pub code: u16,
+}
+
+impl TrafficTokenRejected {
+    /// The 403 body for a request without the `header`.
+    pub fn missing(sandbox_id: impl Into<String>, header: &str) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            message: format!(
+                "Sandbox is secured with traffic access token. Token header '{header}' is missing"
+            ),
+            code: 403,
+        }
+    }
+
+    /// The 403 body for a request whose `header` holds another token.
+    pub fn invalid(sandbox_id: impl Into<String>, header: &str) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            message: format!(
+                "Sandbox is secured with traffic access token. Provided token in header '{header}' is invalid"
+            ),
+            code: 403,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +134,29 @@ mod tests {
             s,
             r#"{"sandboxId":"abc","message":"The sandbox was not found","code":502}"#
         );
+    }
+
+    #[test]
+    fn port_closed_and_token_bodies_are_e2b_s() {
+        let s = serde_json::to_string(&PortClosed::new("abc", 8000)).unwrap();
+        assert_eq!(
+            s,
+            r#"{"sandboxId":"abc","message":"The sandbox is running but port is not open","port":8000,"code":502}"#
+        );
+        let v = serde_json::to_value(TrafficTokenRejected::missing(
+            "abc",
+            "e2b-traffic-access-token",
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "sandboxId": "abc",
+                "message": "Sandbox is secured with traffic access token. Token header 'e2b-traffic-access-token' is missing",
+                "code": 403,
+            })
+        );
+        let v = TrafficTokenRejected::invalid("abc", "e2b-traffic-access-token");
+        assert!(v.message.ends_with("'e2b-traffic-access-token' is invalid"));
     }
 }

@@ -1,12 +1,14 @@
 //! The data plane: requests for a sandbox go, unchanged and streaming both ways, to its agent's
-//! unix socket.
+//! unix socket (envd's port 49983 and the code interpreter's 49999) or to any other port
+//! inside it ([`crate::api::ports`]).
 //!
 //! A request is for a sandbox when it carries E2B's `E2b-Sandbox-Id` header (with
 //! `E2b-Sandbox-Port`, 49983 for envd or 49999 for the code interpreter), or when the gateway
 //! has a `--domain` and the Host is `<port>-<id>.<domain>`. The port travels to the agent in
 //! `E2b-Sandbox-Port`, which is how the agent picks the surface (`docs/envd.md`). Bodies are
 //! passed through frame by frame; when the client goes away the agent connection is dropped,
-//! so the agent sees the disconnect. The agent checks `X-Access-Token` itself.
+//! so the agent sees the disconnect. The agent checks `X-Access-Token` itself; the traffic
+//! access token of a sandbox that has one is checked here, before anything wakes it.
 
 use coppice_lifecycle::backend::SandboxId;
 use coppice_lifecycle::state::{Command, SandboxState};
@@ -17,7 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::api::error::ApiError;
-use crate::api::{closing, has_body, json, Body};
+use crate::api::{closing, has_body, json, ports, Body};
 use crate::registry::Record;
 use crate::{now, Gateway};
 
@@ -72,7 +74,8 @@ pub(crate) fn target<B>(
     }))
 }
 
-fn not_found(id: &str) -> Response<Body> {
+/// E2B's 502 for a sandbox that does not exist (any more).
+pub(crate) fn not_found(id: &str) -> Response<Body> {
     let mut resp = json(StatusCode::BAD_GATEWAY, &SandboxNotFound::new(id));
     // Byte for byte what E2B's proxy sends (spec §1.3).
     resp.headers_mut().insert(
@@ -124,17 +127,28 @@ async fn send(
     }
     // The activity hook: checked and touched under the operation lock held for reading, so
     // the reaper cannot pause the sandbox between the two.
-    let guard = entry.op.read().await;
+    let mut guard = Some(entry.op.read().await);
     let record = entry.record();
+    if let Some(rejected) =
+        ports::token_rejection(record.traffic_token.as_deref(), req.headers(), &target)
+    {
+        return Err(rejected);
+    }
     let in_flight = entry.begin_request();
     match record.lifecycle.state {
         SandboxState::Running => entry.touch(now()),
         SandboxState::Paused if record.lifecycle.policy.auto_resume => {
-            drop(guard);
+            guard = None;
             wake(gw, &entry).await.map_err(ApiError::into_response)?;
         }
         // Creating, paused without auto-resume, or killed: not reachable, as on E2B.
         _ => return Err(not_found(&target.id)),
+    }
+    if !ports::is_agent_port(target.port) {
+        // A user's server may take its time to answer (a long poll): the lock goes now, so
+        // a kill or pause never waits for it; the request stays counted as traffic.
+        drop(guard);
+        return ports::send(gw, req, &record.id, &target, in_flight).await;
     }
     let socket = gw.runtime.socket(&record.id);
     let stream = match tokio::net::UnixStream::connect(&socket).await {
@@ -179,18 +193,28 @@ async fn send(
     // Body bytes are counted both ways for `coppice_proxy_bytes_total`.
     let req = req.map(|b| gw.metrics.count_in(b));
     Ok(match sender.send_request(req).await {
-        Ok(resp) => resp.map(|b| {
-            Tracked {
-                inner: gw
-                    .metrics
-                    .count_out(b)
-                    .map_err(|e| Box::new(e) as _)
-                    .boxed(),
-                _in_flight: in_flight,
-            }
-            .boxed()
-        }),
+        Ok(resp) => tracked(gw, resp, in_flight),
         Err(e) => agent_error(e),
+    })
+}
+
+/// A response from inside a sandbox as the client gets it: its body's bytes counted for
+/// `coppice_proxy_bytes_total`, and its request counted as under way until the body ends.
+pub(crate) fn tracked(
+    gw: &Gateway,
+    resp: Response<Incoming>,
+    in_flight: crate::InFlight,
+) -> Response<Body> {
+    resp.map(|b| {
+        Tracked {
+            inner: gw
+                .metrics
+                .count_out(b)
+                .map_err(|e| Box::new(e) as _)
+                .boxed(),
+            _in_flight: in_flight,
+        }
+        .boxed()
     })
 }
 

@@ -19,7 +19,7 @@ use http::{HeaderValue, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::api::error::ApiError;
-use crate::api::{empty, json, Body};
+use crate::api::{empty, json, ports, Body};
 use crate::registry::Record;
 use crate::runtime::{Runtime, Setup};
 use crate::{now, Entry, Gateway};
@@ -104,8 +104,8 @@ fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
         client_id: "coppice".into(),
         envd_version: ENVD_VERSION.into(),
         envd_access_token: Some(record.access_token.clone()),
-        traffic_access_token: None,
-        domain: gw.config.domain.clone(),
+        traffic_access_token: record.traffic_token.clone(),
+        domain: ports::advertised_domain(gw),
         alias: Some(record.template.clone()),
     }
 }
@@ -136,7 +136,7 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
         .into(),
         metadata: record.metadata.clone(),
         allow_internet_access: record.allow_internet,
-        domain: gw.config.domain.clone(),
+        domain: ports::advertised_domain(gw),
         lifecycle: LifecycleBlock {
             auto_resume: l.policy.auto_resume,
             on_timeout: match l.policy.on_timeout {
@@ -199,6 +199,11 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     let env_vars = req.env_vars.unwrap_or_default();
     check_map("metadata", &metadata, false)?;
     check_map("envVars", &env_vars, true)?;
+    let traffic_token = if ports::wants_traffic_token(req.network.as_ref())? {
+        Some(random_token(32)?)
+    } else {
+        None
+    };
     if !gw.is_ready() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -229,6 +234,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         build_id: String::new(),
         execution_id: String::new(),
         execution_started_at: 0,
+        traffic_token,
     };
     let entry = match gw.insert(record.clone()) {
         Ok(entry) => {
