@@ -9,7 +9,8 @@ use crate::run_cmd;
 /// the storage role's zfs driver a real `zfs`/`zpool` without a kernel module, bubblewrap is
 /// a start-time baseline for benchmarks, and python3-matplotlib lets the code interpreter's
 /// figure test run against Debian's python, the one sandbox templates carry; python3-venv
-/// lets `e2e` make the venv the E2B SDKs are installed into.
+/// lets `e2e` make the venv the E2B SDKs are installed into; nftables is the `nft` the network
+/// role loads its ruleset with.
 const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "zfs-fuse",
@@ -17,6 +18,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",
     "python3-matplotlib",
     "python3-venv",
+    "nftables",
 ];
 
 /// The cargo-deny release CI pins.

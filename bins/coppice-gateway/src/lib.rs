@@ -954,7 +954,7 @@ fn webhook_tls(config: &Config) -> Result<Tls, StartError> {
 /// the registry and the backends, whose jail only attaches; re-adopting the previous run's
 /// sandboxes happens behind the listener, and only then do the reaper, the watcher and the
 /// warm-pool filler start.
-pub async fn run(config: Config) -> Result<(), StartError> {
+pub async fn run(mut config: Config) -> Result<(), StartError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
     // First of all: a second gateway on this state directory must touch nothing. Held until
@@ -962,6 +962,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _state_lock = state_lock::StateLock::acquire(&config.state_dir)
         .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let listeners = server::bind(&config).await?;
+    // `--listen` may name port 0; from here on it is the port the main listener got, which
+    // the default `domain` of create answers carries.
+    if let Some(bound) = listeners.first().and_then(|l| l.local_addr().ok()) {
+        config.listen = bound;
+    }
     let db = config.state_dir.join("registry.db");
     let registry =
         Registry::open(&db).map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;

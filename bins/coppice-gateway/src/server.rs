@@ -39,9 +39,6 @@ pub(crate) async fn bind(config: &Config) -> Result<Vec<TcpListener>, StartError
             .map_err(|source| StartError::Listen { addr, source })?;
         let local = l.local_addr().unwrap_or(addr);
         tracing::info!(address = %local, "listening");
-        if listeners.is_empty() {
-            crate::api::ports::listening_on(local.port());
-        }
         listeners.push(l);
     }
     Ok(listeners)

@@ -62,8 +62,9 @@ fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
     })
 }
 
-/// Compares without an early exit, so timing does not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares without an early exit, so timing does not reveal how much of a secret (an API
+/// key, a traffic token) matched.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Today this crate holds [`backend`]: one trait per platform role — [`backend::Isolation`]
 //! (the jail role: namespaces and cgroups on Linux, jail(8) on FreeBSD), [`backend::Machine`]
-//! (the bhyve role: microVMs) and [`backend::Storage`] (the ZFS role: templates, writable
-//! layers, snapshots) — plus the plain-data specs and ids they exchange and the
+//! (the bhyve role: microVMs), [`backend::Storage`] (the ZFS role: templates, writable
+//! layers, snapshots) and [`backend::Network`] (each sandbox's network stack and egress
+//! policy) — plus the plain-data specs and ids they exchange and the
 //! [`backend::BackendError`] they all return. Backend crates implement these traits; the
 //! gateway composes them. [`state`] is the pure lifecycle state machine: one
 //! [`state::Lifecycle::transition`] that returns the next state and the event it causes.

@@ -7,8 +7,7 @@
 //! directory for the jail to join; a veth pair to a bridge the driver owns; netlink for
 //! links, addresses and routes; and one nftables table whose named sets hold each sandbox's
 //! policy. [`freebsd`] is the FreeBSD driver's command plan (VNET jail, epair, bridge, a pf
-//! anchor per sandbox), plain data that is tested on every OS. `testing::FakeNetwork`
-//! (feature `test-util`) stands in for the role in the tests of the layers above.
+//! anchor per sandbox), plain data that is tested on every OS.
 //! `docs/network.md` describes the datapath, the rules and recovery.
 //!
 //! **Invariant:** nothing here knows HTTP, templates or processes inside a sandbox; the
@@ -20,8 +19,6 @@ pub mod freebsd;
 mod linux;
 mod nft;
 mod pool;
-#[cfg(any(test, feature = "test-util"))]
-pub mod testing;
 
 #[cfg(target_os = "linux")]
 pub use linux::{LinuxNet, LinuxNetConfig};

@@ -16,7 +16,6 @@
 mod netns;
 mod pool;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use coppice_lifecycle::backend::SandboxId;
@@ -45,14 +44,6 @@ const DEFAULT_DOMAIN: &str = "localhost";
 /// sandbox is wedged.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The port of the gateway's first listener, once bound (for [`advertised_domain`]).
-static LISTEN_PORT: OnceLock<u16> = OnceLock::new();
-
-/// Notes the port the gateway's first listener got; called once, at bind.
-pub(crate) fn listening_on(port: u16) {
-    let _ = LISTEN_PORT.set(port);
-}
-
 /// The domain under which a Host `<port>-<id>.<domain>` routes to a sandbox: `--domain`, or
 /// else `localhost`, whose names resolve to loopback without any DNS setup in browsers, curl
 /// and systemd's nss-myhostname.
@@ -64,13 +55,11 @@ pub(crate) fn routing_domain(config: &Config) -> &str {
 /// as `<port>-<id>.<domain>`: `--domain`, or else `localhost:<listener port>`, so that
 /// `http://` + `get_host(8000)` reaches port 8000 of the sandbox through this gateway on
 /// its own machine.
-pub(crate) fn advertised_domain(gw: &Gateway) -> Option<String> {
-    if let Some(d) = &gw.config.domain {
-        return Some(d.clone());
+pub(crate) fn advertised_domain(gw: &Gateway) -> String {
+    match &gw.config.domain {
+        Some(d) => d.clone(),
+        None => format!("{DEFAULT_DOMAIN}:{}", gw.config.listen.port()),
     }
-    LISTEN_PORT
-        .get()
-        .map(|port| format!("{DEFAULT_DOMAIN}:{port}"))
 }
 
 /// Whether the sandbox's agent serves `port` (envd and the code interpreter); every other
@@ -117,15 +106,12 @@ pub(crate) fn token_rejection(
     }
     let rejected = match headers.get(TRAFFIC_TOKEN_HEADER) {
         None => TrafficTokenRejected::missing(&*target.id, TRAFFIC_TOKEN_HEADER),
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => return None,
+        Some(given) if crate::service::constant_time_eq(given.as_bytes(), token.as_bytes()) => {
+            return None
+        }
         Some(_) => TrafficTokenRejected::invalid(&*target.id, TRAFFIC_TOKEN_HEADER),
     };
     Some(e2b_json(StatusCode::FORBIDDEN, &rejected))
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A body of E2B's proxy, with its content type.

@@ -105,7 +105,7 @@ fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
         envd_version: ENVD_VERSION.into(),
         envd_access_token: Some(record.access_token.clone()),
         traffic_access_token: record.traffic_token.clone(),
-        domain: ports::advertised_domain(gw),
+        domain: Some(ports::advertised_domain(gw)),
         alias: Some(record.template.clone()),
     }
 }
@@ -136,7 +136,7 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
         .into(),
         metadata: record.metadata.clone(),
         allow_internet_access: record.allow_internet,
-        domain: ports::advertised_domain(gw),
+        domain: Some(ports::advertised_domain(gw)),
         lifecycle: LifecycleBlock {
             auto_resume: l.policy.auto_resume,
             on_timeout: match l.policy.on_timeout {
