@@ -25,6 +25,8 @@ use crate::{now, Gateway};
 
 const SANDBOX_ID: &str = "e2b-sandbox-id";
 const SANDBOX_PORT: &str = "e2b-sandbox-port";
+/// How often a request wakes a sandbox that pauses again before the request gets through.
+const WAKE_ATTEMPTS: usize = 4;
 /// envd's port: the default when a request names none.
 const ENVD_PORT: u16 = 49983;
 
@@ -127,19 +129,36 @@ async fn send(
     }
     // The activity hook: checked and touched under the operation lock held for reading, so
     // the reaper cannot pause the sandbox between the two.
-    let mut guard = Some(entry.op.read().await);
-    let record = entry.record();
+    let mut guard = entry.op.read().await;
+    let mut record = entry.record();
     if let Some(rejected) =
         ports::token_rejection(record.traffic_token.as_deref(), req.headers(), &target)
     {
         return Err(rejected);
     }
     let in_flight = entry.begin_request();
+    // A paused auto-resume sandbox is woken, which needs the lock for writing, and then
+    // checked again under the read lock: a pause (manual, or the reaper's) may get in
+    // between, and a request sent to a frozen agent would wait for whoever wakes it next.
+    for _ in 0..WAKE_ATTEMPTS {
+        match record.lifecycle.state {
+            SandboxState::Paused if record.lifecycle.policy.auto_resume => {
+                drop(guard);
+                wake(gw, &entry).await.map_err(ApiError::into_response)?;
+                guard = entry.op.read().await;
+                record = entry.record();
+            }
+            _ => break,
+        }
+    }
     match record.lifecycle.state {
         SandboxState::Running => entry.touch(now()),
         SandboxState::Paused if record.lifecycle.policy.auto_resume => {
-            guard = None;
-            wake(gw, &entry).await.map_err(ApiError::into_response)?;
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sandbox was paused again each time it was woken; retry",
+            )
+            .into_response());
         }
         // Creating, paused without auto-resume, or killed: not reachable, as on E2B.
         _ => return Err(not_found(&target.id)),

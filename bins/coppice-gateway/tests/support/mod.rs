@@ -756,12 +756,31 @@ impl Lab {
         });
     }
 
-    /// Kills sandbox `id` through the jail directly, behind the gateway's back (as if it
-    /// died on its own).
+    /// Kills sandbox `id`'s init behind the gateway's back, as if it died on its own, and
+    /// waits until it has. (Not through a second `LinuxJail` on the gateway's state
+    /// directory: opening one re-adopts, and takes a warm start in progress, whose cgroups
+    /// it has no record of yet, for an orphan.)
     pub fn kill_in_jail(&self, id: &str) {
-        let jail = LinuxJail::open(JailConfig::new(self.state_dir.join("jail"))).unwrap();
-        let id = coppice_lifecycle::backend::SandboxId::new(id).unwrap();
-        self.rt.block_on(jail.kill(&id)).unwrap();
+        let record = self
+            .state_dir
+            .join("jail/sandboxes")
+            .join(format!("{id}.json"));
+        let text = std::fs::read_to_string(&record)
+            .unwrap_or_else(|e| panic!("{}: {e}", record.display()));
+        let pid: Value = serde_json::from_str(&text).unwrap();
+        let pid = i32::try_from(pid["pid"].as_u64().expect("a pid on record")).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for("the sandbox's init to die", Duration::from_secs(30), || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim().chars().next());
+            matches!(state, None | Some('Z')).then_some(())
+        });
     }
 
     /// Best-effort teardown that never panics: sandboxes through the API, the gateway, then
