@@ -69,8 +69,13 @@ pub(crate) fn is_agent_port(port: u16) -> bool {
 }
 
 /// What the create body's `network` asks of ingress: `Ok(true)` when the sandbox needs a
-/// traffic access token (`allowPublicTraffic: false`). `maskRequestHost` is not implemented
-/// and is refused rather than ignored. The other fields are egress policy, not read here.
+/// traffic access token (`allowPublicTraffic: false`).
+///
+/// Sandboxes have no egress yet, only loopback (the network role, `coppice-net`, is not
+/// wired in): `denyOut` holds as asked, since every destination is denied already, but a
+/// non-empty `allowOut` cannot, so it is refused rather than ignored, as are the fields not
+/// implemented at all (`maskRequestHost`, `egressProxy`, `rules`, `httpsPorts`) and any
+/// field E2B does not have.
 pub(crate) fn wants_traffic_token(network: Option<&Value>) -> Result<bool, ApiError> {
     let Some(network) = network.filter(|n| !n.is_null()) else {
         return Ok(false);
@@ -78,10 +83,28 @@ pub(crate) fn wants_traffic_token(network: Option<&Value>) -> Result<bool, ApiEr
     let Some(network) = network.as_object() else {
         return Err(ApiError::bad_request("network must be an object"));
     };
-    if network.get("maskRequestHost").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad_request(
-            "network.maskRequestHost is not supported by this gateway",
-        ));
+    for (key, value) in network {
+        match key.as_str() {
+            _ if value.is_null() => {}
+            "allowPublicTraffic" | "denyOut" => {}
+            "allowOut" if value.as_array().is_some_and(Vec::is_empty) => {}
+            "allowOut" => {
+                return Err(ApiError::bad_request(
+                    "network.allowOut is not supported by this gateway yet: sandboxes have no \
+                     egress, only loopback",
+                ))
+            }
+            "maskRequestHost" | "egressProxy" | "rules" | "httpsPorts" => {
+                return Err(ApiError::bad_request(format!(
+                    "network.{key} is not supported by this gateway"
+                )))
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "network.{other} is not a field of E2B's network configuration"
+                )))
+            }
+        }
     }
     match network.get("allowPublicTraffic") {
         None | Some(Value::Null) => Ok(false),
@@ -364,12 +387,20 @@ mod tests {
         assert!(!t(Value::Null).unwrap());
         assert!(!t(serde_json::json!({})).unwrap());
         assert!(!t(serde_json::json!({"allowPublicTraffic": true})).unwrap());
-        assert!(
-            t(serde_json::json!({"allowPublicTraffic": false, "allowOut": ["1.1.1.1"]})).unwrap()
-        );
-        let e = t(serde_json::json!({"maskRequestHost": "localhost:${PORT}"})).unwrap_err();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert!(e.message.contains("maskRequestHost"), "{}", e.message);
+        assert!(t(serde_json::json!({"allowPublicTraffic": false, "allowOut": []})).unwrap());
+        assert!(!t(serde_json::json!({"denyOut": ["0.0.0.0/0"], "allowOut": null})).unwrap());
+        for field in [
+            "maskRequestHost",
+            "egressProxy",
+            "rules",
+            "httpsPorts",
+            "allowOut",
+            "nonsense",
+        ] {
+            let e = t(serde_json::json!({ field: ["x"] })).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains(field), "{}", e.message);
+        }
         t(serde_json::json!({"allowPublicTraffic": "no"})).unwrap_err();
         t(serde_json::json!([])).unwrap_err();
     }

@@ -756,10 +756,11 @@ impl Lab {
         });
     }
 
-    /// Kills sandbox `id`'s init behind the gateway's back, as if it died on its own, and
-    /// waits until it has. (Not through a second `LinuxJail` on the gateway's state
-    /// directory: opening one re-adopts, and takes a warm start in progress, whose cgroups
-    /// it has no record of yet, for an orphan.)
+    /// Kills every task of sandbox `id` behind the gateway's back, as if it died on its
+    /// own, through the cgroups its jail record names, and waits until none is left. (Not
+    /// through a second `LinuxJail` on the gateway's state directory: opening one re-adopts,
+    /// and takes a warm start in progress, whose cgroups it has no record of yet, for an
+    /// orphan.)
     pub fn kill_in_jail(&self, id: &str) {
         let record = self
             .state_dir
@@ -767,20 +768,35 @@ impl Lab {
             .join(format!("{id}.json"));
         let text = std::fs::read_to_string(&record)
             .unwrap_or_else(|e| panic!("{}: {e}", record.display()));
-        let pid: Value = serde_json::from_str(&text).unwrap();
-        let pid = i32::try_from(pid["pid"].as_u64().expect("a pid on record")).unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        wait_for("the sandbox's init to die", Duration::from_secs(30), || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim().chars().next());
-            matches!(state, None | Some('Z')).then_some(())
-        });
+        let record: Value = serde_json::from_str(&text).unwrap();
+        let cgroups = &record["cgroups"];
+        let mut dirs: Vec<PathBuf> = cgroups["v1"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|pair| pair[1].as_str().map(PathBuf::from))
+            .collect();
+        dirs.extend(cgroups["v2"].as_str().map(PathBuf::from));
+        assert!(!dirs.is_empty(), "no cgroups on record: {text}");
+        wait_for(
+            "every task of the sandbox to die",
+            Duration::from_secs(30),
+            || {
+                let mut left = false;
+                for dir in &dirs {
+                    let procs =
+                        std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        left = true;
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                (!left).then_some(())
+            },
+        );
     }
 
     /// Best-effort teardown that never panics: sandboxes through the API, the gateway, then
