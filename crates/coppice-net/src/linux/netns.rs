@@ -46,19 +46,7 @@ pub(crate) fn create(path: &Path) -> io::Result<(File, Netlink)> {
 /// left under `from`.
 pub(crate) fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
     File::options().write(true).create_new(true).open(to)?;
-    let (f, t) = (cpath(from)?, cpath(to)?);
-    // SAFETY: valid C strings; a move takes no filesystem type or data.
-    let r = unsafe {
-        libc::mount(
-            f.as_ptr(),
-            t.as_ptr(),
-            std::ptr::null(),
-            libc::MS_MOVE,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = mount_at(from, to, libc::MS_MOVE) {
         let _ = std::fs::remove_file(to);
         return Err(e);
     }
@@ -119,21 +107,8 @@ pub(crate) fn private_mount_point(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     bind_mount(dir, dir)?;
-    let c = cpath(dir)?;
-    // SAFETY: valid C strings; a propagation change needs no source or data.
-    let r = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // A propagation change ignores its source.
+    mount_at(Path::new("none"), dir, libc::MS_PRIVATE)
 }
 
 /// Unmounts what [`private_mount_point`] mounted.
@@ -185,14 +160,20 @@ fn unescape(s: &str) -> Vec<u8> {
 }
 
 fn bind_mount(from: &Path, to: &Path) -> io::Result<()> {
+    mount_at(from, to, libc::MS_BIND)
+}
+
+/// `mount(from, to, NULL, flags, NULL)`: a bind, a move or a propagation change, which
+/// take no filesystem type or data.
+fn mount_at(from: &Path, to: &Path, flags: libc::c_ulong) -> io::Result<()> {
     let (f, t) = (cpath(from)?, cpath(to)?);
-    // SAFETY: valid C strings; a bind mount takes no filesystem type or data.
+    // SAFETY: valid C strings; null type and data are what these mounts take.
     let r = unsafe {
         libc::mount(
             f.as_ptr(),
             t.as_ptr(),
             std::ptr::null(),
-            libc::MS_BIND,
+            flags,
             std::ptr::null(),
         )
     };
