@@ -7,7 +7,9 @@
 //! host side is `.16n+1`, the fake internet's servers are `.16n+2` and `.16n+3`. Names
 //! carry the slot (`cpt<n>br`, `coppice_t<n>`, `cpt<n>v*`), so slots run in parallel and
 //! never touch the host's own configuration. Every driver is restricted to egress into
-//! 198.51.100.0/24 at most.
+//! 198.51.100.0/24 at most. A slot is held through an exclusive `flock` on a file under
+//! `/run/lock`, so tests that share a slot, in this process or in any other (a second
+//! worktree, the gateway's network tests), wait for each other instead of colliding.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -102,6 +104,30 @@ impl Slot {
     }
 }
 
+/// Waits for and takes slot `slot` host-wide: an exclusive `flock` on its lock file, held
+/// while the returned file is open (the kernel releases it if the process dies).
+fn hold_slot(slot: Slot) -> File {
+    let dir = Path::new("/run/lock");
+    let dir = if dir.is_dir() { dir } else { Path::new("/tmp") };
+    let path = dir.join(format!("coppice-net-test-slot-{}", slot.0));
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // SAFETY: flock on a descriptor we own; it blocks until the slot is free.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(
+        r,
+        0,
+        "flock {}: {}",
+        path.display(),
+        io::Error::last_os_error()
+    );
+    file
+}
+
 /// A test's world: a run directory, the fake internet, and whatever a driver with the
 /// slot's config made, all removed on drop.
 struct World {
@@ -109,10 +135,13 @@ struct World {
     config: LinuxNetConfig,
     fake: Option<Fake>,
     _dir: tempfile::TempDir,
+    /// Dropped after `World::drop` has cleaned up, which releases the slot.
+    _held: File,
 }
 
 impl World {
     fn new(slot: Slot) -> Self {
+        let held = hold_slot(slot);
         let dir = tempfile::tempdir().unwrap();
         let config = slot.config(dir.path());
         // Whatever a crashed earlier run of this slot left.
@@ -122,6 +151,7 @@ impl World {
             config,
             fake: None,
             _dir: dir,
+            _held: held,
         };
         world.fake = Some(Fake::new(slot).unwrap());
         world
