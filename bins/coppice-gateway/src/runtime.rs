@@ -479,6 +479,7 @@ impl Runtime {
                 },
             ],
             limits,
+            network: None,
         };
         let t_rootfs = t0.elapsed();
         let info = self

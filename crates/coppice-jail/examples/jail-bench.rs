@@ -177,5 +177,6 @@ fn spec(id: &SandboxId, template: &Path, dir: &Path) -> std::io::Result<JailSpec
             pids: Some(256),
             cpu_millis: Some(1000),
         },
+        network: None,
     })
 }

@@ -369,6 +369,7 @@ fn a_new_process_readopts_sandboxes_of_an_earlier_one() {
                 read_only: false,
             }],
             limits: Limits::default(),
+            network: None,
         };
         runtime().block_on(jail.start(spec)).unwrap();
         // Exit without killing: the sandbox must outlive this process.
@@ -612,4 +613,71 @@ fn bad_specs_are_refused_and_leave_nothing_behind() {
     assert!(roots.is_empty(), "{roots:?}");
     // The uid of a fresh directory is unaffected by the sandboxes (sanity for the checks).
     assert_eq!(fs::metadata(w.dir.path()).unwrap().uid(), 0);
+}
+
+#[test]
+fn a_sandbox_joins_the_network_namespace_it_is_given_and_cannot_change_it() {
+    let Some(w) =
+        World::new("a_sandbox_joins_the_network_namespace_it_is_given_and_cannot_change_it")
+    else {
+        return;
+    };
+    // A namespace made by the host, as the network role makes one, kept open by this file.
+    let netns = std::thread::spawn(|| {
+        // SAFETY: unshares only this thread, which ends right after.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        fs::File::open("/proc/thread-self/ns/net").unwrap()
+    })
+    .join()
+    .unwrap();
+    let inode = netns.metadata().unwrap().ino();
+    let mut spec = w.spec(
+        "joined1",
+        &w.base,
+        "stat -L -c %i /proc/self/ns/net > /run/coppice/netns
+         python3 -c '
+import fcntl, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    fcntl.ioctl(s, 0x8914, struct.pack(\"16sH14x\", b\"lo\", 1))
+    print(\"changed\")
+except PermissionError:
+    print(\"denied\")
+' > /run/coppice/ifup 2>&1
+         echo 1 > /proc/sys/net/ipv4/conf/lo/forwarding 2> /dev/null && echo changed > /run/coppice/sysctl || echo denied > /run/coppice/sysctl
+         touch /run/coppice/done",
+        Limits::default(),
+    );
+    spec.network = Some(
+        PathBuf::from("/proc/self/fd").join(std::os::fd::AsRawFd::as_raw_fd(&netns).to_string()),
+    );
+    runtime().block_on(w.jail.start(spec)).unwrap();
+    let ex = w.dir.path().join("exchange").join("joined1");
+    answer(&ex, "done");
+    assert_eq!(answer(&ex, "netns").trim(), inode.to_string());
+    assert_eq!(
+        answer(&ex, "ifup").trim(),
+        "denied",
+        "sandbox root set a link up"
+    );
+    assert_eq!(
+        answer(&ex, "sysctl").trim(),
+        "denied",
+        "sandbox root wrote a sysctl"
+    );
+    w.kill("joined1");
+
+    // Anything but a network namespace is refused before a process exists.
+    let mut spec = w.spec("joined2", &w.base, "true", Limits::default());
+    spec.network = Some(w.dir.path().to_path_buf());
+    assert!(matches!(
+        runtime().block_on(w.jail.start(spec)),
+        Err(BackendError::InvalidSpec {
+            field: "network namespace",
+            ..
+        })
+    ));
+    runtime()
+        .block_on(w.storage.remove_rootfs(&SandboxId::new("joined2").unwrap()))
+        .unwrap();
 }

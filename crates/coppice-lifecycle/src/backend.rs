@@ -267,6 +267,11 @@ pub struct JailSpec {
     pub mounts: Vec<BindMount>,
     /// Resource limits.
     pub limits: Limits,
+    /// A network namespace file to join (from [`NetAttachment::namespace`]) instead of a
+    /// network stack of the sandbox's own, which has only a loopback. The namespace stays
+    /// owned by the host, so sandbox root cannot change its interfaces, routes or filters.
+    #[serde(default)]
+    pub network: Option<PathBuf>,
 }
 
 /// Run state of an isolated sandbox as the backend sees it.

@@ -669,6 +669,7 @@ impl Replica {
                 },
             ],
             limits: LIMITS,
+            network: None,
         };
         self.jail.start(spec).await?;
         let t_jail = t0.elapsed();

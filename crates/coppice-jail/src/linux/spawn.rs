@@ -154,7 +154,7 @@ impl Stage {
             Stage::WaitCgroup => "wait for cgroup placement",
             Stage::UnshareCgroup => "unshare cgroup namespace",
             Stage::Hostname => "set hostname",
-            Stage::Loopback => "bring up loopback",
+            Stage::Loopback => "join the network namespace or bring up loopback",
             Stage::PivotRoot => "pivot_root",
             Stage::UnshareUser => "unshare user namespace",
             Stage::WaitMaps => "wait for uid/gid maps",
@@ -184,6 +184,9 @@ pub(crate) struct Plan {
     filter: Vec<libc::sock_filter>,
     drop_caps: Vec<libc::c_ulong>,
     log_fd: OwnedFd,
+    /// The network namespace to join, opened in the parent; `None` gives the child a new
+    /// one with only `lo`.
+    netns: Option<OwnedFd>,
     /// Host uid/gid of sandbox root and the size of the mapped range.
     uid_base: u32,
     uid_count: u32,
@@ -250,6 +253,7 @@ impl Plan {
         let inside = |p: &Path| -> Result<CString, BackendError> {
             cstr(root.join(p.strip_prefix("/").unwrap_or(p)))
         };
+        let netns = spec.network.as_deref().map(open_netns).transpose()?;
         let mut steps = vec![Step::Mount {
             source: None,
             target: cstr("/")?,
@@ -438,6 +442,7 @@ impl Plan {
             filter: seccomp::filter(),
             drop_caps,
             log_fd,
+            netns,
             uid_base,
             uid_count,
         })
@@ -522,11 +527,11 @@ pub(crate) fn spawn(
 ) -> Result<u32, BackendError> {
     let (parent_end, child_end) = seqpacket_pair()?;
     let parent = own_pidfd()?;
-    let flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if plan.netns.is_none() {
+        flags |= libc::CLONE_NEWNET;
+    }
     // SAFETY: a fork-like clone (no CLONE_VM, no new stack): the child gets a copy of this
     // thread's memory and continues here. It only runs `child_main`, which makes raw,
     // async-signal-safe system calls on data prepared in `plan` and never returns.
@@ -810,7 +815,8 @@ unsafe fn child_main(plan: &Plan, sock: RawFd, parent: RawFd) -> ! {
 
         // First, before anything can block: die with the parent, and hold nothing of it.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        close_all_but(&mut [sock, parent, plan.log_fd.as_raw_fd()]);
+        let netns = plan.netns.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        close_all_but(&mut [sock, parent, plan.log_fd.as_raw_fd(), netns]);
         if has_exited(parent) {
             libc::_exit(127);
         }
@@ -874,7 +880,14 @@ unsafe fn child_main(plan: &Plan, sock: RawFd, parent: RawFd) -> ! {
         if libc::sethostname(host.as_ptr().cast(), host.len()) != 0 {
             fail(stage(Stage::Hostname));
         }
-        if !loopback_up() {
+        // Still in the host's user namespace, which owns the joined namespace: sandbox root,
+        // in the user namespace made below, gets no say over its interfaces and routes.
+        let network = if netns >= 0 {
+            libc::setns(netns, libc::CLONE_NEWNET) == 0 && libc::close(netns) == 0
+        } else {
+            loopback_up()
+        };
+        if !network {
             fail(stage(Stage::Loopback));
         }
         let dot = c".".as_ptr();
@@ -973,6 +986,26 @@ unsafe fn child_main(plan: &Plan, sock: RawFd, parent: RawFd) -> ! {
     }
 }
 
+/// Opens the network namespace file `path` for the child to join, refusing anything that
+/// is not a network namespace.
+fn open_netns(path: &Path) -> Result<OwnedFd, BackendError> {
+    /// `NS_GET_NSTYPE` from `linux/nsfs.h`: `_IO(0xb7, 0x3)`.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let file = std::fs::File::open(path).map_err(|e| BackendError::InvalidSpec {
+        field: "network namespace",
+        reason: format!("{}: {e}", path.display()),
+    })?;
+    // SAFETY: an ioctl without arguments on a descriptor we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(BackendError::InvalidSpec {
+            field: "network namespace",
+            reason: format!("{} is not a network namespace", path.display()),
+        });
+    }
+    Ok(file.into())
+}
+
 /// Sets `IFF_UP` on `lo` in the current network namespace.
 ///
 /// # Safety
@@ -1035,6 +1068,7 @@ mod tests {
             },
             mounts: Vec::new(),
             limits: Limits::default(),
+            network: None,
         };
         let log = std::fs::File::create(root.join("log")).unwrap().into();
         Plan::new(&spec, root, log, 100_000, 65_536).unwrap()

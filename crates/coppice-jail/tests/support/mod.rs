@@ -121,6 +121,7 @@ impl World {
                 read_only: false,
             }],
             limits,
+            network: None,
         }
     }
 
