@@ -68,9 +68,17 @@ pub struct LinuxNetConfig {
     /// default route needs; default true. When false, forwarding is turned on for the bridge
     /// only and the operator enables it on the uplinks.
     pub global_forwarding: bool,
+    /// The NFLOG group the rules log blocked egress to and [`Network::blocked`] reads
+    /// (default [`LinuxNetConfig::DEFAULT_LOG_GROUP`]). One reader per group on a host:
+    /// two drivers need two groups.
+    pub log_group: u16,
 }
 
 impl LinuxNetConfig {
+    /// The default NFLOG group for blocked egress, 0x636f ("co"): clear of group 0, which
+    /// `ulogd` and hand-written rules tend to use.
+    pub const DEFAULT_LOG_GROUP: u16 = 0x636f;
+
     /// The defaults, for `run_dir` and `pool`.
     pub fn new(run_dir: impl Into<PathBuf>, pool: Ipv4Cidr) -> Self {
         Self {
@@ -84,6 +92,7 @@ impl LinuxNetConfig {
             egress_only_to: None,
             ready_namespaces: 0,
             global_forwarding: true,
+            log_group: Self::DEFAULT_LOG_GROUP,
         }
     }
 
@@ -130,6 +139,7 @@ impl LinuxNetConfig {
             gateway,
             allow_metadata: self.allow_metadata,
             egress_only_to: self.egress_only_to.as_deref(),
+            log_group: self.log_group,
         }
     }
 }

@@ -5,8 +5,8 @@
 //! sandbox pool 198.51.100.(128+16n)/28 and a "fake internet" namespace on
 //! 198.51.100.(16n)/28, reached through the connected route of a veth the test makes: the
 //! host side is `.16n+1`, the fake internet's servers are `.16n+2` and `.16n+3`. Names
-//! carry the slot (`cpt<n>br`, `coppice_t<n>`, `cpt<n>v*`), so slots run in parallel and
-//! never touch the host's own configuration. Every driver is restricted to egress into
+//! carry the slot (`cpt<n>br`, `coppice_t<n>`, `cpt<n>v*`, NFLOG group 0x7430 + n), so
+//! slots run in parallel and never touch the host's own configuration. Every driver is restricted to egress into
 //! 198.51.100.0/24 at most. A slot is held through an exclusive `flock` on a file under
 //! `/run/lock`, so tests that share a slot, in this process or in any other (a second
 //! worktree, the gateway's network tests), wait for each other instead of colliding.
@@ -91,6 +91,9 @@ impl Slot {
     fn server2(self) -> Ipv4Addr {
         ip(16 * self.0 + 3)
     }
+    fn log_group(self) -> u16 {
+        0x7430 + u16::from(self.0)
+    }
     fn config(self, run_dir: &Path) -> LinuxNetConfig {
         let n = self.0;
         LinuxNetConfig {
@@ -99,6 +102,8 @@ impl Slot {
             link_prefix: format!("cpt{n}v"),
             egress_only_to: Some(vec![cidr("198.51.100.0/24")]),
             global_forwarding: false,
+            // A group per slot, so parallel slots never read each other's reports.
+            log_group: self.log_group(),
             ..LinuxNetConfig::new(run_dir.join("net"), self.pool())
         }
     }
