@@ -829,6 +829,16 @@ pub trait Network: Send + Sync + 'static {
         &self,
         live: &[SandboxId],
     ) -> impl Future<Output = Result<Vec<NetAttachment>, BackendError>> + Send;
+
+    /// Waits for the next reports of blocked egress and returns them, at least one; or an
+    /// empty list after about a second without any, so a caller's loop can check for
+    /// shutdown. Meant for one consumer that calls it in a loop from after
+    /// [`Network::recover`] on; a driver keeps reports from its first call on, and those
+    /// that arrive while nobody waits are kept for the next call (up to a bound; a driver
+    /// counts what it had to drop). Reports are a sample, limited per sandbox (see
+    /// [`BlockedEgress`]). A driver that cannot observe its drops returns
+    /// [`BackendError::Unsupported`].
+    fn blocked(&self) -> impl Future<Output = Result<Vec<BlockedEgress>, BackendError>> + Send;
 }
 
 /// The one error type of every backend.

@@ -64,6 +64,12 @@ pub(crate) fn log_prefix(table: &str, reason: BlockReason) -> String {
     format!("{table}:{}", reason.as_str())
 }
 
+/// The reason a log prefix of the table `table` stands for.
+pub(crate) fn reason_of_prefix(table: &str, prefix: &str) -> Option<BlockReason> {
+    let name = prefix.strip_prefix(table)?.strip_prefix(':')?;
+    BlockReason::from_name(name)
+}
+
 /// The verdict that counts and drops a violation: `counter name <counter> goto deny_<reason>`.
 fn verdict(reason: BlockReason) -> String {
     let counter = match reason {
@@ -410,8 +416,12 @@ mod tests {
                 name = reason.as_str()
             );
             assert!(text.contains(&chain), "{chain}\nnot in\n{text}");
+            let prefix = log_prefix("coppice", reason);
+            assert_eq!(reason_of_prefix("coppice", &prefix), Some(reason));
+            assert_eq!(reason_of_prefix("coppice_t1", &prefix), None);
         }
         assert_eq!(log_prefix("coppice", BlockReason::Policy), "coppice:policy");
+        assert_eq!(reason_of_prefix("coppice", "coppice:dns"), None);
         // Replies and unsolicited inbound traffic are dropped without a log.
         assert!(text.contains("ip daddr @no_internet counter name drop_policy drop"));
         assert!(text.contains("oifname \"coppice0\" counter name drop_inbound drop"));
