@@ -4,8 +4,9 @@
 //!
 //! Hand-written over `linux::netlink` like the rest: one config message binds the group
 //! (copying [`COPY_RANGE`] bytes of each packet, every report sent at once), then the socket
-//! only receives. One socket per group per host: the kernel refuses a second binder with
-//! `EBUSY`, and closing the socket unbinds. A full receive buffer makes the next receive
+//! only receives. One socket per group per namespace: the kernel refuses a second binder
+//! with `EPERM` (the error a binder without `CAP_NET_ADMIN` gets too), and closing the
+//! socket unbinds. A full receive buffer makes the next receive
 //! fail with `ENOBUFS`; the reader counts that and reads on (the kernel's rate limit keeps
 //! it rare).
 
@@ -70,7 +71,7 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    /// Binds `group` in the calling thread's network namespace; `EBUSY` if another socket
+    /// Binds `group` in the calling thread's network namespace; `EPERM` if another socket
     /// holds it.
     pub(crate) fn bind(group: u16) -> io::Result<Self> {
         let mut nl = Netlink::open_netfilter()?;

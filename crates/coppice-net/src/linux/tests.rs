@@ -30,6 +30,7 @@ use coppice_lifecycle::backend::{
 use crate::linux::command::{self, HELPER};
 use crate::linux::netlink::Netlink;
 use crate::linux::netns;
+use crate::linux::nflog::Reader;
 use crate::linux::{LinuxNet, LinuxNetConfig};
 use crate::nft::{LOG_BURST, LOG_RATE};
 
@@ -1024,4 +1025,30 @@ async fn blocked_egress_is_reported_from_the_kernel_rate_limited() {
         "{got:?}"
     );
     assert_eq!(net.blocked_lost(), 0);
+}
+
+#[test]
+fn an_nflog_group_has_one_reader_at_a_time() {
+    if !capable("an_nflog_group_has_one_reader_at_a_time") {
+        return;
+    }
+    // In a scratch namespace, whose groups are its own.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: only this thread, which ends right after.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let first = Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP).unwrap();
+            let second = Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP);
+            assert!(
+                matches!(&second, Err(e) if e.raw_os_error() == Some(libc::EPERM)),
+                "{second:?}"
+            );
+            Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP + 1).unwrap();
+            // Closing the socket unbinds.
+            drop(first);
+            Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP).unwrap();
+        })
+        .join()
+        .unwrap();
+    });
 }
