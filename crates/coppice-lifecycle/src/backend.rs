@@ -680,6 +680,121 @@ pub struct NetAttachment {
     pub policy: EgressPolicy,
 }
 
+/// Why the network role blocked a sandbox's packet: which of its limits the destination hit.
+///
+/// Operator limits come first, so a destination that is both the host's and denied by the
+/// policy is reported as `Host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockReason {
+    /// The sandbox's own [`EgressPolicy`] denies it (`deny_out`, or no internet access).
+    Policy,
+    /// Outside the operator's egress allow-list.
+    Operator,
+    /// Cloud metadata, 169.254.0.0/16, which the operator has not opened.
+    Metadata,
+    /// One of the host's own addresses (other than the DNS port on the gateway).
+    Host,
+    /// Another sandbox.
+    Sandbox,
+}
+
+impl BlockReason {
+    /// Every reason.
+    pub const ALL: [Self; 5] = [
+        Self::Policy,
+        Self::Operator,
+        Self::Metadata,
+        Self::Host,
+        Self::Sandbox,
+    ];
+
+    /// A short stable name: `policy`, `operator`, `metadata`, `host`, `sandbox`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Policy => "policy",
+            Self::Operator => "operator",
+            Self::Metadata => "metadata",
+            Self::Host => "host",
+            Self::Sandbox => "sandbox",
+        }
+    }
+
+    /// The reason named `name` by [`BlockReason::as_str`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl fmt::Display for BlockReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transport of a blocked packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpProtocol {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// ICMP (1).
+    Icmp,
+    /// Any other IP protocol, by number.
+    Other(u8),
+}
+
+impl IpProtocol {
+    /// The protocol with IP protocol number `n`.
+    pub fn from_number(n: u8) -> Self {
+        match n {
+            1 => Self::Icmp,
+            6 => Self::Tcp,
+            17 => Self::Udp,
+            n => Self::Other(n),
+        }
+    }
+
+    /// Its IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Icmp => 1,
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Other(n) => n,
+        }
+    }
+
+    /// `tcp`, `udp`, `icmp`, or `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Other(_) => "other",
+        }
+    }
+}
+
+/// A sandbox's attempt to open a connection that the network role blocked, as the kernel
+/// reported it: the raw material of a `security.violation` event.
+///
+/// Reports are a rate-limited sample (a driver passes on a few per second per sandbox), not
+/// a count of every blocked packet; a flood of attempts yields a handful of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedEgress {
+    /// The sandbox that sent it.
+    pub id: SandboxId,
+    /// Where it was going.
+    pub destination: Ipv4Addr,
+    /// The destination port, for TCP and UDP (not for ICMP or a later fragment).
+    pub port: Option<u16>,
+    /// Its transport.
+    pub protocol: IpProtocol,
+    /// Which limit blocked it.
+    pub reason: BlockReason,
+}
+
 /// The network role: each sandbox's network stack, owned by the host, with egress through
 /// the host's routes under an [`EgressPolicy`].
 ///
@@ -719,6 +834,16 @@ pub trait Network: Send + Sync + 'static {
         &self,
         live: &[SandboxId],
     ) -> impl Future<Output = Result<Vec<NetAttachment>, BackendError>> + Send;
+
+    /// Waits for the next reports of blocked egress and returns them, at least one; or an
+    /// empty list after about a second without any, so a caller's loop can check for
+    /// shutdown. Meant for one consumer that calls it in a loop from after
+    /// [`Network::recover`] on; a driver keeps reports from its first call on, and those
+    /// that arrive while nobody waits are kept for the next call (up to a bound; a driver
+    /// counts what it had to drop). Reports are a sample, limited per sandbox (see
+    /// [`BlockedEgress`]). A driver that cannot observe its drops returns
+    /// [`BackendError::Unsupported`].
+    fn blocked(&self) -> impl Future<Output = Result<Vec<BlockedEgress>, BackendError>> + Send;
 }
 
 /// The one error type of every backend.
@@ -956,6 +1081,20 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(json, "\"198.51.100.130/26\"");
         assert_eq!(serde_json::from_str::<Ipv4Cidr>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn block_reasons_and_protocols_have_stable_names() {
+        for r in BlockReason::ALL {
+            assert_eq!(BlockReason::from_name(r.as_str()), Some(r));
+            assert_eq!(r.to_string(), r.as_str());
+        }
+        assert_eq!(BlockReason::from_name("dns"), None);
+        for n in [1, 6, 17, 47] {
+            assert_eq!(IpProtocol::from_number(n).number(), n);
+        }
+        assert_eq!(IpProtocol::from_number(6).as_str(), "tcp");
+        assert_eq!(IpProtocol::from_number(47), IpProtocol::Other(47));
     }
 
     #[test]

@@ -15,6 +15,13 @@
 //! One difference from Linux: root in a VNET jail may reconfigure the jail's own interface
 //! and routes. pf therefore pins each port to its sandbox's address (`block in on <port>
 //! from !<addr>`), so a changed address or route inside gains nothing.
+//!
+//! Blocked egress: the rules that stand for a sandbox's violation (the host, metadata, the
+//! operator's allow-list, other sandboxes, its own policy) log to a `pflog(4)` interface of
+//! the driver's own (`pflog1` by default, so the operator's `pflogd` on `pflog0` does not
+//! see them). Reading it (bpf, `struct pfloghdr`, whose anchor path names the sandbox) and
+//! limiting the reports per sandbox (pf has no log rate limit) is not planned: the FreeBSD
+//! driver's `Network::blocked` is to return `Unsupported` until it is.
 
 use std::net::Ipv4Addr;
 
@@ -43,6 +50,8 @@ pub struct FreebsdNetConfig {
     pub allow_metadata: bool,
     /// If set, the only destinations any sandbox may reach, whatever its policy.
     pub egress_only_to: Option<Vec<Ipv4Cidr>>,
+    /// The `pflog(4)` interface violations are logged to (default `pflog1`).
+    pub log_interface: String,
 }
 
 impl FreebsdNetConfig {
@@ -57,6 +66,7 @@ impl FreebsdNetConfig {
             epair_base: 1000,
             allow_metadata: false,
             egress_only_to: None,
+            log_interface: "pflog1".into(),
         }
     }
 }
@@ -122,6 +132,7 @@ impl FreebsdPlan {
             ("pf anchor", &config.anchor),
             ("link prefix", &config.link_prefix),
             ("egress interface", &config.egress_interface),
+            ("log interface", &config.log_interface),
         ] {
             let ok = !v.is_empty()
                 && v.len() <= 15
@@ -156,11 +167,14 @@ impl FreebsdPlan {
             Step::new(&["kldload", "-n", "if_bridge"]),
             Step::new(&["kldload", "-n", "if_epair"]),
             Step::new(&["kldload", "-n", "pf"]),
+            Step::new(&["kldload", "-n", "pflog"]),
             Step::new(&["sysctl", "net.inet.ip.forwarding=1"]),
             // Filter bridged traffic on the member ports, where each sandbox has its rules.
             Step::new(&["sysctl", "net.link.bridge.pfil_member=1"]),
             Step::new(&["ifconfig", "bridge", "create", "name", &c.bridge]),
             Step::new(&["ifconfig", &c.bridge, "inet", &gw, "up"]),
+            Step::new(&["ifconfig", &c.log_interface, "create"]),
+            Step::new(&["ifconfig", &c.log_interface, "up"]),
             Step::new(&["pfctl", "-a", &c.anchor, "-f", "-"]).with_stdin(self.top_anchor()),
             Step::new(&["pfctl", "-e"]),
         ]
@@ -186,21 +200,31 @@ impl FreebsdPlan {
         s.push_str(&format!(
             "pass in quick inet proto {{ udp tcp }} from {pool} to {gw} port {DNS_PORT}\n"
         ));
-        s.push_str(&format!("block drop in quick inet from {pool} to (self)\n"));
+        let log = self.log();
+        s.push_str(&format!(
+            "block drop in {log} quick inet from {pool} to (self)\n"
+        ));
         if !c.allow_metadata {
             s.push_str(&format!(
-                "block drop in quick inet from {pool} to 169.254.0.0/16\n"
+                "block drop in {log} quick inet from {pool} to 169.254.0.0/16\n"
             ));
         }
         if c.egress_only_to.is_some() {
             s.push_str(&format!(
-                "block drop in quick inet from {pool} to ! <operator_allow>\n"
+                "block drop in {log} quick inet from {pool} to ! <operator_allow>\n"
             ));
         }
-        s.push_str(&format!("block drop in quick inet from {pool} to {pool}\n"));
+        s.push_str(&format!(
+            "block drop in {log} quick inet from {pool} to {pool}\n"
+        ));
         s.push_str("block drop in quick inet6 all\n");
         s.push_str("anchor \"sbx/*\"\n");
         s
+    }
+
+    /// `log (to <log interface>)`, for the rules whose drops are violations.
+    fn log(&self) -> String {
+        format!("log (to {})", self.config.log_interface)
     }
 
     fn ports(&self, addr: Ipv4Addr) -> Result<(String, String, u32), BackendError> {
@@ -240,12 +264,13 @@ impl FreebsdPlan {
         s.push_str(&format!(
             "pass in quick on {port} inet from {addr} to <allow> keep state\n"
         ));
+        let log = self.log();
         s.push_str(&format!(
-            "block drop in quick on {port} inet from {addr} to <deny>\n"
+            "block drop in {log} quick on {port} inet from {addr} to <deny>\n"
         ));
         if !policy.allow_internet {
             s.push_str(&format!(
-                "block drop in quick on {port} inet from {addr} to any\n"
+                "block drop in {log} quick on {port} inet from {addr} to any\n"
             ));
         }
         s.push_str(&format!(
@@ -379,16 +404,19 @@ mod tests {
         );
         let steps = p.host_setup();
         assert_eq!(
-            lines(&steps)[3..8],
+            lines(&steps)[3..11],
             [
+                "kldload -n pflog",
                 "sysctl net.inet.ip.forwarding=1",
                 "sysctl net.link.bridge.pfil_member=1",
                 "ifconfig bridge create name coppice0",
                 "ifconfig coppice0 inet 198.51.100.129/26 up",
+                "ifconfig pflog1 create",
+                "ifconfig pflog1 up",
                 "pfctl -a coppice -f -",
             ]
         );
-        let top = steps[7].stdin.as_deref().unwrap();
+        let top = steps[10].stdin.as_deref().unwrap();
         let at = |n: &str| top.find(n).unwrap_or_else(|| panic!("{n:?} not in\n{top}"));
         assert!(
             at("nat on vtnet0 inet from 198.51.100.128/26 to any -> (vtnet0)")
@@ -400,6 +428,16 @@ mod tests {
             at("table <operator_allow> const { 198.51.100.0/24 }") < at("to ! <operator_allow>")
         );
         assert!(at("to ! <operator_allow>") < at("anchor \"sbx/*\""));
+        // Violations are logged to the driver's pflog interface; IPv6 is not a violation.
+        for rule in [
+            "block drop in log (to pflog1) quick inet from 198.51.100.128/26 to (self)",
+            "block drop in log (to pflog1) quick inet from 198.51.100.128/26 to 169.254.0.0/16",
+            "block drop in log (to pflog1) quick inet from 198.51.100.128/26 to ! <operator_allow>",
+            "block drop in log (to pflog1) quick inet from 198.51.100.128/26 to 198.51.100.128/26",
+            "block drop in quick inet6 all",
+        ] {
+            assert!(top.contains(&format!("{rule}\n")), "{rule:?} not in\n{top}");
+        }
     }
 
     #[test]
@@ -454,8 +492,8 @@ mod tests {
              table <deny> persist { 198.51.100.0/24 }\n\
              block drop in quick on cpv2 inet from ! 198.51.100.130\n\
              pass in quick on cpv2 inet from 198.51.100.130 to <allow> keep state\n\
-             block drop in quick on cpv2 inet from 198.51.100.130 to <deny>\n\
-             block drop in quick on cpv2 inet from 198.51.100.130 to any\n\
+             block drop in log (to pflog1) quick on cpv2 inet from 198.51.100.130 to <deny>\n\
+             block drop in log (to pflog1) quick on cpv2 inet from 198.51.100.130 to any\n\
              pass in quick on cpv2 inet from 198.51.100.130 to any keep state\n"
         );
         let open = p.sandbox_anchor(addr, &EgressPolicy::default()).unwrap();

@@ -6,8 +6,10 @@
 //! per sandbox, created and configured by the driver and bind-mounted under its run
 //! directory for the jail to join; a veth pair to a bridge the driver owns; netlink for
 //! links, addresses and routes; and one nftables table whose named sets hold each sandbox's
-//! policy. [`freebsd`] is the FreeBSD driver's command plan (VNET jail, epair, bridge, a pf
-//! anchor per sandbox), plain data that is tested on every OS.
+//! policy; the kernel logs the drops that are violations to an NFLOG group, which
+//! `Network::blocked` reads back.
+//! [`freebsd`] is the FreeBSD driver's command plan (VNET jail, epair, bridge, a pf anchor
+//! per sandbox), plain data that is tested on every OS.
 //! `docs/network.md` describes the datapath, the rules and recovery.
 //!
 //! **Invariant:** nothing here knows HTTP, templates or processes inside a sandbox; the

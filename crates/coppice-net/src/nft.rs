@@ -4,7 +4,10 @@
 //! set elements keyed by its address, so attach, policy updates and release change elements
 //! and never rules. A `bridge` table of the same name drops frames between the bridge's
 //! ports, so sandboxes cannot reach each other even at layer 2. Named counters count each
-//! kind of drop (tests read them; operators can too). Everything here is pure text, loaded
+//! kind of drop (tests read them; operators can too). The drops that stand for a sandbox
+//! reaching for something it may not (see [`VIOLATIONS`]) also send new connection attempts
+//! to an NFLOG group, rate-limited per sandbox, for `linux::nflog` to read; the drop itself
+//! is unconditional. Everything here is pure text, loaded
 //! once at start with the elements of every recorded sandbox; later element changes go
 //! over netlink (`linux::netlink::Netlink::change_sets`). The values come from validated
 //! types and checked names, so nothing needs quoting.
@@ -12,7 +15,7 @@
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
-use coppice_lifecycle::backend::{EgressPolicy, Ipv4Cidr};
+use coppice_lifecycle::backend::{BlockReason, EgressPolicy, Ipv4Cidr};
 
 /// The port of the DNS forwarder on the gateway address, the one host port sandboxes reach.
 pub(crate) const DNS_PORT: u16 = 53;
@@ -34,6 +37,49 @@ pub(crate) struct Rules<'a> {
     pub(crate) allow_metadata: bool,
     /// If set, the only destinations any sandbox may reach.
     pub(crate) egress_only_to: Option<&'a [Ipv4Cidr]>,
+    /// The NFLOG group violations are logged to.
+    pub(crate) log_group: u16,
+}
+
+/// How many violation reports per second the kernel passes on for one sandbox, after a
+/// burst of [`LOG_BURST`]; the rest are dropped unlogged (and still counted).
+pub(crate) const LOG_RATE: u32 = 5;
+/// The burst of [`LOG_RATE`].
+pub(crate) const LOG_BURST: u32 = 10;
+
+/// The drops that count as a sandbox's violation, one per [`BlockReason`]: each has a chain
+/// `deny_<reason>` that logs (rate-limited) and drops, with the log prefix
+/// `<table>:<reason>` ([`log_prefix`]) that tells the reader which it was.
+///
+/// Not violations: inbound traffic and the reply direction of connections (the sandbox did
+/// not start them), IPv6 (not routed at all yet; a sandbox's kernel sends some on its own),
+/// spoofed sources (they name no sandbox), broadcast and multicast to the host (daemons'
+/// chatter, not an attempt to reach it), and frames between bridge ports (the bridge table
+/// sees a sandbox's every ARP broadcast there; an IP packet to a neighbour meets the
+/// `sandbox` rule instead).
+pub(crate) const VIOLATIONS: [BlockReason; 5] = BlockReason::ALL;
+
+/// The log prefix of `reason`'s drops in the table `table`.
+pub(crate) fn log_prefix(table: &str, reason: BlockReason) -> String {
+    format!("{table}:{}", reason.as_str())
+}
+
+/// The reason a log prefix of the table `table` stands for.
+pub(crate) fn reason_of_prefix(table: &str, prefix: &str) -> Option<BlockReason> {
+    let name = prefix.strip_prefix(table)?.strip_prefix(':')?;
+    BlockReason::from_name(name)
+}
+
+/// The verdict that counts and drops a violation: `counter name <counter> goto deny_<reason>`.
+fn verdict(reason: BlockReason) -> String {
+    let counter = match reason {
+        BlockReason::Policy => counter::POLICY,
+        BlockReason::Operator => counter::OPERATOR,
+        BlockReason::Metadata => counter::METADATA,
+        BlockReason::Host => counter::HOST,
+        BlockReason::Sandbox => counter::SANDBOX,
+    };
+    format!("counter name {counter} goto deny_{}", reason.as_str())
 }
 
 /// The names of the drop counters, for [`Rules::counter`] readers.
@@ -64,6 +110,7 @@ impl Rules<'_> {
             link_prefix,
             pool,
             gateway,
+            log_group,
             ..
         } = *self;
         let pool = pool.normalized();
@@ -97,6 +144,15 @@ impl Rules<'_> {
             let _ = writeln!(s, " }}");
         }
         let _ = writeln!(s, "  set no_internet {{ type ipv4_addr; }}");
+        // One rate-limit bucket per sandbox address, shared by every kind of violation. Each
+        // hit refreshes its timeout, so a flooding sandbox keeps its spent bucket, and an
+        // idle one expires (a reused address starts afresh). One element per address of the
+        // pool fits.
+        let _ = writeln!(
+            s,
+            "  set violation_rate {{ type ipv4_addr; size {}; flags dynamic,timeout; timeout 1m; }}",
+            pool_size(pool)
+        );
         for set in ["allow_out", "deny_out"] {
             let _ = writeln!(
                 s,
@@ -113,7 +169,7 @@ impl Rules<'_> {
     ct state established,related accept
     ip daddr {gateway} udp dport {DNS_PORT} accept
     ip daddr {gateway} tcp dport {DNS_PORT} accept
-    counter name {host} drop
+    {host}
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -131,35 +187,56 @@ impl Rules<'_> {
   chain sandbox_out {{
     meta nfproto ipv6 drop
     ip saddr != {pool} drop
-    oifname \"{bridge}\" counter name {sandbox} drop
+    oifname \"{bridge}\" {sandbox}
 ",
-            host = counter::HOST,
+            host = verdict(BlockReason::Host),
             inbound = counter::INBOUND,
             policy = counter::POLICY,
-            sandbox = counter::SANDBOX,
+            sandbox = verdict(BlockReason::Sandbox),
         );
         if !self.allow_metadata {
             let _ = writeln!(
                 s,
-                "    ip daddr 169.254.0.0/16 counter name {} drop",
-                counter::METADATA
+                "    ip daddr 169.254.0.0/16 {}",
+                verdict(BlockReason::Metadata)
             );
         }
         if self.egress_only_to.is_some() {
             let _ = writeln!(
                 s,
-                "    ip daddr != @operator_allow counter name {} drop",
-                counter::OPERATOR
+                "    ip daddr != @operator_allow {}",
+                verdict(BlockReason::Operator)
             );
         }
         let _ = write!(
             s,
             "    ip saddr . ip daddr @allow_out accept
-    ip saddr . ip daddr @deny_out counter name {policy} drop
-    ip saddr @no_internet counter name {policy} drop
+    ip saddr . ip daddr @deny_out {policy}
+    ip saddr @no_internet {policy}
     accept
   }}
-  chain postrouting {{
+",
+            policy = verdict(BlockReason::Policy),
+        );
+        // Only new connection attempts in unicast IPv4 are logged, at most LOG_RATE a second
+        // per sandbox: a flood or a SYN retry storm costs the kernel a bucket lookup, not a
+        // message each. The drop after the log rule is unconditional.
+        for reason in VIOLATIONS {
+            let _ = writeln!(
+                s,
+                "  chain deny_{name} {{
+    meta nfproto ipv4 meta pkttype host ct state new \
+update @violation_rate {{ ip saddr limit rate {LOG_RATE}/second burst {LOG_BURST} packets }} \
+log prefix \"{prefix}\" group {log_group}
+    drop
+  }}",
+                name = reason.as_str(),
+                prefix = log_prefix(table, reason),
+            );
+        }
+        let _ = write!(
+            s,
+            "  chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     ip saddr {pool} oifname != \"{bridge}\" masquerade
   }}
@@ -172,7 +249,6 @@ table bridge {table} {{
   }}
 }}
 ",
-            policy = counter::POLICY,
             bridged = counter::BRIDGED,
         );
         s
@@ -246,6 +322,11 @@ pub(crate) fn update_script(
     Some(s)
 }
 
+/// How many addresses `pool` holds.
+fn pool_size(pool: Ipv4Cidr) -> u64 {
+    1u64 << (32 - u32::from(pool.prefix()))
+}
+
 /// `{ a, b }`.
 fn braced(items: impl Iterator<Item = String>) -> String {
     format!("{{ {} }}", items.collect::<Vec<_>>().join(", "))
@@ -283,6 +364,7 @@ mod tests {
             gateway: "198.51.100.129".parse().unwrap(),
             allow_metadata,
             egress_only_to: only,
+            log_group: 7,
         }
         .load_script()
     }
@@ -299,17 +381,18 @@ mod tests {
         assert!(pos("elements = { 198.51.100.0/24 }") < pos("chain input"));
         let order = [
             "ip saddr != 198.51.100.128/26 drop",
-            "oifname \"coppice0\" counter name drop_sandbox drop",
-            "ip daddr 169.254.0.0/16 counter name drop_metadata drop",
-            "ip daddr != @operator_allow counter name drop_operator drop",
+            "oifname \"coppice0\" counter name drop_sandbox goto deny_sandbox",
+            "ip daddr 169.254.0.0/16 counter name drop_metadata goto deny_metadata",
+            "ip daddr != @operator_allow counter name drop_operator goto deny_operator",
             "ip saddr . ip daddr @allow_out accept",
-            "ip saddr . ip daddr @deny_out counter name drop_policy drop",
-            "ip saddr @no_internet counter name drop_policy drop",
+            "ip saddr . ip daddr @deny_out counter name drop_policy goto deny_policy",
+            "ip saddr @no_internet counter name drop_policy goto deny_policy",
         ];
         let at: Vec<usize> = order.iter().map(|n| pos(n)).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}");
         assert!(
-            pos("ip daddr 198.51.100.129 udp dport 53 accept") < pos("counter name drop_host drop")
+            pos("ip daddr 198.51.100.129 udp dport 53 accept")
+                < pos("counter name drop_host goto deny_host")
         );
         assert!(text.contains("ip saddr 198.51.100.128/26 oifname != \"coppice0\" masquerade"));
         assert!(text.contains("iifname \"cpv*\" counter name drop_bridged drop"));
@@ -317,6 +400,34 @@ mod tests {
         assert!(
             text.contains("iifname \"coppice0\" tcp flags syn tcp option maxseg size set rt mtu")
         );
+    }
+
+    #[test]
+    fn violations_are_logged_rate_limited_and_always_dropped() {
+        let text = rules(None, false);
+        assert!(text.contains(
+            "set violation_rate { type ipv4_addr; size 64; flags dynamic,timeout; timeout 1m; }"
+        ));
+        for reason in VIOLATIONS {
+            let chain = format!(
+                "  chain deny_{name} {{\n    meta nfproto ipv4 meta pkttype host ct state new \
+                 update @violation_rate {{ ip saddr limit rate 5/second burst 10 packets }} \
+                 log prefix \"coppice:{name}\" group 7\n    drop\n  }}\n",
+                name = reason.as_str()
+            );
+            assert!(text.contains(&chain), "{chain}\nnot in\n{text}");
+            let prefix = log_prefix("coppice", reason);
+            assert_eq!(reason_of_prefix("coppice", &prefix), Some(reason));
+            assert_eq!(reason_of_prefix("coppice_t1", &prefix), None);
+        }
+        assert_eq!(log_prefix("coppice", BlockReason::Policy), "coppice:policy");
+        assert_eq!(reason_of_prefix("coppice", "coppice:dns"), None);
+        // Replies and unsolicited inbound traffic are dropped without a log.
+        assert!(text.contains("ip daddr @no_internet counter name drop_policy drop"));
+        assert!(text.contains("oifname \"coppice0\" counter name drop_inbound drop"));
+        assert_eq!(text.matches("log prefix").count(), VIOLATIONS.len());
+        // Without an allow-list nothing jumps to its chain; the chain is there all the same.
+        assert!(!text.contains("goto deny_operator"));
     }
 
     #[test]

@@ -6,31 +6,36 @@
 //! namespace of its own. Sandbox root, in its own user namespace, owns nothing of it. A
 //! record `<run_dir>/<id>.json` (address and policy) is written before anything is made, so
 //! a new process can take a sandbox back or clean up after a create a crash cut short.
+//! Blocked egress comes back from the kernel over NFLOG (`nflog.rs`), mapped from the
+//! packet's source address to the sandbox that holds it.
 
 mod command;
 mod netlink;
 mod netns;
+mod nflog;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use coppice_lifecycle::backend::{
-    BackendError, Capabilities, Capability, EgressPolicy, Ipv4Cidr, NetAttachment, NetSpec,
-    Network, SandboxId,
+    BackendError, BlockedEgress, Capabilities, Capability, EgressPolicy, Ipv4Cidr, NetAttachment,
+    NetSpec, Network, SandboxId,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::linux::command::HELPER;
 use crate::linux::netlink::{Flow, Netlink, SetChange};
-use crate::nft::{update_script, Elements, Rules};
+use crate::linux::nflog::Logged;
+use crate::nft::{reason_of_prefix, update_script, Elements, Rules};
 use crate::pool::{check_overlap, resolvers, Pool};
 
 /// The sandbox-side interface's name.
@@ -68,9 +73,17 @@ pub struct LinuxNetConfig {
     /// default route needs; default true. When false, forwarding is turned on for the bridge
     /// only and the operator enables it on the uplinks.
     pub global_forwarding: bool,
+    /// The NFLOG group the rules log blocked egress to and [`Network::blocked`] reads
+    /// (default [`LinuxNetConfig::DEFAULT_LOG_GROUP`]). One reader per group on a host:
+    /// two drivers need two groups.
+    pub log_group: u16,
 }
 
 impl LinuxNetConfig {
+    /// The default NFLOG group for blocked egress, 0x636f ("co"): clear of group 0, which
+    /// `ulogd` and hand-written rules tend to use.
+    pub const DEFAULT_LOG_GROUP: u16 = 0x636f;
+
     /// The defaults, for `run_dir` and `pool`.
     pub fn new(run_dir: impl Into<PathBuf>, pool: Ipv4Cidr) -> Self {
         Self {
@@ -84,6 +97,7 @@ impl LinuxNetConfig {
             egress_only_to: None,
             ready_namespaces: 0,
             global_forwarding: true,
+            log_group: Self::DEFAULT_LOG_GROUP,
         }
     }
 
@@ -130,6 +144,7 @@ impl LinuxNetConfig {
             gateway,
             allow_metadata: self.allow_metadata,
             egress_only_to: self.egress_only_to.as_deref(),
+            log_group: self.log_group,
         }
     }
 }
@@ -148,6 +163,21 @@ struct Inner {
     state: Mutex<State>,
     /// Held by [`Inner::fill_ready`], so two fills do not overshoot.
     filling: Mutex<()>,
+    /// The reading side of blocked egress.
+    blocked: Blocked,
+}
+
+/// The reading side of blocked egress.
+#[derive(Debug, Default)]
+struct Blocked {
+    /// Bound to the log group on the first [`Network::blocked`] call; its lock is held for
+    /// the length of a read (a second), so nothing else waits on it.
+    reader: Mutex<Option<nflog::Reader>>,
+    /// Reports read and not yet returned (their caller went away mid-read); read into only
+    /// when empty, so it holds one batch at most.
+    pending: Mutex<Vec<BlockedEgress>>,
+    /// How many times the kernel reported lost reports.
+    lost: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -311,6 +341,7 @@ impl LinuxNet {
                     ready: Vec::new(),
                 }),
                 filling: Mutex::new(()),
+                blocked: Blocked::default(),
             }),
         })
     }
@@ -321,6 +352,13 @@ impl LinuxNet {
     pub async fn fill_ready(&self) -> Result<usize, BackendError> {
         let inner = self.inner.clone();
         blocking(move || inner.fill_ready()).await
+    }
+
+    /// How many times blocked-egress reports were lost because [`Network::blocked`] was not
+    /// called often enough: the kernel found the NFLOG socket's buffer full (each time may
+    /// stand for several reports). For a metric; zero in normal operation.
+    pub fn blocked_lost(&self) -> u64 {
+        self.inner.blocked.lost.load(Ordering::Relaxed)
     }
 
     /// How many ready namespaces wait.
@@ -398,6 +436,93 @@ impl Inner {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits up to about [`nflog::WAIT`] for blocked-egress reports and keeps them for
+    /// [`Inner::take_blocked`]; returns at once if some are kept already. Blocking.
+    fn read_blocked(&self) -> Result<(), BackendError> {
+        // Poisoned locks are still consistent: every change is one assignment.
+        let mut reader = self
+            .blocked
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !self.pending().is_empty() {
+            return Ok(());
+        }
+        let group = self.config.log_group;
+        let bound = match &mut *reader {
+            Some(r) => r,
+            None => {
+                let r = nflog::Reader::bind(group)
+                    .map_err(|e| nl_err("bind the NFLOG group", &group.to_string(), e))?;
+                tracing::debug!(group, "reading blocked egress");
+                reader.insert(r)
+            }
+        };
+        let read = bound.read();
+        self.blocked
+            .lost
+            .fetch_add(bound.take_overruns(), Ordering::Relaxed);
+        match read {
+            Ok(logged) => {
+                *self.pending() = self.reports(logged);
+                Ok(())
+            }
+            Err(e) => {
+                // A fresh socket on the next call, rather than one in an unknown state.
+                *reader = None;
+                Err(nl_err("read the NFLOG group", &group.to_string(), e))
+            }
+        }
+    }
+
+    /// The reports kept by [`Inner::read_blocked`].
+    fn take_blocked(&self) -> Vec<BlockedEgress> {
+        std::mem::take(&mut *self.pending())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Vec<BlockedEgress>> {
+        self.blocked
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The logged packets as reports: the reason from the rule's prefix, the sandbox from
+    /// the source address. Packets of other tables or of no sandbox are dropped.
+    fn reports(&self, logged: Vec<Logged>) -> Vec<BlockedEgress> {
+        if logged.is_empty() {
+            return Vec::new();
+        }
+        let owners: HashMap<Ipv4Addr, SandboxId> = self
+            .lock()
+            .entries
+            .values()
+            .map(|e| (e.attachment.address.addr(), e.attachment.id.clone()))
+            .collect();
+        logged
+            .into_iter()
+            .filter_map(|l| {
+                let reason = reason_of_prefix(&self.config.table, &l.prefix);
+                let id = owners.get(&l.source);
+                let (Some(reason), Some(id)) = (reason, id) else {
+                    tracing::debug!(
+                        source = %l.source,
+                        prefix = %l.prefix,
+                        "a logged packet of no sandbox of this driver"
+                    );
+                    return None;
+                };
+                Some(BlockedEgress {
+                    id: id.clone(),
+                    destination: l.destination,
+                    port: l.port,
+                    protocol: l.protocol,
+                    reason,
+                })
+            })
+            .collect()
     }
 
     fn ns_path(&self, id: &SandboxId) -> PathBuf {
@@ -828,6 +953,14 @@ impl Network for LinuxNet {
         let (inner, live) = (self.inner.clone(), live.to_vec());
         blocking(move || inner.recover(&live)).await
     }
+
+    async fn blocked(&self) -> Result<Vec<BlockedEgress>, BackendError> {
+        let inner = self.inner.clone();
+        // The read keeps what it finds in `inner`, so a caller that goes away mid-read
+        // (a select on shutdown) loses nothing: the next call takes it.
+        blocking(move || inner.read_blocked()).await?;
+        Ok(self.inner.take_blocked())
+    }
 }
 
 /// The entry of a sandbox whose network is made, or why not.
@@ -1009,7 +1142,7 @@ fn probe() -> Capabilities {
     };
     // A throwaway namespace: veth and bridge are tried inside it and vanish with it.
     let scratch = std::thread::scope(|s| {
-        s.spawn(|| -> Result<(Found, Found), String> {
+        s.spawn(|| -> Result<(Found, Found, Found), String> {
             // SAFETY: affects only this thread, which ends right after.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(format!(
@@ -1030,22 +1163,31 @@ fn probe() -> Capabilities {
                     .map_err(|e| format!("create a veth pair: {e}")),
                 Err(e) => Err(format!("no bridge to try a veth on: {e}")),
             };
-            Ok((bridge.map(|_| "bridges can be made".to_owned()), veth))
+            // NFLOG groups are per namespace: binding one here takes none of the host's.
+            let nflog = nflog::Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP)
+                .map(|_| "an NFLOG group can be bound".to_owned())
+                .map_err(|e| format!("bind an NFLOG group: {e}"));
+            Ok((
+                bridge.map(|_| "bridges can be made".to_owned()),
+                veth,
+                nflog,
+            ))
         })
         .join()
         .unwrap_or_else(|_| Err("probe thread panicked".into()))
     });
     match scratch {
-        Ok((bridge, veth)) => {
+        Ok((bridge, veth, nflog)) => {
             feature(
                 "network-namespace",
                 Ok("unshare(CLONE_NEWNET) works".into()),
             );
             feature("bridge", bridge);
             feature("veth", veth);
+            feature("nflog", nflog);
         }
         Err(e) => {
-            for name in ["network-namespace", "bridge", "veth"] {
+            for name in ["network-namespace", "bridge", "veth", "nflog"] {
                 feature(name, Err(e.clone()));
             }
         }

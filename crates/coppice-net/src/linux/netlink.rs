@@ -1,5 +1,6 @@
 //! A small netlink client: the rtnetlink link, address and route messages the driver needs,
-//! and conntrack's dump and delete.
+//! conntrack's dump and delete, nftables set elements, and the primitives `nflog` builds
+//! its reader on.
 //!
 //! Hand-written rather than the `rtnetlink` crate: the driver makes about ten requests per
 //! sandbox on the create path, all synchronous on a blocking thread, and this is some 300
@@ -11,14 +12,15 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use coppice_lifecycle::backend::Ipv4Cidr;
 
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
@@ -141,26 +143,54 @@ impl Netlink {
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let nl = Self { fd, seq: 0 };
         // A kernel that never answers is a bug, but it must not hang a create: every
         // request is answered within microseconds, so five seconds means never.
+        nl.set_timeout(Duration::from_secs(5))?;
+        Ok(nl)
+    }
+
+    /// Sets how long a receive waits before it fails with `WouldBlock`.
+    pub(crate) fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
         let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
         };
-        // SAFETY: `tv` outlives the call and its size is passed.
+        self.set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
+    }
+
+    /// Asks for a receive buffer of `bytes`: past `net.core.rmem_max` if the caller may
+    /// (`SO_RCVBUFFORCE` needs `CAP_NET_ADMIN`), otherwise up to it.
+    pub(crate) fn set_receive_buffer(&self, bytes: u32) -> io::Result<()> {
+        let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        self.set_option(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes)
+            .or_else(|_| self.set_option(libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
+    }
+
+    fn set_option<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+        // SAFETY: `value` outlives the call and its size is passed; the option names used
+        // take exactly these types.
         let r = unsafe {
             libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                socklen::<libc::timeval>(),
+                self.fd.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_ref(value).cast(),
+                socklen::<T>(),
             )
         };
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { fd, seq: 0 })
+        Ok(())
+    }
+
+    /// Receives one datagram (it may hold several messages; see [`messages`]): waiting up to
+    /// the socket's timeout if `wait`, otherwise failing with `WouldBlock` at once if none
+    /// is queued.
+    pub(crate) fn receive_datagram(&mut self, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        recv_flags(self.fd.as_raw_fd(), buf, flags)
     }
 
     fn send(&mut self, mut msg: Msg) -> io::Result<u32> {
@@ -213,7 +243,7 @@ impl Netlink {
     }
 
     /// Sends a request and waits for its acknowledgement.
-    fn ack(&mut self, msg: Msg) -> io::Result<()> {
+    pub(crate) fn ack(&mut self, msg: Msg) -> io::Result<()> {
         let seq = self.send(msg)?;
         self.receive(seq, &mut |_, _| {})
     }
@@ -629,9 +659,13 @@ fn tuple_addrs(tuple: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
 }
 
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, 0)
+}
+
+fn recv_flags(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n >= 0 {
             return usize::try_from(n).map_err(io::Error::other);
         }
@@ -672,8 +706,25 @@ fn ipv4(v: &[u8]) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(b))
 }
 
+/// The messages in a datagram: type and payload (after the 16-byte header); stops at the
+/// first malformed one.
+pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        let len = u32_at(buf, 0) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return None;
+        }
+        let msg = (u16_at(buf, 4), &buf[NLMSG_HDRLEN..len]);
+        buf = &buf[align(len).min(buf.len())..];
+        Some(msg)
+    })
+}
+
 /// The attributes in `buf`: type (flags masked off) and value.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if buf.len() < 4 {
             return None;
@@ -703,19 +754,21 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 /// A netlink message under construction.
 #[derive(Debug)]
-struct Msg {
+pub(crate) struct Msg {
     buf: Vec<u8>,
 }
 
 impl Msg {
-    fn new(ty: u16, flags: u16) -> Self {
+    /// A message of type `ty` with the header flags `flags`.
+    pub(crate) fn new(ty: u16, flags: u16) -> Self {
         let mut buf = vec![0u8; NLMSG_HDRLEN];
         buf[4..6].copy_from_slice(&ty.to_ne_bytes());
         buf[6..8].copy_from_slice(&flags.to_ne_bytes());
         Self { buf }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    /// Appends `bytes`, padded to 4.
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
         self.buf.resize(align(self.buf.len()), 0);
     }
@@ -728,7 +781,8 @@ impl Msg {
         self.push(&change.to_ne_bytes());
     }
 
-    fn attr(&mut self, ty: u16, value: &[u8]) {
+    /// Appends the attribute `ty` with `value`.
+    pub(crate) fn attr(&mut self, ty: u16, value: &[u8]) {
         let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
@@ -755,7 +809,8 @@ impl Msg {
         self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
 
-    fn finish(&mut self, seq: u32) -> &[u8] {
+    /// Sets the length and the sequence number; the bytes to send.
+    pub(crate) fn finish(&mut self, seq: u32) -> &[u8] {
         let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());

@@ -5,31 +5,34 @@
 //! sandbox pool 198.51.100.(128+16n)/28 and a "fake internet" namespace on
 //! 198.51.100.(16n)/28, reached through the connected route of a veth the test makes: the
 //! host side is `.16n+1`, the fake internet's servers are `.16n+2` and `.16n+3`. Names
-//! carry the slot (`cpt<n>br`, `coppice_t<n>`, `cpt<n>v*`), so slots run in parallel and
-//! never touch the host's own configuration. Every driver is restricted to egress into
+//! carry the slot (`cpt<n>br`, `coppice_t<n>`, `cpt<n>v*`, NFLOG group 0x7430 + n), so
+//! slots run in parallel and never touch the host's own configuration. Every driver is restricted to egress into
 //! 198.51.100.0/24 at most. A slot is held through an exclusive `flock` on a file under
 //! `/run/lock`, so tests that share a slot, in this process or in any other (a second
 //! worktree, the gateway's network tests), wait for each other instead of colliding.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use coppice_lifecycle::backend::{
-    BackendError, EgressPolicy, Ipv4Cidr, NetAttachment, NetSpec, Network, SandboxId,
+    BackendError, BlockReason, BlockedEgress, EgressPolicy, IpProtocol, Ipv4Cidr, NetAttachment,
+    NetSpec, Network, SandboxId,
 };
 
 use crate::linux::command::{self, HELPER};
 use crate::linux::netlink::Netlink;
 use crate::linux::netns;
+use crate::linux::nflog::Reader;
 use crate::linux::{LinuxNet, LinuxNetConfig};
+use crate::nft::{LOG_BURST, LOG_RATE};
 
 /// The fake internet's echo port.
 const PORT: u16 = 8080;
@@ -91,6 +94,9 @@ impl Slot {
     fn server2(self) -> Ipv4Addr {
         ip(16 * self.0 + 3)
     }
+    fn log_group(self) -> u16 {
+        0x7430 + u16::from(self.0)
+    }
     fn config(self, run_dir: &Path) -> LinuxNetConfig {
         let n = self.0;
         LinuxNetConfig {
@@ -99,6 +105,8 @@ impl Slot {
             link_prefix: format!("cpt{n}v"),
             egress_only_to: Some(vec![cidr("198.51.100.0/24")]),
             global_forwarding: false,
+            // A group per slot, so parallel slots never read each other's reports.
+            log_group: self.log_group(),
             ..LinuxNetConfig::new(run_dir.join("net"), self.pool())
         }
     }
@@ -428,6 +436,7 @@ fn probe_finds_everything_here() {
         "veth",
         "nftables",
         "conntrack",
+        "nflog",
     ] {
         assert!(caps.has(f), "{f}: {caps:?}");
     }
@@ -920,4 +929,126 @@ async fn ready_namespaces_make_attach_a_move() {
     assert!(reaches(&a, w.server()));
     second.release(&id("warm")).await.unwrap();
     assert!(ready(&config.run_dir).is_empty());
+}
+
+/// The reports that come next: waits for a first batch (each call waits about a second;
+/// 30 calls is far more than a report takes to arrive), then reads until a call finds none.
+async fn next_reports(net: &LinuxNet) -> Vec<BlockedEgress> {
+    let mut all = Vec::new();
+    for _ in 0..30 {
+        let batch = net.blocked().await.unwrap();
+        if batch.is_empty() && !all.is_empty() {
+            break;
+        }
+        all.extend(batch);
+    }
+    all
+}
+
+#[tokio::test]
+async fn blocked_egress_is_reported_from_the_kernel_rate_limited() {
+    if !capable("blocked_egress_is_reported_from_the_kernel_rate_limited") {
+        return;
+    }
+    let w = World::new(Slot(5));
+    let net = w.start();
+    let server = cidr(&w.slot.server().to_string());
+    let denied = net
+        .attach(&id("denied"), &policy(true, &[], &[server]))
+        .await
+        .unwrap();
+    let open = net.attach(&id("open"), &NetSpec::default()).await.unwrap();
+    // The first call binds the group; nothing was blocked yet.
+    assert_eq!(net.blocked().await.unwrap(), []);
+
+    // Allowed connections report nothing; the denied one after them is the first report.
+    let other = SocketAddrV4::new(w.slot.server2(), PORT);
+    assert!(reaches(&open, w.server()));
+    assert!(reaches(&denied, other));
+    assert!(blocked(&denied, w.server()));
+    let got = next_reports(&net).await;
+    let expected = BlockedEgress {
+        id: denied.id.clone(),
+        destination: w.slot.server(),
+        port: Some(PORT),
+        protocol: IpProtocol::Tcp,
+        reason: BlockReason::Policy,
+    };
+    // A SYN retry is a second report of the same attempt.
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|r| *r == expected), "{got:#?}");
+
+    // The operator's limits say which one: the host's own address, cloud metadata.
+    let gateway = SocketAddrV4::new(open.gateway, 9);
+    assert!(blocked(&open, gateway));
+    let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
+    assert!(blocked(&open, metadata));
+    let got: Vec<_> = next_reports(&net)
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.destination, r.port, r.reason))
+        .collect();
+    let host = (open.id.clone(), open.gateway, Some(9), BlockReason::Host);
+    let cloud = (
+        open.id.clone(),
+        *metadata.ip(),
+        Some(80),
+        BlockReason::Metadata,
+    );
+    assert!(got.contains(&host) && got.contains(&cloud), "{got:?}");
+    assert!(got.iter().all(|r| *r == host || *r == cloud), "{got:?}");
+
+    // A flood of 100 denied datagrams is dropped whole but reported at most at the rate
+    // limit: its burst, plus its rate for every second the flood could have lasted.
+    let drops = counter(&w.config, "inet", "drop_policy");
+    let ns = File::open(denied.namespace.as_ref().unwrap()).unwrap();
+    let started = Instant::now();
+    netns::within(ns.as_fd(), || {
+        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        for _ in 0..100 {
+            socket.send_to(b"x", w.server())?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let lasted = started.elapsed();
+    assert!(counter(&w.config, "inet", "drop_policy") >= drops + 100);
+    let got = next_reports(&net).await;
+    let bound = u64::from(LOG_BURST) + u64::from(LOG_RATE) * (lasted.as_secs() + 1);
+    assert!(!got.is_empty());
+    assert!(got.len() as u64 <= bound, "{} > {bound}", got.len());
+    assert!(
+        got.iter().all(|r| r.id == denied.id
+            && r.protocol == IpProtocol::Udp
+            && r.port == Some(PORT)
+            && r.reason == BlockReason::Policy),
+        "{got:?}"
+    );
+    assert_eq!(net.blocked_lost(), 0);
+}
+
+#[test]
+fn an_nflog_group_has_one_reader_at_a_time() {
+    if !capable("an_nflog_group_has_one_reader_at_a_time") {
+        return;
+    }
+    // In a scratch namespace, whose groups are its own.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: only this thread, which ends right after.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let first = Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP).unwrap();
+            let second = Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP);
+            assert!(
+                matches!(&second, Err(e) if e.raw_os_error() == Some(libc::EPERM)),
+                "{second:?}"
+            );
+            Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP + 1).unwrap();
+            // Closing the socket unbinds.
+            drop(first);
+            Reader::bind(LinuxNetConfig::DEFAULT_LOG_GROUP).unwrap();
+        })
+        .join()
+        .unwrap();
+    });
 }
