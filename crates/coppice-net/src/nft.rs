@@ -348,6 +348,7 @@ mod tests {
             allow_internet: false,
             allow_out: vec![cidr("198.51.100.64/28")],
             deny_out: vec![cidr("198.51.100.0/24"), cidr("198.51.100.5")],
+            allow_domains: vec![],
         });
         let up = update_script("t", addr, &default, &closed).unwrap();
         assert_eq!(

@@ -412,6 +412,7 @@ fn policy(allow_internet: bool, allow: &[Ipv4Cidr], deny: &[Ipv4Cidr]) -> NetSpe
             allow_internet,
             allow_out: allow.to_vec(),
             deny_out: deny.to_vec(),
+            allow_domains: vec![],
         },
     }
 }
