@@ -14,6 +14,7 @@
 //! driver hands out a namespace file and addresses, and owns every link, address, route,
 //! rule and set element it makes, so that root inside a sandbox can change none of them.
 
+pub mod dns;
 pub mod freebsd;
 #[cfg(target_os = "linux")]
 mod linux;
