@@ -696,7 +696,7 @@ impl Inner {
     /// Opens `addrs` to the sandbox at `client` for the time each comes with, if its
     /// current patterns still allow `name`. A destination it already holds open for longer
     /// is left alone; one it holds for less is deleted and added again in the same
-    /// transaction (kernels before 6.x keep an element's old timeout on a second add).
+    /// transaction (some kernels keep an element's old timeout on a second add).
     fn resolved(
         &self,
         client: Ipv4Addr,
