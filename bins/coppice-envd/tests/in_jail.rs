@@ -108,6 +108,7 @@ impl Sandbox {
                 pids: Some(256),
                 cpu_millis: Some(1000),
             },
+            network: None,
         };
         rt.block_on(jail.start(spec)).unwrap();
         let socket = run.join("agent.sock");

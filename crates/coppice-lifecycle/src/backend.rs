@@ -620,7 +620,12 @@ impl From<Ipv4Addr> for Ipv4Cidr {
 /// denied if `dst` is in `deny_out` or if `allow_internet` is false (which denies `0.0.0.0/0`);
 /// otherwise allowed. So `allow_out` always wins over `deny_out`. Operator-wide limits (cloud
 /// metadata, the host's own addresses, other sandboxes, an egress allow-list) apply before
-/// this policy and cannot be lifted by it. Domain names are not handled here.
+/// this policy and cannot be lifted by it.
+///
+/// `allow_domains` are `allowOut`'s domain entries: an address a sandbox resolved for a
+/// matching name through the network role's DNS forwarder counts as in `allow_out` for as
+/// long as the answer lives. [`EgressPolicy::allows`] cannot know those addresses, so it
+/// judges IPs and CIDRs only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressPolicy {
     /// E2B's `allowInternetAccess`; false denies every destination not in `allow_out`.
@@ -629,6 +634,11 @@ pub struct EgressPolicy {
     pub allow_out: Vec<Ipv4Cidr>,
     /// E2B's `network.denyOut` (IPs and CIDRs).
     pub deny_out: Vec<Ipv4Cidr>,
+    /// E2B's `network.allowOut` domain entries, each `example.com` (that name only) or
+    /// `*.example.com` (every name under it, not `example.com` itself), in the form
+    /// [`EgressPolicy::domain`] returns.
+    #[serde(default)]
+    pub allow_domains: Vec<String>,
 }
 
 impl Default for EgressPolicy {
@@ -638,17 +648,82 @@ impl Default for EgressPolicy {
             allow_internet: true,
             allow_out: Vec::new(),
             deny_out: Vec::new(),
+            allow_domains: Vec::new(),
         }
     }
 }
 
 impl EgressPolicy {
-    /// Whether a connection to `dst` is allowed by this policy alone.
+    /// Longest domain entry, without its `*.`: the longest DNS name in text form.
+    pub const MAX_DOMAIN_LEN: usize = 253;
+
+    /// Whether a connection to `dst` is allowed by this policy's addresses alone (not by an
+    /// address resolved for one of its domains).
     pub fn allows(&self, dst: Ipv4Addr) -> bool {
         if self.allow_out.iter().any(|c| c.contains(dst)) {
             return true;
         }
         self.allow_internet && !self.deny_out.iter().any(|c| c.contains(dst))
+    }
+
+    /// Checks one `allowOut` domain entry and returns it in the form `allow_domains` holds:
+    /// ASCII lowercased (DNS names compare without case) and without a trailing dot. An
+    /// entry is a hostname (labels of 1 to 63 letters, digits and inner hyphens, 253
+    /// characters at most, a last label that is not all digits, so `198.51.100.7` is never
+    /// taken for a name) with an optional leading `*.`. The error names the entry.
+    pub fn domain(entry: &str) -> Result<String, BackendError> {
+        let bad = |why: String| BackendError::InvalidSpec {
+            field: "allowed domain",
+            reason: format!("{entry:?} is not a hostname or *.hostname: {why}"),
+        };
+        let lower = entry.to_ascii_lowercase();
+        let name = lower.strip_suffix('.').unwrap_or(&lower);
+        let host = name.strip_prefix("*.").unwrap_or(name);
+        if host.is_empty() {
+            return Err(bad("it is empty".into()));
+        }
+        if host.len() > Self::MAX_DOMAIN_LEN {
+            return Err(bad(format!(
+                "it is longer than {} characters",
+                Self::MAX_DOMAIN_LEN
+            )));
+        }
+        for label in host.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err(bad(format!("a label of {} characters", label.len())));
+            }
+            if let Some(c) = label
+                .chars()
+                .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+            {
+                return Err(bad(format!("{c:?} in the label {label:?}")));
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err(bad(format!("the label {label:?} starts or ends with '-'")));
+            }
+        }
+        if host
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(bad("its last label is all digits".into()));
+        }
+        Ok(name.to_owned())
+    }
+
+    /// Checks the parts of the policy a deserializer cannot: every `allow_domains` entry is
+    /// in [`EgressPolicy::domain`]'s form. The error names the first bad entry.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        for d in &self.allow_domains {
+            if Self::domain(d)? != *d {
+                return Err(BackendError::InvalidSpec {
+                    field: "allowed domain",
+                    reason: format!("{d:?} is not lowercase without a trailing dot"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1106,6 +1181,7 @@ mod tests {
             allow_internet: false,
             allow_out: vec![cidr("198.51.100.64/28")],
             deny_out: vec![],
+            allow_domains: vec![],
         };
         assert!(closed.allows(ip("198.51.100.65")));
         assert!(!closed.allows(ip("198.51.100.1")));
@@ -1113,9 +1189,70 @@ mod tests {
             allow_internet: true,
             allow_out: vec![cidr("198.51.100.66")],
             deny_out: vec![cidr("198.51.100.64/28")],
+            allow_domains: vec![],
         };
         assert!(both.allows(ip("198.51.100.66")));
         assert!(!both.allows(ip("198.51.100.67")));
         assert!(both.allows(ip("198.51.100.1")));
+    }
+
+    #[test]
+    fn domain_entries_are_hostnames_with_an_optional_wildcard() {
+        for (entry, form) in [
+            ("example.com", "example.com"),
+            ("Example.COM.", "example.com"),
+            ("*.example.com", "*.example.com"),
+            ("a-1.b2.test", "a-1.b2.test"),
+            ("localhost", "localhost"),
+            ("x.123abc", "x.123abc"),
+        ] {
+            assert_eq!(EgressPolicy::domain(entry).unwrap(), form, "{entry}");
+        }
+        let long = format!("{}.com", vec!["a".repeat(63); 4].join("."));
+        for bad in [
+            "",
+            ".",
+            "*.",
+            "*",
+            "**.example.com",
+            "a.*.example.com",
+            "example..com",
+            ".example.com",
+            "-a.example.com",
+            "a-.example.com",
+            "exa_mple.com",
+            "exam ple.com",
+            "bücher.de",
+            "198.51.100.7",
+            "198.51.100.0/24",
+            "example.com:443",
+            &"a".repeat(64),
+            &long,
+        ] {
+            let r = EgressPolicy::domain(bad);
+            assert!(
+                matches!(&r, Err(BackendError::InvalidSpec { field: "allowed domain", reason })
+                    if reason.contains(&format!("{bad:?}"))),
+                "{bad:?}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_holds_domains_only_in_their_checked_form() {
+        let mut p = EgressPolicy {
+            allow_domains: vec!["example.com".into(), "*.example.org".into()],
+            ..EgressPolicy::default()
+        };
+        p.validate().unwrap();
+        p.allow_domains.push("Example.net".into());
+        assert!(matches!(
+            p.validate(),
+            Err(BackendError::InvalidSpec { reason, .. }) if reason.contains("Example.net")
+        ));
+        // Records written before domains existed still read.
+        let old = r#"{"allow_internet":false,"allow_out":[],"deny_out":[]}"#;
+        let p: EgressPolicy = serde_json::from_str(old).unwrap();
+        assert!(p.allow_domains.is_empty() && !p.allow_internet);
     }
 }

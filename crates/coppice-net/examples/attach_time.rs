@@ -37,6 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 allow_internet: false,
                 allow_out: vec!["198.51.100.64/28".parse()?],
                 deny_out: vec!["198.51.100.0/24".parse()?],
+                allow_domains: vec![],
             },
         }
     } else {

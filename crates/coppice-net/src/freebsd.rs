@@ -484,6 +484,7 @@ mod tests {
             allow_internet: false,
             allow_out: vec![cidr("198.51.100.66"), cidr("198.51.100.64/28")],
             deny_out: vec![cidr("198.51.100.0/24")],
+            allow_domains: vec![],
         };
         let text = p.sandbox_anchor(addr, &policy).unwrap();
         assert_eq!(

@@ -3,19 +3,19 @@
 //! kernel.
 //!
 //! [`LinuxNet`] implements [`coppice_lifecycle::backend::Network`] with a network namespace
-//! per sandbox, created and configured by the driver and bind-mounted under its run
-//! directory for the jail to join; a veth pair to a bridge the driver owns; netlink for
-//! links, addresses and routes; and one nftables table whose named sets hold each sandbox's
-//! policy; the kernel logs the drops that are violations to an NFLOG group, which
-//! `Network::blocked` reads back.
-//! [`freebsd`] is the FreeBSD driver's command plan (VNET jail, epair, bridge, a pf anchor
-//! per sandbox), plain data that is tested on every OS.
-//! `docs/network.md` describes the datapath, the rules and recovery.
+//! per sandbox, made by the driver and bind-mounted under its run directory for the jail to
+//! join, a veth pair to a bridge it owns, netlink, and one nftables table whose named sets
+//! hold each sandbox's policy; the kernel logs the drops that are violations to an NFLOG
+//! group, which `Network::blocked` reads back. [`dns`] is the sandboxes' DNS forwarder,
+//! through which `allowOut`'s domains open egress. [`freebsd`] is the FreeBSD driver's
+//! command plan (VNET jail, epair, bridge, pf anchor), plain data tested on every OS. See
+//! `docs/network.md` for the datapath, the rules and recovery.
 //!
 //! **Invariant:** nothing here knows HTTP, templates or processes inside a sandbox; the
 //! driver hands out a namespace file and addresses, and owns every link, address, route,
 //! rule and set element it makes, so that root inside a sandbox can change none of them.
 
+pub mod dns;
 pub mod freebsd;
 #[cfg(target_os = "linux")]
 mod linux;

@@ -1,15 +1,16 @@
 //! The nftables ruleset the Linux driver owns, as text for `nft -f -`.
 //!
-//! One `inet` table holds every rule and four named sets; a sandbox's policy is a handful of
+//! One `inet` table holds every rule and six named sets; a sandbox's policy is a handful of
 //! set elements keyed by its address, so attach, policy updates and release change elements
-//! and never rules. A `bridge` table of the same name drops frames between the bridge's
-//! ports, so sandboxes cannot reach each other even at layer 2. Named counters count each
-//! kind of drop (tests read them; operators can too). The drops that stand for a sandbox
-//! reaching for something it may not (see [`VIOLATIONS`]) also send new connection attempts
-//! to an NFLOG group, rate-limited per sandbox, for `linux::nflog` to read; the drop itself
-//! is unconditional. Everything here is pure text, loaded
-//! once at start with the elements of every recorded sandbox; later element changes go
-//! over netlink (`linux::netlink::Netlink::change_sets`). The values come from validated
+//! and never rules. One set, [`RESOLVED_SET`], holds elements with timeouts that the DNS
+//! forwarder's answers add. A `bridge` table of the same name drops frames between the
+//! bridge's ports, so sandboxes cannot reach each other even at layer 2. Named counters
+//! count each kind of drop (tests read them; operators can too). The drops that stand for a
+//! sandbox reaching for something it may not (see [`VIOLATIONS`]) also send new connection
+//! attempts to an NFLOG group, rate-limited per sandbox (the set `violation_rate`), for
+//! `linux::nflog` to read; the drop itself is unconditional. Everything here is pure text,
+//! loaded once at start with the elements of every recorded sandbox; later element changes
+//! go over netlink (`linux::netlink::Netlink::change_sets`). The values come from validated
 //! types and checked names, so nothing needs quoting.
 
 use std::fmt::Write;
@@ -19,6 +20,14 @@ use coppice_lifecycle::backend::{BlockReason, EgressPolicy, Ipv4Cidr};
 
 /// The port of the DNS forwarder on the gateway address, the one host port sandboxes reach.
 pub(crate) const DNS_PORT: u16 = 53;
+
+/// The set of destinations sandboxes resolved through the DNS forwarder for one of their
+/// allowed domains (sandbox . destination), each element with its answer's clamped TTL as
+/// timeout. Traffic from the sandbox to one renews it to [`crate::dns::MAX_ALLOW`], so a
+/// connection outlives the answer that opened it; an unused one expires on its own.
+pub(crate) const RESOLVED_SET: &str = "allow_resolved";
+/// Most elements of [`RESOLVED_SET`], all sandboxes together.
+const RESOLVED_SET_SIZE: u32 = 262_144;
 
 /// What the ruleset is built from.
 #[derive(Debug, Clone)]
@@ -159,6 +168,10 @@ impl Rules<'_> {
                 "  set {set} {{ type ipv4_addr . ipv4_addr; flags interval; }}"
             );
         }
+        let _ = writeln!(
+            s,
+            "  set {RESOLVED_SET} {{ type ipv4_addr . ipv4_addr; flags dynamic, timeout; size {RESOLVED_SET_SIZE}; }}"
+        );
         let _ = write!(
             s,
             "  chain input {{
@@ -180,6 +193,7 @@ impl Rules<'_> {
   }}
   chain sandbox_reply {{
     ip daddr . ip saddr @allow_out accept
+    ip daddr . ip saddr @{RESOLVED_SET} accept
     ip daddr . ip saddr @deny_out counter name {policy} drop
     ip daddr @no_internet counter name {policy} drop
     accept
@@ -211,12 +225,14 @@ impl Rules<'_> {
         let _ = write!(
             s,
             "    ip saddr . ip daddr @allow_out accept
+    ip saddr . ip daddr @{RESOLVED_SET} update @{RESOLVED_SET} {{ ip saddr . ip daddr timeout {renew}s }} accept
     ip saddr . ip daddr @deny_out {policy}
     ip saddr @no_internet {policy}
     accept
   }}
 ",
             policy = verdict(BlockReason::Policy),
+            renew = crate::dns::MAX_ALLOW.as_secs(),
         );
         // Only new connection attempts in unicast IPv4 are logged, at most LOG_RATE a second
         // per sandbox: a flood or a SYN retry storm costs the kernel a bucket lookup, not a
@@ -322,6 +338,29 @@ pub(crate) fn update_script(
     Some(s)
 }
 
+/// The commands that put resolved destinations back into [`RESOLVED_SET`] at start, each
+/// `(sandbox, destination, time left)`, inside the load transaction.
+pub(crate) fn resolved_script(
+    table: &str,
+    elements: &[(Ipv4Addr, Ipv4Addr, std::time::Duration)],
+) -> String {
+    let mut s = String::new();
+    // Lines of a bounded length: one element is about 40 characters.
+    for chunk in elements.chunks(256) {
+        let items = chunk.iter().map(|(sandbox, dst, left)| {
+            // At least a second: `timeout 0s` would mean the set's default, forever.
+            let ms = left.as_millis().clamp(1000, u128::from(u32::MAX));
+            format!("{sandbox} . {dst} timeout {ms}ms")
+        });
+        let _ = writeln!(
+            s,
+            "add element inet {table} {RESOLVED_SET} {}",
+            braced(items)
+        );
+    }
+    s
+}
+
 /// How many addresses `pool` holds.
 fn pool_size(pool: Ipv4Cidr) -> u64 {
     1u64 << (32 - u32::from(pool.prefix()))
@@ -385,11 +424,25 @@ mod tests {
             "ip daddr 169.254.0.0/16 counter name drop_metadata goto deny_metadata",
             "ip daddr != @operator_allow counter name drop_operator goto deny_operator",
             "ip saddr . ip daddr @allow_out accept",
+            "ip saddr . ip daddr @allow_resolved update @allow_resolved",
             "ip saddr . ip daddr @deny_out counter name drop_policy goto deny_policy",
             "ip saddr @no_internet counter name drop_policy goto deny_policy",
         ];
         let at: Vec<usize> = order.iter().map(|n| pos(n)).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}");
+        // The reply direction: the same policy, mirrored, in the same order, never logged.
+        let reply = &text[pos("  chain sandbox_reply {")..pos("  chain sandbox_out {")];
+        assert_eq!(
+            reply,
+            "  chain sandbox_reply {
+    ip daddr . ip saddr @allow_out accept
+    ip daddr . ip saddr @allow_resolved accept
+    ip daddr . ip saddr @deny_out counter name drop_policy drop
+    ip daddr @no_internet counter name drop_policy drop
+    accept
+  }
+"
+        );
         assert!(
             pos("ip daddr 198.51.100.129 udp dport 53 accept")
                 < pos("counter name drop_host goto deny_host")
@@ -450,6 +503,33 @@ mod tests {
     }
 
     #[test]
+    fn resolved_destinations_are_allowed_right_after_allow_out() {
+        let text = rules(None, false);
+        let pos = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} not in\n{text}"))
+        };
+        assert!(text.contains(
+            "set allow_resolved { type ipv4_addr . ipv4_addr; flags dynamic, timeout; size 262144; }"
+        ));
+        let out = pos("ip saddr . ip daddr @allow_resolved update @allow_resolved { ip saddr . ip daddr timeout 3600s } accept");
+        assert!(pos("ip saddr . ip daddr @allow_out accept") < out);
+        assert!(out < pos("ip saddr . ip daddr @deny_out"));
+        let reply = pos("ip daddr . ip saddr @allow_resolved accept");
+        assert!(pos("ip daddr . ip saddr @allow_out accept") < reply);
+        assert!(reply < pos("ip daddr . ip saddr @deny_out"));
+        let a: Ipv4Addr = "198.51.100.130".parse().unwrap();
+        let d: Ipv4Addr = "198.51.100.7".parse().unwrap();
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(
+            resolved_script("t", &[(a, d, secs(90)), (a, a, secs(0))]),
+            "add element inet t allow_resolved { 198.51.100.130 . 198.51.100.7 timeout 90000ms, \
+             198.51.100.130 . 198.51.100.130 timeout 1000ms }\n"
+        );
+        assert_eq!(resolved_script("t", &[]), "");
+    }
+
+    #[test]
     fn a_policy_change_is_a_set_element_change() {
         let addr: Ipv4Addr = "198.51.100.130".parse().unwrap();
         let default = Elements::of(&EgressPolicy::default());
@@ -459,6 +539,7 @@ mod tests {
             allow_internet: false,
             allow_out: vec![cidr("198.51.100.64/28")],
             deny_out: vec![cidr("198.51.100.0/24"), cidr("198.51.100.5")],
+            allow_domains: vec![],
         });
         let up = update_script("t", addr, &default, &closed).unwrap();
         assert_eq!(

@@ -24,7 +24,8 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use coppice_lifecycle::backend::{
     BackendError, BlockedEgress, Capabilities, Capability, EgressPolicy, Ipv4Cidr, NetAttachment,
@@ -32,14 +33,22 @@ use coppice_lifecycle::backend::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::dns::{ClientPolicy, Clients};
 use crate::linux::command::HELPER;
-use crate::linux::netlink::{Flow, Netlink, SetChange};
+use crate::linux::netlink::{Flow, ListedElement, Netlink, SetChange, SetElement};
 use crate::linux::nflog::Logged;
-use crate::nft::{reason_of_prefix, update_script, Elements, Rules};
+use crate::nft::{reason_of_prefix, resolved_script, update_script, Elements, Rules, RESOLVED_SET};
 use crate::pool::{check_overlap, resolvers, Pool};
 
 /// The sandbox-side interface's name.
 pub(crate) const SANDBOX_INTERFACE: &str = "eth0";
+
+/// The most destinations one sandbox's domain entries hold open at once; answers beyond it
+/// open nothing more until some expire.
+const MAX_RESOLVED_PER_SANDBOX: usize = 1024;
+/// The most elements in one netlink message of a set change (its attributes' lengths are
+/// 16 bits).
+const ELEMENTS_PER_MESSAGE: usize = 256;
 
 /// How the Linux driver is set up; [`LinuxNetConfig::new`] gives the defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +172,14 @@ struct Inner {
     state: Mutex<State>,
     /// Held by [`Inner::fill_ready`], so two fills do not overshoot.
     filling: Mutex<()>,
+    /// Every sandbox's domain patterns by address, for the DNS forwarder: set when its
+    /// network is made or recorded, replaced by a policy update, removed first thing when
+    /// it goes. Never held across a system call.
+    clients: RwLock<HashMap<Ipv4Addr, ClientPolicy>>,
+    /// What the driver put in the resolved set, by sandbox address: each destination and
+    /// when it expires. Held while that set changes, so that an addition for a sandbox and
+    /// the flush of its elements never interleave.
+    resolved: Mutex<HashMap<Ipv4Addr, HashMap<Ipv4Addr, Instant>>>,
     /// The reading side of blocked egress.
     blocked: Blocked,
 }
@@ -289,13 +306,32 @@ impl LinuxNet {
 
         let mut script = config.rules(gateway).load_script();
         let mut entries = BTreeMap::new();
+        let mut clients = HashMap::new();
+        let mut resolved = HashMap::new();
+        let mut carried = Vec::new();
         let dns = config.dns.unwrap_or(gateway);
+        let old_resolved = resolved_elements(&config.table);
+        let now = Instant::now();
         for (id, record) in read_records(&config.run_dir) {
             if !pool.claim(record.address) {
                 // Not an address of this pool (the pool changed) or a duplicate: recover
                 // removes its namespace as a stray.
                 continue;
             }
+            // The destinations its domains opened go back in with the time they had left,
+            // so its connections through them survive the restart.
+            if !record.policy.allow_domains.is_empty() {
+                let mine: &mut HashMap<Ipv4Addr, Instant> =
+                    resolved.entry(record.address).or_default();
+                for (dst, left) in old_resolved
+                    .iter()
+                    .filter_map(|e| resolved_key(e, record.address))
+                {
+                    carried.push((record.address, dst, left));
+                    mine.insert(dst, now + left);
+                }
+            }
+            clients.insert(record.address, ClientPolicy::from(&record.policy));
             let elements = Elements::of(&record.policy);
             if let Some(s) = update_script(
                 &config.table,
@@ -323,6 +359,7 @@ impl LinuxNet {
                 },
             );
         }
+        script.push_str(&resolved_script(&config.table, &carried));
         nft(&script)?;
         tracing::info!(
             bridge = %config.bridge,
@@ -341,6 +378,8 @@ impl LinuxNet {
                     ready: Vec::new(),
                 }),
                 filling: Mutex::new(()),
+                clients: RwLock::new(clients),
+                resolved: Mutex::new(resolved),
                 blocked: Blocked::default(),
             }),
         })
@@ -436,6 +475,20 @@ impl Inner {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn clients_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Ipv4Addr, ClientPolicy>> {
+        // Every change is one insert or remove: still consistent after a panic.
+        self.clients.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn clients_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Ipv4Addr, ClientPolicy>> {
+        self.clients.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn resolved_lock(&self) -> MutexGuard<'_, HashMap<Ipv4Addr, HashMap<Ipv4Addr, Instant>>> {
+        // The map only ever records less than the set holds, which the next change repairs.
+        self.resolved.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits up to about [`nflog::WAIT`] for blocked-egress reports and keeps them for
@@ -561,6 +614,7 @@ impl Inner {
     }
 
     fn attach(&self, id: &SandboxId, spec: &NetSpec) -> Result<NetAttachment, BackendError> {
+        spec.policy.validate()?;
         let (attachment, warm) = {
             let mut state = self.lock();
             if state.entries.contains_key(id) {
@@ -608,6 +662,8 @@ impl Inner {
                     e.elements = elements;
                     e.phase = Phase::Ready;
                 }
+                self.clients_write()
+                    .insert(addr, ClientPolicy::from(&attachment.policy));
                 tracing::debug!(sandbox = %id, %addr, "network attached");
                 Ok(attachment)
             }
@@ -729,6 +785,8 @@ impl Inner {
         addr: Ipv4Addr,
         elements: &Elements,
     ) -> Result<(), BackendError> {
+        // First, so that no answer of the DNS forwarder adds to what is removed below.
+        self.clients_write().remove(&addr);
         let mut results = Vec::new();
         let link = self.link_name(addr);
         // Deleting the host end takes the sandbox end with it at once, rather than when the
@@ -745,6 +803,9 @@ impl Inner {
                 .map_err(|e| BackendError::io("remove network namespace", &path, e)),
         );
         results.push(self.change_sets(addr, elements, &Elements::default()));
+        // After the link is gone, so the rule that renews an element on traffic cannot
+        // bring one back.
+        results.push(self.flush_resolved(addr));
         // After the link is gone, so no new entry can appear.
         results.push(delete_flows(|f| f.involves(addr)));
         let record = self.record_path(id);
@@ -757,20 +818,133 @@ impl Inner {
         results.into_iter().collect()
     }
 
+    /// Opens `addrs` to the sandbox at `client` for the time each comes with, if its
+    /// current patterns still allow `name`. A destination it already holds open for longer
+    /// is left alone; one it holds for less is deleted and added again in the same
+    /// transaction (some kernels keep an element's old timeout on a second add).
+    fn resolved(
+        &self,
+        client: Ipv4Addr,
+        name: &str,
+        addrs: &[(Ipv4Addr, Duration)],
+    ) -> Result<(), BackendError> {
+        let mut all = self.resolved_lock();
+        let allowed = self
+            .clients_read()
+            .get(&client)
+            .is_some_and(|p| p.allows(name));
+        if !allowed {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let held = all.entry(client).or_default();
+        held.retain(|_, until| *until > now);
+        let key = |dst: Ipv4Addr| [client.octets(), dst.octets()].concat();
+        let (mut deletes, mut adds) = (Vec::new(), Vec::new());
+        for &(dst, ttl) in addrs {
+            let until = now + ttl;
+            match held.get(&dst) {
+                Some(old) if *old >= until => continue,
+                // A second's margin, so it cannot expire before the delete reaches it.
+                Some(old) if *old > now + Duration::from_secs(1) => {
+                    deletes.push(SetElement::key(key(dst)));
+                }
+                Some(_) => {}
+                None if held.len() >= MAX_RESOLVED_PER_SANDBOX => {
+                    tracing::debug!(%client, %dst, "too many resolved destinations, not opened");
+                    continue;
+                }
+                None => {}
+            }
+            adds.push(SetElement {
+                timeout: Some(ttl),
+                ..SetElement::key(key(dst))
+            });
+            held.insert(dst, until);
+        }
+        if adds.is_empty() {
+            return Ok(());
+        }
+        let changes: Vec<SetChange> = chunked(false, deletes)
+            .into_iter()
+            .chain(chunked(true, adds.clone()))
+            .collect();
+        let table = &self.config.table;
+        let applied = Netlink::open_netfilter().and_then(|mut nl| {
+            match nl.change_sets(table, &changes) {
+                // One expired after all: adding alone is enough for it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    nl.change_sets(table, &chunked(true, adds.clone()))
+                }
+                r => r,
+            }
+        });
+        if let Err(e) = applied {
+            for a in &adds {
+                if let Some(dst) = a.key.get(4..8).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+                    held.remove(&Ipv4Addr::from(dst));
+                }
+            }
+            return Err(nl_err(
+                "add resolved destinations of",
+                &client.to_string(),
+                e,
+            ));
+        }
+        tracing::debug!(%client, name, count = adds.len(), "resolved destinations opened");
+        Ok(())
+    }
+
+    /// Deletes every element of the sandbox at `addr` from the resolved set: those the
+    /// driver added and those a restart carried over, as the kernel lists them.
+    fn flush_resolved(&self, addr: Ipv4Addr) -> Result<(), BackendError> {
+        let mut all = self.resolved_lock();
+        all.remove(&addr);
+        let err = |e| nl_err("flush the resolved destinations of", &addr.to_string(), e);
+        let mut nl = Netlink::open_netfilter().map_err(err)?;
+        // Done when a listing finds none. An element can expire between a listing and the
+        // delete, which fails the whole transaction; and a packet of a live sandbox that
+        // matched an element just before its delete can renew it back in (the renewing
+        // rule adds what it updates). The next round lists again either way.
+        for _ in 0..4 {
+            let mine: Vec<SetElement> = nl
+                .set_elements(&self.config.table, RESOLVED_SET)
+                .map_err(err)?
+                .into_iter()
+                .filter(|e| e.key.get(..4) == Some(&addr.octets()[..]))
+                .map(|e| SetElement::key(e.key))
+                .collect();
+            if mine.is_empty() {
+                return Ok(());
+            }
+            match nl.change_sets(&self.config.table, &chunked(false, mine)) {
+                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(err(e)),
+                _ => {}
+            }
+        }
+        Err(err(io::Error::other("elements keep coming back")))
+    }
+
     fn update_policy(
         &self,
         id: &SandboxId,
         policy: &EgressPolicy,
     ) -> Result<NetAttachment, BackendError> {
-        let attachment = {
+        policy.validate()?;
+        let (attachment, domains_changed) = {
             // Held across the nft call, so two updates cannot interleave their bookkeeping.
             let mut state = self.lock();
             let entry = ready(&mut state, id, "update the network policy of")?;
             let new = Elements::of(policy);
             let addr = entry.attachment.address.addr();
             self.change_sets(addr, &entry.elements, &new)?;
+            let domains_changed = entry.attachment.policy.allow_domains != policy.allow_domains;
             entry.elements = new;
             entry.attachment.policy = policy.clone();
+            // Before the flush below: an answer that arrives later is judged by the new
+            // patterns.
+            self.clients_write()
+                .insert(addr, ClientPolicy::from(policy));
             write_record(
                 &self.record_path(id),
                 &Record {
@@ -778,9 +952,21 @@ impl Inner {
                     policy: policy.clone(),
                 },
             )?;
-            entry.attachment.clone()
+            (entry.attachment.clone(), domains_changed)
         };
-        flush_denied(attachment.address.addr(), policy)?;
+        let addr = attachment.address.addr();
+        // Unchanged patterns keep what their answers opened; changed ones start afresh (an
+        // address an old pattern opened may not match any new one).
+        let kept: BTreeSet<Ipv4Addr> = if domains_changed {
+            self.flush_resolved(addr)?;
+            BTreeSet::new()
+        } else {
+            self.resolved_lock()
+                .get(&addr)
+                .map(|m| m.keys().copied().collect())
+                .unwrap_or_default()
+        };
+        flush_denied(addr, policy, &kept)?;
         Ok(attachment)
     }
 
@@ -963,6 +1149,34 @@ impl Network for LinuxNet {
     }
 }
 
+/// The DNS forwarder's view of the driver: every attached sandbox is a client, and the
+/// destinations its allowed names resolve to enter the resolved set with their answers'
+/// TTLs. Errors are logged: the answer goes back to the sandbox either way.
+impl Clients for LinuxNet {
+    fn client(&self, addr: Ipv4Addr) -> Option<ClientPolicy> {
+        self.inner.clients_read().get(&addr).cloned()
+    }
+
+    async fn resolved(&self, client: Ipv4Addr, name: &str, addrs: &[(Ipv4Addr, Duration)]) {
+        let (inner, name, addrs) = (self.inner.clone(), name.to_owned(), addrs.to_vec());
+        if let Err(e) = blocking(move || inner.resolved(client, &name, &addrs)).await {
+            tracing::warn!(%client, error = %e, "resolved destinations not opened");
+        }
+    }
+}
+
+/// Set changes of `elements` to the resolved set, in messages of a bounded size.
+fn chunked(add: bool, elements: Vec<SetElement>) -> Vec<SetChange> {
+    elements
+        .chunks(ELEMENTS_PER_MESSAGE)
+        .map(|c| SetChange {
+            set: RESOLVED_SET,
+            add,
+            elements: c.to_vec(),
+        })
+        .collect()
+}
+
 /// The entry of a sandbox whose network is made, or why not.
 fn ready<'a>(
     state: &'a mut State,
@@ -1001,8 +1215,13 @@ fn set_changes(addr: Ipv4Addr, old: &Elements, new: &Elements) -> Vec<SetChange>
     let a = addr.octets();
     let key = |c: &Ipv4Cidr| [a, c.network().octets()].concat();
     let key_end = |c: &Ipv4Cidr| [a, c.last().octets()].concat();
-    let pairs = |list: &[Ipv4Cidr]| -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        list.iter().map(|c| (key(c), Some(key_end(c)))).collect()
+    let pairs = |list: &[Ipv4Cidr]| -> Vec<SetElement> {
+        list.iter()
+            .map(|c| SetElement {
+                key_end: Some(key_end(c)),
+                ..SetElement::key(key(c))
+            })
+            .collect()
     };
     let mut changes = Vec::new();
     for (add, e) in [(false, old), (true, new)] {
@@ -1010,7 +1229,7 @@ fn set_changes(addr: Ipv4Addr, old: &Elements, new: &Elements) -> Vec<SetChange>
             changes.push(SetChange {
                 set: "no_internet",
                 add,
-                elements: vec![(a.to_vec(), None)],
+                elements: vec![SetElement::key(a.to_vec())],
             });
         }
         for (set, list) in [("allow_out", &e.allow), ("deny_out", &e.deny)] {
@@ -1083,10 +1302,39 @@ fn delete_flows(doomed: impl Fn(&Flow) -> bool) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Deletes the conntrack entries of `addr` towards destinations `policy` now denies, so
-/// that nothing of a cut connection stays (the rules already drop its packets both ways).
-fn flush_denied(addr: Ipv4Addr, policy: &EgressPolicy) -> Result<(), BackendError> {
-    delete_flows(|f| f.orig.0 == addr && !policy.allows(f.orig.1))
+/// Deletes the conntrack entries of `addr` towards destinations `policy` now denies (and
+/// that its domains do not keep open), so that nothing of a cut connection stays (the rules
+/// already drop its packets both ways).
+fn flush_denied(
+    addr: Ipv4Addr,
+    policy: &EgressPolicy,
+    kept: &BTreeSet<Ipv4Addr>,
+) -> Result<(), BackendError> {
+    delete_flows(|f| f.orig.0 == addr && !policy.allows(f.orig.1) && !kept.contains(&f.orig.1))
+}
+
+/// The elements of the resolved set of a table that may exist from an earlier run; none if
+/// it does not exist. An error loses them (the sandboxes resolve again), it does not stop
+/// the start.
+fn resolved_elements(table: &str) -> Vec<ListedElement> {
+    match Netlink::open_netfilter().and_then(|mut nl| nl.set_elements(table, RESOLVED_SET)) {
+        Ok(v) => v,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(%table, error = %e, "could not read the resolved set; its elements are lost");
+            Vec::new()
+        }
+    }
+}
+
+/// The destination and time left of an element of the resolved set, if it is `sandbox`'s
+/// and has a second or more left.
+fn resolved_key(e: &ListedElement, sandbox: Ipv4Addr) -> Option<(Ipv4Addr, Duration)> {
+    let key: [u8; 8] = e.key.as_slice().try_into().ok()?;
+    let left = e.expires?;
+    let (mine, dst) = key.split_at(4);
+    (mine == sandbox.octets() && left >= Duration::from_secs(1))
+        .then(|| (Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]), left))
 }
 
 fn write_record(path: &Path, record: &Record) -> Result<(), BackendError> {

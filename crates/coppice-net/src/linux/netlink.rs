@@ -72,6 +72,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = NFNL_SUBSYS_NFTABLES << 8 | 12;
+const NFT_MSG_GETSETELEM: u16 = NFNL_SUBSYS_NFTABLES << 8 | 13;
 const NFT_MSG_DELSETELEM: u16 = NFNL_SUBSYS_NFTABLES << 8 | 14;
 const NFPROTO_INET: u8 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -79,6 +80,8 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
 
@@ -537,9 +540,40 @@ pub(crate) struct SetChange {
     pub(crate) set: &'static str,
     /// Add (true) or delete.
     pub(crate) add: bool,
-    /// Each element's key and, for interval sets, its key end (network byte order, every
-    /// field padded to 4 bytes).
-    pub(crate) elements: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The elements.
+    pub(crate) elements: Vec<SetElement>,
+}
+
+/// One element of a set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetElement {
+    /// Its key (network byte order, every field padded to 4 bytes).
+    pub(crate) key: Vec<u8>,
+    /// For interval sets, the key of the interval's end.
+    pub(crate) key_end: Option<Vec<u8>>,
+    /// For sets with timeouts, how long it stays (millisecond resolution); `None` for the
+    /// set's default.
+    pub(crate) timeout: Option<std::time::Duration>,
+}
+
+impl SetElement {
+    /// An element with a key only.
+    pub(crate) fn key(key: Vec<u8>) -> Self {
+        Self {
+            key,
+            key_end: None,
+            timeout: None,
+        }
+    }
+}
+
+/// An element as a dump of a set reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListedElement {
+    /// Its key.
+    pub(crate) key: Vec<u8>,
+    /// How long until it expires, for elements with a timeout.
+    pub(crate) expires: Option<std::time::Duration>,
 }
 
 impl Netlink {
@@ -567,15 +601,19 @@ impl Netlink {
             msg.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
             msg.attr_str(NFTA_SET_ELEM_LIST_SET, c.set);
             let list = msg.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-            for (key, end) in &c.elements {
+            for el in &c.elements {
                 let elem = msg.begin(NFTA_LIST_ELEM);
                 let k = msg.begin(NFTA_SET_ELEM_KEY);
-                msg.attr(NFTA_DATA_VALUE, key);
+                msg.attr(NFTA_DATA_VALUE, &el.key);
                 msg.end(k);
-                if let Some(end) = end {
+                if let Some(end) = &el.key_end {
                     let e = msg.begin(NFTA_SET_ELEM_KEY_END);
                     msg.attr(NFTA_DATA_VALUE, end);
                     msg.end(e);
+                }
+                if let Some(t) = el.timeout {
+                    let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+                    msg.attr(NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
                 }
                 msg.end(elem);
             }
@@ -618,6 +656,50 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// Every element of the set `set` of the `inet` table `table` (one dump).
+    pub(crate) fn set_elements(
+        &mut self,
+        table: &str,
+        set: &str,
+    ) -> io::Result<Vec<ListedElement>> {
+        let mut msg = Msg::new(NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP);
+        msg.push(&[NFPROTO_INET, NFNETLINK_V0, 0, 0]);
+        msg.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+        msg.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+        let mut out = Vec::new();
+        for p in self.dump(msg)? {
+            let Some(body) = p.get(4..) else { continue };
+            let lists = attrs(body).filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS);
+            for (_, list) in lists {
+                for (_, elem) in attrs(list).filter(|(ty, _)| *ty == NFTA_LIST_ELEM) {
+                    let mut key = None;
+                    let mut expires = None;
+                    for (ty, v) in attrs(elem) {
+                        match ty {
+                            NFTA_SET_ELEM_KEY => {
+                                key = attrs(v)
+                                    .find(|(t, _)| *t == NFTA_DATA_VALUE)
+                                    .map(|(_, k)| k.to_vec());
+                            }
+                            NFTA_SET_ELEM_EXPIRATION => {
+                                let ms: Option<[u8; 8]> =
+                                    v.get(..8).and_then(|b| b.try_into().ok());
+                                expires = ms.map(|b| {
+                                    std::time::Duration::from_millis(u64::from_be_bytes(b))
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(key) = key {
+                        out.push(ListedElement { key, expires });
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {

@@ -27,6 +27,8 @@ use coppice_lifecycle::backend::{
     NetSpec, Network, SandboxId,
 };
 
+use crate::dns::message::{self, build, Data, TYPE_A};
+use crate::dns::{Forwarder, ForwarderConfig};
 use crate::linux::command::{self, HELPER};
 use crate::linux::netlink::Netlink;
 use crate::linux::netns;
@@ -420,8 +422,35 @@ fn policy(allow_internet: bool, allow: &[Ipv4Cidr], deny: &[Ipv4Cidr]) -> NetSpe
             allow_internet,
             allow_out: allow.to_vec(),
             deny_out: deny.to_vec(),
+            allow_domains: vec![],
         },
     }
+}
+
+#[test]
+fn resolved_elements_are_told_apart_by_sandbox_and_time_left() {
+    use crate::linux::netlink::ListedElement;
+    let (mine, theirs) = (ip(130), ip(131));
+    let el = |sandbox: Ipv4Addr, ms| ListedElement {
+        key: [sandbox.octets(), ip(7).octets()].concat(),
+        expires: Some(Duration::from_millis(ms)),
+    };
+    let left = Duration::from_millis(90_000);
+    assert_eq!(
+        super::resolved_key(&el(mine, 90_000), mine),
+        Some((ip(7), left))
+    );
+    assert_eq!(super::resolved_key(&el(theirs, 90_000), mine), None);
+    assert_eq!(
+        super::resolved_key(&el(mine, 999), mine),
+        None,
+        "about to go"
+    );
+    let forever = ListedElement {
+        expires: None,
+        ..el(mine, 0)
+    };
+    assert_eq!(super::resolved_key(&forever, mine), None, "not one of ours");
 }
 
 #[test]
@@ -1051,4 +1080,195 @@ fn an_nflog_group_has_one_reader_at_a_time() {
         .join()
         .unwrap();
     });
+}
+
+/// A DNS server in the fake internet, on the second server address, port 53: `fake.test`
+/// is the first server, `other.test` the second, anything else NXDOMAIN.
+struct FakeDns {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeDns {
+    fn new(w: &World) -> Self {
+        let (first, second) = (w.slot.server(), w.slot.server2());
+        let socket = netns::within(w.fake().ns.as_fd(), || UdpSocket::bind((second, 53))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(q) = message::parse_query(&buf[..n]) else {
+                    continue;
+                };
+                let (rcode, records) = match q.question.name.as_str() {
+                    "fake.test" => (0, vec![("fake.test", 60, Data::A(first))]),
+                    "other.test" => (0, vec![("other.test", 60, Data::A(second))]),
+                    _ => (3, vec![]),
+                };
+                let _ = socket.send_to(&build::response(&buf[..n], rcode, &records), peer);
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Resolves `name` from inside the sandbox through its resolver; the answer's addresses.
+fn resolve(a: &NetAttachment, name: &str) -> Vec<Ipv4Addr> {
+    let ns = File::open(a.namespace.as_ref().unwrap()).unwrap();
+    let socket = netns::within(ns.as_fd(), || UdpSocket::bind("0.0.0.0:0")).unwrap();
+    socket.set_read_timeout(Some(LONG)).unwrap();
+    let query = build::query(0x5a5a, name, TYPE_A);
+    socket.send_to(&query, (a.dns, 53)).unwrap();
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).unwrap();
+    let reply = message::parse_response(&buf[..n]).unwrap();
+    reply
+        .answers
+        .iter()
+        .filter_map(|r| match r.data {
+            Data::A(addr) => Some(addr),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_domains_open_what_they_resolve_to_through_the_forwarder() {
+    if !capable("allowed_domains_open_what_they_resolve_to_through_the_forwarder") {
+        return;
+    }
+    let w = World::new(Slot(5));
+    let _dns = FakeDns::new(&w);
+    let net = w.start();
+    let upstream = SocketAddr::from((w.slot.server2(), 53));
+    let listen = SocketAddrV4::new(net.gateway(), 53);
+    let forwarder = Forwarder::start(
+        ForwarderConfig::new(listen, vec![upstream]),
+        Arc::new(net.clone()),
+    )
+    .await
+    .unwrap();
+    let only_fake = EgressPolicy {
+        allow_internet: false,
+        allow_domains: vec!["fake.test".into()],
+        ..EgressPolicy::default()
+    };
+    let spec = NetSpec {
+        policy: only_fake.clone(),
+    };
+    let sbx = id("dns");
+    let a = net.attach(&sbx, &spec).await.unwrap();
+    let b = net.attach(&id("dnsb"), &spec).await.unwrap();
+    let addr = a.address.addr().to_string();
+    let other = SocketAddrV4::new(w.slot.server2(), PORT);
+    // The first call binds the log group, so the drops below are reported.
+    assert_eq!(net.blocked().await.unwrap(), []);
+    assert!(blocked(&a, w.server()), "before resolving");
+
+    // A name not allowed resolves, and opens nothing.
+    assert_eq!(resolve(&a, "other.test"), [w.slot.server2()]);
+    assert!(blocked(&a, other), "a name not allowed");
+    assert_eq!(set_elements(&w.config, "allow_resolved"), "");
+    // Both were the policy's drops, reported as such (a SYN retry may repeat one).
+    let denied = |s: &NetAttachment, to: Ipv4Addr| (s.id.clone(), to, BlockReason::Policy);
+    let got: Vec<_> = next_reports(&net)
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.destination, r.reason))
+        .collect();
+    let expected = [denied(&a, w.slot.server()), denied(&a, w.slot.server2())];
+    assert!(expected.iter().all(|e| got.contains(e)), "{got:?}");
+    assert!(got.iter().all(|r| expected.contains(r)), "{got:?}");
+
+    // The allowed name opens its address, to this sandbox only.
+    assert_eq!(resolve(&a, "fake.test"), [w.slot.server()]);
+    assert!(set_elements(&w.config, "allow_resolved").contains(&addr));
+    let mut conn = connect(&a, w.server(), LONG).unwrap();
+    conn.set_read_timeout(Some(LONG)).unwrap();
+    echo(&mut conn, b"open").unwrap();
+    // The element lives as long as the answer's TTL; a second answer replaces it (deleted
+    // and added in one transaction), under the open connection.
+    let elements = set_elements(&w.config, "allow_resolved");
+    assert!(elements.contains("\"timeout\":60"), "{elements}");
+    assert_eq!(resolve(&a, "fake.test"), [w.slot.server()]);
+    echo(&mut conn, b"again").unwrap();
+    assert!(set_elements(&w.config, "allow_resolved").contains(&addr));
+    assert!(blocked(&a, other), "the other server stays closed");
+    assert!(blocked(&b, w.server()), "a sandbox that did not resolve it");
+    // The resolved set accepts before the policy's logging drop: the connection it let
+    // through was never reported, the attempts it did not cover were.
+    let got: Vec<_> = next_reports(&net)
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.destination, r.reason))
+        .collect();
+    let expected = [denied(&a, w.slot.server2()), denied(&b, w.slot.server())];
+    assert!(expected.iter().all(|e| got.contains(e)), "{got:?}");
+    assert!(got.iter().all(|r| expected.contains(r)), "{got:?}");
+
+    // An update that keeps the domains keeps what they opened, and the connection; a
+    // domain entry wins over denyOut.
+    let denying = EgressPolicy {
+        deny_out: vec![w.slot.fake_net()],
+        ..only_fake.clone()
+    };
+    net.update_policy(&sbx, &denying).await.unwrap();
+    echo(&mut conn, b"kept").unwrap();
+    // One that drops them closes it, open connection included.
+    let closed = EgressPolicy {
+        allow_internet: false,
+        ..EgressPolicy::default()
+    };
+    net.update_policy(&sbx, &closed).await.unwrap();
+    assert_eq!(set_elements(&w.config, "allow_resolved"), "");
+    conn.set_read_timeout(Some(SHORT)).unwrap();
+    assert!(
+        echo(&mut conn, b"cut").is_err(),
+        "the open connection still works"
+    );
+    assert!(blocked(&a, w.server()));
+    assert!(resolve(&a, "fake.test") == [w.slot.server()] && blocked(&a, w.server()));
+
+    // A bad pattern is refused before anything changes.
+    let bad = EgressPolicy {
+        allow_domains: vec!["Fake.test".into()],
+        ..only_fake.clone()
+    };
+    let r = net.update_policy(&sbx, &bad).await;
+    assert!(matches!(r, Err(BackendError::InvalidSpec { .. })), "{r:?}");
+
+    // Back again, then a restart: the recorded policy and what it opened come back in the
+    // same transaction as the ruleset.
+    net.update_policy(&sbx, &only_fake).await.unwrap();
+    assert_eq!(resolve(&a, "fake.test"), [w.slot.server()]);
+    assert!(reaches(&a, w.server()));
+    forwarder.stop().await;
+    let second = w.start();
+    assert!(set_elements(&w.config, "allow_resolved").contains(&addr));
+    second.recover(&[sbx.clone(), id("dnsb")]).await.unwrap();
+    assert!(reaches(&a, w.server()), "after a restart");
+
+    // Release leaves no element behind.
+    second.release(&sbx).await.unwrap();
+    second.release(&id("dnsb")).await.unwrap();
+    assert_eq!(set_elements(&w.config, "allow_resolved"), "");
 }
