@@ -59,6 +59,65 @@ pub struct NewSandbox {
     pub volume_mounts: Option<serde_json::Value>,
 }
 
+/// E2B's `SandboxNetworkConfig`: the `network` block of a create.
+///
+/// `allowOut` entries are IPs, CIDRs or domains (`example.com`, `*.example.com`); `denyOut`
+/// entries are IPs or CIDRs. Fields a gateway does not implement are still parsed, so that it
+/// can refuse them by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// `false`: requests to the sandbox's ports need its `trafficAccessToken`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_public_traffic: Option<bool>,
+    /// Destinations always allowed, whatever `denyOut` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    /// Destinations denied unless `allowOut` allows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// Resolvers for the sandbox's `/etc/resolv.conf`, instead of the gateway's forwarder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    /// A SOCKS5 proxy for egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// A host mask for requests to the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// Ports served over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_ports: Option<serde_json::Value>,
+    /// Per-domain header transforms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+}
+
+/// E2B's `SandboxNetworkUpdateConfig`, the body of `PUT /sandboxes/{id}/network`: it replaces
+/// the whole egress configuration, and an omitted field is cleared.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    /// As in [`NetworkConfig::allow_out`].
+    #[serde(default)]
+    pub allow_out: Option<Vec<String>>,
+    /// As in [`NetworkConfig::deny_out`].
+    #[serde(default)]
+    pub deny_out: Option<Vec<String>>,
+    /// As in [`NetworkConfig::dns_servers`]; omitted means the gateway's resolver.
+    #[serde(default)]
+    pub dns_servers: Option<Vec<String>>,
+    /// As in [`NetworkConfig::egress_proxy`].
+    #[serde(default)]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// As in [`NetworkConfig::rules`].
+    #[serde(default)]
+    pub rules: Option<serde_json::Value>,
+    /// E2B's snake_case internet switch; omitted means allowed.
+    #[serde(rename = "allow_internet_access", default)]
+    pub allow_internet_access: Option<bool>,
+}
+
 /// `autoResume` on the wire: `{"enabled": true}` (e2b 2.63) or `true`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -235,6 +294,8 @@ pub struct SandboxDetail {
     pub allow_internet_access: Option<bool>,
     /// Sandbox domain.
     pub domain: Option<String>,
+    /// The network configuration in force (`null` when none was given).
+    pub network: Option<NetworkConfig>,
     /// Lifecycle settings.
     pub lifecycle: LifecycleBlock,
 }
