@@ -21,6 +21,10 @@ use coppice_lifecycle::backend::BackendError;
 /// the helper is stuck, and failing the operation beats hanging it.
 pub(crate) const HELPER: Duration = Duration::from_secs(10);
 
+/// One `apt-get` step installing a missing helper on a fresh machine: a download, so
+/// minutes on a slow mirror.
+pub(crate) const INSTALL: Duration = Duration::from_secs(600);
+
 /// How many lines of stderr an error keeps.
 const TAIL_LINES: usize = 8;
 

@@ -238,6 +238,7 @@ impl LinuxNet {
     /// thread. Call [`Network::recover`] next, before any attach.
     pub fn start(config: LinuxNetConfig) -> Result<Self, BackendError> {
         config.validate()?;
+        ensure_nft()?;
         let mut pool = Pool::new(config.pool)?;
         let gateway = pool.gateway();
         let mut nl = Netlink::open().map_err(|e| nl_err("open netlink socket", "", e))?;
@@ -1282,6 +1283,43 @@ fn wait_forwarding(link: &str) {
 }
 
 /// Runs one `nft -f -` transaction.
+/// Installs `nft` from the host's Debian repositories when it is missing, so that a fresh
+/// machine needs nothing else; elsewhere says what to install.
+fn ensure_nft() -> Result<(), BackendError> {
+    let on_path = |program: &str| {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|dir| dir.join(program).is_file())
+    };
+    if on_path("nft") {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail.
+    if !on_path("apt-get") || unsafe { libc::geteuid() } != 0 {
+        return Err(BackendError::Unsupported {
+            op: "sandbox networking without nft (install nftables)",
+            os: std::env::consts::OS,
+        });
+    }
+    tracing::info!("nft is not installed; installing nftables with apt-get");
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "-q", "--no-install-recommends", "nftables"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    if command::run(install(), b"", command::INSTALL).is_err() {
+        // A fresh machine may have no package lists yet.
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-q"]);
+        command::run(update, b"", command::INSTALL)?;
+        command::run(install(), b"", command::INSTALL)?;
+    }
+    Ok(())
+}
+
 fn nft(script: &str) -> Result<(), BackendError> {
     let mut cmd = Command::new("nft");
     cmd.args(["-f", "-"]);
