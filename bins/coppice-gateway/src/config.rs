@@ -1,10 +1,11 @@
 //! The gateway's configuration: command-line flags, each also readable from a `COPPICE_*`
 //! environment variable (the flag wins).
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use coppice_events::guard::Cidr;
+use coppice_lifecycle::backend::Ipv4Cidr;
 
 /// Everything the gateway needs to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,45 @@ pub struct Config {
     /// Host memory no sandbox start may take, in bytes (`--min-free-memory`; `None`: 5% of
     /// the host's memory, at least 512 MiB).
     pub min_free_memory: Option<u64>,
+    /// Sandbox networking; `None` (`--sandbox-network off`) leaves every sandbox with only
+    /// a loopback.
+    pub network: Option<NetworkConfig>,
+}
+
+/// How sandboxes reach the network (`docs/network.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The sandbox address pool (`--sandbox-cidr`, default [`NetworkConfig::DEFAULT_CIDR`]).
+    pub cidr: Ipv4Cidr,
+    /// Names what the gateway owns on the host (`--sandbox-network-name`, default
+    /// `coppice`): the bridge `<name>0`, the nftables table `<name>` and the host-side
+    /// links `<name>v<n>`.
+    pub name: String,
+    /// Let sandboxes reach 169.254.0.0/16, where clouds serve instance metadata
+    /// (`--allow-metadata`, default false).
+    pub allow_metadata: bool,
+    /// If set, the only destinations any sandbox may reach, whatever its own policy
+    /// (`--egress-only-to`).
+    pub egress_only_to: Option<Vec<Ipv4Cidr>>,
+    /// Turn IPv4 forwarding on host-wide, as NAT through the host's uplinks needs
+    /// (`--ip-forward`, default true); false turns it on for the bridge only and leaves the
+    /// uplinks to the operator.
+    pub ip_forward: bool,
+    /// Where the sandboxes' DNS forwarder sends queries (`--dns-upstream`); empty: the
+    /// host's own resolvers, from `/etc/resolv.conf`.
+    pub dns_upstream: Vec<SocketAddrV4>,
+    /// Remove everything sandbox networking made on this host, then exit
+    /// (`--purge-network true`): for uninstalling, once no sandbox is left.
+    pub purge: bool,
+}
+
+impl NetworkConfig {
+    /// The default pool: private, and unlikely to meet a host's own networks (a collision
+    /// is refused at start, naming the route or resolver it meets).
+    pub const DEFAULT_CIDR: &'static str = "10.200.0.0/16";
+    /// Longest `--sandbox-network-name`: the bridge's name adds one character and
+    /// interface names hold 15.
+    pub const MAX_NAME: usize = 10;
 }
 
 /// The subscription `--webhook-url`/`--webhook-secret` ask for.
@@ -94,7 +134,19 @@ usage: coppice-gateway [options]
   --max-sandboxes N       most sandboxes at once, warm ones included            COPPICE_MAX_SANDBOXES
                           (default: (memory - floor) / 1 GiB sandbox limit x 16)
   --min-free-memory SIZE  host memory kept free; creates past it get 429        COPPICE_MIN_FREE_MEMORY
-                          (bytes or 512M, 2G; default 5% of memory, at least 512M)";
+                          (bytes or 512M, 2G; default 5% of memory, at least 512M)
+  --sandbox-network on|off  egress, DNS and addresses for sandboxes (default on;  COPPICE_SANDBOX_NETWORK
+                          off: loopback only)
+  --sandbox-cidr CIDR     sandbox address pool (default 10.200.0.0/16)          COPPICE_SANDBOX_CIDR
+  --sandbox-network-name N  bridge N0, nftables table N, links Nv* (default coppice) COPPICE_SANDBOX_NETWORK_NAME
+  --allow-metadata BOOL   let sandboxes reach 169.254.0.0/16 (default false)    COPPICE_ALLOW_METADATA
+  --egress-only-to CIDRS  the only destinations sandboxes may reach (default: any) COPPICE_EGRESS_ONLY_TO
+  --ip-forward BOOL       turn on IPv4 forwarding host-wide (default true;      COPPICE_IP_FORWARD
+                          false: on the bridge only, uplinks are yours)
+  --dns-upstream ADDRS    resolvers the sandboxes' DNS forwarder asks          COPPICE_DNS_UPSTREAM
+                          (IPv4[:port],...; default: those in /etc/resolv.conf)
+  --purge-network BOOL    remove the bridge, rules and namespaces sandbox       COPPICE_PURGE_NETWORK
+                          networking made, then exit (uninstall)";
 
 impl Config {
     /// Warm sandboxes per template unless configured: a burst of ten creates (an agent
@@ -126,7 +178,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 18] = [
+            const KNOWN: [&str; 26] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -145,6 +197,14 @@ impl Config {
                 "warm-pool",
                 "max-sandboxes",
                 "min-free-memory",
+                "sandbox-network",
+                "sandbox-cidr",
+                "sandbox-network-name",
+                "allow-metadata",
+                "egress-only-to",
+                "ip-forward",
+                "dns-upstream",
+                "purge-network",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -260,7 +320,9 @@ impl Config {
                     .map_err(|e| format!("--min-free-memory (COPPICE_MIN_FREE_MEMORY): {e}"))
             })
             .transpose()?;
+        let network = network_config(&get)?;
         Ok(Self {
+            network,
             warm_pool,
             max_sandboxes,
             min_free_memory,
@@ -283,6 +345,109 @@ impl Config {
             api_keys,
         })
     }
+}
+
+/// The network flags; `get` reads a flag or its variable.
+fn network_config(
+    get: &impl Fn(&str, &str) -> Option<String>,
+) -> Result<Option<NetworkConfig>, String> {
+    let flag = |name: &str, var: &str, v: &str| -> Result<bool, String> {
+        match v {
+            "on" | "true" | "yes" | "1" => Ok(true),
+            "off" | "false" | "no" | "0" => Ok(false),
+            _ => Err(format!("--{name} ({var}): {v:?} is neither on nor off")),
+        }
+    };
+    let on = get("sandbox-network", "COPPICE_SANDBOX_NETWORK")
+        .map(|v| flag("sandbox-network", "COPPICE_SANDBOX_NETWORK", &v))
+        .transpose()?
+        .unwrap_or(true);
+    let cidr = |s: &str, flag: &str, var: &str| -> Result<Ipv4Cidr, String> {
+        s.parse::<Ipv4Cidr>()
+            .map_err(|e| format!("--{flag} ({var}): {e}"))
+    };
+    let pool = get("sandbox-cidr", "COPPICE_SANDBOX_CIDR");
+    let name = get("sandbox-network-name", "COPPICE_SANDBOX_NETWORK_NAME");
+    let metadata = get("allow-metadata", "COPPICE_ALLOW_METADATA");
+    let only = get("egress-only-to", "COPPICE_EGRESS_ONLY_TO");
+    let forward = get("ip-forward", "COPPICE_IP_FORWARD");
+    let upstream = get("dns-upstream", "COPPICE_DNS_UPSTREAM");
+    let purge = get("purge-network", "COPPICE_PURGE_NETWORK");
+    if !on {
+        let given = [&pool, &name, &metadata, &only, &forward, &upstream, &purge];
+        if given.iter().any(|v| v.is_some()) {
+            return Err("--sandbox-cidr, --sandbox-network-name, --allow-metadata, \
+                 --egress-only-to, --ip-forward, --dns-upstream and --purge-network concern \
+                 sandbox networking, which --sandbox-network off turns off"
+                .into());
+        }
+        return Ok(None);
+    }
+    let name = name.unwrap_or_else(|| "coppice".into());
+    let valid = !name.is_empty()
+        && name.len() <= NetworkConfig::MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(format!(
+            "--sandbox-network-name (COPPICE_SANDBOX_NETWORK_NAME): {name:?} is not 1 to {} \
+             characters of [a-z0-9_] starting with a letter",
+            NetworkConfig::MAX_NAME
+        ));
+    }
+    Ok(Some(NetworkConfig {
+        cidr: cidr(
+            pool.as_deref().unwrap_or(NetworkConfig::DEFAULT_CIDR),
+            "sandbox-cidr",
+            "COPPICE_SANDBOX_CIDR",
+        )?,
+        name,
+        allow_metadata: metadata
+            .map(|v| flag("allow-metadata", "COPPICE_ALLOW_METADATA", &v))
+            .transpose()?
+            .unwrap_or(false),
+        egress_only_to: only
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(|c| cidr(c, "egress-only-to", "COPPICE_EGRESS_ONLY_TO"))
+                    .collect()
+            })
+            .transpose()?,
+        ip_forward: forward
+            .map(|v| flag("ip-forward", "COPPICE_IP_FORWARD", &v))
+            .transpose()?
+            .unwrap_or(true),
+        dns_upstream: upstream
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| {
+                        a.parse::<SocketAddrV4>()
+                            .or_else(|_| {
+                                a.parse::<std::net::Ipv4Addr>()
+                                    .map(|ip| SocketAddrV4::new(ip, 53))
+                            })
+                            .map_err(|_| {
+                                format!(
+                                    "--dns-upstream (COPPICE_DNS_UPSTREAM): {a:?} is not an \
+                                     IPv4 address with an optional port"
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .transpose()?
+            .unwrap_or_default(),
+        purge: purge
+            .map(|v| flag("purge-network", "COPPICE_PURGE_NETWORK", &v))
+            .transpose()?
+            .unwrap_or(false),
+    }))
 }
 
 #[cfg(test)]
@@ -313,6 +478,66 @@ mod tests {
         assert_eq!(c.warm_pool, Config::DEFAULT_WARM_POOL);
         assert_eq!(c.max_sandboxes, None);
         assert_eq!(c.min_free_memory, None);
+        let net = c.network.unwrap();
+        assert_eq!(net.cidr.to_string(), NetworkConfig::DEFAULT_CIDR);
+        assert_eq!(net.name, "coppice");
+        assert!(!net.allow_metadata);
+        assert_eq!(net.egress_only_to, None);
+    }
+
+    #[test]
+    fn network_flags() {
+        assert_eq!(
+            parse(&["--sandbox-network", "off"], &[]).unwrap().network,
+            None
+        );
+        let c = parse(
+            &[
+                "--sandbox-cidr",
+                "198.51.100.64/26",
+                "--sandbox-network-name=cpg1",
+                "--allow-metadata",
+                "true",
+            ],
+            &[("COPPICE_EGRESS_ONLY_TO", "198.51.100.0/24, 198.51.100.7")],
+        )
+        .unwrap();
+        let net = c.network.unwrap();
+        assert_eq!(net.cidr.to_string(), "198.51.100.64/26");
+        assert_eq!(net.name, "cpg1");
+        assert!(net.allow_metadata);
+        assert_eq!(net.egress_only_to.unwrap().len(), 2);
+        assert!(net.dns_upstream.is_empty());
+        let c = parse(&["--dns-upstream", "198.51.100.2, 198.51.100.3:5353"], &[]).unwrap();
+        let up: Vec<String> = c
+            .network
+            .unwrap()
+            .dns_upstream
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(up, ["198.51.100.2:53", "198.51.100.3:5353"]);
+        for (args, needle) in [
+            (&["--sandbox-network", "maybe"][..], "--sandbox-network"),
+            (&["--sandbox-cidr", "10.0.0.0/40"][..], "--sandbox-cidr"),
+            (
+                &["--sandbox-network-name", "Bad-Name"][..],
+                "--sandbox-network-name",
+            ),
+            (
+                &["--sandbox-network-name", "elevenchars"][..],
+                "--sandbox-network-name",
+            ),
+            (&["--egress-only-to", "nowhere"][..], "--egress-only-to"),
+            (&["--dns-upstream", "resolver"][..], "--dns-upstream"),
+            (
+                &["--sandbox-network", "off", "--sandbox-cidr", "10.0.0.0/24"][..],
+                "turns off",
+            ),
+        ] {
+            let err = parse(args, &[]).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
     }
 
     #[test]

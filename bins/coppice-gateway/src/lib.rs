@@ -22,6 +22,7 @@ pub mod config;
 mod admission;
 mod adoption;
 mod api;
+mod egress;
 mod feed;
 mod metrics;
 mod registry;
@@ -218,7 +219,7 @@ impl Drop for Creating<'_> {
 }
 
 /// What events say about the sandbox of `record`.
-fn context(record: &Record) -> SandboxContext {
+pub(crate) fn context(record: &Record) -> SandboxContext {
     let limits = record.limits;
     SandboxContext {
         sandbox_id: record.id.to_string(),
@@ -301,8 +302,19 @@ impl Gateway {
         event: &LifecycleEvent,
     ) -> Result<Record, registry::RegistryError> {
         let recorded = lifecycle_event(&mut record, event, now());
-        self.registry.put_with_events(&record, &[recorded])?;
         self.metrics.lifecycle(event);
+        self.commit_event(entry, record, recorded)
+    }
+
+    /// Stores `record` with `event`, a change outside the state machine (a network policy),
+    /// in one transaction; the caller holds the entry's operation lock.
+    pub(crate) fn commit_event(
+        &self,
+        entry: &Entry,
+        record: Record,
+        event: Event,
+    ) -> Result<Record, registry::RegistryError> {
+        self.registry.put_with_events(&record, &[event])?;
         *lock(&entry.record) = record.clone();
         // `record` came from `Entry::record`, so it holds every touch so far (touches wait
         // for the operation lock the caller holds); a later window starts from this commit.
@@ -961,6 +973,12 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     // `run` returns, which is the life of the process.
     let _state_lock = state_lock::StateLock::acquire(&config.state_dir)
         .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    if let Some(net) = config.network.as_ref().filter(|n| n.purge) {
+        runtime::purge_network(&config.state_dir, net)
+            .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+        tracing::info!(name = %net.name, "sandbox networking removed");
+        return Ok(());
+    }
     let listeners = server::bind(&config).await?;
     // `--listen` may name port 0; from here on it is the port the main listener got, which
     // the default `domain` of create answers carries.
@@ -989,7 +1007,22 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         },
     );
     let agent = agent_binary(&config)?;
-    let runtime = Runtime::open(&config.state_dir, &config.template_cache, agent.clone())
+    let runtime = Runtime::open(
+        &config.state_dir,
+        &config.template_cache,
+        agent.clone(),
+        config.network.as_ref(),
+    )
+    .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    // Kept for the life of the process; dropping it stops it.
+    let _dns = runtime
+        .start_dns(
+            config
+                .network
+                .as_ref()
+                .map_or(&[][..], |n| n.dns_upstream.as_slice()),
+        )
+        .await
         .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     if config.api_keys.is_empty() {
         tracing::warn!("COPPICE_API_KEYS is not set: any API key is accepted");
@@ -1032,6 +1065,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         adopter.adoption.finish();
         tokio::spawn(Arc::clone(&adopter).reap_forever());
         tokio::spawn(Arc::clone(&adopter).watch_forever());
+        tokio::spawn(egress::watch_blocked(Arc::clone(&adopter)));
         adopter.pool_changed();
         Ok::<(), StartError>(())
     });

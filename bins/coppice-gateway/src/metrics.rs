@@ -166,6 +166,8 @@ pub(crate) struct Metrics {
     /// Proxied body bytes: client → sandbox, sandbox → client.
     proxy_in: Arc<AtomicU64>,
     proxy_out: Arc<AtomicU64>,
+    /// Reports of blocked egress recorded as `security.violation`.
+    egress_blocked: AtomicU64,
 }
 
 /// What is read when scraped rather than counted.
@@ -198,6 +200,12 @@ impl Metrics {
             LifecycleEvent::Updated { .. } => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` reports of blocked egress recorded as events.
+    pub(crate) fn egress_blocked(&self, n: usize) {
+        self.egress_blocked
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Records one request: how long until its response head, and the response's status.
@@ -234,6 +242,16 @@ impl Metrics {
             "Sandboxes created.",
         );
         out.sample("coppice_sandboxes_created_total", &[], load(&self.created));
+        out.family(
+            "coppice_egress_blocked_total",
+            "counter",
+            "Blocked egress attempts recorded as security.violation (a rate-limited sample).",
+        );
+        out.sample(
+            "coppice_egress_blocked_total",
+            &[],
+            load(&self.egress_blocked),
+        );
         // Each counter shows the causes it can have, and any other that somehow occurred.
         let per_cause = |out: &mut Exposition,
                          name: &str,

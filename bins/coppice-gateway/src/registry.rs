@@ -57,6 +57,10 @@ pub(crate) struct Record {
     /// before it existed read as `None`: such sandboxes were created open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) traffic_token: Option<String>,
+    /// The `network` block as asked at create and changed by `PUT .../network`, echoed by
+    /// `GET /sandboxes/{id}`; `None` when none was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) network: Option<coppice_wire::sandbox::NetworkConfig>,
 }
 
 /// Registry failures; the message says which operation failed.
@@ -144,6 +148,11 @@ impl Registry {
             .map_err(err("write record"))?;
             Ok(())
         })
+    }
+
+    /// Records `events` that change no record, in one transaction.
+    pub(crate) fn record_events(&self, events: &[Event]) -> Result<(), RegistryError> {
+        self.transaction(events, |_| Ok(()))
     }
 
     /// Forgets a sandbox.
@@ -247,6 +256,7 @@ mod tests {
             execution_id: String::new(),
             execution_started_at: 0,
             traffic_token: None,
+            network: None,
         }
     }
 

@@ -11,13 +11,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use coppice_jail::{JailConfig, LinuxJail};
 use coppice_lifecycle::backend::{
-    BackendError, BindMount, DiskUsage, InitSpec, Isolation, JailSpec, LayerId, Limits,
-    ResourceUsage, RunState, SandboxId, Storage,
+    BackendError, BindMount, DiskUsage, EgressPolicy, InitSpec, Isolation, JailSpec, LayerId,
+    Limits, NetAttachment, NetSpec, Network, ResourceUsage, RunState, SandboxId, Storage,
 };
+use coppice_net::dns::{Forwarder, ForwarderConfig};
+use coppice_net::{LinuxNet, LinuxNetConfig};
 use coppice_zfs::template::TemplateBuilder;
 use coppice_zfs::OverlayStorage;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::Mutex;
+
+use crate::config::NetworkConfig;
 
 /// Where the agent's socket directory appears inside every sandbox.
 const SANDBOX_RUN_DIR: &str = "/run/coppice";
@@ -32,6 +36,10 @@ pub(crate) const SANDBOX_ID_LEN: usize = 20;
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a new sandbox's agent may take to open its socket.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The DNS port, where sandboxes' resolver listens on the bridge's address.
+const DNS_PORT: u16 = 53;
+/// Network namespaces kept made ahead of creates that find no warm sandbox.
+const READY_NAMESPACES: usize = 8;
 
 /// What can go wrong below the API.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +73,25 @@ fn backend(op: &'static str) -> impl FnOnce(BackendError) -> RuntimeError {
     move |source| RuntimeError::Backend { op, source }
 }
 
+/// The network role's configuration for the gateway's `--sandbox-*` flags.
+fn net_config(state_dir: &Path, n: &NetworkConfig) -> LinuxNetConfig {
+    LinuxNetConfig {
+        bridge: format!("{}0", n.name),
+        table: n.name.clone(),
+        link_prefix: format!("{}v", n.name),
+        allow_metadata: n.allow_metadata,
+        egress_only_to: n.egress_only_to.clone(),
+        ready_namespaces: READY_NAMESPACES,
+        global_forwarding: n.ip_forward,
+        ..LinuxNetConfig::new(state_dir.join("net"), n.cidr)
+    }
+}
+
+/// Removes everything sandbox networking with `n` made on this host (`--purge-network`).
+pub(crate) fn purge_network(state_dir: &Path, n: &NetworkConfig) -> Result<(), RuntimeError> {
+    LinuxNet::purge(&net_config(state_dir, n)).map_err(backend("remove sandbox networking"))
+}
+
 /// What every sandbox gets (E2B's default sandbox size: 2 vCPUs, 1 GiB).
 pub(crate) const DEFAULT_LIMITS: Limits = Limits {
     memory_bytes: Some(1 << 30),
@@ -80,6 +107,10 @@ pub(crate) struct Setup<'a> {
     pub(crate) limits: Limits,
     pub(crate) env_vars: &'a std::collections::BTreeMap<String, String>,
     pub(crate) access_token: &'a str,
+    /// Its egress policy.
+    pub(crate) policy: &'a EgressPolicy,
+    /// Resolvers for its `/etc/resolv.conf`; empty for the gateway's forwarder.
+    pub(crate) dns_servers: &'a [std::net::Ipv4Addr],
     /// The sandbox was claimed from the warm pool ([`Runtime::claim`]) under `id` and runs
     /// with this pid: only its agent is left to configure.
     pub(crate) warm: Option<u32>,
@@ -140,6 +171,10 @@ pub(crate) struct Runtime {
     /// Each sandbox's network namespace, opened on its first connection to a user port
     /// ([`Runtime::netns`]) and closed when it is killed, so it never outlives the sandbox.
     netns: std::sync::Mutex<HashMap<SandboxId, Arc<std::os::fd::OwnedFd>>>,
+    /// The network role; `None` with `--sandbox-network off` (loopback only).
+    net: Option<LinuxNet>,
+    /// Set while a background fill of the network role's ready namespaces runs.
+    net_filling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Runtime {
@@ -149,9 +184,15 @@ impl Runtime {
         state_dir: &Path,
         template_cache: &Path,
         agent: PathBuf,
+        network: Option<&NetworkConfig>,
     ) -> Result<Self, RuntimeError> {
         let jail = LinuxJail::attach(JailConfig::new(state_dir.join("jail")))
             .map_err(backend("open the jail driver"))?;
+        // Takes over the host side (bridge, nftables table) before anything can start.
+        let net = network
+            .map(|n| LinuxNet::start(net_config(state_dir, n)))
+            .transpose()
+            .map_err(backend("start sandbox networking"))?;
         let storage =
             OverlayStorage::open(state_dir.join("storage")).map_err(backend("open storage"))?;
         let run_dir = state_dir.join("run");
@@ -188,7 +229,98 @@ impl Runtime {
                 .collect(),
             warm: std::sync::Mutex::new(HashMap::new()),
             netns: std::sync::Mutex::new(HashMap::new()),
+            net,
+            net_filling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
+    }
+
+    /// Whether sandboxes get a network (egress, DNS, an address) beside their loopback.
+    pub(crate) fn has_network(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// The network role, when sandboxes have one.
+    pub(crate) fn network(&self) -> Option<&LinuxNet> {
+        self.net.as_ref()
+    }
+
+    /// Replaces a sandbox's egress policy; connections it now denies stop at once.
+    pub(crate) async fn update_policy(
+        &self,
+        id: &SandboxId,
+        policy: &EgressPolicy,
+    ) -> Result<(), RuntimeError> {
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        net.update_policy(id, policy)
+            .await
+            .map(drop)
+            .map_err(backend("update the sandbox's network policy"))
+    }
+
+    /// Starts the sandboxes' DNS forwarder on the bridge's address, asking `upstream` (the
+    /// host's resolvers when empty); `None` without a network. Keep it for the life of the
+    /// process.
+    pub(crate) async fn start_dns(
+        &self,
+        upstream: &[std::net::SocketAddrV4],
+    ) -> Result<Option<Forwarder>, RuntimeError> {
+        let Some(net) = &self.net else {
+            return Ok(None);
+        };
+        let upstreams = if upstream.is_empty() {
+            ForwarderConfig::host_resolvers().map_err(backend("find the host's resolvers"))?
+        } else {
+            upstream
+                .iter()
+                .copied()
+                .map(std::net::SocketAddr::V4)
+                .collect()
+        };
+        let listen = std::net::SocketAddrV4::new(net.gateway(), DNS_PORT);
+        Forwarder::start(
+            ForwarderConfig::new(listen, upstreams),
+            Arc::new(net.clone()),
+        )
+        .await
+        .map(Some)
+        .map_err(backend("start the sandboxes' DNS forwarder"))
+    }
+
+    /// Points a sandbox's `/etc/resolv.conf` at `servers`, or back at the gateway's resolver
+    /// when there are none; nothing without a network.
+    pub(crate) fn set_resolvers(
+        &self,
+        id: &SandboxId,
+        servers: &[std::net::Ipv4Addr],
+    ) -> Result<(), RuntimeError> {
+        let Some(net) = &self.net else { return Ok(()) };
+        let own = [net.gateway()];
+        let servers = if servers.is_empty() {
+            &own[..]
+        } else {
+            servers
+        };
+        let path = self.sandbox_run_dir(id).join(RESOLV_CONF);
+        rewrite_in_place(&path, &resolv_conf(servers))
+    }
+
+    /// Tops up the network role's ready namespaces in the background, one fill at a time.
+    fn refill_namespaces(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(net) = &self.net else { return };
+        if net.ready_count() >= READY_NAMESPACES || self.net_filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let net = net.clone();
+        let filling = Arc::clone(&self.net_filling);
+        tokio::spawn(async move {
+            if let Err(e) = net.fill_ready().await {
+                tracing::warn!(error = %e, "making ready network namespaces failed");
+            }
+            filling.store(false, Ordering::Release);
+        });
     }
 
     /// Re-adopts the sandboxes a previous process left running and removes what is left of
@@ -204,7 +336,19 @@ impl Runtime {
                     std::io::Error::other(e),
                 ))
             })?
-            .map_err(backend("re-adopt sandboxes"))
+            .map_err(backend("re-adopt sandboxes"))?;
+        if let Some(net) = &self.net {
+            // The networks of the sandboxes that survived are taken back; everything else
+            // the network role owns (a create a crash cut short) goes.
+            let live: Vec<SandboxId> = self.live().await?.into_keys().collect();
+            let kept = net
+                .recover(&live)
+                .await
+                .map_err(backend("re-adopt sandbox networks"))?;
+            tracing::info!(networks = kept.len(), "sandbox networks re-adopted");
+            self.refill_namespaces();
+        }
+        Ok(())
     }
 
     /// Whether `name` is a template this gateway serves.
@@ -361,7 +505,9 @@ impl Runtime {
         }
         let layer = self.template(setup.template).await?;
         let result = async {
-            let pid = self.boot(setup.id, &layer, setup.limits).await?;
+            let pid = self
+                .boot(setup.id, &layer, setup.limits, setup.policy)
+                .await?;
             self.configure(&setup).await?;
             Ok(pid)
         }
@@ -395,7 +541,10 @@ impl Runtime {
     pub(crate) async fn prestart(&self, template: &'static str) -> Result<(), RuntimeError> {
         let layer = self.template(template).await?;
         let id = mint_id()?;
-        match self.boot(&id, &layer, DEFAULT_LIMITS).await {
+        match self
+            .boot(&id, &layer, DEFAULT_LIMITS, &EgressPolicy::default())
+            .await
+        {
             Ok(pid) => {
                 self.warm
                     .lock()
@@ -428,12 +577,14 @@ impl Runtime {
         }
     }
 
-    /// Starts a sandbox on `layer` and waits until its agent accepts connections.
+    /// Starts a sandbox on `layer`, on the network with `policy` when sandboxes have one,
+    /// and waits until its agent accepts connections.
     async fn boot(
         &self,
         id: &SandboxId,
         layer: &LayerId,
         limits: Limits,
+        policy: &EgressPolicy,
     ) -> Result<u32, RuntimeError> {
         let t0 = Instant::now();
         let rootfs = self
@@ -449,6 +600,31 @@ impl Runtime {
                 op: "create the sandbox's run directory",
                 source: BackendError::io("create", &run, e),
             })?;
+        let attachment = match &self.net {
+            Some(net) => {
+                let spec = NetSpec {
+                    policy: policy.clone(),
+                };
+                let attached = net
+                    .attach(id, &spec)
+                    .await
+                    .map_err(backend("attach the sandbox to the network"))?;
+                self.refill_namespaces();
+                Some(attached)
+            }
+            None => None,
+        };
+        let t_net = t0.elapsed();
+        let mut etc = Vec::new();
+        for (name, text) in names_files(id, attachment.as_ref()) {
+            let path = run.join(name);
+            write_owned(&path, &text, root)?;
+            etc.push(BindMount {
+                source: path,
+                target: Path::new("/etc").join(name),
+                read_only: false,
+            });
+        }
         let spec = JailSpec {
             id: id.clone(),
             rootfs,
@@ -477,9 +653,12 @@ impl Runtime {
                     target: SANDBOX_RUN_DIR.into(),
                     read_only: false,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(etc)
+            .collect(),
             limits,
-            network: None,
+            network: attachment.and_then(|a| a.namespace),
         };
         let t_rootfs = t0.elapsed();
         let info = self
@@ -498,6 +677,7 @@ impl Runtime {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             sandbox = %id,
+            net_ms = ms(t_net),
             rootfs_ms = ms(t_rootfs),
             jail_ms = ms(t_jail - t_rootfs),
             agent_ms = ms(t0.elapsed() - t_jail),
@@ -509,6 +689,14 @@ impl Runtime {
     /// Gives a started sandbox's agent its environment and access token (`/init`).
     async fn configure(&self, setup: &Setup<'_>) -> Result<(), RuntimeError> {
         let t0 = Instant::now();
+        // A warm sandbox was started with the default policy and the gateway's resolver;
+        // both are its own before any code of the user's runs in it.
+        if setup.warm.is_some() && *setup.policy != EgressPolicy::default() {
+            self.update_policy(setup.id, setup.policy).await?;
+        }
+        if !setup.dns_servers.is_empty() {
+            self.set_resolvers(setup.id, setup.dns_servers)?;
+        }
         let init = serde_json::json!({
             "envVars": setup.env_vars,
             "accessToken": setup.access_token,
@@ -563,6 +751,12 @@ impl Runtime {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(id);
+        if let Some(net) = &self.net {
+            match net.release(id).await {
+                Ok(()) | Err(BackendError::NotFound { .. }) => {}
+                Err(e) => return Err(backend("release the sandbox's network")(e)),
+            }
+        }
         match self.storage.remove_rootfs(id).await {
             Ok(()) | Err(BackendError::NotFound { .. }) => {}
             Err(e) => return Err(backend("remove the sandbox's root filesystem")(e)),
@@ -648,6 +842,68 @@ impl Runtime {
             .await
             .map_err(backend("read disk use"))
     }
+}
+
+/// The name of the resolver file, in the run directory and under `/etc`.
+const RESOLV_CONF: &str = "resolv.conf";
+
+/// The files a sandbox gets under `/etc` for names: `hosts` always (so `localhost` and its
+/// own hostname resolve without DNS), `resolv.conf` when it has a network.
+fn names_files(id: &SandboxId, net: Option<&NetAttachment>) -> Vec<(&'static str, String)> {
+    let own = net.map_or_else(|| "127.0.1.1".to_owned(), |a| a.address.addr().to_string());
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n{own}\t{id}\n"
+    );
+    let mut files = vec![("hosts", hosts)];
+    if let Some(a) = net {
+        files.push((RESOLV_CONF, resolv_conf(&[a.dns])));
+    }
+    files
+}
+
+fn resolv_conf(servers: &[std::net::Ipv4Addr]) -> String {
+    let mut text = String::new();
+    for s in servers {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    text.push_str("options timeout:2 attempts:2\n");
+    text
+}
+
+/// Writes a new file owned by sandbox root (`owner` on the host), readable by everyone.
+fn write_owned(path: &Path, text: &str, owner: u32) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)
+        .and_then(|()| std::os::unix::fs::chown(path, Some(owner), Some(owner)))
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
+        .map_err(|e| RuntimeError::Backend {
+            op: "write the sandbox's name files",
+            source: BackendError::io("write", path, e),
+        })
+}
+
+/// Replaces the contents of a file that is bind-mounted into a running sandbox, keeping its
+/// inode (a new file would not be what the sandbox sees). The directory is the sandbox's
+/// to write, so a symlink put in its place is refused rather than followed.
+fn rewrite_in_place(path: &Path, text: &str) -> Result<(), RuntimeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc_o_nofollow())
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| RuntimeError::Backend {
+            op: "write the sandbox's resolver file",
+            source: BackendError::io("write", path, e),
+        })
+}
+
+/// `O_NOFOLLOW`, from nix (the gateway has no direct libc dependency).
+fn libc_o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 /// Connects to the agent's socket as soon as it accepts connections. The socket file exists

@@ -15,7 +15,9 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
-use crate::api::{closing, events, has_body, json, logs, metrics, ports, proxy, sandboxes, Body};
+use crate::api::{
+    closing, events, has_body, json, logs, metrics, network, ports, proxy, sandboxes, Body,
+};
 use crate::metrics::Family;
 use crate::Gateway;
 
@@ -204,6 +206,7 @@ async fn dispatch(
             sandboxes::set_timeout(gw, id, &body).await
         }
         (&Method::POST, ["sandboxes", id, "refreshes"]) => sandboxes::refresh(gw, id, &body).await,
+        (&Method::PUT, ["sandboxes", id, "network"]) => network::update(gw, id, &body).await,
         (&Method::GET, ["metrics"]) => Ok(metrics::prometheus(gw)),
         (&Method::GET, ["sandboxes", id, "metrics"]) => metrics::sandbox(gw, id, query).await,
         (&Method::GET, ["sandboxes", id, "logs"]) => logs::legacy(gw, id, query).await,

@@ -24,7 +24,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
 
 use crate::api::error::ApiError;
 use crate::api::proxy::{self, Target};
@@ -66,53 +65,6 @@ pub(crate) fn advertised_domain(gw: &Gateway) -> String {
 /// port is a user port.
 pub(crate) fn is_agent_port(port: u16) -> bool {
     matches!(port, ENVD_PORT | CODE_PORT)
-}
-
-/// What the create body's `network` asks of ingress: `Ok(true)` when the sandbox needs a
-/// traffic access token (`allowPublicTraffic: false`).
-///
-/// Sandboxes have no egress yet, only loopback (the network role, `coppice-net`, is not
-/// wired in): `denyOut` holds as asked, since every destination is denied already, but a
-/// non-empty `allowOut` cannot, so it is refused rather than ignored, as are the fields not
-/// implemented at all (`maskRequestHost`, `egressProxy`, `rules`, `httpsPorts`) and any
-/// field E2B does not have.
-pub(crate) fn wants_traffic_token(network: Option<&Value>) -> Result<bool, ApiError> {
-    let Some(network) = network.filter(|n| !n.is_null()) else {
-        return Ok(false);
-    };
-    let Some(network) = network.as_object() else {
-        return Err(ApiError::bad_request("network must be an object"));
-    };
-    for (key, value) in network {
-        match key.as_str() {
-            _ if value.is_null() => {}
-            "allowPublicTraffic" | "denyOut" => {}
-            "allowOut" if value.as_array().is_some_and(Vec::is_empty) => {}
-            "allowOut" => {
-                return Err(ApiError::bad_request(
-                    "network.allowOut is not supported by this gateway yet: sandboxes have no \
-                     egress, only loopback",
-                ))
-            }
-            "maskRequestHost" | "egressProxy" | "rules" | "httpsPorts" => {
-                return Err(ApiError::bad_request(format!(
-                    "network.{key} is not supported by this gateway"
-                )))
-            }
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "network.{other} is not a field of E2B's network configuration"
-                )))
-            }
-        }
-    }
-    match network.get("allowPublicTraffic") {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(allow)) => Ok(!allow),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "network.allowPublicTraffic must be a boolean, got {other}"
-        ))),
-    }
 }
 
 /// Checks a request to `target` against the sandbox's traffic token, as E2B's proxy does
@@ -378,31 +330,6 @@ mod tests {
             id: "abc".into(),
             port,
         }
-    }
-
-    #[test]
-    fn only_allow_public_traffic_false_asks_for_a_token() {
-        let t = |v: Value| wants_traffic_token(Some(&v));
-        assert!(!wants_traffic_token(None).unwrap());
-        assert!(!t(Value::Null).unwrap());
-        assert!(!t(serde_json::json!({})).unwrap());
-        assert!(!t(serde_json::json!({"allowPublicTraffic": true})).unwrap());
-        assert!(t(serde_json::json!({"allowPublicTraffic": false, "allowOut": []})).unwrap());
-        assert!(!t(serde_json::json!({"denyOut": ["0.0.0.0/0"], "allowOut": null})).unwrap());
-        for field in [
-            "maskRequestHost",
-            "egressProxy",
-            "rules",
-            "httpsPorts",
-            "allowOut",
-            "nonsense",
-        ] {
-            let e = t(serde_json::json!({ field: ["x"] })).unwrap_err();
-            assert_eq!(e.status, StatusCode::BAD_REQUEST);
-            assert!(e.message.contains(field), "{}", e.message);
-        }
-        t(serde_json::json!({"allowPublicTraffic": "no"})).unwrap_err();
-        t(serde_json::json!([])).unwrap_err();
     }
 
     #[test]

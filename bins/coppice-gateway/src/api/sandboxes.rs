@@ -19,7 +19,7 @@ use http::{HeaderValue, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::api::error::ApiError;
-use crate::api::{empty, json, ports, Body};
+use crate::api::{empty, json, network, ports, Body};
 use crate::registry::Record;
 use crate::runtime::{Runtime, Setup};
 use crate::{now, Entry, Gateway};
@@ -137,6 +137,7 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
         metadata: record.metadata.clone(),
         allow_internet_access: record.allow_internet,
         domain: Some(ports::advertised_domain(gw)),
+        network: record.network.clone(),
         lifecycle: LifecycleBlock {
             auto_resume: l.policy.auto_resume,
             on_timeout: match l.policy.on_timeout {
@@ -199,7 +200,12 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     let env_vars = req.env_vars.unwrap_or_default();
     check_map("metadata", &metadata, false)?;
     check_map("envVars", &env_vars, true)?;
-    let traffic_token = if ports::wants_traffic_token(req.network.as_ref())? {
+    let net = network::on_create(
+        req.network.as_ref(),
+        req.allow_internet_access,
+        gw.runtime.has_network(),
+    )?;
+    let traffic_token = if net.traffic_token {
         Some(random_token(32)?)
     } else {
         None
@@ -235,6 +241,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         execution_id: String::new(),
         execution_started_at: 0,
         traffic_token,
+        network: net.echo.clone(),
     };
     let entry = match gw.insert(record.clone()) {
         Ok(entry) => {
@@ -259,6 +266,8 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             limits: record.limits,
             env_vars: &record.env_vars,
             access_token: &record.access_token,
+            policy: &net.policy,
+            dns_servers: &net.dns_servers,
             warm: warm.map(|w| w.pid),
         })
         .await;

@@ -42,6 +42,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+pub mod net;
+
 /// Why this host cannot run the gateway tests, if it cannot.
 pub fn skip_reason() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
@@ -86,6 +88,9 @@ pub struct Options {
     pub args: Vec<String>,
     /// `COPPICE_*` variables to set (after the test's own environment is cleared of them).
     pub env: Vec<(String, String)>,
+    /// Sandbox networking on, with [`net::POOL`] and egress only into 198.51.100.0/24; off
+    /// (`--sandbox-network off`) otherwise.
+    pub network: bool,
 }
 
 /// A running gateway process.
@@ -177,6 +182,8 @@ pub struct Lab {
     starts: u32,
     /// When the current gateway was spawned.
     launched: Instant,
+    /// The network test slots this lab holds while its gateway has sandbox networking.
+    net_slots: Vec<Flock<File>>,
     _flock: Flock<File>,
     _serial: MutexGuard<'static, ()>,
 }
@@ -230,6 +237,7 @@ impl Lab {
             gateway: None,
             starts: 0,
             launched: Instant::now(),
+            net_slots: Vec::new(),
             _flock: flock,
             _serial: serial,
         })
@@ -263,6 +271,11 @@ impl Lab {
         if let Some(d) = &self.options.domain {
             cmd.arg("--domain").arg(d);
         }
+        if self.options.network {
+            cmd.args(net::gateway_args());
+        } else {
+            cmd.args(["--sandbox-network", "off"]);
+        }
         cmd.args(&self.options.args);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("COPPICE_") {
@@ -283,6 +296,9 @@ impl Lab {
     /// [`Lab::wait_healthy`].
     pub fn launch(&mut self, listen: SocketAddr) {
         assert!(self.gateway.is_none(), "a gateway is already running");
+        if self.options.network && self.net_slots.is_empty() {
+            self.net_slots = net::hold_slots();
+        }
         self.starts += 1;
         let log_path = self.log_path(self.starts);
         let log = File::create(&log_path).unwrap();
@@ -846,6 +862,11 @@ impl Lab {
                     }
                 }
                 Err(e) => eprintln!("{}: teardown could not open the jail: {e}", self.name),
+            }
+        }
+        if !self.net_slots.is_empty() {
+            if let Err(e) = net::purge(&self.state_dir) {
+                eprintln!("{}: removing the sandbox network: {e}", self.name);
             }
         }
     }
