@@ -51,6 +51,18 @@ pub struct Config {
     /// Host memory no sandbox start may take, in bytes (`--min-free-memory`; `None`: 5% of
     /// the host's memory, at least 512 MiB).
     pub min_free_memory: Option<u64>,
+    /// The certificate chain and key the listeners serve TLS with (`--tls-cert`,
+    /// `--tls-key`); `None`: a local CA's, see `tls.rs`.
+    pub tls_files: Option<TlsFiles>,
+}
+
+/// The PEM files `--tls-cert`/`--tls-key` name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 /// The subscription `--webhook-url`/`--webhook-secret` ask for.
@@ -94,7 +106,10 @@ usage: coppice-gateway [options]
   --max-sandboxes N       most sandboxes at once, warm ones included            COPPICE_MAX_SANDBOXES
                           (default: (memory - floor) / 1 GiB sandbox limit x 16)
   --min-free-memory SIZE  host memory kept free; creates past it get 429        COPPICE_MIN_FREE_MEMORY
-                          (bytes or 512M, 2G; default 5% of memory, at least 512M)";
+                          (bytes or 512M, 2G; default 5% of memory, at least 512M)
+  --tls-cert FILE         certificate chain (PEM) for TLS on every listener     COPPICE_TLS_CERT
+  --tls-key FILE          its private key (PEM; both or neither; default: a     COPPICE_TLS_KEY
+                          local CA in <state-dir>/tls, see docs/network.md)";
 
 impl Config {
     /// Warm sandboxes per template unless configured: a burst of ten creates (an agent
@@ -126,7 +141,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 18] = [
+            const KNOWN: [&str; 20] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -145,6 +160,8 @@ impl Config {
                 "warm-pool",
                 "max-sandboxes",
                 "min-free-memory",
+                "tls-cert",
+                "tls-key",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -260,7 +277,20 @@ impl Config {
                     .map_err(|e| format!("--min-free-memory (COPPICE_MIN_FREE_MEMORY): {e}"))
             })
             .transpose()?;
+        let tls_files = match (
+            get("tls-cert", "COPPICE_TLS_CERT"),
+            get("tls-key", "COPPICE_TLS_KEY"),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err("--tls-cert needs --tls-key (COPPICE_TLS_KEY)".into()),
+            (None, Some(_)) => return Err("--tls-key needs --tls-cert (COPPICE_TLS_CERT)".into()),
+        };
         Ok(Self {
+            tls_files,
             warm_pool,
             max_sandboxes,
             min_free_memory,
@@ -432,5 +462,29 @@ mod tests {
             c.webhook_ca_file,
             Some(PathBuf::from("/etc/coppice/ca.pem"))
         );
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        assert_eq!(parse(&[], &[]).unwrap().tls_files, None);
+        let c = parse(
+            &["--tls-cert", "/etc/coppice/cert.pem"],
+            &[("COPPICE_TLS_KEY", "/etc/coppice/key.pem")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls_files,
+            Some(TlsFiles {
+                cert: "/etc/coppice/cert.pem".into(),
+                key: "/etc/coppice/key.pem".into(),
+            })
+        );
+        assert!(parse(&["--tls-cert", "c.pem"], &[])
+            .unwrap_err()
+            .contains("--tls-key"));
+        assert!(parse(&[], &[("COPPICE_TLS_KEY", "k.pem")])
+            .unwrap_err()
+            .contains("--tls-cert"));
+        assert!(USAGE.contains("--tls-cert") && USAGE.contains("COPPICE_TLS_KEY"));
     }
 }
