@@ -55,6 +55,9 @@ pub struct Config {
     /// Sandbox networking; `None` (`--sandbox-network off`) leaves every sandbox with only
     /// a loopback.
     pub network: Option<NetworkConfig>,
+    /// The certificate chain and key the listeners serve TLS with (`--tls-cert`,
+    /// `--tls-key`); `None`: a local CA's, see `tls.rs`.
+    pub tls_files: Option<TlsFiles>,
 }
 
 /// How sandboxes reach the network (`docs/network.md`).
@@ -91,6 +94,15 @@ impl NetworkConfig {
     /// Longest `--sandbox-network-name`: the bridge's name adds one character and
     /// interface names hold 15.
     pub const MAX_NAME: usize = 10;
+}
+
+/// The PEM files `--tls-cert`/`--tls-key` name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 /// The subscription `--webhook-url`/`--webhook-secret` ask for.
@@ -146,7 +158,10 @@ usage: coppice-gateway [options]
   --dns-upstream ADDRS    resolvers the sandboxes' DNS forwarder asks          COPPICE_DNS_UPSTREAM
                           (IPv4[:port],...; default: those in /etc/resolv.conf)
   --purge-network BOOL    remove the bridge, rules and namespaces sandbox       COPPICE_PURGE_NETWORK
-                          networking made, then exit (uninstall)";
+                          networking made, then exit (uninstall)
+  --tls-cert FILE         certificate chain (PEM) for TLS on every listener     COPPICE_TLS_CERT
+  --tls-key FILE          its private key (PEM; both or neither; default: a     COPPICE_TLS_KEY
+                          local CA in <state-dir>/tls, see docs/network.md)";
 
 impl Config {
     /// Warm sandboxes per template unless configured: a burst of ten creates (an agent
@@ -178,7 +193,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 26] = [
+            const KNOWN: [&str; 28] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -205,6 +220,8 @@ impl Config {
                 "ip-forward",
                 "dns-upstream",
                 "purge-network",
+                "tls-cert",
+                "tls-key",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -320,9 +337,22 @@ impl Config {
                     .map_err(|e| format!("--min-free-memory (COPPICE_MIN_FREE_MEMORY): {e}"))
             })
             .transpose()?;
+        let tls_files = match (
+            get("tls-cert", "COPPICE_TLS_CERT"),
+            get("tls-key", "COPPICE_TLS_KEY"),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err("--tls-cert needs --tls-key (COPPICE_TLS_KEY)".into()),
+            (None, Some(_)) => return Err("--tls-key needs --tls-cert (COPPICE_TLS_CERT)".into()),
+        };
         let network = network_config(&get)?;
         Ok(Self {
             network,
+            tls_files,
             warm_pool,
             max_sandboxes,
             min_free_memory,
@@ -657,5 +687,29 @@ mod tests {
             c.webhook_ca_file,
             Some(PathBuf::from("/etc/coppice/ca.pem"))
         );
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        assert_eq!(parse(&[], &[]).unwrap().tls_files, None);
+        let c = parse(
+            &["--tls-cert", "/etc/coppice/cert.pem"],
+            &[("COPPICE_TLS_KEY", "/etc/coppice/key.pem")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls_files,
+            Some(TlsFiles {
+                cert: "/etc/coppice/cert.pem".into(),
+                key: "/etc/coppice/key.pem".into(),
+            })
+        );
+        assert!(parse(&["--tls-cert", "c.pem"], &[])
+            .unwrap_err()
+            .contains("--tls-key"));
+        assert!(parse(&[], &[("COPPICE_TLS_KEY", "k.pem")])
+            .unwrap_err()
+            .contains("--tls-cert"));
+        assert!(USAGE.contains("--tls-cert") && USAGE.contains("COPPICE_TLS_KEY"));
     }
 }

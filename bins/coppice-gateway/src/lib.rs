@@ -31,6 +31,7 @@ mod sandbox_log;
 mod server;
 mod service;
 mod state_lock;
+mod tls;
 mod usage;
 
 use std::collections::{HashMap, HashSet};
@@ -985,6 +986,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     if let Some(bound) = listeners.first().and_then(|l| l.local_addr().ok()) {
         config.listen = bound;
     }
+    let listener_tls = tls::acceptor(&config)?;
     let db = config.state_dir.join("registry.db");
     let registry =
         Registry::open(&db).map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
@@ -1099,7 +1101,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     });
     let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());
     let served = tokio::select! {
-        served = server::serve(Arc::clone(&gateway), listeners) => served,
+        served = server::serve(Arc::clone(&gateway), listeners, listener_tls) => served,
         e = adoption_failed => Err(e),
     };
     // Warm sandboxes belong to no one: stop refilling, then kill them.

@@ -299,8 +299,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Makes a request from any client (HTTP/1.1 or HTTP/2) an HTTP/1.1 request in origin form
-/// for the sandbox's server, with the Host the client named.
-fn prepare<B>(req: &mut Request<B>, upgrade: bool) {
+/// for the sandbox's server (or its agent), with the Host the client named.
+pub(crate) fn prepare<B>(req: &mut Request<B>, upgrade: bool) {
     if !req.headers().contains_key(header::HOST) {
         if let Some(v) = req
             .uri()

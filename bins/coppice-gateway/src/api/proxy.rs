@@ -13,7 +13,7 @@
 use coppice_lifecycle::backend::SandboxId;
 use coppice_lifecycle::state::{Command, SandboxState};
 use coppice_wire::error::SandboxNotFound;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -204,6 +204,12 @@ async fn send(
             tracing::debug!(error = %e, "agent connection ended");
         }
     });
+    // The agent speaks HTTP/1.1. hyper's HTTP/1 client chunks a body of unknown length only
+    // for an HTTP/1.1 request, so an HTTP/2 one (the SDKs' streamed Connect calls over TLS,
+    // where ALPN picks h2) would reach the agent without its body.
+    if req.version() == Version::HTTP_2 {
+        ports::prepare(&mut req, false);
+    }
     // The agent picks its surface from this header, whichever way the request was routed.
     if let Ok(v) = HeaderValue::from_str(&target.port.to_string()) {
         req.headers_mut().insert(SANDBOX_PORT, v);
