@@ -10,7 +10,8 @@ use crate::run_cmd;
 /// a start-time baseline for benchmarks, and python3-matplotlib lets the code interpreter's
 /// figure test run against Debian's python, the one sandbox templates carry; python3-venv
 /// lets `e2e` make the venv the E2B SDKs are installed into; nftables is the `nft` the network
-/// role loads its ruleset with.
+/// role loads its ruleset with, and iproute2 the `ip` that network tests build their fake
+/// internet with.
 const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "zfs-fuse",
@@ -19,6 +20,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-matplotlib",
     "python3-venv",
     "nftables",
+    "iproute2",
 ];
 
 /// The cargo-deny release CI pins.

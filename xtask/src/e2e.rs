@@ -6,12 +6,14 @@
 //!    (a stamp file records both).
 //! 2. `cargo build -p coppice-gateway`.
 //! 3. Two runs of the gateway, each on a free `127.0.0.1` port with a fresh state dir under
-//!    `/var/tmp` and the shared template cache: with `COPPICE_API_KEYS` (the whole suite, with a
+//!    `/var/tmp`, the shared template cache and sandbox networking on 198.51.100.0/24 only
+//!    ([`NETWORK_ARGS`]; `tests/e2e/test_network.py` makes the fake internet it reaches): with `COPPICE_API_KEYS` (the whole suite, with a
 //!    valid key) and without (the `auth`-marked tests, which then expect any key to work).
 //!    Given pytest arguments, only the first run happens, with those arguments.
 //! 4. After each run, whatever happened: every sandbox still listed is deleted, the gateway
-//!    gets SIGTERM (it leaves sandboxes running by design, hence the deletes), and the state
-//!    dir is removed unless something is still mounted in it.
+//!    gets SIGTERM (it leaves sandboxes running by design, hence the deletes), its network is
+//!    removed with `--purge-network true`, and the state dir is removed unless something is
+//!    still mounted in it.
 //!
 //! Needs root, as the gateway does; otherwise it prints `SKIP` and succeeds.
 
@@ -36,6 +38,45 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Lines of the gateway's log shown when a run fails.
 const LOG_TAIL: usize = 60;
+
+/// Sandbox networking of the e2e gateway: a pool, a name and the fake internet's resolver,
+/// all in 198.51.100.0/24 (TEST-NET-2), with egress allowed into that range only. These are
+/// the ranges of the network role's test slots 0 to 3, which the run holds (see
+/// [`hold_net_slots`]); `tests/e2e/test_network.py` makes the fake internet on
+/// 198.51.100.0/26.
+const NETWORK_ARGS: &[&str] = &[
+    "--sandbox-cidr",
+    "198.51.100.128/26",
+    "--sandbox-network-name",
+    "cpe2e",
+    "--egress-only-to",
+    "198.51.100.0/24",
+    "--ip-forward",
+    "false",
+    "--dns-upstream",
+    "198.51.100.2",
+];
+
+/// Takes the network role's test slots 0 to 3 host-wide (the `flock`s its tests and the
+/// gateway's network tests take), so no other test meets this run's bridge and routes.
+fn hold_net_slots() -> Result<Vec<File>, String> {
+    let dir = Path::new("/run/lock");
+    let dir = if dir.is_dir() { dir } else { Path::new("/tmp") };
+    (0..4)
+        .map(|n| {
+            let path = dir.join(format!("coppice-net-test-slot-{n}"));
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("open {}: {e}", path.display()))?;
+            file.lock()
+                .map_err(|e| format!("lock {}: {e}", path.display()))?;
+            Ok(file)
+        })
+        .collect()
+}
 
 pub(crate) fn run(args: &[&str]) -> Result<(), String> {
     if !is_root() {
@@ -123,6 +164,11 @@ fn run_pytest(python: &Path, port: u16, api_key: &str, phase: &Phase<'_>) -> Res
         .env("E2B_SANDBOX_URL", &url)
         .env("E2B_API_KEY", api_key)
         .env("COPPICE_E2E_AUTH", phase.name)
+        .env("COPPICE_E2E_NETWORK", "1")
+        .env(
+            "COPPICE_E2E_FAKE_INTERNET",
+            project_root().join("bins/coppice-gateway/tests/fixtures/fake_internet.py"),
+        )
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1")
         // Each of these would point the SDK somewhere else (§1.1 of the protocol notes).
@@ -281,6 +327,9 @@ pub(crate) fn random_key() -> Result<String, String> {
 
 pub(crate) struct Gateway {
     child: Option<Child>,
+    binary: PathBuf,
+    /// The network test slots, held while the gateway's network exists.
+    _slots: Vec<File>,
     pub(crate) port: u16,
     state_dir: PathBuf,
     log_path: PathBuf,
@@ -290,6 +339,7 @@ pub(crate) struct Gateway {
 
 impl Gateway {
     pub(crate) fn start(binary: &Path, phase: &Phase<'_>, log_path: &Path) -> Result<Self, String> {
+        let slots = hold_net_slots()?;
         let port = free_port()?;
         let state_dir = PathBuf::from(format!(
             "/var/tmp/coppice-e2e-{}-{}",
@@ -309,6 +359,7 @@ impl Gateway {
             .arg(&state_dir)
             .arg("--template-cache")
             .arg(template_cache())
+            .args(NETWORK_ARGS)
             .env_remove("COPPICE_API_KEYS_FILE")
             // Plain log lines: they go to a file, not a terminal.
             .env("NO_COLOR", "1")
@@ -341,6 +392,8 @@ impl Gateway {
         }
         Ok(Self {
             child: Some(child),
+            binary: binary.to_owned(),
+            _slots: slots,
             port,
             state_dir,
             log_path: log_path.to_owned(),
@@ -423,8 +476,38 @@ impl Gateway {
             Err("the gateway died during the run".to_owned())
         };
         let stopped = self.stop();
+        let purged = self.purge_network();
         let removed = remove_state_dir(&self.state_dir);
-        swept.and(stopped).and(removed)
+        swept.and(stopped).and(purged).and(removed)
+    }
+
+    /// Removes the bridge, rules and namespaces the gateway's sandbox networking made, with
+    /// the gateway's own `--purge-network`, bounded in time.
+    fn purge_network(&self) -> Result<(), String> {
+        let mut child = Command::new(&self.binary)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(NETWORK_ARGS)
+            .args(["--purge-network", "true"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {} --purge-network: {e}", self.binary.display()))?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => return Err(format!("--purge-network failed: {status}")),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err("--purge-network did not finish in time".into());
+                }
+            }
+        }
     }
 
     fn stop(&mut self) -> Result<(), String> {

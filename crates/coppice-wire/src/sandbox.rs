@@ -294,7 +294,9 @@ pub struct SandboxDetail {
     pub allow_internet_access: Option<bool>,
     /// Sandbox domain.
     pub domain: Option<String>,
-    /// The network configuration in force (`null` when none was given).
+    /// The network configuration in force; absent when none was given (the Python SDK
+    /// parses a `null` here as an object and fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
     /// Lifecycle settings.
     pub lifecycle: LifecycleBlock,
