@@ -589,6 +589,25 @@ fn bad_input_changes_nothing() {
             400,
         ),
         ("POST", v2.into(), br#"{"unknownField":true}"#.to_vec(), 400),
+        // Fields E2B has and this gateway does not implement, refused by name.
+        (
+            "POST",
+            v2.into(),
+            br#"{"mcp":{"exa":{"apiKey":"k"}}}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            v2.into(),
+            br#"{"volumeMounts":[{"name":"v","path":"/data"}]}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            v2.into(),
+            br#"{"iam":{"tokens":{"aws":{"audience":"a"}}}}"#.to_vec(),
+            400,
+        ),
         ("POST", v2.into(), br#"{"timeout":-1}"#.to_vec(), 400),
         ("POST", v2.into(), br#"{"timeout":86401}"#.to_vec(), 400),
         ("POST", v2.into(), br#"{"timeout":1e30}"#.to_vec(), 400),

@@ -200,6 +200,25 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     let env_vars = req.env_vars.unwrap_or_default();
     check_map("metadata", &metadata, false)?;
     check_map("envVars", &env_vars, true)?;
+    // Fields of E2B's create that this gateway does not implement: refused by name, never
+    // accepted and ignored (an empty value asks for nothing).
+    for (name, value) in [
+        ("mcp", &req.mcp),
+        ("iam", &req.iam),
+        ("volumeMounts", &req.volume_mounts),
+    ] {
+        let asked = match value {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Object(o)) => !o.is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if asked {
+            return Err(ApiError::bad_request(format!(
+                "{name} is not supported by this gateway"
+            )));
+        }
+    }
     let net = network::on_create(
         req.network.as_ref(),
         req.allow_internet_access,
