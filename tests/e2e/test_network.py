@@ -4,8 +4,9 @@ blocked connection.
 
 The internet here is fake: `cargo xtask e2e` runs the gateway with a sandbox pool in
 198.51.100.0/24 and egress only into it, and the `fake_internet` fixture makes a network
-namespace with two addresses from that range (an HTTP server on 8080, a TCP echo server on
-7007, a DNS server for `fake.test` and `other.test`, which the gateway's DNS forwarder asks).
+namespace with two addresses from that range (an HTTP server on 8080, an HTTPS server on
+8443 with a certificate for `fake.test` made here, a TCP echo server on 7007, a DNS server for
+`fake.test` and `other.test`, which the gateway's DNS forwarder asks).
 No packet goes anywhere else.
 """
 
@@ -46,12 +47,22 @@ def ip(*args, check=True):
 
 @pytest.fixture(scope="module")
 def fake_internet():
-    """The fake internet's namespace and servers, removed afterwards whatever happened."""
+    """The fake internet's namespace and servers, removed afterwards whatever happened;
+    yields the PEM of its HTTPS server's (self-signed) certificate."""
     ip("link", "del", LINK, check=False)
     ip("netns", "del", NS, check=False)
     work = tempfile.mkdtemp(prefix="cpe2e-fake-")
     servers = None
     try:
+        cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-subj", "/CN=fake.test", "-addext", "subjectAltName=DNS:fake.test",
+                "-keyout", key, "-out", cert,
+            ],
+            check=True, capture_output=True, timeout=60,
+        )
         ip("netns", "add", NS)
         ip("link", "add", LINK, "type", "veth", "peer", "name", "eth0", "netns", NS)
         ip("addr", "add", f"{HOST}/26", "dev", LINK)
@@ -68,13 +79,15 @@ def fake_internet():
             [
                 "ip", "netns", "exec", NS, "python3", FIXTURE, ready,
                 f"fake.test={SERVER}", f"www.fake.test={SERVER}", f"other.test={SERVER2}",
+                f"tls={cert}:{key}",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(work, "servers.log"), "w"),
         )
         wait_until(lambda: os.path.exists(ready), 20, "the fake internet's servers")
-        yield
+        with open(cert) as f:
+            yield f.read()
     finally:
         if servers is not None:
             servers.kill()
@@ -111,6 +124,16 @@ def test_default_egress_by_address_and_by_name(factory, fake_internet):
     assert "nameserver 198.51.100.129" in resolv
     hosts = sbx.commands.run("getent hosts localhost; getent hosts $(hostname)").stdout
     assert "localhost" in hosts and sbx.sandbox_id in hosts
+    # HTTPS by name, verified against the server's certificate.
+    sbx.files.write("/tmp/fake-ca.pem", fake_internet)
+    out = sbx.commands.run(
+        """python3 -c '
+import ssl, urllib.request
+ctx = ssl.create_default_context(cafile="/tmp/fake-ca.pem")
+print(urllib.request.urlopen("https://fake.test:8443/", context=ctx, timeout=5).read().decode().strip())
+'"""
+    ).stdout.strip()
+    assert out == f"hello from {SERVER}"
     # sudo finds its own host name (no "unable to resolve host").
     out = sbx.commands.run("sudo true 2>&1; echo done").stdout
     assert "unable to resolve" not in out

@@ -1025,3 +1025,61 @@ fn https_webhooks_trust_the_operator_ca_file() {
     lab.finish();
     drop(rt);
 }
+
+/// A connection the sandbox's policy blocks is reported by the kernel and delivered as a
+/// signed `security.violation` (issue 14, item 5).
+#[test]
+fn blocked_egress_is_delivered_as_a_security_violation() {
+    let receiver = Receiver::start();
+    let Some(mut lab) =
+        lab_with_loopback_webhooks("blocked_egress_is_delivered_as_a_security_violation", &[])
+    else {
+        return;
+    };
+    lab.options.network = true;
+    lab.start();
+    let _fake = support::net::FakeInternet::new(&lab.state_dir);
+    let r = lab.api(
+        "POST",
+        "/events/webhooks",
+        Some(json!({
+            "name": "egress",
+            "url": receiver.url("/egress"),
+            "events": ["security.violation"],
+            "signatureSecret": SECRET,
+        })),
+    );
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let webhook_id = r.json()["id"].as_str().unwrap().to_owned();
+    let sbx = lab.create(json!({"network": {"denyOut": [support::net::SERVER2]}}));
+    let id = id_of(&sbx);
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    let out = lab.exec(
+        &id,
+        Some(&token),
+        &format!(
+            "python3 -c 'import socket; socket.create_connection((\"{}\", 8080), timeout=2)'",
+            support::net::SERVER2
+        ),
+    );
+    assert_ne!(out.exit_code, Some(0), "{out:?}");
+    let path = format!("/events/sandboxes/{id}?types=security.violation");
+    let violation = wait_for("the security.violation event", DELIVERY_WAIT, || {
+        events_of(&lab, &path).into_iter().next()
+    });
+    let data = &violation["eventData"];
+    assert_eq!(data["violation_type"], "network_egress", "{violation}");
+    assert_eq!(
+        data["blocked_destination"],
+        format!("{}:8080", support::net::SERVER2),
+        "{violation}"
+    );
+    assert_eq!(data["action"], "blocked", "{violation}");
+    let delivered = receiver.wait_delivered("/egress", violation["id"].as_str().unwrap(), 1);
+    check_e2b_signed(&delivered[0], &webhook_id);
+    let body: Value = serde_json::from_slice(&delivered[0].body).unwrap();
+    assert_eq!(body, violation);
+    let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    lab.finish();
+}
