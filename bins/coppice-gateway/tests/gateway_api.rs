@@ -593,12 +593,6 @@ fn bad_input_changes_nothing() {
         (
             "POST",
             v2.into(),
-            br#"{"mcp":{"exa":{"apiKey":"k"}}}"#.to_vec(),
-            400,
-        ),
-        (
-            "POST",
-            v2.into(),
             br#"{"volumeMounts":[{"name":"v","path":"/data"}]}"#.to_vec(),
             400,
         ),

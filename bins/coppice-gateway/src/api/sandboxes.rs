@@ -201,9 +201,10 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     check_map("metadata", &metadata, false)?;
     check_map("envVars", &env_vars, true)?;
     // Fields of E2B's create that this gateway does not implement: refused by name, never
-    // accepted and ignored (an empty value asks for nothing).
+    // accepted and ignored (an empty value asks for nothing). `mcp` is not among them: the
+    // SDK itself starts `mcp-gateway --config <mcp>` in the new sandbox through envd (and
+    // kills the sandbox when that fails), so the server has nothing to do with it.
     for (name, value) in [
-        ("mcp", &req.mcp),
         ("iam", &req.iam),
         ("volumeMounts", &req.volume_mounts),
     ] {
