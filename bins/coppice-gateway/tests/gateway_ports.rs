@@ -29,41 +29,10 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 use serde_json::{json, Value};
-use support::{id_of, token_of, wait_for, Lab, Resp};
+use support::ports::{get, read_head, start_server, to_port, WAIT};
+use support::{id_of, token_of, Lab, Resp};
 
-const SERVER: &str = include_str!("fixtures/port_server.py");
 const PORT: u16 = 8000;
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Starts the test server on `port` inside sandbox `id` and waits until it answers through
-/// the gateway.
-fn start_server(lab: &Lab, id: &str, token: &str, port: u16, traffic: Option<&str>) {
-    let cmd = format!(
-        "cat > /tmp/port_server.py <<'EOF'\n{SERVER}\nEOF\n\
-         nohup python3 /tmp/port_server.py {port} >/tmp/port_server.log 2>&1 &"
-    );
-    lab.exec(id, Some(token), &cmd).ok();
-    wait_for("the server in the sandbox to listen", WAIT, || {
-        let r = get(lab, id, port, "/ready", traffic);
-        (r.status == StatusCode::OK).then_some(())
-    });
-}
-
-/// A request to `port` of sandbox `id`, routed by the E2B headers.
-fn to_port(lab: &Lab, method: &str, id: &str, port: u16, path: &str) -> http::request::Builder {
-    lab.request(method, path)
-        .header("e2b-sandbox-id", id)
-        .header("e2b-sandbox-port", port.to_string())
-}
-
-fn get(lab: &Lab, id: &str, port: u16, path: &str, traffic: Option<&str>) -> Resp {
-    let b = to_port(lab, "GET", id, port, path);
-    let b = match traffic {
-        Some(t) => b.header("e2b-traffic-access-token", t),
-        None => b,
-    };
-    lab.send(b.body(Full::new(Bytes::new())).unwrap())
-}
 
 /// Asserts E2B's 502 for a sandbox that is not there.
 fn assert_not_found(r: &Resp, id: &str) {
@@ -81,23 +50,6 @@ fn raw(lab: &Lab, head: &str) -> TcpStream {
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.write_all(format!("{head}\r\n\r\n").as_bytes()).unwrap();
     s
-}
-
-/// Reads a response head: the status and the header lines.
-fn read_head(r: &mut BufReader<TcpStream>) -> (u16, Vec<String>) {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        let h = h.trim_end().to_owned();
-        if h.is_empty() {
-            return (status, headers);
-        }
-        headers.push(h.to_ascii_lowercase());
-    }
 }
 
 fn sha256_hex(data: &[u8]) -> String {

@@ -20,7 +20,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -28,24 +28,22 @@ use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use serde_json::json;
-use support::{envelope, envelopes, id_of, token_of, wait_for, Lab};
+use support::ports::{read_head, start_server, WAIT};
+use support::{envelope, envelopes, id_of, token_of, Lab};
 
-const SERVER: &str = include_str!("fixtures/port_server.py");
 const PORT: u16 = 8000;
-const WAIT: Duration = Duration::from_secs(30);
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
@@ -87,23 +85,6 @@ fn connect(addr: SocketAddr, name: &str, config: &Arc<ClientConfig>) -> Result<T
             .map_err(|e| format!("handshake for {name}: {e}"))?;
     }
     Ok(tls)
-}
-
-/// Reads a response head: the status and the header lines, lower case.
-fn read_head(r: &mut impl BufRead) -> (u16, Vec<String>) {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        let h = h.trim_end().to_owned();
-        if h.is_empty() {
-            return (status, headers);
-        }
-        headers.push(h.to_ascii_lowercase());
-    }
 }
 
 /// `GET path` with HTTP/1.1 over a new TLS connection for `name`; the status and body.
@@ -218,24 +199,6 @@ fn h2_exec(addr: SocketAddr, ca: &[CertificateDer<'static>], id: &str, token: &s
     out
 }
 
-/// Starts the test server on `PORT` inside sandbox `id` and waits until it answers.
-fn start_server(lab: &Lab, id: &str, token: &str) {
-    let cmd = format!(
-        "cat > /tmp/port_server.py <<'EOF'\n{SERVER}\nEOF\n\
-         nohup python3 /tmp/port_server.py {PORT} >/tmp/port_server.log 2>&1 &"
-    );
-    lab.exec(id, Some(token), &cmd).ok();
-    wait_for("the server in the sandbox to listen", WAIT, || {
-        let req = lab
-            .request("GET", "/ready")
-            .header("e2b-sandbox-id", id)
-            .header("e2b-sandbox-port", PORT.to_string())
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        (lab.send(req).status == StatusCode::OK).then_some(())
-    });
-}
-
 /// A WebSocket to the sandbox's port over TLS, by its `<port>-<id>.localhost` name: the
 /// upgrade completes and frames are echoed.
 fn websocket_over_tls(addr: SocketAddr, id: &str, config: &Arc<ClientConfig>) {
@@ -327,7 +290,7 @@ fn plain_http_and_tls_share_the_port_with_a_local_ca() {
     // The SDKs stream their Connect calls, and over TLS they speak HTTP/2: the body must
     // reach the agent.
     assert_eq!(h2_exec(addr, &ca, &id, &token), "over h2\n");
-    start_server(&lab, &id, &token);
+    start_server(&lab, &id, &token, PORT, None);
     websocket_over_tls(addr, &id, &h1_only);
     let (status, body) = https_get(
         addr,

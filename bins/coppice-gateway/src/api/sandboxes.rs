@@ -204,10 +204,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     // accepted and ignored (an empty value asks for nothing). `mcp` is not among them: the
     // SDK itself starts `mcp-gateway --config <mcp>` in the new sandbox through envd (and
     // kills the sandbox when that fails), so the server has nothing to do with it.
-    for (name, value) in [
-        ("iam", &req.iam),
-        ("volumeMounts", &req.volume_mounts),
-    ] {
+    for (name, value) in [("iam", &req.iam), ("volumeMounts", &req.volume_mounts)] {
         let asked = match value {
             None | Some(serde_json::Value::Null) => false,
             Some(serde_json::Value::Object(o)) => !o.is_empty(),

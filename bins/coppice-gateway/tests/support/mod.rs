@@ -43,6 +43,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 pub mod net;
+pub mod ports;
 
 /// Why this host cannot run the gateway tests, if it cannot.
 pub fn skip_reason() -> Option<String> {
