@@ -521,7 +521,7 @@ fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
         }
     }
     serde_json::json!({
-        "what": "the gateway runtime's debug log: creates served from its warm pool or started on the request path, /init, and every sandbox start during the level (on a create's path or refilling the pool)",
+        "what": "the gateway runtime's debug log: creates served from its warm pool or started on the request path, /init, and every sandbox start during the level (on a create's path or refilling the pool); as the runtime logs them, start_network (net_ms) and start_rootfs (rootfs_ms) are both counted from the start of the sandbox start: start_network covers the root filesystem, the run directory and the network attach, start_rootfs that and the /etc files, so the attach alone is start_network with networking on minus the same with it off",
         "creates_from_warm_pool": warm,
         "creates_started_on_request": cold,
         "init": stat(init),
