@@ -113,6 +113,7 @@ const PARTS: &[(&str, &Program)] = &[
     ("files", &API),
     ("proxy", &API),
     ("control", &API),
+    ("net", &API),
     ("density", &API),
     ("scale", &API),
 ];
@@ -154,6 +155,12 @@ const QUICK: &[&str] = &[
     "10",
     "--jail-baseline",
     "20",
+    "--net-runs",
+    "2",
+    "--net-secs",
+    "0.5",
+    "--net-gets",
+    "200",
 ];
 
 /// The target triple static binaries are built for.

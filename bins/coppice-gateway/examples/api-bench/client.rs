@@ -271,6 +271,80 @@ pub(crate) async fn run_to_first_output(
     })
 }
 
+/// What a command printed, and how it ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Ran {
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    /// `None` when the stream ended without an end event.
+    pub(crate) exit_code: Option<i64>,
+}
+
+/// `process.Start` of `program args` (as `commands.run` sends it); reads the stream to its end
+/// and returns what the command printed and its exit code.
+pub(crate) async fn run_to_end(
+    sender: &mut Sender,
+    sbx: &Sandbox,
+    via: Via,
+    program: &str,
+    args: &[&str],
+) -> Res<Ran> {
+    use base64::Engine as _;
+    let msg = serde_json::json!({
+        "process": {"cmd": program, "args": args},
+        "stdin": false,
+    })
+    .to_string();
+    let req = data(Method::POST, "/process.Process/Start", sbx, via, ENVD_PORT)
+        .header("content-type", "application/connect+json")
+        .header("connect-protocol-version", "1")
+        .body(Full::new(Bytes::from(envelope(&msg)?)))?;
+    let (status, body) = send(sender, req).await?;
+    if status != 200 {
+        return Err(format!(
+            "process.Start answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )
+        .into());
+    }
+    let mut ran = Ran {
+        stdout: String::new(),
+        stderr: String::new(),
+        exit_code: None,
+    };
+    // Envelopes: one flag byte, a big-endian length, a JSON message.
+    let mut rest = &body[..];
+    while rest.len() >= 5 {
+        let flags = rest[0];
+        let len = usize::try_from(u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]))?;
+        let msg = rest.get(5..5 + len).ok_or("a truncated Connect envelope")?;
+        rest = &rest[5 + len..];
+        let v: serde_json::Value = serde_json::from_slice(msg)?;
+        if flags & 0x02 != 0 {
+            if let Some(e) = v.get("error") {
+                return Err(format!("process.Start ended with {e}").into());
+            }
+            continue;
+        }
+        let event = &v["event"];
+        if let Some(d) = event.get("data") {
+            for (key, out) in [("stdout", &mut ran.stdout), ("stderr", &mut ran.stderr)] {
+                if let Some(text) = d.get(key).and_then(serde_json::Value::as_str) {
+                    let bytes = base64::engine::general_purpose::STANDARD.decode(text)?;
+                    out.push_str(&String::from_utf8_lossy(&bytes));
+                }
+            }
+        } else if let Some(end) = event.get("end") {
+            ran.exit_code = Some(
+                end.get("exitCode")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0),
+            );
+        }
+    }
+    Ok(ran)
+}
+
 /// [`start_to_first_output`] from now, bounded by [`timeout`].
 pub(crate) async fn command(s: &mut Sender, sbx: &Sandbox, via: Via) -> Res<Duration> {
     timeout(start_to_first_output(s, sbx, via, Instant::now())).await

@@ -18,13 +18,14 @@ use crate::{process_cpu_ms, with_sandbox, Ctx, Report, BASE};
 const CONNECTIONS: usize = 64;
 
 pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
-    let addr = ctx.gw.addr()?;
+    let gw = ctx.gw()?;
+    let addr = gw.addr()?;
     let length = Duration::from_secs(ctx.opts.rate_secs);
     eprintln!(
         "api bench: control: GET /sandboxes/{{id}} for {} s on {CONNECTIONS} connections",
         ctx.opts.rate_secs
     );
-    let pid = ctx.gw.pid();
+    let pid = gw.pid();
     let cpu0 = process_cpu_ms(pid)?;
     let (requests, seconds, mut latencies) =
         with_sandbox(ctx, BASE, async |_, sbx| hammer(addr, sbx, length).await)?;

@@ -55,6 +55,7 @@ const LIMITS: Limits = Limits {
 
 pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     let (rt, opts) = (ctx.rt, ctx.opts);
+    let shared = ctx.gw()?;
     // The gateway as it ships — default warm pool, the static agent if given — goes first and
     // sets the targets. Beside it, alternately: the agent built into the gateway binary, and
     // no warm pool (every create starts its sandbox on the request path).
@@ -85,7 +86,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             }
         }
     }
-    let mut gws = vec![ctx.gw];
+    let mut gws = vec![shared];
     gws.extend(others.iter());
     let mut floor = Floor::default();
     let outcome = spawned.and_then(|()| measure_gateways(rt, &gws, opts, &mut floor));
@@ -218,7 +219,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
 /// The kernel floors, sampled between the cc=1 samples of every gateway run: a sandbox
 /// start by `unshare` and by bubblewrap, and a command by fork+exec.
 #[derive(Default)]
-struct Floor {
+pub(crate) struct Floor {
     unshare: Vec<Duration>,
     bwrap: Vec<Duration>,
     fork_exec: Vec<Duration>,
@@ -261,11 +262,51 @@ fn measure_gateways(
     opts: &Opts,
     floor: &mut Floor,
 ) -> Res<Vec<VariantResult>> {
+    let plan = [(1, opts.runs), (10, opts.rounds10), (50, opts.rounds50)];
+    let measured = measure_levels(rt, gws, &plan, Some(floor))?;
+    let mut out = Vec::new();
+    for levels in measured {
+        let [cc1, cc10, cc50] = <[LevelResult; 3]>::try_from(levels)
+            .map_err(|_| "three concurrency levels were measured")?;
+        let json = serde_json::json!({ "cc1": cc1.json, "cc10": cc10.json, "cc50": cc50.json });
+        out.push(VariantResult {
+            json,
+            cc1: cc1.stats,
+            cc10: cc10.stats,
+            cc50: cc50.stats,
+            failed: [cc1.failed, cc10.failed, cc50.failed],
+        });
+    }
+    Ok(out)
+}
+
+/// What one gateway measured at one concurrency level.
+pub(crate) struct LevelResult {
+    pub(crate) json: serde_json::Value,
+    /// Create → first output.
+    pub(crate) stats: Stats,
+    /// Samples that failed.
+    pub(crate) failed: usize,
+}
+
+/// Measures every gateway at each `(concurrency, rounds)` of `plan`, alternating between them
+/// sample by sample (cc=1) and round by round (above), after [`WARMUP`] samples each; with a
+/// `floor`, the kernel floor is sampled after each cc=1 pair. Returns, per gateway, one
+/// result per level of `plan`.
+pub(crate) fn measure_levels(
+    rt: &tokio::runtime::Runtime,
+    gws: &[&GatewayProc],
+    plan: &[(usize, usize)],
+    mut floor: Option<&mut Floor>,
+) -> Res<Vec<Vec<LevelResult>>> {
     let mut addrs = Vec::new();
     for gw in gws {
         addrs.push(gw.addr()?);
     }
-    let mut levels: Vec<[Level; 3]> = gws.iter().map(|_| Default::default()).collect();
+    let mut levels: Vec<Vec<Level>> = gws
+        .iter()
+        .map(|_| plan.iter().map(|_| Level::default()).collect())
+        .collect();
     let mut warmup = Level::default();
     for (gw, addr) in gws.iter().zip(&addrs) {
         for _ in 0..WARMUP {
@@ -273,11 +314,7 @@ fn measure_gateways(
         }
         gw.take_stages();
     }
-    for (l, cc, n) in [
-        (0, 1, opts.runs),
-        (1, 10, opts.rounds10),
-        (2, 50, opts.rounds50),
-    ] {
+    for (l, &(cc, n)) in plan.iter().enumerate() {
         eprintln!("api bench: cc={cc}, {n} rounds per gateway");
         for _ in 0..n {
             for ((gw, addr), level) in gws.iter().zip(&addrs).zip(levels.iter_mut()) {
@@ -291,33 +328,32 @@ fn measure_gateways(
                 level[l].stages.extend(gw.take_stages());
             }
             if cc == 1 {
-                floor.sample()?;
+                if let Some(floor) = floor.as_deref_mut() {
+                    floor.sample()?;
+                }
             }
         }
     }
     let mut out = Vec::new();
-    for (i, [cc1, cc10, cc50]) in levels.iter_mut().enumerate() {
-        for (name, l) in [("cc=1", &*cc1), ("cc=10", &*cc10), ("cc=50", &*cc50)] {
+    for (i, gateway_levels) in levels.iter_mut().enumerate() {
+        let mut results = Vec::new();
+        for (&(cc, _), l) in plan.iter().zip(gateway_levels.iter_mut()) {
             if !l.failures.is_empty() {
                 eprintln!(
-                    "api bench: gateway {i}: {name}: {} of {} failed, e.g. {}",
+                    "api bench: gateway {i}: cc={cc}: {} of {} failed, e.g. {}",
                     l.failures.len(),
                     l.failures.len() + l.samples.len(),
                     l.failures[0]
                 );
             }
+            let (json, stats, failed) = level_json(l)?;
+            results.push(LevelResult {
+                json,
+                stats,
+                failed,
+            });
         }
-        let (j1, s1, f1) = level_json(cc1)?;
-        let (j10, s10, f10) = level_json(cc10)?;
-        let (j50, s50, f50) = level_json(cc50)?;
-        let json = serde_json::json!({ "cc1": j1, "cc10": j10, "cc50": j50 });
-        out.push(VariantResult {
-            json,
-            cc1: s1,
-            cc10: s10,
-            cc50: s50,
-            failed: [f1, f10, f50],
-        });
+        out.push(results);
     }
     Ok(out)
 }
@@ -460,6 +496,7 @@ fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
     };
     let (mut init, mut warm, mut cold) = (Vec::new(), 0, 0);
     let (mut rootfs, mut jail, mut agent) = (Vec::new(), Vec::new(), Vec::new());
+    let mut net = Vec::new();
     for line in lines {
         match *line {
             RuntimeLine::Configured { init: ms, warm: w } => {
@@ -471,10 +508,12 @@ fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
                 }
             }
             RuntimeLine::Started {
+                net: n,
                 rootfs: r,
                 jail: j,
                 agent: a,
             } => {
+                net.push(n);
                 rootfs.push(r);
                 jail.push(j);
                 agent.push(a);
@@ -482,11 +521,12 @@ fn gateway_stages(lines: &[RuntimeLine]) -> serde_json::Value {
         }
     }
     serde_json::json!({
-        "what": "the gateway runtime's debug log: creates served from its warm pool or started on the request path, /init, and every sandbox start during the level (on a create's path or refilling the pool)",
+        "what": "the gateway runtime's debug log: creates served from its warm pool or started on the request path, /init, and every sandbox start during the level (on a create's path or refilling the pool); as the runtime logs them, start_network (net_ms) and start_rootfs (rootfs_ms) are both counted from the start of the sandbox start: start_network covers the root filesystem, the run directory and the network attach, start_rootfs that and the /etc files, so the attach alone is start_network with networking on minus the same with it off",
         "creates_from_warm_pool": warm,
         "creates_started_on_request": cold,
         "init": stat(init),
         "starts": rootfs.len(),
+        "start_network": stat(net),
         "start_rootfs": stat(rootfs),
         "start_jail": stat(jail),
         "start_agent_socket": stat(agent),

@@ -34,7 +34,7 @@ const UNARY_PER_COMMAND: usize = 5;
 
 pub(crate) fn run_code(ctx: &Ctx<'_>) -> Res<Report> {
     let runs = ctx.opts.runs;
-    let addr = ctx.gw.addr()?;
+    let addr = ctx.gw()?.addr()?;
     eprintln!("api bench: code: {runs} run_code(\"x+1\") (+{WARMUP} warm-up)");
     let mut samples = with_sandbox(ctx, CODE_INTERPRETER, async |_, sbx| {
         let mut s = connect(addr).await?;
@@ -90,7 +90,7 @@ pub(crate) fn run_code(ctx: &Ctx<'_>) -> Res<Report> {
 
 pub(crate) fn run_files(ctx: &Ctx<'_>) -> Res<Report> {
     let runs = ctx.opts.runs;
-    let addr = ctx.gw.addr()?;
+    let addr = ctx.gw()?.addr()?;
     eprintln!("api bench: files: {runs} 1 MiB writes and reads (+{WARMUP} warm-up)");
     let content = Bytes::from(pseudo_random(FILE_SIZE));
     let (mut w, mut rg, mut ri) = with_sandbox(ctx, BASE, async |_, sbx| {
@@ -162,8 +162,8 @@ pub(crate) fn run_files(ctx: &Ctx<'_>) -> Res<Report> {
 
 pub(crate) fn run_proxy(ctx: &Ctx<'_>) -> Res<Report> {
     let runs = ctx.opts.runs;
-    let addr = ctx.gw.addr()?;
-    let gw = ctx.gw;
+    let gw = ctx.gw()?;
+    let addr = gw.addr()?;
     eprintln!(
         "api bench: proxy: {} unary and {runs} command pairs, through the gateway and straight to the agent",
         runs * UNARY_PER_COMMAND

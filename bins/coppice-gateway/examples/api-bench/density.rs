@@ -31,7 +31,8 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     let want = ctx.opts.density;
-    let (addr, live, pid) = (ctx.gw.addr()?, &ctx.gw.live, ctx.gw.pid());
+    let gw = ctx.gw()?;
+    let (addr, live, pid) = (gw.addr()?, &gw.live, gw.pid());
     eprintln!("api bench: density: up to {want} idle sandboxes");
     std::thread::sleep(SETTLE);
     let before = Snapshot::take(pid)?;
@@ -223,7 +224,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             "asked_for": want,
             "started": started,
             "stopped_by": stopped,
-            "gateway_log_tail": stopped.as_ref().map(|_| ctx.gw.log_tail()),
+            "gateway_log_tail": stopped.as_ref().map(|_| gw.log_tail()),
             "ramp_seconds": ramp_secs,
             "create_call": c.json(),
             "host_memory_mib_per_sandbox": host_mib,

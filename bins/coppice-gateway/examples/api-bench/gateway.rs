@@ -1,6 +1,10 @@
 //! The gateway under test: a release build started on 127.0.0.1:0 with its own state
 //! directory, and everything needed to leave nothing behind — its sandboxes, its process, its
-//! directory — on success, on error, on a panic and on Ctrl-C.
+//! sandbox network, its directory — on success, on error, on a panic and on Ctrl-C.
+//!
+//! A gateway runs with `--sandbox-network off` unless started with [`GatewayProc::spawn_networked`]:
+//! networking on by default would make a bridge on the gateway's default pool and turn on
+//! forwarding host-wide, and only the `net` part, on its own test addresses, measures it.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -31,9 +35,18 @@ pub(crate) const DEFAULT_NOFILE: u64 = 1024;
 /// Takes an exclusive `flock` on the gateway tests' lock, waiting (bounded) while someone
 /// else holds it.
 pub(crate) fn lock_exclusive() -> Res<nix::fcntl::Flock<std::fs::File>> {
+    lock_file(Path::new(LOCK_FILE), LOCK_WAIT, "gateway tests running")
+}
+
+/// Takes an exclusive `flock` on `path`, waiting at most `wait` while someone else holds it
+/// (`why` says who that would be).
+pub(crate) fn lock_file(
+    path: &Path,
+    wait: Duration,
+    why: &str,
+) -> Res<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
-    let path = Path::new(LOCK_FILE);
-    let deadline = Instant::now() + LOCK_WAIT;
+    let deadline = Instant::now() + wait;
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -46,15 +59,10 @@ pub(crate) fn lock_exclusive() -> Res<nix::fcntl::Flock<std::fs::File>> {
             Ok(lock) => return Ok(lock),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                 if Instant::now() > deadline {
-                    return Err(
-                        format!("{} stayed locked for {LOCK_WAIT:?}", path.display()).into(),
-                    );
+                    return Err(format!("{} stayed locked for {wait:?}", path.display()).into());
                 }
                 if !told {
-                    eprintln!(
-                        "api bench: waiting for {} (gateway tests running)",
-                        path.display()
-                    );
+                    eprintln!("api bench: waiting for {} ({why})", path.display());
                     told = true;
                 }
                 std::thread::sleep(Duration::from_secs(1));
@@ -129,8 +137,12 @@ pub(crate) struct GatewayProc {
     child: Mutex<Child>,
     /// `None` once cleaned up.
     state: Option<tempfile::TempDir>,
-    /// The binary, the agent and the extra arguments it was started with, for a restart.
+    /// The binary, the agent and the extra arguments it was started with (network flags
+    /// included), for a restart.
     command: (PathBuf, PathBuf, Vec<String>),
+    /// Its sandbox-network flags, for `--purge-network` at cleanup; empty when it runs with
+    /// `--sandbox-network off`.
+    network: Vec<String>,
     events: mpsc::Receiver<Event>,
     addr: Mutex<Option<SocketAddr>>,
     log: Arc<Mutex<VecDeque<String>>>,
@@ -145,8 +157,14 @@ pub(crate) struct GatewayProc {
 /// filling the warm pool), and the `/init` that makes it some create's sandbox.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum RuntimeLine {
-    /// `sandbox started rootfs_ms=… jail_ms=… agent_ms=…`
-    Started { rootfs: f64, jail: f64, agent: f64 },
+    /// `sandbox started net_ms=… rootfs_ms=… jail_ms=… agent_ms=…` (`net_ms` is the network
+    /// attach, zero with networking off).
+    Started {
+        net: f64,
+        rootfs: f64,
+        jail: f64,
+        agent: f64,
+    },
     /// `sandbox configured init_ms=… warm=…`
     Configured { init: f64, warm: bool },
 }
@@ -161,6 +179,7 @@ impl RuntimeLine {
         let ms = |name: &str| -> Option<f64> { field(name)?.parse().ok() };
         if line.contains("sandbox started") {
             Some(Self::Started {
+                net: ms("net_ms").unwrap_or(0.0),
                 rootfs: ms("rootfs_ms")?,
                 jail: ms("jail_ms")?,
                 agent: ms("agent_ms")?,
@@ -183,20 +202,45 @@ impl GatewayProc {
     /// paths). The gateway gets its own process group, so a Ctrl-C at the terminal reaches
     /// this program, which then cleans up, and not the gateway.
     pub(crate) fn spawn(gateway: &Path, agent: &Path, extra_args: &[&str]) -> Res<Self> {
+        Self::spawn_networked(gateway, agent, extra_args, &[])
+    }
+
+    /// [`Self::spawn`] with sandbox networking on and `network` (`--sandbox-cidr` and the
+    /// rest); with `network` empty, networking is off. Cleanup purges what networking made
+    /// with the same flags.
+    pub(crate) fn spawn_networked(
+        gateway: &Path,
+        agent: &Path,
+        extra_args: &[&str],
+        network: &[&str],
+    ) -> Res<Self> {
         let state = tempfile::Builder::new()
             .prefix("coppice-api-bench-")
             .tempdir_in("/var/tmp")?;
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let stages = Arc::new(Mutex::new(Vec::new()));
-        let command = (
-            gateway.to_path_buf(),
-            agent.to_path_buf(),
-            extra_args.iter().map(|a| (*a).to_owned()).collect(),
-        );
+        let network: Vec<String> = if network.is_empty() {
+            Vec::new()
+        } else {
+            ["--sandbox-network", "on"]
+                .iter()
+                .chain(network)
+                .map(|a| (*a).to_owned())
+                .collect()
+        };
+        let mut args: Vec<String> = extra_args.iter().map(|a| (*a).to_owned()).collect();
+        if network.is_empty() {
+            args.extend(["--sandbox-network".to_owned(), "off".to_owned()]);
+        } else {
+            args.extend(network.iter().cloned());
+        }
+        let command = (gateway.to_path_buf(), agent.to_path_buf(), args);
+        // From here on, a failure drops `Self`, whose cleanup purges whatever the start made.
         let (child, events) = launch(&command, "127.0.0.1:0", state.path(), &log, &stages)?;
         Ok(Self {
             child: Mutex::new(child),
             state: Some(state),
+            network,
             command,
             events,
             addr: Mutex::new(None),
@@ -525,6 +569,11 @@ impl GatewayProc {
             Ok(Err(e)) => problems.push(format!("sweeping sandboxes: {e}")),
             Err(_) => problems.push("sweeping sandboxes panicked".into()),
         }
+        if !self.network.is_empty() {
+            if let Err(e) = purge_network(&self.command.0, state.path(), &self.network) {
+                problems.push(format!("purging the sandbox network: {e}"));
+            }
+        }
         if let Err(e) = state.close() {
             problems.push(format!("removing the state directory: {e}"));
         }
@@ -539,6 +588,43 @@ impl Drop for GatewayProc {
         }
     }
 }
+
+/// Runs `gateway --state-dir <state> <network> --purge-network true`, which removes the
+/// bridge, the nftables tables, the namespaces and the records a gateway with those flags
+/// made; bounded in time.
+fn purge_network(gateway: &Path, state: &Path, network: &[String]) -> Res<()> {
+    let mut child = Command::new(gateway)
+        .arg("--state-dir")
+        .arg(state)
+        .args(network)
+        .args(["--purge-network", "true"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + PURGE_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let out = child.wait_with_output()?;
+            if status.success() {
+                return Ok(());
+            }
+            return Err(
+                format!("{status}: {}", String::from_utf8_lossy(&out.stderr).trim()).into(),
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("it did not finish within {PURGE_TIMEOUT:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The longest `--purge-network` may take.
+const PURGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts `command` (binary, agent, extra arguments) on `listen` with `state` as its state
 /// directory, and a thread reading its log into `log`, `stages` and the returned channel.
@@ -574,6 +660,15 @@ fn launch(
         .env_remove("COPPICE_CODE_LISTEN")
         .env_remove("COPPICE_WEBHOOK_URL")
         .env_remove("COPPICE_WARM_POOL")
+        // Networking is what `--sandbox-network` and the flags after it say, nothing else.
+        .env_remove("COPPICE_SANDBOX_NETWORK")
+        .env_remove("COPPICE_SANDBOX_CIDR")
+        .env_remove("COPPICE_SANDBOX_NETWORK_NAME")
+        .env_remove("COPPICE_ALLOW_METADATA")
+        .env_remove("COPPICE_EGRESS_ONLY_TO")
+        .env_remove("COPPICE_IP_FORWARD")
+        .env_remove("COPPICE_DNS_UPSTREAM")
+        .env_remove("COPPICE_PURGE_NETWORK")
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -648,9 +743,20 @@ mod tests {
         assert_eq!(
             RuntimeLine::parse(started),
             Some(RuntimeLine::Started {
+                net: 0.0,
                 rootfs: 0.78,
                 jail: 17.39,
                 agent: 0.18
+            })
+        );
+        let networked = "DEBUG coppice_gateway::runtime: sandbox started sandbox=vt65 net_ms=3.10 rootfs_ms=0.5 jail_ms=4.25 agent_ms=1.5";
+        assert_eq!(
+            RuntimeLine::parse(networked),
+            Some(RuntimeLine::Started {
+                net: 3.1,
+                rootfs: 0.5,
+                jail: 4.25,
+                agent: 1.5
             })
         );
         let configured = "DEBUG coppice_gateway::runtime: sandbox configured sandbox=vt64 init_ms=0.25 warm=true";

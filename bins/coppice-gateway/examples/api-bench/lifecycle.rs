@@ -25,7 +25,7 @@ const AUTO_RESUME: &str = r#"{"templateID":"base","autoPause":true,"autoResume":
 pub(crate) fn run_pause(ctx: &Ctx<'_>) -> Res<Report> {
     let runs = ctx.opts.runs;
     eprintln!("api bench: pause: {runs} pause/resume cycles (+{WARMUP} warm-up)");
-    let addr = ctx.gw.addr()?;
+    let addr = ctx.gw()?.addr()?;
     let (mut p, mut r, mut usable) = with_sandbox(ctx, BASE, async |api, sbx| {
         let mut envd = connect(addr).await?;
         let (mut p, mut r, mut usable) = (Vec::new(), Vec::new(), Vec::new());
@@ -86,7 +86,7 @@ pub(crate) fn run_pause(ctx: &Ctx<'_>) -> Res<Report> {
 pub(crate) fn run_wake(ctx: &Ctx<'_>) -> Res<Report> {
     let runs = ctx.opts.runs;
     eprintln!("api bench: wake: {runs} auto-resume wakes (+{WARMUP} warm-up)");
-    let addr = ctx.gw.addr()?;
+    let addr = ctx.gw()?.addr()?;
     let (mut wakes, mut warm) = with_sandbox(ctx, AUTO_RESUME, async |api, sbx| {
         let mut envd = connect(addr).await?;
         let (mut wakes, mut warm) = (Vec::new(), Vec::new());

@@ -12,14 +12,20 @@
 //! | `control` | `GET /sandboxes/{id}` rate and latency on 64 connections ([`control`]) |
 //! | `density` | idle sandboxes until 1000 or a limit; memory each; all still answer ([`density`]) |
 //! | `scale` | 1,000 and 10,000 live: re-adoption after `kill -9`, teardown rate, memory each, create bursts with 5,000 live, kernel memory over 5,000 cycles ([`scale`]) |
+//! | `net` | sandbox networking: create → first output on and off, throughput and NAT connection rate to a fake internet against a bare veth pair, ingress proxy overhead ([`net`]) |
 //!
-//! `--gateway PATH` (a release build, required) is started once on 127.0.0.1:0 with its own
-//! state directory and serves every part of the run; `--agent PATH` is the agent its sandboxes
+//! `--gateway PATH` (a release build, required) is started on 127.0.0.1:0 with its own state
+//! directory and `--sandbox-network off` by the first part that needs it, and serves every
+//! part of the run after it (`scale` and `net` start their own); `--agent PATH` is the agent its sandboxes
 //! run (default: the gateway binary's built-in one). `--part NAME` (repeatable, or a comma
 //! list; default all), `--runs N` samples per figure (default 100), `--rounds10 N` /
 //! `--rounds50 N` rounds at cc=10/50 (10, 3), `--stage-runs N` (50), `--rate-secs S` (3),
 //! `--density N` (1000); `scale` has its own counts (`--sandboxes 1000,10000`, `--live 5000`,
-//! `--cycles 5000`, ..., see [`scale`]).
+//! `--cycles 5000`, ..., see [`scale`]), and so has `net` (`--net-runs`, `--net-secs`,
+//! `--net-gets`, `--net-threads`, see [`net`]).
+//!
+//! `api-bench peer <mode> ...` is not a benchmark: it is the traffic program `net` runs in
+//! namespaces and sandboxes ([`peer`]).
 //!
 //! Prints `{"parts": {"<part>": <report>, ...}}` on stdout (a part that failed reports
 //! `{"error": ...}` and the exit status is non-zero); progress goes to stderr. Every sandbox
@@ -44,9 +50,13 @@ mod data;
 mod density;
 mod gateway;
 mod lifecycle;
+mod namespaces;
+mod net;
+mod peer;
 mod scale;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use client::{BoxError, Res};
 use gateway::GatewayProc;
@@ -70,6 +80,7 @@ const PARTS: &[(&str, Part)] = &[
     ("proxy", data::run_proxy),
     ("control", control::run),
     ("density", density::run),
+    ("net", net::run),
     ("scale", scale::run),
 ];
 
@@ -84,13 +95,34 @@ pub(crate) struct Opts {
     pub(crate) stage_runs: usize,
     pub(crate) density: usize,
     pub(crate) scale: scale::ScaleOpts,
+    pub(crate) net: net::NetOpts,
 }
 
 /// What a part runs against.
 pub(crate) struct Ctx<'a> {
     pub(crate) rt: &'a tokio::runtime::Runtime,
-    pub(crate) gw: &'a GatewayProc,
     pub(crate) opts: &'a Opts,
+    /// The gateway the parts share, once a part has asked for it.
+    shared: &'a OnceLock<GatewayProc>,
+}
+
+impl Ctx<'_> {
+    /// The gateway the parts share: started (and waited for) by the first part that asks.
+    pub(crate) fn gw(&self) -> Res<&GatewayProc> {
+        if let Some(gw) = self.shared.get() {
+            return Ok(gw);
+        }
+        let agent = self.opts.agent.as_ref().unwrap_or(&self.opts.gateway);
+        eprintln!(
+            "api bench: gateway {} with agent {}",
+            self.opts.gateway.display(),
+            agent.display()
+        );
+        let gw = GatewayProc::spawn(&self.opts.gateway, agent, &[])?;
+        // On failure `gw` is dropped here, which cleans up after it.
+        gw.wait_ready()?;
+        Ok(self.shared.get_or_init(|| gw))
+    }
 }
 
 /// What a part measured: its headline figures, one line, and everything else.
@@ -101,6 +133,10 @@ pub(crate) struct Report {
 }
 
 fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "peer") {
+        return peer::main(&args[2..]);
+    }
     let num = |name: &str, default: usize| -> Res<usize> {
         let n = stats::num_arg(name, default)?;
         if n == 0 {
@@ -118,8 +154,8 @@ fn main() -> Result<(), BoxError> {
         stage_runs: num("--stage-runs", 50)?,
         density: num("--density", 1000)?,
         scale: scale::ScaleOpts::from_args()?,
+        net: net::NetOpts::from_args()?,
     };
-    let args: Vec<String> = std::env::args().collect();
     let mut wanted: Vec<&str> = args
         .iter()
         .enumerate()
@@ -148,58 +184,50 @@ fn main() -> Result<(), BoxError> {
     let nofile = (gateway::DEFAULT_NOFILE, hard);
     let agent = opts.agent.clone().unwrap_or_else(|| opts.gateway.clone());
     eprintln!(
-        "api bench: gateway {} with agent {} (open files {} / {})",
-        opts.gateway.display(),
-        agent.display(),
-        nofile.0,
-        nofile.1
+        "api bench: gateways get open files {} / {}",
+        nofile.0, nofile.1
     );
-    let gw = GatewayProc::spawn(&opts.gateway, &agent, &[])?;
+    let shared = OnceLock::new();
     let mut out = serde_json::Map::new();
     let mut failed = Vec::new();
-    match gw.wait_ready() {
-        Ok(()) => {
-            let ctx = Ctx {
-                rt: &rt,
-                gw: &gw,
-                opts: &opts,
-            };
-            for (name, run) in parts {
-                let machine = machine();
-                let report = match run(&ctx) {
-                    Ok(r) => {
-                        eprintln!("api bench: {name}: {}", r.summary);
-                        let (figures, targets) = figures_json(&r.figures);
-                        serde_json::json!({
-                            "benchmark": name,
-                            "machine": machine,
-                            "gateway": opts.gateway.display().to_string(),
-                            "agent": agent.display().to_string(),
-                            "gateway_open_files": [nofile.0, nofile.1],
-                            "figures": figures,
-                            "targets": targets,
-                            "summary": r.summary,
-                            "details": r.details,
-                        })
-                    }
-                    Err(e) => {
-                        eprintln!("api bench: {name} failed: {e}");
-                        failed.push(name);
-                        serde_json::json!({ "benchmark": name, "machine": machine, "error": e.to_string() })
-                    }
-                };
-                out.insert(name.to_owned(), report);
-                if client::check_interrupted().is_err() {
-                    break;
-                }
+    let ctx = Ctx {
+        rt: &rt,
+        opts: &opts,
+        shared: &shared,
+    };
+    for (name, run) in parts {
+        let machine = machine();
+        let report = match run(&ctx) {
+            Ok(r) => {
+                eprintln!("api bench: {name}: {}", r.summary);
+                let (figures, targets) = figures_json(&r.figures);
+                serde_json::json!({
+                    "benchmark": name,
+                    "machine": machine,
+                    "gateway": opts.gateway.display().to_string(),
+                    "agent": agent.display().to_string(),
+                    "gateway_open_files": [nofile.0, nofile.1],
+                    "figures": figures,
+                    "targets": targets,
+                    "summary": r.summary,
+                    "details": r.details,
+                })
             }
-        }
-        Err(e) => {
-            failed.push("startup");
-            eprintln!("api bench: the gateway did not start: {e}");
+            Err(e) => {
+                eprintln!("api bench: {name} failed: {e}");
+                failed.push(name);
+                serde_json::json!({ "benchmark": name, "machine": machine, "error": e.to_string() })
+            }
+        };
+        out.insert(name.to_owned(), report);
+        if client::check_interrupted().is_err() {
+            break;
         }
     }
-    let cleanup = gw.shutdown(&rt);
+    let cleanup = match shared.into_inner() {
+        Some(gw) => gw.shutdown(&rt),
+        None => Ok(()),
+    };
     println!(
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({ "parts": out }))?
@@ -213,14 +241,24 @@ fn main() -> Result<(), BoxError> {
     }
 }
 
-/// Creates a sandbox from `body`, runs `f` on it with the control-plane connection, and kills
-/// it whatever `f` returned.
+/// Creates a sandbox from `body` on the shared gateway, runs `f` on it with the
+/// control-plane connection, and kills it whatever `f` returned.
 pub(crate) fn with_sandbox<T>(
     ctx: &Ctx<'_>,
     body: &str,
     f: impl AsyncFnOnce(&mut client::Sender, &client::Sandbox) -> Res<T>,
 ) -> Res<T> {
-    let (addr, live) = (ctx.gw.addr()?, &ctx.gw.live);
+    with_sandbox_on(ctx, ctx.gw()?, body, f)
+}
+
+/// [`with_sandbox`] on gateway `gw`.
+pub(crate) fn with_sandbox_on<T>(
+    ctx: &Ctx<'_>,
+    gw: &GatewayProc,
+    body: &str,
+    f: impl AsyncFnOnce(&mut client::Sender, &client::Sandbox) -> Res<T>,
+) -> Res<T> {
+    let (addr, live) = (gw.addr()?, &gw.live);
     ctx.rt.block_on(async {
         let mut api = client::connect(addr).await?;
         let sbx = client::timeout(client::create(&mut api, live, body)).await?;
