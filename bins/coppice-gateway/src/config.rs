@@ -82,6 +82,10 @@ pub struct NetworkConfig {
     /// Where the sandboxes' DNS forwarder sends queries (`--dns-upstream`); empty: the
     /// host's own resolvers, from `/etc/resolv.conf`.
     pub dns_upstream: Vec<SocketAddrV4>,
+    /// Network namespaces kept made ahead of creates (`--ready-namespaces`, default
+    /// [`NetworkConfig::DEFAULT_READY`]); each holds a pool address, so at most half the
+    /// pool's addresses are used for them.
+    pub ready_namespaces: usize,
     /// Remove everything sandbox networking made on this host, then exit
     /// (`--purge-network true`): for uninstalling, once no sandbox is left.
     pub purge: bool,
@@ -94,6 +98,15 @@ impl NetworkConfig {
     /// Longest `--sandbox-network-name`: the bridge's name adds one character and
     /// interface names hold 15.
     pub const MAX_NAME: usize = 10;
+    /// Ready namespaces unless configured: a burst of 64 cold creates (past the warm pool)
+    /// attaches without taking the kernel's rtnl lock (`cargo xtask bench net`).
+    pub const DEFAULT_READY: usize = 64;
+
+    /// How many ready namespaces the pool affords: at most half its usable addresses.
+    pub fn effective_ready(&self) -> usize {
+        let usable = (1usize << (32 - u32::from(self.cidr.prefix()))).saturating_sub(3);
+        self.ready_namespaces.min(usable / 2)
+    }
 }
 
 /// The PEM files `--tls-cert`/`--tls-key` name.
@@ -157,6 +170,8 @@ usage: coppice-gateway [options]
                           false: on the bridge only, uplinks are yours)
   --dns-upstream ADDRS    resolvers the sandboxes' DNS forwarder asks          COPPICE_DNS_UPSTREAM
                           (IPv4[:port],...; default: those in /etc/resolv.conf)
+  --ready-namespaces N    network namespaces made ahead of creates (default 64; COPPICE_READY_NAMESPACES
+                          at most half the pool)
   --purge-network BOOL    remove the bridge, rules and namespaces sandbox       COPPICE_PURGE_NETWORK
                           networking made, then exit (uninstall)
   --tls-cert FILE         certificate chain (PEM) for TLS on every listener     COPPICE_TLS_CERT
@@ -193,7 +208,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 28] = [
+            const KNOWN: [&str; 29] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -219,6 +234,7 @@ impl Config {
                 "egress-only-to",
                 "ip-forward",
                 "dns-upstream",
+                "ready-namespaces",
                 "purge-network",
                 "tls-cert",
                 "tls-key",
@@ -403,11 +419,15 @@ fn network_config(
     let forward = get("ip-forward", "COPPICE_IP_FORWARD");
     let upstream = get("dns-upstream", "COPPICE_DNS_UPSTREAM");
     let purge = get("purge-network", "COPPICE_PURGE_NETWORK");
+    let ready = get("ready-namespaces", "COPPICE_READY_NAMESPACES");
     if !on {
-        let given = [&pool, &name, &metadata, &only, &forward, &upstream, &purge];
+        let given = [
+            &pool, &name, &metadata, &only, &forward, &upstream, &ready, &purge,
+        ];
         if given.iter().any(|v| v.is_some()) {
             return Err("--sandbox-cidr, --sandbox-network-name, --allow-metadata, \
-                 --egress-only-to, --ip-forward, --dns-upstream and --purge-network concern \
+                 --egress-only-to, --ip-forward, --dns-upstream, --ready-namespaces and \
+                 --purge-network concern \
                  sandbox networking, which --sandbox-network off turns off"
                 .into());
         }
@@ -473,6 +493,14 @@ fn network_config(
             })
             .transpose()?
             .unwrap_or_default(),
+        ready_namespaces: ready
+            .map(|v| {
+                v.parse::<usize>().map_err(|_| {
+                    format!("--ready-namespaces (COPPICE_READY_NAMESPACES): {v:?} is not a number")
+                })
+            })
+            .transpose()?
+            .unwrap_or(NetworkConfig::DEFAULT_READY),
         purge: purge
             .map(|v| flag("purge-network", "COPPICE_PURGE_NETWORK", &v))
             .transpose()?
@@ -536,8 +564,13 @@ mod tests {
         assert_eq!(net.cidr.to_string(), "198.51.100.64/26");
         assert_eq!(net.name, "cpg1");
         assert!(net.allow_metadata);
-        assert_eq!(net.egress_only_to.unwrap().len(), 2);
+        assert_eq!(net.egress_only_to.clone().unwrap().len(), 2);
         assert!(net.dns_upstream.is_empty());
+        assert_eq!(net.ready_namespaces, NetworkConfig::DEFAULT_READY);
+        // A /26 has 61 usable addresses: at most 30 wait in ready namespaces.
+        assert_eq!(net.effective_ready(), 30);
+        let c = parse(&["--ready-namespaces", "4"], &[]).unwrap();
+        assert_eq!(c.network.unwrap().effective_ready(), 4);
         let c = parse(&["--dns-upstream", "198.51.100.2, 198.51.100.3:5353"], &[]).unwrap();
         let up: Vec<String> = c
             .network
@@ -560,6 +593,7 @@ mod tests {
             ),
             (&["--egress-only-to", "nowhere"][..], "--egress-only-to"),
             (&["--dns-upstream", "resolver"][..], "--dns-upstream"),
+            (&["--ready-namespaces", "many"][..], "--ready-namespaces"),
             (
                 &["--sandbox-network", "off", "--sandbox-cidr", "10.0.0.0/24"][..],
                 "turns off",

@@ -38,8 +38,6 @@ const MAX_SOCKET_PATH: usize = 107;
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The DNS port, where sandboxes' resolver listens on the bridge's address.
 const DNS_PORT: u16 = 53;
-/// Network namespaces kept made ahead of creates that find no warm sandbox.
-const READY_NAMESPACES: usize = 8;
 
 /// What can go wrong below the API.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +79,7 @@ fn net_config(state_dir: &Path, n: &NetworkConfig) -> LinuxNetConfig {
         link_prefix: format!("{}v", n.name),
         allow_metadata: n.allow_metadata,
         egress_only_to: n.egress_only_to.clone(),
-        ready_namespaces: READY_NAMESPACES,
+        ready_namespaces: n.effective_ready(),
         global_forwarding: n.ip_forward,
         ..LinuxNetConfig::new(state_dir.join("net"), n.cidr)
     }
@@ -175,6 +173,53 @@ pub(crate) struct Runtime {
     net: Option<LinuxNet>,
     /// Set while a background fill of the network role's ready namespaces runs.
     net_filling: Arc<std::sync::atomic::AtomicBool>,
+    /// Sandbox starts under way and when the last one ended, for the background fillers.
+    starts: Arc<Starts>,
+}
+
+/// How long no sandbox may have been starting before a ready namespace is made.
+const NAMESPACE_FILL_QUIET: Duration = Duration::from_millis(100);
+
+/// Sandbox starts under way, and when the last one ended.
+#[derive(Debug)]
+struct Starts {
+    under_way: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::Mutex<Instant>,
+}
+
+impl Starts {
+    fn begin(self: &Arc<Self>) -> StartUnderWay {
+        self.under_way
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        StartUnderWay(Arc::clone(self))
+    }
+
+    /// Whether no start is under way and none ended in the last `quiet`.
+    fn quiet_for(&self, quiet: Duration) -> bool {
+        self.under_way.load(std::sync::atomic::Ordering::Acquire) == 0
+            && self
+                .last_end
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .elapsed()
+                >= quiet
+    }
+}
+
+/// One sandbox start, counted until dropped.
+struct StartUnderWay(Arc<Starts>);
+
+impl Drop for StartUnderWay {
+    fn drop(&mut self) {
+        *self
+            .0
+            .last_end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        self.0
+            .under_way
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Runtime {
@@ -231,6 +276,10 @@ impl Runtime {
             netns: std::sync::Mutex::new(HashMap::new()),
             net,
             net_filling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            starts: Arc::new(Starts {
+                under_way: std::sync::atomic::AtomicUsize::new(0),
+                last_end: std::sync::Mutex::new(Instant::now()),
+            }),
         })
     }
 
@@ -306,18 +355,33 @@ impl Runtime {
         rewrite_in_place(&path, &resolv_conf(servers))
     }
 
-    /// Tops up the network role's ready namespaces in the background, one fill at a time.
+    /// Tops up the network role's ready namespaces in the background, one namespace at a
+    /// time and only once no sandbox has been starting for [`NAMESPACE_FILL_QUIET`]: making
+    /// one takes CPU and the kernel's rtnl lock, which a burst of creates needs more.
     fn refill_namespaces(&self) {
         use std::sync::atomic::Ordering;
         let Some(net) = &self.net else { return };
-        if net.ready_count() >= READY_NAMESPACES || self.net_filling.swap(true, Ordering::AcqRel) {
+        if net.ready_count() >= net.config().ready_namespaces
+            || self.net_filling.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let net = net.clone();
         let filling = Arc::clone(&self.net_filling);
+        let starts = Arc::clone(&self.starts);
         tokio::spawn(async move {
-            if let Err(e) = net.fill_ready().await {
-                tracing::warn!(error = %e, "making ready network namespaces failed");
+            loop {
+                while !starts.quiet_for(NAMESPACE_FILL_QUIET) {
+                    tokio::time::sleep(NAMESPACE_FILL_QUIET / 4).await;
+                }
+                match net.fill_one().await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "making a ready network namespace failed");
+                        break;
+                    }
+                }
             }
             filling.store(false, Ordering::Release);
         });
@@ -586,6 +650,7 @@ impl Runtime {
         limits: Limits,
         policy: &EgressPolicy,
     ) -> Result<u32, RuntimeError> {
+        let _start = self.starts.begin();
         let t0 = Instant::now();
         let rootfs = self
             .storage

@@ -7,8 +7,8 @@
 //!   198.51.100.32/27, which never touches the host's own stack: the floor.
 //!
 //! Each server namespace runs `api-bench peer serve`. These are the ranges of the network
-//! role's test slots 0 to 3 (fake internets in 198.51.100.0/26, sandbox pools in
-//! 198.51.100.128/26), which [`hold_slots`] takes host-wide as `cargo xtask e2e` does, so no
+//! role's test slots (fake internets in 198.51.100.0/25, sandbox pools in
+//! 198.51.100.128/25), all of which [`hold_slots`] takes host-wide, so no
 //! test meets this bench's bridge, links or routes. Only [`FAKE_LINK`] has forwarding turned
 //! on; the host-wide switch is left alone. Everything is removed on drop, and whatever a
 //! crashed run left is removed first. Every `ip` command is bounded in time.
@@ -33,7 +33,7 @@ pub(crate) const FLOOR_SERVER_NS: &str = "cpbn-b";
 const FLOOR_CLIENT: &str = "198.51.100.33/27";
 pub(crate) const FLOOR_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 34);
 /// The network test slots this bench holds, and how long it waits for them.
-const SLOTS: std::ops::Range<u32> = 0..4;
+const SLOTS: std::ops::Range<u32> = 0..8;
 const SLOT_WAIT: Duration = Duration::from_secs(15 * 60);
 /// Bound on one `ip` command.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,7 +41,7 @@ const IP_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVER_START: Duration = Duration::from_secs(10);
 const SERVER_LIFETIME_SECS: u32 = 3600;
 
-/// Takes the network test slots 0 to 3 host-wide (exclusive `flock`s on
+/// Takes the network test slots 0 to 7 host-wide (exclusive `flock`s on
 /// `/run/lock/coppice-net-test-slot-N`), waiting a bounded time for whoever has them.
 pub(crate) fn hold_slots() -> Res<Vec<nix::fcntl::Flock<File>>> {
     let dir = Path::new("/run/lock");

@@ -391,7 +391,15 @@ impl LinuxNet {
     /// call it after [`Network::recover`] and after attaches.
     pub async fn fill_ready(&self) -> Result<usize, BackendError> {
         let inner = self.inner.clone();
-        blocking(move || inner.fill_ready()).await
+        blocking(move || inner.fill_ready(usize::MAX)).await
+    }
+
+    /// Makes one ready namespace if fewer than [`LinuxNetConfig::ready_namespaces`] wait and
+    /// the pool has an address; returns whether it made one. For a filler that works only
+    /// while nothing else does, one namespace at a time.
+    pub async fn fill_one(&self) -> Result<bool, BackendError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.fill_ready(1)).await.map(|n| n > 0)
     }
 
     /// How many times blocked-egress reports were lost because [`Network::blocked`] was not
@@ -747,9 +755,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Makes ready namespaces until there are [`LinuxNetConfig::ready_namespaces`]; returns
-    /// how many it made.
-    fn fill_ready(&self) -> Result<usize, BackendError> {
+    /// Makes ready namespaces until there are [`LinuxNetConfig::ready_namespaces`], at most
+    /// `at_most` of them, while the pool has addresses; returns how many it made.
+    fn fill_ready(&self, at_most: usize) -> Result<usize, BackendError> {
         let _one_at_a_time = self
             .filling
             .lock()
@@ -758,10 +766,14 @@ impl Inner {
         loop {
             let addr = {
                 let mut state = self.lock();
-                if state.ready.len() >= self.config.ready_namespaces {
+                if made >= at_most || state.ready.len() >= self.config.ready_namespaces {
                     return Ok(made);
                 }
-                state.pool.take()?
+                // A full pool is not the filler's failure: sandboxes took the addresses.
+                match state.pool.take() {
+                    Ok(addr) => addr,
+                    Err(_) => return Ok(made),
+                }
             };
             let path = self.ready_path(addr);
             if let Err(e) = self.make_namespace(&path, addr) {
