@@ -74,6 +74,7 @@ fn backend(op: &'static str) -> impl FnOnce(BackendError) -> RuntimeError {
 /// The network role's configuration for the gateway's `--sandbox-*` flags.
 fn net_config(state_dir: &Path, n: &NetworkConfig) -> LinuxNetConfig {
     LinuxNetConfig {
+        log_group: log_group(&n.name),
         bridge: format!("{}0", n.name),
         table: n.name.clone(),
         link_prefix: format!("{}v", n.name),
@@ -83,6 +84,20 @@ fn net_config(state_dir: &Path, n: &NetworkConfig) -> LinuxNetConfig {
         global_forwarding: n.ip_forward,
         ..LinuxNetConfig::new(state_dir.join("net"), n.cidr)
     }
+}
+
+/// The NFLOG group blocked egress is logged to, one per network name: a group has one
+/// reader on a host, so two gateways (two names) must not share one. `coppice` keeps the
+/// network role's default; other names get a group hashed from the name (FNV-1a) above
+/// 0x8000, away from the default and from the network role's test groups.
+fn log_group(name: &str) -> u16 {
+    if name == "coppice" {
+        return LinuxNetConfig::DEFAULT_LOG_GROUP;
+    }
+    let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    0x8000 | u16::try_from(hash & 0x7fff).unwrap_or(0)
 }
 
 /// Removes everything sandbox networking with `n` made on this host (`--purge-network`).
@@ -1018,4 +1033,20 @@ async fn post_json(
     let status = resp.status().as_u16();
     let _ = resp.into_body().collect().await;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_network_name_logs_to_a_group_of_its_own() {
+        assert_eq!(log_group("coppice"), LinuxNetConfig::DEFAULT_LOG_GROUP);
+        let groups: std::collections::BTreeSet<u16> = ["cpgt", "cpe2e", "cpbn", "cpup", "a", "b"]
+            .iter()
+            .map(|n| log_group(n))
+            .collect();
+        assert_eq!(groups.len(), 6);
+        assert!(groups.iter().all(|g| *g >= 0x8000));
+    }
 }
