@@ -223,6 +223,26 @@ pub(crate) async fn start_to_first_output(
     run_to_first_output(sender, sbx, via, t0, PROGRAM, &ARGS).await
 }
 
+/// `process.Start` of `program args` as the SDK's `commands.run` sends it.
+fn start_request(
+    sbx: &Sandbox,
+    via: Via,
+    program: &str,
+    args: &[&str],
+) -> Res<http::Request<Full<Bytes>>> {
+    let msg = serde_json::json!({
+        "process": {"cmd": program, "args": args},
+        "stdin": false,
+    })
+    .to_string();
+    Ok(
+        data(Method::POST, "/process.Process/Start", sbx, via, ENVD_PORT)
+            .header("content-type", "application/connect+json")
+            .header("connect-protocol-version", "1")
+            .body(Full::new(Bytes::from(envelope(&msg)?)))?,
+    )
+}
+
 /// [`start_to_first_output`] of `program args`; returns only when the command has ended.
 pub(crate) async fn run_to_first_output(
     sender: &mut Sender,
@@ -232,15 +252,7 @@ pub(crate) async fn run_to_first_output(
     program: &str,
     args: &[&str],
 ) -> Res<Duration> {
-    let msg = serde_json::json!({
-        "process": {"cmd": program, "args": args},
-        "stdin": false,
-    })
-    .to_string();
-    let req = data(Method::POST, "/process.Process/Start", sbx, via, ENVD_PORT)
-        .header("content-type", "application/connect+json")
-        .header("connect-protocol-version", "1")
-        .body(Full::new(Bytes::from(envelope(&msg)?)))?;
+    let req = start_request(sbx, via, program, args)?;
     sender.ready().await?;
     let mut resp = sender.send_request(req).await?;
     if resp.status() != 200 {
@@ -290,15 +302,7 @@ pub(crate) async fn run_to_end(
     args: &[&str],
 ) -> Res<Ran> {
     use base64::Engine as _;
-    let msg = serde_json::json!({
-        "process": {"cmd": program, "args": args},
-        "stdin": false,
-    })
-    .to_string();
-    let req = data(Method::POST, "/process.Process/Start", sbx, via, ENVD_PORT)
-        .header("content-type", "application/connect+json")
-        .header("connect-protocol-version", "1")
-        .body(Full::new(Bytes::from(envelope(&msg)?)))?;
+    let req = start_request(sbx, via, program, args)?;
     let (status, body) = send(sender, req).await?;
     if status != 200 {
         return Err(format!(
