@@ -150,11 +150,7 @@ fn egress(
                      sandboxes have IPv4 egress only"
                 )))
             }
-            Destination::Domain => policy
-                .allow_domains
-                .push(EgressPolicy::domain(entry).map_err(|e| {
-                    ApiError::bad_request(format!("network.allowOut entry {entry:?}: {e}"))
-                })?),
+            Destination::Domain(name) => policy.allow_domains.push(name),
             Destination::Invalid(why) => {
                 return Err(ApiError::bad_request(format!(
                     "network.allowOut entry {entry:?} is not an IP address, CIDR or domain: {why}"
@@ -167,7 +163,7 @@ fn egress(
             Destination::V4(c) => policy.deny_out.push(c),
             // Sandboxes have no IPv6 egress: the entry holds as asked.
             Destination::V6 => {}
-            Destination::Domain => {
+            Destination::Domain(_) => {
                 return Err(ApiError::bad_request(format!(
                     "network.denyOut entry {entry:?}: domain names are not supported for deny \
                      rules, only IP addresses and CIDRs"
@@ -187,7 +183,8 @@ fn egress(
 enum Destination {
     V4(Ipv4Cidr),
     V6,
-    Domain,
+    /// A hostname or `*.hostname`, as the network role checks and normalizes it.
+    Domain(String),
     Invalid(String),
 }
 
@@ -207,29 +204,11 @@ fn destination(entry: &str) -> Destination {
             Err(e) => Destination::Invalid(e.to_string()),
         };
     }
-    if is_domain(entry) {
-        Destination::Domain
-    } else {
-        Destination::Invalid("it is neither".into())
+    // The network role's own check of a domain entry, so both agree on what one is.
+    match EgressPolicy::domain(entry) {
+        Ok(name) => Destination::Domain(name),
+        Err(e) => Destination::Invalid(e.to_string()),
     }
-}
-
-/// A hostname, optionally with a leading `*.`.
-fn is_domain(s: &str) -> bool {
-    let name = s.strip_prefix("*.").unwrap_or(s);
-    let name = name.strip_suffix('.').unwrap_or(name);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        && name.bytes().any(|b| b.is_ascii_alphabetic())
 }
 
 fn dns_servers(list: Option<&[String]>, enabled: bool) -> Result<Vec<Ipv4Addr>, ApiError> {
@@ -434,8 +413,11 @@ mod tests {
 
     #[test]
     fn domains_are_told_apart_from_addresses() {
-        assert!(matches!(destination("example.com"), Destination::Domain));
-        assert!(matches!(destination("*.example.com"), Destination::Domain));
+        assert!(matches!(destination("example.com"), Destination::Domain(_)));
+        assert!(matches!(
+            destination("*.example.com"),
+            Destination::Domain(_)
+        ));
         assert!(matches!(destination("10.0.0.1/8"), Destination::V4(_)));
         assert!(matches!(destination("::1"), Destination::V6));
         assert!(matches!(destination("-bad-.com"), Destination::Invalid(_)));
