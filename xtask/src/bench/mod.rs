@@ -157,6 +157,8 @@ const QUICK: &[&str] = &[
     "20",
     "--net-runs",
     "2",
+    "--net-rounds50",
+    "1",
     "--net-secs",
     "0.5",
     "--net-gets",

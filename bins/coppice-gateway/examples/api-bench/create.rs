@@ -316,15 +316,23 @@ pub(crate) fn measure_levels(
     }
     for (l, &(cc, n)) in plan.iter().enumerate() {
         eprintln!("api bench: cc={cc}, {n} rounds per gateway");
-        for _ in 0..n {
-            for ((gw, addr), level) in gws.iter().zip(&addrs).zip(levels.iter_mut()) {
+        for r in 0..n {
+            // In ABBA order (the first gateway of a round is the second of the next), so
+            // that neither always follows the other's teardown or meets a machine that has
+            // just been quiet.
+            let mut order: Vec<usize> = (0..gws.len()).collect();
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (gw, addr, level) = (gws[i], addrs[i], &mut levels[i]);
                 if cc > 1 {
                     // A burst arrives at a settled machine: the gateways sampled alternately
                     // refill their warm pools after their own bursts, which would otherwise
                     // land on this gateway's (a deployment runs one gateway).
                     settle()?;
                 }
-                rt.block_on(round(*addr, &gw.live, cc, &mut level[l]))?;
+                rt.block_on(round(addr, &gw.live, cc, &mut level[l]))?;
                 level[l].stages.extend(gw.take_stages());
             }
             if cc == 1 {

@@ -75,6 +75,8 @@ const INGRESS_MAX_US: f64 = 150.0;
 #[derive(Debug)]
 pub(crate) struct NetOpts {
     runs: usize,
+    /// Rounds at cc=50 of the create comparison.
+    rounds50: usize,
     secs: f64,
     gets: usize,
     threads: usize,
@@ -82,17 +84,23 @@ pub(crate) struct NetOpts {
 
 impl NetOpts {
     /// Reads `--net-runs N` (throughput and connection-rate runs of each side, default 5),
+    /// `--net-rounds50 N` (rounds at cc=50 of the create comparison, 10: the 50 samples of
+    /// one round share its machine, so a round is nearly one sample of the ratio),
     /// `--net-secs S` (length of each, 2), `--net-gets N` (ingress GETs each way, 2000) and
     /// `--net-threads N` (connection loops at once, 4).
     pub(crate) fn from_args() -> Res<Self> {
         let opts = Self {
             runs: stats::num_arg("--net-runs", 5)?,
+            rounds50: stats::num_arg("--net-rounds50", 10)?,
             secs: stats::num_arg("--net-secs", 2.0)?,
             gets: stats::num_arg("--net-gets", 2000)?,
             threads: stats::num_arg("--net-threads", 4)?,
         };
-        if opts.runs == 0 || opts.gets == 0 || opts.threads == 0 {
-            return Err("--net-runs, --net-gets and --net-threads must be at least 1".into());
+        if opts.runs == 0 || opts.rounds50 == 0 || opts.gets == 0 || opts.threads == 0 {
+            return Err(
+                "--net-runs, --net-rounds50, --net-gets and --net-threads must be at least 1"
+                    .into(),
+            );
         }
         // A run inside the sandbox is one request, bounded by the client's timeout.
         if !(0.1..=20.0).contains(&opts.secs) {
@@ -111,7 +119,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
         "api bench: net: namespaces up ({}); cold creates, networking off and on",
         spaces.dir().display()
     );
-    let cold_plan = [(1, opts.runs), (10, opts.rounds10), (50, opts.rounds50)];
+    let cold_plan = [(1, opts.runs), (10, opts.rounds10), (50, opts.net.rounds50)];
     let (cold, path) = on_and_off(ctx, &["--warm-pool", "0"], &cold_plan, |gw| {
         data_path(ctx, gw, &spaces, &peer)
     })?;
@@ -605,7 +613,7 @@ fn report(ctx: &Ctx<'_>, cold: &OnOff, warm: &OnOff, d: &DataPath) -> Res<Report
             },
             "gateway_network_args": NETWORK_ARGS,
             "runs": {
-                "cc1": ctx.opts.runs, "cc10_rounds": ctx.opts.rounds10, "cc50_rounds": ctx.opts.rounds50,
+                "cc1": ctx.opts.runs, "cc10_rounds": ctx.opts.rounds10, "cc50_rounds": ctx.opts.net.rounds50,
                 "data_path_runs": net.runs, "data_path_secs": net.secs,
                 "connection_threads": net.threads, "ingress_gets": net.gets, "warmup": WARMUP,
             },
