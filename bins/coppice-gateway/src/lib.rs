@@ -25,6 +25,7 @@ mod api;
 mod egress;
 mod feed;
 mod metrics;
+mod names;
 mod registry;
 mod runtime;
 mod sandbox_log;

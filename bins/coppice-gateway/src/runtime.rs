@@ -12,7 +12,7 @@ use bytes::Bytes;
 use coppice_jail::{JailConfig, LinuxJail};
 use coppice_lifecycle::backend::{
     BackendError, BindMount, DiskUsage, EgressPolicy, InitSpec, Isolation, JailSpec, LayerId,
-    Limits, NetAttachment, NetSpec, Network, ResourceUsage, RunState, SandboxId, Storage,
+    Limits, NetSpec, Network, ResourceUsage, RunState, SandboxId, Storage,
 };
 use coppice_net::dns::{Forwarder, ForwarderConfig};
 use coppice_net::{LinuxNet, LinuxNetConfig};
@@ -354,7 +354,7 @@ impl Runtime {
 
     /// Points a sandbox's `/etc/resolv.conf` at `servers`, or back at the gateway's resolver
     /// when there are none; nothing without a network.
-    pub(crate) fn set_resolvers(
+    pub(crate) async fn set_resolvers(
         &self,
         id: &SandboxId,
         servers: &[std::net::Ipv4Addr],
@@ -366,8 +366,15 @@ impl Runtime {
         } else {
             servers
         };
-        let path = self.sandbox_run_dir(id).join(RESOLV_CONF);
-        rewrite_in_place(&path, &resolv_conf(servers))
+        let rootfs = self
+            .storage
+            .rootfs(id)
+            .await
+            .map_err(backend("find the sandbox's root filesystem"))?;
+        crate::names::set_resolvers(&rootfs, servers).map_err(|e| RuntimeError::Backend {
+            op: "write the sandbox's resolver file",
+            source: crate::names::error("write", &rootfs, e),
+        })
     }
 
     /// Tops up the network role's ready namespaces in the background, one namespace at a
@@ -695,16 +702,12 @@ impl Runtime {
             None => None,
         };
         let t_net = t0.elapsed();
-        let mut etc = Vec::new();
-        for (name, text) in names_files(id, attachment.as_ref()) {
-            let path = run.join(name);
-            write_owned(&path, &text, root)?;
-            etc.push(BindMount {
-                source: path,
-                target: Path::new("/etc").join(name),
-                read_only: false,
-            });
-        }
+        crate::names::write_at_start(&rootfs, id, attachment.as_ref(), root).map_err(|e| {
+            RuntimeError::Backend {
+                op: "write the sandbox's name files",
+                source: crate::names::error("write", &rootfs, e),
+            }
+        })?;
         let spec = JailSpec {
             id: id.clone(),
             rootfs,
@@ -733,10 +736,7 @@ impl Runtime {
                     target: SANDBOX_RUN_DIR.into(),
                     read_only: false,
                 },
-            ]
-            .into_iter()
-            .chain(etc)
-            .collect(),
+            ],
             limits,
             network: attachment.and_then(|a| a.namespace),
         };
@@ -775,7 +775,7 @@ impl Runtime {
             self.update_policy(setup.id, setup.policy).await?;
         }
         if !setup.dns_servers.is_empty() {
-            self.set_resolvers(setup.id, setup.dns_servers)?;
+            self.set_resolvers(setup.id, setup.dns_servers).await?;
         }
         let init = serde_json::json!({
             "envVars": setup.env_vars,
@@ -922,68 +922,6 @@ impl Runtime {
             .await
             .map_err(backend("read disk use"))
     }
-}
-
-/// The name of the resolver file, in the run directory and under `/etc`.
-const RESOLV_CONF: &str = "resolv.conf";
-
-/// The files a sandbox gets under `/etc` for names: `hosts` always (so `localhost` and its
-/// own hostname resolve without DNS), `resolv.conf` when it has a network.
-fn names_files(id: &SandboxId, net: Option<&NetAttachment>) -> Vec<(&'static str, String)> {
-    let own = net.map_or_else(|| "127.0.1.1".to_owned(), |a| a.address.addr().to_string());
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
-         ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n{own}\t{id}\n"
-    );
-    let mut files = vec![("hosts", hosts)];
-    if let Some(a) = net {
-        files.push((RESOLV_CONF, resolv_conf(&[a.dns])));
-    }
-    files
-}
-
-fn resolv_conf(servers: &[std::net::Ipv4Addr]) -> String {
-    let mut text = String::new();
-    for s in servers {
-        text.push_str(&format!("nameserver {s}\n"));
-    }
-    text.push_str("options timeout:2 attempts:2\n");
-    text
-}
-
-/// Writes a new file owned by sandbox root (`owner` on the host), readable by everyone.
-fn write_owned(path: &Path, text: &str, owner: u32) -> Result<(), RuntimeError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text)
-        .and_then(|()| std::os::unix::fs::chown(path, Some(owner), Some(owner)))
-        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
-        .map_err(|e| RuntimeError::Backend {
-            op: "write the sandbox's name files",
-            source: BackendError::io("write", path, e),
-        })
-}
-
-/// Replaces the contents of a file that is bind-mounted into a running sandbox, keeping its
-/// inode (a new file would not be what the sandbox sees). The directory is the sandbox's
-/// to write, so a symlink put in its place is refused rather than followed.
-fn rewrite_in_place(path: &Path, text: &str) -> Result<(), RuntimeError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .custom_flags(libc_o_nofollow())
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| RuntimeError::Backend {
-            op: "write the sandbox's resolver file",
-            source: BackendError::io("write", path, e),
-        })
-}
-
-/// `O_NOFOLLOW`, from nix (the gateway has no direct libc dependency).
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 /// Connects to the agent's socket as soon as it accepts connections. The socket file exists

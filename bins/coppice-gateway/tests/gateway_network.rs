@@ -201,6 +201,50 @@ except PermissionError:
     assert!(text.contains("sysctl denied"), "{text}");
     let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
     assert_eq!(r.status, 204);
+
+    // `network.dnsServers` at create names its resolvers; an update replaces them in the
+    // same file, which a process inside that holds it open reads again; an update without
+    // them points back at the gateway's forwarder.
+    let sbx =
+        lab.create(json!({"templateID": "base", "network": {"dnsServers": ["198.51.100.53"]}}));
+    let id = id_of(&sbx);
+    let token = token_of(&sbx);
+    let read = |lab: &Lab| {
+        lab.exec(
+            &id,
+            Some(&token),
+            "cat /etc/resolv.conf; stat -c %i /etc/resolv.conf",
+        )
+        .ok()
+        .to_owned()
+    };
+    let first = read(&lab);
+    assert!(first.starts_with("nameserver 198.51.100.53\n"), "{first}");
+    let r = lab.api(
+        "PUT",
+        &format!("/sandboxes/{id}/network"),
+        Some(json!({"dnsServers": ["198.51.100.54", "198.51.100.55"]})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let second = read(&lab);
+    assert!(
+        second.starts_with("nameserver 198.51.100.54\nnameserver 198.51.100.55\n"),
+        "{second}"
+    );
+    assert_eq!(
+        first.lines().last(),
+        second.lines().last(),
+        "the file was replaced"
+    );
+    let r = lab.api("PUT", &format!("/sandboxes/{id}/network"), Some(json!({})));
+    assert_eq!(r.status, 204, "{}", r.text());
+    let third = read(&lab);
+    assert!(
+        third.starts_with(&format!("nameserver {GATEWAY}\n")),
+        "{third}"
+    );
+    let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
 }
 
 #[test]

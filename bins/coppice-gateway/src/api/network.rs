@@ -281,7 +281,7 @@ pub(crate) async fn update(
     }
     if enabled {
         gw.runtime.update_policy(&record.id, &policy).await?;
-        gw.runtime.set_resolvers(&record.id, &dns)?;
+        gw.runtime.set_resolvers(&record.id, &dns).await?;
     }
     // The ingress half of the configuration is not part of an update: it stays as created.
     let kept = record.network.clone().unwrap_or_default();
