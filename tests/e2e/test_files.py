@@ -206,3 +206,49 @@ def test_watch_dir_recursive(sandbox, workdir):
         )
     finally:
         handle.stop()
+
+
+def test_signed_file_urls_work_without_the_sandbox_in_them(sandbox, workdir):
+    """`download_url`/`upload_url` on the shared sandbox URL carry no sandbox id or host:
+    the gateway finds the sandbox from the signature; a browser or urllib sends nothing
+    else. A wrong signature is envd's 401, an expired one the agent's own 401."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    path = f"{workdir}/signed.txt"
+    sandbox.files.write(path, "fetched by its URL")
+    url = sandbox.download_url(path, "user")
+    assert "signature=" in url
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.status == 200
+        assert resp.read() == b"fetched by its URL"
+
+    upload = sandbox.upload_url(f"{workdir}/uploaded.txt", "user")
+    body = (
+        b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"uploaded.txt\""
+        b"\r\n\r\nsent to its URL\r\n--xx--\r\n"
+    )
+    req = urllib.request.Request(
+        upload,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "multipart/form-data; boundary=xx"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+    assert sandbox.files.read(f"{workdir}/uploaded.txt") == "sent to its URL"
+
+    forged = url.replace("signature=v1_", "signature=v1_A")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(forged, timeout=30)
+    assert err.value.code == 401
+
+    expired = sandbox.download_url(path, "user", use_signature_expiration=-120)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(expired, timeout=30)
+    assert err.value.code == 401
+    assert json.loads(err.value.read()) == {
+        "code": 401,
+        "message": "signature is already expired",
+    }

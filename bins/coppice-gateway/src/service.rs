@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    closing, events, has_body, json, logs, metrics, network, ports, proxy, sandboxes, Body,
+    closing, events, has_body, json, logs, metrics, network, ports, proxy, sandboxes, signed, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -72,7 +72,9 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
     let arrived = Instant::now();
-    let (family, resp) = match proxy::target(&req, Some(ports::routing_domain(&gw.config))) {
+    let target = proxy::target(&req, Some(ports::routing_domain(&gw.config)))
+        .or_else(|| signed::target(gw, &req));
+    let (family, resp) = match target {
         Some(Ok(target)) => (
             Family::proxy(target.port),
             match gw.adoption.check() {

@@ -142,6 +142,28 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The `signature` query parameter of a file URL that E2B's SDKs sign for a sandbox with an
+/// access token (`download_url`/`upload_url`): `v1_` and the unpadded base64 of
+/// SHA-256(`path:operation:username:token[:expiration]`), where `operation` is `read` for a
+/// download and `write` for an upload and `expiration` is in Unix seconds.
+pub fn file_url_signature(
+    path: &str,
+    operation: &str,
+    username: &str,
+    token: &str,
+    expiration: Option<u64>,
+) -> String {
+    let mut material = format!("{path}:{operation}:{username}:{token}");
+    if let Some(exp) = expiration {
+        material.push_str(&format!(":{exp}"));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
+    format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref())
+    )
+}
+
 /// Checks `X-Access-Token`, else the `signature` query (spec §3.1), then resolves the user.
 fn authorize(
     state: &AgentState,
@@ -167,28 +189,25 @@ fn authorize(
                 let sig = q.get("signature").ok_or_else(unauthorized)?;
                 let path = q.get("path").map_or("", String::as_str);
                 let expiration = q.get("signature_expiration");
-                let mut material = format!("{path}:{op}:{username}:{token}");
-                if let Some(exp) = expiration {
-                    let exp: u64 = exp
-                        .parse()
-                        .map_err(|_| FileError::bad("invalid signature_expiration"))?;
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    if exp < now {
-                        return Err(FileError::new(
-                            StatusCode::UNAUTHORIZED,
-                            "signature is already expired",
-                        ));
-                    }
-                    material.push_str(&format!(":{exp}"));
-                }
-                let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
-                let want = format!(
-                    "v1_{}",
-                    base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref())
-                );
+                let expiration = expiration
+                    .map(|exp| {
+                        let exp: u64 = exp
+                            .parse()
+                            .map_err(|_| FileError::bad("invalid signature_expiration"))?;
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        if exp < now {
+                            return Err(FileError::new(
+                                StatusCode::UNAUTHORIZED,
+                                "signature is already expired",
+                            ));
+                        }
+                        Ok(exp)
+                    })
+                    .transpose()?;
+                let want = file_url_signature(path, op, username, &token, expiration);
                 if !constant_time_eq(sig.as_bytes(), want.as_bytes()) {
                     return Err(unauthorized());
                 }

@@ -9,7 +9,8 @@
 //! [`reaper`] owns every `wait` in the process (the agent is PID 1); [`report`] is what the
 //! agent tells the gateway about enforcement it did (`task.timeout`), as NDJSON in its run
 //! directory; [`journal`] is the format of the agent's log (JSON lines on stderr) and its
-//! reader.
+//! reader. [`file_url_signature`] is how a signed file URL is checked, for a router that
+//! must find the sandbox a URL without one is for.
 //!
 //! **Invariant:** nothing here knows about other sandboxes, the gateway's routing or
 //! lifecycle; the agent sees one sandbox from the inside.
@@ -31,3 +32,5 @@ mod process;
 mod reply;
 mod users;
 mod xattr;
+
+pub use files::file_url_signature;

@@ -9,6 +9,7 @@ pub(crate) mod network;
 pub(crate) mod ports;
 pub(crate) mod proxy;
 pub(crate) mod sandboxes;
+pub(crate) mod signed;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
