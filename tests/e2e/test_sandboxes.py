@@ -4,7 +4,7 @@ sandboxes behind one port (§6 items 1, 2, 20-25, 35)."""
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from e2b import (
@@ -211,6 +211,13 @@ def test_list(factory):
     assert [i.sandbox_id for i in desc] == [i.sandbox_id for i in reversed(asc)]
     if asc[0].started_at != asc[1].started_at:
         assert [i.sandbox_id for i in asc] == [first.sandbox_id, second.sandbox_id]
+
+    # startedAfter is "at or after" (E2B's OpenAPI): a sandbox's own start time finds it.
+    started = first.get_info().started_at
+    at = SandboxQuery(metadata={"e2e-list": tag}, started_after=started)
+    assert first.sandbox_id in {i.sandbox_id for i in list_all(query=at)}
+    later = SandboxQuery(metadata={"e2e-list": tag}, started_after=started + timedelta(hours=1))
+    assert list_all(query=later) == []
 
 
 def test_unknown_sandbox_id():

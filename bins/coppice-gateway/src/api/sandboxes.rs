@@ -355,7 +355,10 @@ pub(crate) fn list(gw: &Gateway, raw_query: &str, legacy: bool) -> Result<Respon
         })
         .filter(|r| q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
         .filter(|r| q.template.as_ref().is_none_or(|t| &r.template == t))
-        .filter(|r| q.started_after.is_none_or(|t| r.lifecycle.started_at.0 > t))
+        .filter(|r| {
+            q.started_after
+                .is_none_or(|t| r.lifecycle.started_at.0 >= t)
+        })
         .collect();
     records.sort_by(|a, b| (a.created_at, a.id.as_str()).cmp(&(b.created_at, b.id.as_str())));
     if !q.ascending {
