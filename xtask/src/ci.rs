@@ -83,8 +83,11 @@ pub(crate) fn install_debian_packages(packages: &[&str]) -> Result<(), String> {
         );
         return Ok(());
     }
-    run_cmd("apt-get", &["update", "-qq"])?;
+    // Wait for another apt or dpkg (unattended-upgrades on a fresh machine) instead of failing.
+    let lock_wait = ["-o", "DPkg::Lock::Timeout=300"];
+    run_cmd("apt-get", &["update", "-qq", lock_wait[0], lock_wait[1]])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(lock_wait);
     args.extend(missing);
     run_cmd("apt-get", &args)
 }

@@ -362,6 +362,10 @@ fn installed(program: &str) -> bool {
         .any(|dir| dir.join(program).is_file())
 }
 
+/// apt-get waits this long for another apt or dpkg (an operator's, unattended-upgrades) to
+/// release the package database instead of failing at once; well inside `command::INSTALL`.
+const APT_LOCK_WAIT: [&str; 2] = ["-o", "DPkg::Lock::Timeout=300"];
+
 /// Installs debootstrap from the host's Debian repositories when it is missing, so that a
 /// fresh machine needs nothing else; elsewhere says what to install.
 fn ensure_debootstrap(progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
@@ -384,13 +388,14 @@ fn ensure_debootstrap(progress: &mut dyn FnMut(&str)) -> Result<(), BackendError
             "--no-install-recommends",
             "debootstrap",
         ])
+        .args(APT_LOCK_WAIT)
         .env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
     if command::stream(install(), command::INSTALL, progress).is_err() {
         // A fresh machine may have no package lists yet.
         let mut update = Command::new("apt-get");
-        update.args(["update", "-q"]);
+        update.args(["update", "-q"]).args(APT_LOCK_WAIT);
         command::stream(update, command::INSTALL, progress)?;
         command::stream(install(), command::INSTALL, progress)?;
     }

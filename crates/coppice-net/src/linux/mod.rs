@@ -1297,6 +1297,10 @@ fn wait_forwarding(link: &str) {
 /// Runs one `nft -f -` transaction.
 /// Installs `nft` from the host's Debian repositories when it is missing, so that a fresh
 /// machine needs nothing else; elsewhere says what to install.
+/// apt-get waits this long for another apt or dpkg (an operator's, unattended-upgrades) to
+/// release the package database instead of failing at once; well inside `command::INSTALL`.
+const APT_LOCK_WAIT: [&str; 2] = ["-o", "DPkg::Lock::Timeout=300"];
+
 fn ensure_nft() -> Result<(), BackendError> {
     let on_path = |program: &str| {
         std::env::var_os("PATH")
@@ -1319,13 +1323,14 @@ fn ensure_nft() -> Result<(), BackendError> {
     let install = || {
         let mut cmd = Command::new("apt-get");
         cmd.args(["install", "-y", "-q", "--no-install-recommends", "nftables"])
+            .args(APT_LOCK_WAIT)
             .env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
     if command::run(install(), b"", command::INSTALL).is_err() {
         // A fresh machine may have no package lists yet.
         let mut update = Command::new("apt-get");
-        update.args(["update", "-q"]);
+        update.args(["update", "-q"]).args(APT_LOCK_WAIT);
         command::run(update, b"", command::INSTALL)?;
         command::run(install(), b"", command::INSTALL)?;
     }
