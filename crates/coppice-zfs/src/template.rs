@@ -1,13 +1,16 @@
 //! The default template: a Debian bookworm root filesystem like E2B's base image, built once
-//! with debootstrap and cached.
+//! with debootstrap and apt, and cached.
 //!
 //! [`TemplateBuilder::ensure`] returns the cached tree, or builds it: `debootstrap
-//! --variant=minbase` with [`PACKAGES`], a user `user` (uid/gid 1000, home `/home/user`,
-//! passwordless sudo), `apt-get clean`, empty apt lists, `/run/coppice`, and every file's uid
-//! and gid shifted by the sandboxes' user-namespace offset. The tree is built in a staging
-//! directory and published by an atomic rename (or exchange, on rebuild); a marker file
-//! written after that says it is complete. An exclusive `flock` on `<cache>/.lock` makes
-//! concurrent callers build once.
+//! --variant=minbase`, then [`PACKAGES`] (and a flavor's extras) installed by `apt-get` inside
+//! the tree, with `/proc` mounted in a mount namespace of its own; then E2B's user setup (user
+//! `user`, uid/gid 1000, home `/home/user`, in group `sudo` with passwordless sudo, an empty
+//! password), `/etc/pip.conf` and a profile script that make it behave as E2B's image does,
+//! a world-writable `/code` and `/usr/local`, `apt-get clean`, empty apt lists, `/run/coppice`,
+//! and every file's uid and gid shifted by the sandboxes' user-namespace offset. The tree is
+//! built in a staging directory and published by an atomic rename (or exchange, on rebuild); a
+//! marker file written after that says it is complete. An exclusive `flock` on
+//! `<cache>/.lock` makes concurrent callers build once.
 
 use std::collections::HashSet;
 use std::fs;
@@ -23,14 +26,43 @@ use serde::{Deserialize, Serialize};
 use crate::command;
 use crate::linux::tree;
 
-/// Packages added to debootstrap's minbase set.
+/// Packages installed on top of debootstrap's minbase set: what E2B's base image (Debian
+/// bookworm's `python` image plus Node.js, git and a compiler; `templates/base` in
+/// e2b-dev/E2B) gives its users, from Debian's own archive.
 pub const PACKAGES: &[&str] = &[
     "bash",
     "coreutils",
     "procps",
-    "python3",
     "ca-certificates",
     "sudo",
+    // Python with pip and venv; `python` is a command, as in E2B's image; the headers let
+    // `pip install` build C extensions.
+    "python3",
+    "python3-pip",
+    "python3-venv",
+    "python3-dev",
+    "python-is-python3",
+    // Node.js with npm (Debian's 18.x; E2B's image carries 20.x).
+    "nodejs",
+    "npm",
+    // What the image's `buildpack-deps` layers give: fetching, version control, archives.
+    "git",
+    "curl",
+    "wget",
+    "gnupg",
+    "openssh-client",
+    "netbase",
+    "unzip",
+    "zip",
+    "xz-utils",
+    "bzip2",
+    "file",
+    "less",
+    // The compiler toolchain.
+    "build-essential",
+    "pkg-config",
+    // GitHub's CLI, which E2B's image adds.
+    "gh",
 ];
 
 /// The Debian suite the template is built from.
@@ -40,7 +72,7 @@ pub const SUITE: &str = "bookworm";
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// Bumped whenever the recipe changes, so an old cache is never mistaken for a new one.
-const RECIPE_VERSION: u32 = 1;
+const RECIPE_VERSION: u32 = 2;
 
 /// The default cache directory shared by every crate's tests on a machine:
 /// `$COPPICE_TEMPLATE_CACHE`, or `/var/cache/coppice/templates`.
@@ -108,7 +140,7 @@ impl TemplateBuilder {
         self
     }
 
-    /// Every package debootstrap installs beyond minbase.
+    /// Every package installed beyond minbase.
     fn packages(&self) -> Vec<String> {
         PACKAGES
             .iter()
@@ -124,7 +156,7 @@ impl TemplateBuilder {
         self
     }
 
-    /// Versioned name of the cached tree, e.g. `debian-bookworm-base-v1-u100000`.
+    /// Versioned name of the cached tree, e.g. `debian-bookworm-base-v2-u100000`.
     pub fn name(&self) -> String {
         format!(
             "debian-{SUITE}-{}-v{RECIPE_VERSION}-u{}",
@@ -154,8 +186,8 @@ impl TemplateBuilder {
     }
 
     /// Returns the cached template, building it first if it is missing or if
-    /// `force_rebuild`. Building takes a minute or two and reports progress lines (including
-    /// debootstrap's output) through `progress`. Blocking: call it from a plain thread or
+    /// `force_rebuild`. Building takes a few minutes and reports progress lines (including
+    /// debootstrap's and apt's output) through `progress`. Blocking: call it from a plain thread or
     /// `spawn_blocking`.
     pub fn ensure(
         &self,
@@ -212,17 +244,37 @@ impl TemplateBuilder {
             .unwrap_or_else(|| DEFAULT_MIRROR.to_owned());
         ensure_debootstrap(progress)?;
         progress(&format!(
-            "building the {SUITE} template with debootstrap from {mirror} (a minute or two)"
+            "building the {SUITE} template with debootstrap from {mirror} (a few minutes)"
         ));
         let mut cmd = Command::new("debootstrap");
         cmd.arg("--variant=minbase")
-            .arg(format!("--include={}", self.packages().join(",")))
             .arg(SUITE)
             .arg(staging)
             .arg(&mirror);
         command::stream(cmd, command::INSTALL, progress)?;
 
-        progress("creating user `user` (uid 1000) with passwordless sudo");
+        // apt, not debootstrap's `--include`, installs the packages: debootstrap's resolver
+        // takes the first of alternatives and knows no virtual packages, which npm's hundred
+        // dependencies need.
+        let packages = self.packages();
+        progress(&format!(
+            "installing {} packages with apt-get: {}",
+            packages.len(),
+            packages.join(" ")
+        ));
+        apt_in_chroot(staging, &["update", "-q"], progress)?;
+        let mut install = vec![
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "-o",
+            "Dpkg::Use-Pty=0",
+        ];
+        install.extend(packages.iter().map(String::as_str));
+        apt_in_chroot(staging, &install, progress)?;
+
+        progress("creating user `user` (uid 1000, group sudo) with passwordless sudo");
         in_chroot(staging, &["groupadd", "--gid", "1000", "user"])?;
         in_chroot(
             staging,
@@ -232,6 +284,8 @@ impl TemplateBuilder {
                 "1000",
                 "--gid",
                 "1000",
+                "--groups",
+                "sudo",
                 "--home-dir",
                 "/home/user",
                 "--create-home",
@@ -240,14 +294,38 @@ impl TemplateBuilder {
                 "user",
             ],
         )?;
-        let sudoers = staging.join("etc/sudoers.d/user");
-        fs::write(&sudoers, "user ALL=(ALL:ALL) NOPASSWD: ALL\n")
-            .and_then(|()| fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440)))
-            .map_err(|e| BackendError::io("write", &sudoers, e))?;
+        // E2B's user has an empty password rather than a locked one.
+        in_chroot(staging, &["passwd", "--delete", "user"])?;
+        write_file(
+            staging,
+            "etc/sudoers.d/user",
+            "user ALL=(ALL:ALL) NOPASSWD: ALL\n",
+            0o440,
+        )?;
         in_chroot(
             staging,
             &["visudo", "--check", "--file", "/etc/sudoers.d/user"],
         )?;
+
+        progress("configuring pip, the login shell, /code and /usr/local as E2B's image has them");
+        // E2B's python is not Debian's, so `pip install` there never meets PEP 668's
+        // "externally managed environment" refusal; this makes Debian's pip behave the same
+        // (it installs into /usr/local, which `user` may write too).
+        write_file(
+            staging,
+            "etc/pip.conf",
+            "[global]\nbreak-system-packages = true\n",
+            0o644,
+        )?;
+        // Commands arrive as `bash -l -c`, so this reaches every command the SDK runs.
+        write_file(staging, "etc/profile.d/coppice-e2b.sh", PROFILE, 0o644)?;
+        let code = staging.join("code");
+        fs::create_dir_all(&code)
+            .and_then(|()| fs::set_permissions(&code, fs::Permissions::from_mode(0o777)))
+            .map_err(|e| BackendError::io("create", &code, e))?;
+        // E2B makes /usr/local writable by everyone, so `npm install -g` and `pip install`
+        // into it work without sudo.
+        in_chroot(staging, &["chmod", "-R", "a+rwX", "/usr/local"])?;
 
         progress("cleaning apt caches");
         in_chroot(staging, &["apt-get", "clean"])?;
@@ -414,6 +492,48 @@ fn in_chroot(root: &Path, args: &[&str]) -> Result<(), BackendError> {
     command::run(cmd, command::CHROOT_STEP)
 }
 
+/// Runs `apt-get args` inside the chroot `root`, with `/proc` mounted there in a mount and
+/// PID namespace of its own (package scripts read it), so the mount vanishes with the
+/// command however it ends and never lingers in the tree. Output goes to `progress`.
+fn apt_in_chroot(
+    root: &Path,
+    args: &[&str],
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), BackendError> {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--pid", "--fork"])
+        .arg(format!("--mount-proc={}", root.join("proc").display()))
+        .arg("chroot")
+        .arg(root)
+        .arg("apt-get")
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("DEBCONF_NONINTERACTIVE_SEEN", "true");
+    command::stream(cmd, command::INSTALL, progress)
+}
+
+/// Writes `contents` to `rel` under `root` with `mode`, creating its parent directories.
+fn write_file(root: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), BackendError> {
+    let path = root.join(rel);
+    path.parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(&path, contents))
+        .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(mode)))
+        .map_err(|e| BackendError::io("write", &path, e))
+}
+
+/// `/etc/profile.d/coppice-e2b.sh`: the environment E2B's image gives login shells (its
+/// `SHELL` and prompt, and the `LANG` of the `python` image it is built on).
+const PROFILE: &str = "\
+# Written by Coppice's template builder: what E2B's base image sets for login shells.
+export SHELL=/bin/bash
+export LANG=\"${LANG:-C.UTF-8}\"
+export PS1='\\w \\$ '
+";
+
 /// Adds `shift` to the uid and gid of every file under `root` (not following symlinks), so
 /// that sandbox root, host uid `shift`, owns what root owned. `chown` clears setuid and
 /// setgid bits, so the original mode is put back afterwards (sudo stays setuid).
@@ -490,7 +610,7 @@ mod tests {
     #[test]
     fn names_carry_recipe_and_shift() {
         let b = TemplateBuilder::new("/c", 100_000);
-        assert_eq!(b.path(), Path::new("/c/debian-bookworm-base-v1-u100000"));
+        assert_eq!(b.path(), Path::new("/c/debian-bookworm-base-v2-u100000"));
         assert_ne!(TemplateBuilder::new("/c", 0).name(), b.name());
     }
 
@@ -498,7 +618,7 @@ mod tests {
     fn flavors_add_packages_under_their_own_name() {
         let b = TemplateBuilder::new("/c", 100_000)
             .with_flavor("code-interpreter-v1", &["python3-numpy", "python3-pandas"]);
-        assert_eq!(b.name(), "debian-bookworm-code-interpreter-v1-v1-u100000");
+        assert_eq!(b.name(), "debian-bookworm-code-interpreter-v1-v2-u100000");
         let packages = b.packages();
         assert!(packages.iter().any(|p| p == "sudo"));
         assert!(packages.ends_with(&["python3-numpy".to_owned(), "python3-pandas".to_owned()]));
@@ -506,7 +626,7 @@ mod tests {
             TemplateBuilder::new("/c", 1)
                 .with_flavor("Odd/Name", &[])
                 .name(),
-            "debian-bookworm-odd-name-v1-u1"
+            "debian-bookworm-odd-name-v2-u1"
         );
     }
 
