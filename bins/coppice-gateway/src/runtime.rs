@@ -162,10 +162,20 @@ pub(crate) fn mint_id() -> Result<SandboxId, RuntimeError> {
 /// Templates the gateway serves: E2B's two SDK defaults.
 pub(crate) const TEMPLATES: &[(&str, &[&str])] = &[
     ("base", &[]),
-    // What E2B's code-interpreter image has for rich results, from Debian's packages.
+    // What E2B's code-interpreter image has for rich results and its other kernels
+    // (javascript and typescript, r, java), from Debian's packages.
     (
         "code-interpreter-v1",
-        &["python3-numpy", "python3-pandas", "python3-matplotlib"],
+        &[
+            "python3-numpy",
+            "python3-pandas",
+            "python3-matplotlib",
+            "nodejs",
+            "node-acorn",
+            "node-typescript",
+            "r-base-core",
+            "default-jdk-headless",
+        ],
     ),
 ];
 

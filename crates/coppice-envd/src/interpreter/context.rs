@@ -1,7 +1,8 @@
 //! Contexts: one persistent interpreter process each, and the execution of a cell in one.
 //!
-//! A context's process runs the embedded driver (`driver.py` or `driver.sh`) in its own
-//! session, so an interrupt or a kill reaches everything it started. The agent keeps one
+//! A context's process runs its language's embedded driver ([`RUNNERS`] says which, with
+//! which program and how to speak to it) in its own session, so an interrupt or a kill
+//! reaches everything it started. The agent keeps one
 //! end of a unix socket pair (requests out, events in) and the read ends of the process's
 //! stdout and stderr pipes. Executions in one context are serialized by `runtime`; only the
 //! execution holding it reads the process, so output between executions waits in the pipes.
@@ -42,29 +43,215 @@ pub(super) enum Language {
     Python,
     /// bash through `driver.sh`.
     Bash,
+    /// Node.js through `driver.js`.
+    JavaScript,
+    /// Node.js through `driver.js`, each cell transpiled by the `typescript` module.
+    TypeScript,
+    /// R through `driver.R` (Rscript).
+    R,
+    /// Java through `driver.java` (JShell in the JDK's source launcher).
+    Java,
 }
 
 impl Language {
-    /// E2B's normalization: absent or empty is python, case and spaces do not matter, `js`
-    /// means `javascript`. Unsupported languages come back as their normalized name.
+    /// E2B's normalization: absent or empty is python, case and surrounding spaces do not
+    /// matter, `js` means `javascript` and `ts` `typescript`. Unsupported languages come
+    /// back as their normalized name.
     pub(super) fn parse(name: Option<&str>) -> Result<Self, String> {
         let name = name.map(|n| n.trim().to_lowercase()).unwrap_or_default();
         match name.as_str() {
-            "" | "python" | "python3" => Ok(Self::Python),
-            "bash" | "sh" | "shell" => Ok(Self::Bash),
-            "js" => Err("javascript".to_owned()),
-            _ => Err(name),
+            "" | "python3" => Ok(Self::Python),
+            "sh" | "shell" => Ok(Self::Bash),
+            "js" => Ok(Self::JavaScript),
+            "ts" => Ok(Self::TypeScript),
+            other => RUNNERS
+                .iter()
+                .find(|r| r.name == other)
+                .map(|r| r.language)
+                .ok_or(name),
         }
+    }
+
+    /// How this language's processes are started and spoken to.
+    pub(super) fn runner(self) -> &'static Runner {
+        // The table lists every variant once, in declaration order (checked by a test).
+        &RUNNERS[self as usize]
     }
 
     /// The name `/contexts` reports.
     pub(super) fn name(self) -> &'static str {
-        match self {
-            Self::Python => "python",
-            Self::Bash => "bash",
-        }
+        self.runner().name
     }
 }
+
+/// Which configured program runs a driver.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Program {
+    /// [`InterpreterConfig::python`].
+    Python,
+    /// [`InterpreterConfig::bash`].
+    Bash,
+    /// [`InterpreterConfig::node`].
+    Node,
+    /// [`InterpreterConfig::rscript`].
+    Rscript,
+    /// [`InterpreterConfig::java`].
+    Java,
+}
+
+/// How the driver reaches its end of the socket pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Channel {
+    /// Inherited under its own number, named by `COPPICE_DRIVER_FD`.
+    Fd,
+    /// As fd 0, for runtimes that cannot open a descriptor by number (Java).
+    Stdin,
+}
+
+/// How a cell is written to the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Encoding {
+    /// One JSON object per line: `{"code", "env", "n"}`.
+    JsonLine,
+    /// Three NUL-terminated fields of shell code: setup, cell, teardown.
+    ShellFields,
+    /// A line of space-separated byte lengths, then the fields: cell number, code, then
+    /// env var names and values in pairs.
+    Framed,
+}
+
+/// Who gets SIGINT when a cell is interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum InterruptTarget {
+    /// The interpreter only, which turns it into an error in the cell (a subprocess the
+    /// cell waits on is cleaned up by that error, as under Jupyter).
+    Process,
+    /// The whole process group: bash waits for its foreground command, which must get it.
+    Group,
+}
+
+/// One row of the launch table: everything that differs between languages.
+#[derive(Debug)]
+pub(super) struct Runner {
+    /// The language this row is for.
+    pub(super) language: Language,
+    /// E2B's name for it, which `/contexts` reports.
+    pub(super) name: &'static str,
+    /// The driver's file name in the driver directory.
+    pub(super) driver: &'static str,
+    /// The driver's text, shipped inside the agent.
+    pub(super) source: &'static str,
+    /// The program that runs the driver.
+    pub(super) program: Program,
+    /// Its arguments; [`DRIVER`] stands for the driver's path.
+    pub(super) args: &'static [&'static str],
+    /// How the driver gets its socket.
+    pub(super) channel: Channel,
+    /// How a cell is written to it.
+    pub(super) encoding: Encoding,
+    /// Who gets SIGINT on an interrupt.
+    pub(super) interrupt: InterruptTarget,
+    /// Env var names must be shell identifiers (else anything without `=` or NUL).
+    pub(super) identifier_env_names: bool,
+    /// The code may contain NUL bytes.
+    pub(super) nul_in_code: bool,
+}
+
+/// The fd number a driver finds its socket under with [`Channel::Fd`].
+const DRIVER_FD: RawFd = 3;
+
+/// The placeholder for the driver's path in [`Runner::args`].
+pub(super) const DRIVER: &str = "{driver}";
+
+/// The launch table, one row per [`Language`] variant in declaration order.
+pub(super) const RUNNERS: [Runner; 6] = [
+    Runner {
+        language: Language::Python,
+        name: "python",
+        driver: "driver.py",
+        source: include_str!("driver.py"),
+        program: Program::Python,
+        args: &[DRIVER],
+        channel: Channel::Fd,
+        encoding: Encoding::JsonLine,
+        interrupt: InterruptTarget::Process,
+        identifier_env_names: false,
+        nul_in_code: true,
+    },
+    Runner {
+        language: Language::Bash,
+        name: "bash",
+        driver: "driver.sh",
+        source: include_str!("driver.sh"),
+        program: Program::Bash,
+        args: &["--noprofile", "--norc", DRIVER],
+        channel: Channel::Fd,
+        encoding: Encoding::ShellFields,
+        interrupt: InterruptTarget::Group,
+        identifier_env_names: true,
+        nul_in_code: false,
+    },
+    Runner {
+        language: Language::JavaScript,
+        name: "javascript",
+        driver: "driver.js",
+        source: include_str!("driver.js"),
+        program: Program::Node,
+        args: &[DRIVER],
+        channel: Channel::Fd,
+        encoding: Encoding::JsonLine,
+        interrupt: InterruptTarget::Process,
+        identifier_env_names: false,
+        nul_in_code: true,
+    },
+    Runner {
+        language: Language::TypeScript,
+        name: "typescript",
+        driver: "driver.js",
+        source: include_str!("driver.js"),
+        program: Program::Node,
+        args: &[DRIVER, "typescript"],
+        channel: Channel::Fd,
+        encoding: Encoding::JsonLine,
+        interrupt: InterruptTarget::Process,
+        identifier_env_names: false,
+        nul_in_code: true,
+    },
+    Runner {
+        language: Language::R,
+        name: "r",
+        driver: "driver.R",
+        source: include_str!("driver.R"),
+        program: Program::Rscript,
+        args: &["--no-save", "--no-restore", DRIVER],
+        channel: Channel::Fd,
+        encoding: Encoding::Framed,
+        interrupt: InterruptTarget::Process,
+        identifier_env_names: false,
+        // R strings cannot hold NUL.
+        nul_in_code: false,
+    },
+    Runner {
+        language: Language::Java,
+        name: "java",
+        driver: "driver.java",
+        source: include_str!("driver.java"),
+        program: Program::Java,
+        // A small heap and the serial collector start fastest; class data sharing is on
+        // by default.
+        args: &[
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-Dfile.encoding=UTF-8",
+            DRIVER,
+        ],
+        channel: Channel::Stdin,
+        encoding: Encoding::Framed,
+        interrupt: InterruptTarget::Process,
+        identifier_env_names: false,
+        nul_in_code: true,
+    },
+];
 
 /// Why a context could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -176,8 +363,8 @@ pub(super) struct Job {
 #[derive(Debug, Clone)]
 pub(super) struct Launch {
     pub(super) config: Arc<InterpreterConfig>,
-    pub(super) driver_py: PathBuf,
-    pub(super) driver_sh: PathBuf,
+    /// Where the drivers were written.
+    pub(super) driver_dir: PathBuf,
 }
 
 /// An event the driver writes on its socket.
@@ -198,6 +385,11 @@ enum Event {
     Done {
         #[serde(default)]
         rc: Option<i32>,
+    },
+    /// Output a driver frames itself (Java's System.out and System.err).
+    Stream {
+        name: String,
+        text: String,
     },
 }
 
@@ -427,6 +619,10 @@ async fn run_cell(
                         }
                         return Outcome::Done;
                     }
+                    Ok(Event::Stream { name, text }) => {
+                        let kind = if name == "stderr" { StreamKind::Stderr } else { StreamKind::Stdout };
+                        emit(out, kind, text).await;
+                    }
                     Ok(Event::Ready) => {}
                     Err(e) => tracing::warn!(error = %e, "unreadable interpreter event"),
                 }
@@ -509,25 +705,37 @@ async fn drain(p: &mut Process, out: &mut Out, odec: &mut Utf8Stream, edec: &mut
 
 fn interrupt(pgid: i32, language: Language) {
     let pid = Pid::from_raw(pgid);
-    let _ = match language {
-        // Like Jupyter: only the interpreter, which turns it into KeyboardInterrupt (a
-        // subprocess it waits on is cleaned up by the exception).
-        Language::Python => kill(pid, Signal::SIGINT),
-        // bash waits for its foreground command, so that command must get it too.
-        Language::Bash => killpg(pid, Signal::SIGINT),
+    let _ = match language.runner().interrupt {
+        InterruptTarget::Process => kill(pid, Signal::SIGINT),
+        InterruptTarget::Group => killpg(pid, Signal::SIGINT),
     };
 }
 
 fn encode_job(language: Language, job: &Job, count: u64) -> Vec<u8> {
-    match language {
-        Language::Python => {
+    match language.runner().encoding {
+        Encoding::JsonLine => {
             let mut v = serde_json::json!({ "code": job.code, "env": job.env, "n": count })
                 .to_string()
                 .into_bytes();
             v.push(b'\n');
             v
         }
-        Language::Bash => {
+        Encoding::Framed => {
+            let n = count.to_string();
+            let mut fields: Vec<&[u8]> = vec![n.as_bytes(), job.code.as_bytes()];
+            for (k, v) in &job.env {
+                fields.push(k.as_bytes());
+                fields.push(v.as_bytes());
+            }
+            let header: Vec<String> = fields.iter().map(|f| f.len().to_string()).collect();
+            let mut v = header.join(" ").into_bytes();
+            v.push(b'\n');
+            for f in fields {
+                v.extend_from_slice(f);
+            }
+            v
+        }
+        Encoding::ShellFields => {
             let (setup, teardown) = bash_env(&job.env);
             let mut v = Vec::with_capacity(setup.len() + job.code.len() + teardown.len() + 3);
             for part in [&setup, &job.code, &teardown] {
@@ -563,15 +771,14 @@ fn shell_quote(s: &str) -> String {
 
 /// Whether `name` can be an env var name in `language`.
 pub(super) fn valid_env_name(language: Language, name: &str) -> bool {
-    match language {
-        Language::Python => !name.is_empty() && !name.contains(['=', '\0']),
-        Language::Bash => {
-            let mut chars = name.chars();
-            chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        }
+    if language.runner().identifier_env_names {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    } else {
+        !name.is_empty() && !name.contains(['=', '\0'])
     }
 }
 
@@ -615,37 +822,54 @@ async fn spawn(
     let cwd_c = CString::new(cwd).map_err(|_| ContextError::BadCwd {
         cwd: cwd.to_owned(),
     })?;
-    let program = match language {
-        Language::Python => launch.config.python.clone(),
-        Language::Bash => launch.config.bash.clone(),
-    };
+    let runner = language.runner();
+    let program = launch.config.program(runner.program).to_owned();
     let spawn_err = |source| ContextError::Spawn {
         program: program.clone(),
         source,
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
-    let child_fd: RawFd = theirs.as_raw_fd();
+    let driver = launch.driver_dir.join(runner.driver);
 
     let mut cmd = Command::new(&program);
-    match language {
-        Language::Python => cmd.arg(&launch.driver_py),
-        Language::Bash => cmd.args(["--noprofile", "--norc"]).arg(&launch.driver_sh),
-    };
+    for arg in runner.args {
+        if *arg == DRIVER {
+            cmd.arg(&driver);
+        } else {
+            cmd.arg(arg);
+        }
+    }
     cmd.env_clear()
         .envs(base_env(&user.name, &user.home))
         .envs(state.envs_snapshot())
-        .env("COPPICE_DRIVER_FD", child_fd.to_string())
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // The fd the child must keep across exec; none when the socket becomes its stdin.
+    let (keep_fd, theirs): (Option<RawFd>, Option<std::os::unix::net::UnixStream>) =
+        match runner.channel {
+            Channel::Fd => {
+                cmd.env("COPPICE_DRIVER_FD", DRIVER_FD.to_string())
+                    .stdin(Stdio::null());
+                (Some(theirs.as_raw_fd()), Some(theirs))
+            }
+            Channel::Stdin => {
+                cmd.env("COPPICE_DRIVER_FD", "0")
+                    .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+                (None, None)
+            }
+        };
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (setsid, signal, fcntl, setgroups, setgid, setuid,
     // chdir) on data prepared before the fork; it allocates nothing.
     unsafe {
-        cmd.pre_exec(move || child_setup(child_fd, switch.as_ref(), &cwd_c));
+        cmd.pre_exec(move || child_setup(keep_fd, switch.as_ref(), &cwd_c));
     }
-    let (mut child, exited) = reaper::spawn(&mut cmd).map_err(spawn_err)?;
+    let spawned = reaper::spawn(&mut cmd);
+    // The parent's copies of the child's end close here, also when the spawn failed (for
+    // stdin, `cmd` holds it until dropped).
     drop(theirs);
+    drop(cmd);
+    let (mut child, exited) = spawned.map_err(spawn_err)?;
     let pgid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let pipes = (child.stdout.take(), child.stderr.take());
     let (Some(stdout), Some(stderr)) = pipes else {
@@ -694,7 +918,7 @@ async fn wait_ready(p: &mut Process) -> bool {
     }
 }
 
-fn child_setup(chan: RawFd, switch: Option<&Switch>, cwd: &CString) -> io::Result<()> {
+fn child_setup(chan: Option<RawFd>, switch: Option<&Switch>, cwd: &CString) -> io::Result<()> {
     // Its own session and process group: interrupts and kills reach what the cell started.
     nix::unistd::setsid()?;
     for sig in [Signal::SIGINT, Signal::SIGQUIT] {
@@ -702,11 +926,23 @@ fn child_setup(chan: RawFd, switch: Option<&Switch>, cwd: &CString) -> io::Resul
         // SIGINT would be inherited through exec and make interrupts do nothing.
         unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) }?;
     }
-    // The driver's end of the socket must survive exec.
-    nix::fcntl::fcntl(
-        chan,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-    )?;
+    // The driver's end of the socket must survive exec, as fd 3: a one-digit number every
+    // shell can redirect (dash refuses `<&10`). Every other fd of the agent is close-on-exec,
+    // so whatever fd 3 was in this child it would not have survived exec anyway.
+    if let Some(chan) = chan {
+        if chan == DRIVER_FD {
+            nix::fcntl::fcntl(
+                chan,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )?;
+        } else {
+            // SAFETY: dup2 is async-signal-safe; fd 3's previous file, if any, was
+            // close-on-exec (see above), and the new fd 3 is not.
+            if unsafe { libc::dup2(chan, DRIVER_FD) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
     if let Some(s) = switch {
         nix::unistd::setgroups(&s.groups)?;
         nix::unistd::setgid(s.gid)?;

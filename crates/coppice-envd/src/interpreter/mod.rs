@@ -3,10 +3,12 @@
 //! manage contexts.
 //!
 //! Entry point: [`handle`], which the hop calls for requests addressed to port 49999.
-//! A context is one long-lived `python3` (or `bash`) process running a small driver that
-//! ships inside this binary (`driver.py`, `driver.sh`) and is written to
-//! [`InterpreterConfig::driver_dir`] on first use; see `context` for the process side and
-//! `ndjson` for the lines the client reads. `docs/code-interpreter.md` has the protocol.
+//! A context is one long-lived interpreter process (`python3`, `bash`, `node`, `Rscript` or
+//! `java`) running a small driver that ships inside this binary (`driver.py`, `driver.sh`,
+//! `driver.js`, `driver.R`, `driver.java`) and is written to
+//! [`InterpreterConfig::driver_dir`] on first use; `context::RUNNERS` is the one table of
+//! how each language is launched and spoken to, `context` the process side and `ndjson` the
+//! lines the client reads. `docs/code-interpreter.md` has the protocol.
 //!
 //! **Invariant:** only `/execute` looks at the access token; `/contexts*` never do, as the
 //! SDK sends none there.
@@ -15,6 +17,8 @@ mod context;
 mod ndjson;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_languages;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,7 +35,7 @@ use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::interpreter::context::{Context, ContextError, Job, Language, Launch};
+use crate::interpreter::context::{Context, ContextError, Job, Language, Launch, Program, RUNNERS};
 use crate::reply::{error, full, json, Body};
 use crate::state::AgentState;
 
@@ -52,6 +56,15 @@ pub(crate) struct InterpreterConfig {
     pub(crate) python: PathBuf,
     /// The bash executable for `bash` contexts.
     pub(crate) bash: PathBuf,
+    /// Node.js, for `javascript` and `typescript` contexts.
+    pub(crate) node: PathBuf,
+    /// R's script front end, for `r` contexts.
+    pub(crate) rscript: PathBuf,
+    /// The JDK's launcher (it must have the `jdk.jshell` module), for `java` contexts.
+    pub(crate) java: PathBuf,
+    /// The user contexts run as; `None` is root (E2B's Jupyter server and its kernels run
+    /// as root), or the agent's own user when the agent is not root.
+    pub(crate) user: Option<String>,
     /// Where the drivers are written (created if missing, readable by every user).
     pub(crate) driver_dir: PathBuf,
     /// Silence after which a `keepalive` line is sent (E2B: 5 s).
@@ -69,6 +82,10 @@ impl Default for InterpreterConfig {
         Self {
             python: PathBuf::from("python3"),
             bash: PathBuf::from("bash"),
+            node: PathBuf::from("node"),
+            rscript: PathBuf::from("Rscript"),
+            java: PathBuf::from("java"),
+            user: None,
             driver_dir: PathBuf::from("/run/coppice/interpreter"),
             keepalive: Duration::from_secs(5),
             interrupt_grace: Duration::from_secs(3),
@@ -78,8 +95,21 @@ impl Default for InterpreterConfig {
     }
 }
 
-const DRIVER_PY: &str = include_str!("driver.py");
-const DRIVER_SH: &str = include_str!("driver.sh");
+impl InterpreterConfig {
+    /// The executable for one of the launch table's programs.
+    fn program(&self, program: Program) -> &std::path::Path {
+        match program {
+            Program::Python => &self.python,
+            Program::Bash => &self.bash,
+            Program::Node => &self.node,
+            Program::Rscript => &self.rscript,
+            Program::Java => &self.java,
+        }
+    }
+}
+
+/// The languages whose contexts exist from the start, as E2B's server creates them.
+const DEFAULT_LANGUAGES: [Language; 2] = [Language::Python, Language::JavaScript];
 
 /// The contexts of one sandbox.
 #[derive(Debug)]
@@ -88,7 +118,9 @@ pub(crate) struct Interpreter {
     contexts: StdMutex<HashMap<String, Arc<Context>>>,
     /// The context `/execute` uses per language when it names no context.
     defaults: tokio::sync::Mutex<HashMap<Language, String>>,
-    drivers: tokio::sync::OnceCell<(PathBuf, PathBuf)>,
+    drivers: tokio::sync::OnceCell<PathBuf>,
+    /// Set once the default contexts have been listed into `contexts`.
+    seeded: tokio::sync::OnceCell<()>,
     seq: AtomicU64,
 }
 
@@ -124,6 +156,7 @@ impl Interpreter {
             contexts: StdMutex::new(HashMap::new()),
             defaults: tokio::sync::Mutex::new(HashMap::new()),
             drivers: tokio::sync::OnceCell::new(),
+            seeded: tokio::sync::OnceCell::new(),
             seq: AtomicU64::new(0),
         }
     }
@@ -141,6 +174,7 @@ impl Interpreter {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let method = req.method().clone();
+        self.seed_defaults(&state).await;
         match (&method, segments.as_slice()) {
             (&Method::POST, ["execute"]) => self.execute(state, req).await,
             (&Method::GET, ["contexts"]) => self.list(),
@@ -222,10 +256,10 @@ impl Interpreter {
         {
             return text(StatusCode::BAD_REQUEST, format!("Invalid env var: {k:?}"));
         }
-        if ctx.language == Language::Bash && request.code.contains('\0') {
+        if !ctx.language.runner().nul_in_code && request.code.contains('\0') {
             return text(
                 StatusCode::BAD_REQUEST,
-                "bash code cannot contain NUL bytes",
+                format!("{} code cannot contain NUL bytes", ctx.language.name()),
             );
         }
         let launch = match self.launch().await {
@@ -326,6 +360,53 @@ impl Interpreter {
         self.contexts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Lists E2B's default contexts (python and javascript, in the default working
+    /// directory) the first time the interpreter is used. Their processes start on their
+    /// first execution, so an idle sandbox pays for none of them.
+    async fn seed_defaults(self: &Arc<Self>, state: &Arc<AgentState>) {
+        self.seeded
+            .get_or_init(|| async {
+                let mut defaults = self.defaults.lock().await;
+                for language in DEFAULT_LANGUAGES {
+                    let Ok((user, cwd)) = self.identity(state, None) else {
+                        return;
+                    };
+                    let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                    let ctx = Arc::new(Context::new(new_id(), language, cwd, user, seq));
+                    defaults.insert(language, ctx.id.clone());
+                    self.lock_contexts().insert(ctx.id.clone(), ctx);
+                }
+            })
+            .await;
+    }
+
+    /// The user a new context runs as, and its working directory.
+    fn identity(
+        &self,
+        state: &Arc<AgentState>,
+        cwd: Option<String>,
+    ) -> Result<(String, String), ContextError> {
+        let user = match &self.config.user {
+            Some(u) => u.clone(),
+            None if nix::unistd::Uid::effective().is_root() => "root".to_owned(),
+            None => state.default_user_name(),
+        };
+        let cwd = match cwd.filter(|c| !c.is_empty()) {
+            Some(c) => c,
+            None => match state.default_workdir() {
+                Some(w) => w,
+                None => {
+                    // E2B's default is /home/user, the home of the sandbox's default user.
+                    let default_user = state.default_user_name();
+                    crate::users::by_name(state, &default_user)
+                        .map(|u| u.home.display().to_string())
+                        .ok_or(ContextError::UnknownUser { user: default_user })?
+                }
+            },
+        };
+        Ok((user, cwd))
+    }
+
     async fn default_context(
         self: &Arc<Self>,
         state: &Arc<AgentState>,
@@ -347,16 +428,7 @@ impl Interpreter {
         language: Language,
         cwd: Option<String>,
     ) -> Result<Arc<Context>, ContextError> {
-        let user = state.default_user_name();
-        let cwd = match cwd.filter(|c| !c.is_empty()) {
-            Some(c) => c,
-            None => match state.default_workdir() {
-                Some(w) => w,
-                None => crate::users::by_name(state, &user)
-                    .map(|u| u.home.display().to_string())
-                    .ok_or_else(|| ContextError::UnknownUser { user: user.clone() })?,
-            },
-        };
+        let (user, cwd) = self.identity(state, cwd)?;
         let launch = self.launch().await?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let ctx = Arc::new(Context::new(new_id(), language, cwd, user, seq));
@@ -367,14 +439,13 @@ impl Interpreter {
     }
 
     async fn launch(&self) -> Result<Launch, ContextError> {
-        let (py, sh) = self
+        let dir = self
             .drivers
             .get_or_try_init(|| async { write_drivers(&self.config.driver_dir) })
             .await?;
         Ok(Launch {
             config: Arc::clone(&self.config),
-            driver_py: py.clone(),
-            driver_sh: sh.clone(),
+            driver_dir: dir.clone(),
         })
     }
 
@@ -400,9 +471,9 @@ impl Interpreter {
     }
 }
 
-/// Writes both drivers, each through a temporary file and a rename, so a context never
-/// starts from a half-written one.
-fn write_drivers(dir: &std::path::Path) -> Result<(PathBuf, PathBuf), ContextError> {
+/// Writes every driver of the launch table, each through a temporary file and a rename, so
+/// a context never starts from a half-written one.
+fn write_drivers(dir: &std::path::Path) -> Result<PathBuf, ContextError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let fail = |path: &std::path::Path| {
         let path = path.to_owned();
@@ -413,19 +484,16 @@ fn write_drivers(dir: &std::path::Path) -> Result<(PathBuf, PathBuf), ContextErr
         .mode(0o755)
         .create(dir)
         .map_err(fail(dir))?;
-    let mut paths = Vec::new();
-    for (name, text) in [("driver.py", DRIVER_PY), ("driver.sh", DRIVER_SH)] {
+    for runner in &RUNNERS {
+        let (name, text) = (runner.driver, runner.source);
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         std::fs::write(&tmp, text).map_err(fail(&tmp))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
             .map_err(fail(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(fail(&path))?;
-        paths.push(path);
     }
-    let sh = paths.pop().unwrap_or_default();
-    let py = paths.pop().unwrap_or_default();
-    Ok((py, sh))
+    Ok(dir.to_owned())
 }
 
 fn describe(ctx: &Context) -> serde_json::Value {
@@ -456,7 +524,10 @@ impl From<Rejection> for Response<Body> {
 fn unsupported(language: &str) -> Response<Body> {
     text(
         StatusCode::BAD_REQUEST,
-        format!("Unsupported language: {language:?} (this sandbox runs python and bash)"),
+        format!(
+            "Unsupported language: {language:?} (this sandbox runs python, javascript, \
+             typescript, r, java and bash)"
+        ),
     )
 }
 
