@@ -774,13 +774,15 @@ fn spawn(
     let groups: Vec<libc::gid_t> = users::groups(state, user);
     let (uid, gid) = (user.uid, user.gid);
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setsid, ioctl, setgroups, setgid, setuid) on data
-    // computed before the fork; it allocates nothing.
+    // async-signal-safe functions (setsid, open/write/close, ioctl, setgroups, setgid,
+    // setuid) on data computed before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // User code goes before the agent in the OOM killer's line.
+            crate::oom::yield_in_child()?;
             if use_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
