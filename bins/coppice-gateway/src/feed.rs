@@ -1,5 +1,5 @@
-//! Events from enforcement inside sandboxes, which the gateway does not see happen: the
-//! agent's reports (`task.timeout`, from `<state>/run/<id>/events.ndjson`) and the jail's
+//! Events from inside sandboxes, which the gateway does not see happen: the agent's reports
+//! (`task.completed` and `task.timeout`, from `<state>/run/<id>/events.ndjson`) and the jail's
 //! cgroup counters (`security.violation` when a fork is refused at the task limit or the
 //! memory limit's OOM killer strikes).
 //!
@@ -9,19 +9,26 @@
 //! becomes exactly one event across gateway restarts. The report file is written from inside
 //! the sandbox, so it is read defensively: never through a symlink, only as a regular file,
 //! in bounded chunks, malformed lines skipped with a warning. Its events are only as
-//! trustworthy as the sandbox.
+//! trustworthy as the sandbox. Once every line of it is recorded and it has grown past
+//! [`COMPACT_AT`], it is emptied ([`report::compact`]) and read from its start again, so a
+//! sandbox that runs commands for days never reaches the file's bound.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use coppice_envd::report::{self, Report};
-use coppice_events::event::{Blocked, Event, SecurityViolation, TaskTimeout};
+use coppice_envd::report::{self, Ending, Report};
+use coppice_events::event::{
+    Blocked, Event, SecurityViolation, TaskCompleted, TaskEnd, TaskTimeout,
+};
 use coppice_events::store;
 use coppice_lifecycle::backend::{ResourceUsage, SandboxId};
 use coppice_lifecycle::state::{Millis, SandboxState};
 
 use crate::{context, lock, now, Entry, Gateway};
+
+/// A report file read to its end is emptied once it is at least this long.
+const COMPACT_AT: u64 = 64 * 1024;
 
 /// Positions of the feeds read so far, so an unchanged file costs one `stat`.
 #[derive(Debug, Default)]
@@ -36,6 +43,17 @@ enum Limit {
     Tasks,
     /// Kills by the memory limit.
     Memory,
+}
+
+/// The account of a command's ending that both task events carry.
+fn task_end(command: String, ending: Ending) -> TaskEnd {
+    TaskEnd {
+        command,
+        pid: ending.pid,
+        exit_code: ending.exit_code,
+        signal: ending.signal,
+        duration: Duration::from_millis(ending.duration_ms),
+    }
 }
 
 fn agent_key(id: &SandboxId) -> String {
@@ -86,8 +104,9 @@ impl Gateway {
         }
     }
 
-    /// Records `events` and moves feed `key` to `position`, in one transaction.
-    fn advance(&self, key: &str, position: u64, events: &[Event]) {
+    /// Records `events` and moves feed `key` to `position`, in one transaction; whether it
+    /// did.
+    fn advance(&self, key: &str, position: u64, events: &[Event]) -> bool {
         match self
             .registry()
             .with_conn(|c| store::record_feed(c, key, position, events))
@@ -97,9 +116,13 @@ impl Gateway {
                 if !events.is_empty() {
                     self.wake_dispatcher();
                 }
+                true
             }
             // Nothing moved: the same lines are read again on the next pass.
-            Err(e) => tracing::warn!(feed = key, error = %e, "recording feed events failed"),
+            Err(e) => {
+                tracing::warn!(feed = key, error = %e, "recording feed events failed");
+                false
+            }
         }
     }
 
@@ -113,9 +136,12 @@ impl Gateway {
         let Some(from) = self.position(&key) else {
             return;
         };
-        if !meta.file_type().is_file() || meta.len() <= from {
+        if !meta.file_type().is_file() || meta.len() == from {
             return;
         }
+        // Shorter than what was read: emptied by a compaction whose new position was not
+        // stored (the gateway stopped in between). Everything in it now is new.
+        let from = if meta.len() < from { 0 } else { from };
         let record = entry.record();
         let chunk = match report::read_from(&path, from) {
             Ok(c) => c,
@@ -125,6 +151,9 @@ impl Gateway {
             }
         };
         let ctx = context(&record);
+        // The agent's clock is the host's (a sandbox shares the kernel), but a report
+        // claiming the future is clamped to now.
+        let at = |at_ms: u64| Millis(at_ms.min(now().0));
         let mut events = Vec::new();
         for line in chunk.lines {
             match serde_json::from_slice::<Report>(&line) {
@@ -133,16 +162,30 @@ impl Gateway {
                     command,
                     limit_ms,
                     cpu_ms,
+                    ending,
                 }) => events.push(Event::task_timeout(
                     &ctx,
                     &TaskTimeout {
-                        command,
+                        end: task_end(command, ending),
                         limit: Duration::from_millis(limit_ms),
                         cpu_consumed: Duration::from_millis(cpu_ms),
                     },
-                    // The agent's clock is the host's (a sandbox shares the kernel), but a
-                    // report claiming the future is clamped to now.
-                    Millis(at_ms.min(now().0)),
+                    at(at_ms),
+                )),
+                Ok(Report::TaskCompleted {
+                    at_ms,
+                    command,
+                    tag,
+                    timed_out,
+                    ending,
+                }) => events.push(Event::task_completed(
+                    &ctx,
+                    &TaskCompleted {
+                        end: task_end(command, ending),
+                        tag,
+                        timed_out,
+                    },
+                    at(at_ms),
                 )),
                 Ok(other) => {
                     tracing::warn!(sandbox = %record.id, report = ?other, "unknown agent report skipped");
@@ -152,7 +195,19 @@ impl Gateway {
                 }
             }
         }
-        self.advance(&key, chunk.end, &events);
+        // Emptied only once its lines are recorded, and only if nothing was appended since
+        // the read; then read from the start.
+        if self.advance(&key, chunk.end, &events) && chunk.end >= COMPACT_AT {
+            match report::compact(&path, chunk.end) {
+                Ok(true) => {
+                    self.advance(&key, 0, &[]);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %record.id, error = %e, "emptying the agent's reports failed");
+                }
+            }
+        }
     }
 
     async fn ingest_counters(&self, entry: &Entry) {

@@ -1,17 +1,22 @@
 //! The agent program: what runs as PID 1 of every sandbox.
 //!
 //! It serves envd and the code interpreter on one unix socket (`--socket PATH`, default
-//! [`DEFAULT_SOCKET`]), reaps every zombie, and on SIGTERM or SIGINT forwards the signal to
-//! the process groups it started and exits. Both the `coppice-envd` binary and the gateway
-//! (which can run as the agent when invoked under that name) call [`main`].
+//! [`DEFAULT_SOCKET`]), and, as PID 1 of a sandbox, also on E2B's own ports on the sandbox's
+//! loopback (`127.0.0.1:49983` envd, `127.0.0.1:49999` the code interpreter), where code in
+//! the sandbox finds them as it does on E2B. It reaps every zombie, and on SIGTERM or SIGINT
+//! from outside the sandbox forwards the signal to the process groups it started and exits.
+//! The same signals sent from inside the sandbox are ignored (the kernel already ignores
+//! SIGKILL there): root in the sandbox cannot take the agent down and, with it, the sandbox.
+//! Both the `coppice-envd` binary and the gateway (which can run as the agent when invoked
+//! under that name) call [`main`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use nix::sys::signal::Signal;
-use tokio::signal::unix::{signal, SignalKind};
+use nix::sys::signal::{SigSet, Signal};
 
+use crate::hop::{ENVD_PORT, INTERPRETER_PORT};
 use crate::state::{AgentConfig, AgentState};
 
 /// Where the agent listens unless told otherwise.
@@ -46,6 +51,15 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // Before any thread exists, so that every thread inherits the mask and only the
+    // signal thread ever takes these.
+    let stop = match stop_signals() {
+        Ok(rx) => rx,
+        Err(e) => {
+            eprintln!("cannot set up signal handling: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .event_format(crate::journal::JsonLines)
         .with_env_filter(
@@ -68,7 +82,7 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(socket)) {
+    match rt.block_on(run(socket, stop)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coppice-envd: {e}");
@@ -77,7 +91,63 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
-async fn run(socket: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+/// The signals that stop the agent: blocked in the calling thread (and so in every thread
+/// started after), and taken by a thread of their own with `sigwaitinfo`, which sees who sent
+/// each one. The receiver yields the first one that counts.
+fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<Signal>> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(std::io::Error::from)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let pid1 = std::process::id() == 1;
+    std::thread::Builder::new()
+        .name("coppice-signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || wait_for_stop(&set, pid1, tx))?;
+    Ok(rx)
+}
+
+fn wait_for_stop(set: &SigSet, pid1: bool, tx: tokio::sync::oneshot::Sender<Signal>) {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value for the kernel to overwrite.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigwaitinfo with a valid set and a siginfo_t we own.
+        let sig = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
+        if sig < 0 {
+            // EINTR: nothing arrived.
+            continue;
+        }
+        // SAFETY: si_pid is valid for the user-sent signals (kill, sigqueue, tgkill) these
+        // are, and 0 for kernel-sent ones.
+        let sender = unsafe { info.si_pid() };
+        if !counts(pid1, sender) {
+            tracing::warn!(
+                signal = sig,
+                sender,
+                "ignoring a stop signal sent from inside the sandbox"
+            );
+            continue;
+        }
+        let Ok(signal) = Signal::try_from(sig) else {
+            continue;
+        };
+        let _ = tx.send(signal);
+        return;
+    }
+}
+
+/// Whether a stop signal from pid `sender` (as this agent's pid namespace numbers it) stops
+/// the agent. As PID 1 of a sandbox, only a sender outside it does, which the kernel reports
+/// as pid 0: a process of the sandbox (even its root) cannot end the agent.
+fn counts(pid1: bool, sender: libc::pid_t) -> bool {
+    !pid1 || sender == 0
+}
+
+async fn run(
+    socket: PathBuf,
+    stop: tokio::sync::oneshot::Receiver<Signal>,
+) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -93,16 +163,40 @@ async fn run(socket: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
         report_file: socket.parent().map(|d| d.join(crate::report::FILE)),
         ..AgentConfig::default()
     }));
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    if std::process::id() == 1 {
+        // E2B's ports on the sandbox's loopback; a failure costs only these listeners.
+        for port in [ENVD_PORT, INTERPRETER_PORT] {
+            match tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).await {
+                Ok(l) => {
+                    tokio::spawn(crate::hop::serve_tcp(l, Arc::clone(&state), port));
+                }
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "cannot listen on the sandbox's loopback");
+                }
+            }
+        }
+    }
     let forwarded = tokio::select! {
         () = crate::hop::serve(listener, Arc::clone(&state)) => None,
-        _ = term.recv() => Some(Signal::SIGTERM),
-        _ = int.recv() => Some(Signal::SIGINT),
+        sig = stop => sig.ok(),
     };
     if let Some(sig) = forwarded {
         tracing::info!(signal = ?sig, "forwarding to children and exiting");
         state.signal_all(sig);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_senders_outside_the_sandbox_stop_pid_1() {
+        assert!(counts(true, 0));
+        assert!(!counts(true, 57));
+        assert!(!counts(true, 1));
+        // Outside a sandbox (tests, a host), anyone who may signal the agent stops it.
+        assert!(counts(false, 57));
+    }
 }

@@ -23,7 +23,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::connect::{self, Code, RpcError};
 use crate::reply::{self, Body};
@@ -67,28 +67,57 @@ pub fn surface(headers: &http::HeaderMap) -> Surface {
 /// pause instead of ending the agent.
 pub async fn serve(listener: UnixListener, state: Arc<AgentState>) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        match listener.accept().await {
+            Ok((stream, _)) => serve_connection(stream, Arc::clone(&state), None),
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
             }
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(state, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        }
     }
+}
+
+/// Serves HTTP/1.1 connections from a TCP `listener` for the surface of `port` alone: E2B's
+/// ports on the sandbox's loopback, where a request reaches envd (49983) or the code
+/// interpreter (49999) by the port it was sent to, whatever `E2b-Sandbox-Port` it carries.
+pub async fn serve_tcp(listener: TcpListener, state: Arc<AgentState>, port: u16) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                // Responses are several small writes (NDJSON lines).
+                let _ = stream.set_nodelay(true);
+                serve_connection(stream, Arc::clone(&state), Some(port));
+            }
+            Err(e) => {
+                tracing::warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves one connection on its own task; `port`, when given, is the surface of every
+/// request on it.
+fn serve_connection<S>(stream: S, state: Arc<AgentState>, port: Option<u16>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            let state = Arc::clone(&state);
+            if let Some(port) = port {
+                req.headers_mut()
+                    .insert("e2b-sandbox-port", http::HeaderValue::from(port));
+            }
+            async move { Ok::<_, Infallible>(route(state, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 /// Routes one request to its surface.

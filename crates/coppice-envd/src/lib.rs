@@ -7,8 +7,9 @@
 //! `/init`, `/envs`, `/metrics`; `files` serves `/files`); `interpreter` is the code
 //! interpreter. [`state::AgentState`] is the per-sandbox state set by `/init`, and
 //! [`reaper`] owns every `wait` in the process (the agent is PID 1); [`report`] is what the
-//! agent tells the gateway about enforcement it did (`task.timeout`), as NDJSON in its run
-//! directory; [`journal`] is the format of the agent's log (JSON lines on stderr) and its
+//! agent tells the gateway about the processes it started (`task.completed`, `task.timeout`),
+//! as NDJSON in its run directory; `oom` keeps the agent last in the OOM killer's line and its
+//! children first; [`journal`] is the format of the agent's log (JSON lines on stderr) and its
 //! reader. [`file_url_signature`] is how a signed file URL is checked, for a router that
 //! must find the sandbox a URL without one is for.
 //!
@@ -28,6 +29,7 @@ mod files;
 mod filesystem;
 mod http_api;
 mod interpreter;
+mod oom;
 mod process;
 mod reply;
 mod users;

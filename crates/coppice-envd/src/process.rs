@@ -774,13 +774,15 @@ fn spawn(
     let groups: Vec<libc::gid_t> = users::groups(state, user);
     let (uid, gid) = (user.uid, user.gid);
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setsid, ioctl, setgroups, setgid, setuid) on data
-    // computed before the fork; it allocates nothing.
+    // async-signal-safe functions (setsid, open/write/close, ioctl, setgroups, setgid,
+    // setuid) on data computed before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // User code goes before the agent in the OOM killer's line.
+            crate::oom::yield_in_child()?;
             if use_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -797,6 +799,7 @@ fn spawn(
 
     let (mut child, exit_rx) = reaper::spawn(&mut cmd)
         .map_err(|e| RpcError::invalid(format!("error starting process '{}': {e}", config.cmd)))?;
+    let started = Instant::now();
     // Closes the parent's copies of the PTY slave, so the master sees end of file
     // once the process and its children are gone.
     drop(cmd);
@@ -885,7 +888,9 @@ fn spawn(
     let st = Arc::clone(state);
     let p = Arc::clone(&proc);
     tokio::spawn(async move {
-        let (exit, timed_out) = supervise(&p, exit_rx, lifetime, &st, &command).await;
+        let (exit, timeout) = supervise(&p, exit_rx, lifetime).await;
+        let ran = started.elapsed();
+        let timed_out = timeout.is_some();
         // Everything the process wrote before it exited is in its pipes now; the pumps
         // drain that and stop.
         let _ = exited_tx.send(true);
@@ -907,39 +912,68 @@ fn spawn(
         );
         st.processes.finished(&p, end.clone());
         p.publish_end(end).await;
+        report_end(&st, &p, &command, exit, ran, timeout).await;
     });
     Ok((proc, events))
+}
+
+/// Tells the gateway that `proc` ended (`task.completed`), and first, if its lifetime ran out,
+/// that the agent killed it (`task.timeout`, with the lifetime and the CPU time it had used).
+/// No thread is started for it: a sandbox at its memory limit may have none to give.
+async fn report_end(
+    state: &AgentState,
+    proc: &Proc,
+    command: &str,
+    exit: Exit,
+    ran: Duration,
+    timeout: Option<(Duration, Duration)>,
+) {
+    let Some(file) = state.config.report_file.clone() else {
+        return;
+    };
+    let ending = match exit {
+        Exit::Code(c) => report::Ending::new(proc.pid, Some(c), None, ran),
+        Exit::Signal(s) => report::Ending::new(proc.pid, None, Some(s), ran),
+    };
+    let mut reports = Vec::with_capacity(2);
+    if let Some((limit, cpu)) = timeout {
+        reports.push(report::Report::task_timeout(command, limit, cpu, ending));
+    }
+    reports.push(report::Report::task_completed(
+        command,
+        proc.tag.as_deref(),
+        timeout.is_some(),
+        ending,
+    ));
+    for r in &reports {
+        report::append(&file, r).await;
+    }
 }
 
 fn io_err(e: impl std::fmt::Display) -> RpcError {
     RpcError::internal(format!("error setting up process: {e}"))
 }
 
-/// Waits for the exit, killing the process group when its lifetime runs out (and reporting
-/// that to the gateway as `task.timeout`); says whether it did.
+/// Waits for the exit, killing the process group when its lifetime runs out; if it did, also
+/// returns that lifetime and the CPU time the group had used when it was killed.
 async fn supervise(
     proc: &Proc,
     mut exit_rx: tokio::sync::oneshot::Receiver<Exit>,
     lifetime: Option<Duration>,
-    state: &AgentState,
-    command: &str,
-) -> (Exit, bool) {
+) -> (Exit, Option<(Duration, Duration)>) {
     if let Some(life) = lifetime {
         tokio::select! {
-            r = &mut exit_rx => return (r.unwrap_or(Exit::Signal(9)), false),
+            r = &mut exit_rx => return (r.unwrap_or(Exit::Signal(9)), None),
             () = tokio::time::sleep(life) => {
                 // Read before the kill: a dead group's CPU time is gone from /proc.
                 let cpu = report::group_cpu(proc.pgid().as_raw());
                 // The group may be gone already; the exit below tells.
                 let _ = killpg(proc.pgid(), Signal::SIGKILL);
-                if let Some(file) = &state.config.report_file {
-                    report::append(file, &report::Report::task_timeout(command, life, cpu));
-                }
+                return (exit_rx.await.unwrap_or(Exit::Signal(9)), Some((life, cpu)));
             }
         }
-        return (exit_rx.await.unwrap_or(Exit::Signal(9)), true);
     }
-    (exit_rx.await.unwrap_or(Exit::Signal(9)), false)
+    (exit_rx.await.unwrap_or(Exit::Signal(9)), None)
 }
 
 /// Reads one output fd and publishes its chunks until end of file, or, once the process

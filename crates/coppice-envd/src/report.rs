@@ -1,15 +1,18 @@
-//! Reports from the agent to the gateway: enforcement the agent did, as NDJSON lines appended
-//! to [`FILE`] beside the agent's socket (`/run/coppice/events.ndjson` in the sandbox, which
-//! is the host directory `<state>/run/<id>/`).
+//! Reports from the agent to the gateway: what happened to the processes it started, as
+//! NDJSON lines appended to [`FILE`] beside the agent's socket (`/run/coppice/events.ndjson`
+//! in the sandbox, which is the host directory `<state>/run/<id>/`).
 //!
 //! One [`Report`] per line, written with a single `write` on an `O_APPEND` file, so lines
 //! never interleave. The file is bounded: past [`MAX_FILE`] bytes nothing more is appended
 //! (and a warning is logged), so a sandbox that times out commands in a loop cannot fill the
-//! host's disk. The gateway reads the file from a persisted offset and records each line as
-//! an event exactly once. Anything in the sandbox running as its root can write this file too,
+//! host's disk. The gateway reads the file from a persisted offset, records each line as an
+//! event exactly once, and empties the file once it has read all of it ([`compact`]), so the
+//! bound is never reached while the gateway keeps up. Appends and the emptying exclude each
+//! other with `flock`. Anything in the sandbox running as its root can write this file too,
 //! so a report is only as trustworthy as the sandbox.
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -24,6 +27,40 @@ pub const MAX_FILE: u64 = 4 << 20;
 pub const MAX_LINE: usize = 16 * 1024;
 /// Longest command line kept in a report (longer ones are cut at a character boundary).
 const MAX_COMMAND: usize = 4096;
+/// Longest process tag kept in a report.
+const MAX_TAG: usize = 256;
+/// How many times, a millisecond apart, an append tries to take the file's lock before it
+/// writes without it (the gateway holds it for a `stat` and a truncate; only something in
+/// the sandbox holding it for longer makes an append wait that long).
+const LOCK_TRIES: u32 = 50;
+
+/// How a process ended, as both task reports carry it. Fields missing from a line (reports
+/// of agents older than them) read as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Ending {
+    /// The process id in the sandbox.
+    pub pid: u32,
+    /// The exit status, or -1 when a signal ended the process (envd's `exitCode`).
+    pub exit_code: i32,
+    /// The signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// From start to exit, in milliseconds.
+    pub duration_ms: u64,
+}
+
+impl Ending {
+    /// The ending of process `pid`, which ran for `ran` and exited with `code`, or was ended
+    /// by `signal`.
+    pub fn new(pid: u32, code: Option<i32>, signal: Option<i32>, ran: Duration) -> Self {
+        Ending {
+            pid,
+            exit_code: code.unwrap_or(-1),
+            signal,
+            duration_ms: millis(ran),
+        }
+    }
+}
 
 /// One thing the agent reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,61 +79,132 @@ pub enum Report {
         /// CPU time (user + system) its process group had used when it was killed, in
         /// milliseconds.
         cpu_ms: u64,
+        /// How it ended.
+        #[serde(flatten)]
+        ending: Ending,
+    },
+    /// A command started through `process.Process/Start` ended, however it ended.
+    #[serde(rename = "task.completed")]
+    TaskCompleted {
+        /// When, in milliseconds since the Unix epoch.
+        at_ms: u64,
+        /// The command line as started (program and arguments, space-separated).
+        command: String,
+        /// The tag the command was started with, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// Whether the agent killed it because its lifetime ran out.
+        timed_out: bool,
+        /// How it ended.
+        #[serde(flatten)]
+        ending: Ending,
     },
 }
 
 impl Report {
-    /// A `task.timeout` report for `command`, now.
-    pub fn task_timeout(command: &str, limit: Duration, cpu: Duration) -> Self {
-        let mut command = command.to_owned();
-        if command.len() > MAX_COMMAND {
-            let mut end = MAX_COMMAND;
-            while !command.is_char_boundary(end) {
-                end -= 1;
-            }
-            command.truncate(end);
-        }
+    /// A `task.timeout` report for `command`, now: it was killed after `limit`, having used
+    /// `cpu`, and ended as `ending` says.
+    pub fn task_timeout(command: &str, limit: Duration, cpu: Duration, ending: Ending) -> Self {
         Report::TaskTimeout {
-            at_ms: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            command,
-            limit_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-            cpu_ms: u64::try_from(cpu.as_millis()).unwrap_or(u64::MAX),
+            at_ms: now_ms(),
+            command: cut(command, MAX_COMMAND),
+            limit_ms: millis(limit),
+            cpu_ms: millis(cpu),
+            ending,
+        }
+    }
+
+    /// A `task.completed` report for `command`, now.
+    pub fn task_completed(
+        command: &str,
+        tag: Option<&str>,
+        timed_out: bool,
+        ending: Ending,
+    ) -> Self {
+        Report::TaskCompleted {
+            at_ms: now_ms(),
+            command: cut(command, MAX_COMMAND),
+            tag: tag.map(|t| cut(t, MAX_TAG)),
+            timed_out,
+            ending,
         }
     }
 }
 
-/// Appends `report` to the file at `path`; failures are logged, never returned (a report
-/// must not fail the operation it reports on).
-pub(crate) fn append(path: &Path, report: &Report) {
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Takes `flock(op | LOCK_NB)` on `file`; whether it got it.
+fn try_lock(file: &std::fs::File, op: libc::c_int) -> bool {
+    // SAFETY: flock on a descriptor this function's caller owns for the call's duration.
+    unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }
+}
+
+/// Appends `report` to the file at `path`, waiting (without blocking a thread) for the file's
+/// lock as long as [`LOCK_TRIES`] allows, then writing anyway: something in the sandbox
+/// holding the lock can only cost the sandbox's own reports their exclusion from the
+/// gateway's [`compact`]. Failures are logged, never returned (a report must not fail the
+/// operation it reports on).
+pub(crate) async fn append(path: &Path, report: &Report) {
+    let mut tries = 0;
+    while !append_now(path, report, tries >= LOCK_TRIES) {
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// One attempt at [`append`]: `false` if the lock is taken and `force` is not set (nothing
+/// was written), `true` otherwise (written, or failed and logged).
+fn append_now(path: &Path, report: &Report, force: bool) -> bool {
     let Ok(mut line) = serde_json::to_vec(report) else {
-        return;
+        return true;
     };
     line.push(b'\n');
     let file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        // Never through a symlink, and never waiting on a FIFO planted in its place.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path);
     let mut file = match file {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot open the report file");
-            return;
+            return true;
         }
     };
+    // The lock goes with the descriptor, when this returns.
+    if !try_lock(&file, libc::LOCK_EX) && !force {
+        return false;
+    }
     let full = file
         .metadata()
         .map(|m| m.len() + line.len() as u64 > MAX_FILE)
         .unwrap_or(true);
     if full {
         tracing::warn!(path = %path.display(), "report file is full; report dropped");
-        return;
+        return true;
     }
     if let Err(e) = file.write_all(&line) {
         tracing::warn!(path = %path.display(), error = %e, "cannot append a report");
     }
+    true
 }
 
 /// Bytes read from a report file per pass at most.
@@ -150,6 +258,33 @@ pub fn read_from(path: &Path, from: u64) -> std::io::Result<Chunk> {
         lines,
         end: from + consumed as u64,
     })
+}
+
+/// Empties the report file at `path` if it holds exactly `consumed` bytes, i.e. the reader has
+/// read every line of it; says whether it did. Never waits: when an append holds the lock
+/// (or something in the sandbox does), it does nothing and the next pass tries again. Only
+/// from a regular file, never through a symlink.
+///
+/// The reader must then read from offset 0. If it crashes before it has stored that, it
+/// finds its stored offset past the end of the file, which is how it knows to start over.
+pub fn compact(path: &Path, consumed: u64) -> std::io::Result<bool> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() != consumed || !try_lock(&file, libc::LOCK_EX) {
+        return Ok(false);
+    }
+    // Under the lock no append can land between this check and the truncate.
+    if file.metadata()?.len() != consumed {
+        return Ok(false);
+    }
+    file.set_len(0)?;
+    Ok(true)
 }
 
 /// CPU time (user + system) used so far by the live processes of process group `pgid`,
@@ -206,10 +341,12 @@ mod tests {
 
     #[test]
     fn reports_are_one_json_line_each() {
+        let ending = Ending::new(42, None, Some(9), Duration::from_millis(2003));
         let r = Report::task_timeout(
             "sleep 60",
             Duration::from_secs(2),
             Duration::from_millis(10),
+            ending,
         );
         let line = serde_json::to_string(&r).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -217,30 +354,99 @@ mod tests {
         assert_eq!(v["command"], "sleep 60");
         assert_eq!(v["limit_ms"], 2000);
         assert_eq!(v["cpu_ms"], 10);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["exit_code"], -1);
+        assert_eq!(v["signal"], 9);
+        assert_eq!(v["duration_ms"], 2003);
         assert_eq!(serde_json::from_str::<Report>(&line).unwrap(), r);
         let long = "é".repeat(MAX_COMMAND);
         let Report::TaskTimeout { command, .. } =
-            Report::task_timeout(&long, Duration::ZERO, Duration::ZERO);
+            Report::task_timeout(&long, Duration::ZERO, Duration::ZERO, Ending::default())
+        else {
+            panic!("a timeout report");
+        };
         assert!(command.len() <= MAX_COMMAND && long.starts_with(&command));
+
+        let done = Report::task_completed(
+            "/bin/bash -l -c npm install",
+            Some("npm"),
+            false,
+            Ending::new(7, Some(3), None, Duration::from_millis(1500)),
+        );
+        let line = serde_json::to_string(&done).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["type"], "task.completed");
+        assert_eq!(v["command"], "/bin/bash -l -c npm install");
+        assert_eq!(v["tag"], "npm");
+        assert_eq!(v["timed_out"], false);
+        assert_eq!(v["pid"], 7);
+        assert_eq!(v["exit_code"], 3);
+        assert_eq!(v["signal"], serde_json::Value::Null);
+        assert_eq!(v["duration_ms"], 1500);
+        assert_eq!(serde_json::from_str::<Report>(&line).unwrap(), done);
     }
 
     #[test]
-    fn appends_stop_at_the_bound() {
+    fn timeout_lines_of_older_agents_still_parse() {
+        let old =
+            r#"{"type":"task.timeout","at_ms":1,"command":"sleep 9","limit_ms":500,"cpu_ms":0}"#;
+        let Report::TaskTimeout {
+            ending, limit_ms, ..
+        } = serde_json::from_str(old).unwrap()
+        else {
+            panic!("a timeout report");
+        };
+        assert_eq!((ending, limit_ms), (Ending::default(), 500));
+    }
+
+    #[tokio::test]
+    async fn compaction_empties_only_a_file_read_to_its_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE);
-        let r = Report::task_timeout("x", Duration::ZERO, Duration::ZERO);
-        append(&path, &r);
-        append(&path, &r);
+        let r = Report::task_completed("true", None, false, Ending::default());
+        append(&path, &r).await;
+        let len = std::fs::metadata(&path).unwrap().len();
+        // Not everything read: nothing happens.
+        assert!(!compact(&path, len - 1).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        // Someone holds the lock (an append under way): nothing happens either.
+        let holder = std::fs::File::open(&path).unwrap();
+        assert!(try_lock(&holder, libc::LOCK_EX));
+        assert!(!compact(&path, len).unwrap());
+        // An append waits for the lock a while, then writes anyway.
+        append(&path, &r).await;
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(read_from(&path, 0).unwrap().lines.len(), 2);
+        drop(holder);
+        assert!(compact(&path, len).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // Appends after it start the file over.
+        append(&path, &r).await;
+        let c = read_from(&path, 0).unwrap();
+        assert_eq!(c.lines.len(), 1);
+        // Never through a symlink.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        compact(&link, c.end).unwrap_err();
+    }
+
+    #[tokio::test]
+    async fn appends_stop_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let r = Report::task_timeout("x", Duration::ZERO, Duration::ZERO, Ending::default());
+        append(&path, &r).await;
+        append(&path, &r).await;
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
         std::fs::write(&path, vec![b' '; usize::try_from(MAX_FILE).unwrap()]).unwrap();
-        append(&path, &r);
+        append(&path, &r).await;
         assert_eq!(std::fs::metadata(&path).unwrap().len(), MAX_FILE);
         // A symlink planted in its place is not followed.
         let target = dir.path().join("elsewhere");
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&target, &path).unwrap();
-        append(&path, &r);
+        append(&path, &r).await;
         assert!(!target.exists());
     }
 

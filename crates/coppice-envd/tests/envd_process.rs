@@ -398,22 +398,74 @@ async fn connect_timeout_kills_the_process_group() {
     assert_eq!(out.error_code().as_deref(), Some("deadline_exceeded"));
     let pid = u32::try_from(pid).unwrap();
     assert!(support::eventually(|| !support::pid_alive(pid) && !support::pid_alive(child)).await);
-    // The kill is reported to the gateway: one task.timeout line in the run directory,
-    // written once the agent has the exit, which can be a moment after the pid is gone.
+    // The kill is reported to the gateway: a task.timeout line in the run directory, then
+    // the task.completed every ending gets, written once the agent has the exit, which can
+    // be a moment after the pid is gone.
     let file = agent.state.config.report_file.clone().unwrap();
     assert!(
         support::eventually(
-            || coppice_envd::report::read_from(&file, 0).is_ok_and(|c| !c.lines.is_empty())
+            || coppice_envd::report::read_from(&file, 0).is_ok_and(|c| c.lines.len() >= 2)
         )
         .await
     );
     let chunk = coppice_envd::report::read_from(&file, 0).unwrap();
-    assert_eq!(chunk.lines.len(), 1);
+    assert_eq!(chunk.lines.len(), 2);
     let report: serde_json::Value = serde_json::from_slice(&chunk.lines[0]).unwrap();
     assert_eq!(report["type"], "task.timeout");
     assert_eq!(report["command"], "/bin/bash -c sleep 100 & echo $!; wait");
     assert_eq!(report["limit_ms"], 300);
     assert!(report["cpu_ms"].as_u64().unwrap() < 300, "{report}");
+    assert_eq!(report["pid"], pid);
+    assert_eq!(report["exit_code"], -1);
+    assert_eq!(report["signal"], 9);
+    assert!(report["duration_ms"].as_u64().unwrap() >= 300, "{report}");
+    let done: serde_json::Value = serde_json::from_slice(&chunk.lines[1]).unwrap();
+    assert_eq!(done["type"], "task.completed");
+    assert_eq!(done["timed_out"], true);
+    for field in ["command", "pid", "exit_code", "signal", "duration_ms"] {
+        assert_eq!(done[field], report[field], "{field}");
+    }
+}
+
+/// Every command that ends is reported to the gateway as `task.completed`: its pid, command,
+/// tag, exit code or signal and how long it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ending_is_reported_as_task_completed() {
+    let agent = Agent::start().await;
+    let msg = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "sleep 0.2; exit 3"]}, "stdin": false, "tag": "build"});
+    let mut s = agent.stream(START, msg, &[]).await;
+    let first = s.message().await["event"]["start"]["pid"].as_u64().unwrap();
+    assert_eq!(s.outcome().await.exit_code(), 3);
+    let msg = json!({"process": {"cmd": "/bin/sh", "args": ["-c", "kill -9 $$"]}, "stdin": false});
+    let mut s = agent.stream(START, msg, &[]).await;
+    let second = s.message().await["event"]["start"]["pid"].as_u64().unwrap();
+    s.outcome().await;
+    let file = agent.state.config.report_file.clone().unwrap();
+    assert!(
+        support::eventually(
+            || coppice_envd::report::read_from(&file, 0).is_ok_and(|c| c.lines.len() >= 2)
+        )
+        .await
+    );
+    let chunk = coppice_envd::report::read_from(&file, 0).unwrap();
+    let lines: Vec<serde_json::Value> = chunk
+        .lines
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let exited = lines.iter().find(|l| l["pid"] == first).unwrap();
+    assert_eq!(exited["type"], "task.completed");
+    assert_eq!(exited["command"], "/bin/sh -c sleep 0.2; exit 3");
+    assert_eq!(exited["tag"], "build");
+    assert_eq!(exited["exit_code"], 3);
+    assert_eq!(exited["signal"], serde_json::Value::Null);
+    assert_eq!(exited["timed_out"], false);
+    assert!(exited["duration_ms"].as_u64().unwrap() >= 200, "{exited}");
+    let killed = lines.iter().find(|l| l["pid"] == second).unwrap();
+    assert_eq!(killed["exit_code"], -1);
+    assert_eq!(killed["signal"], 9);
+    assert!(killed.get("tag").is_none(), "{killed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,8 @@
 //! POST (`version`, `id`, `type`, `eventData`, `sandboxBuildId`, `sandboxExecutionId`,
 //! `sandboxId`, `sandboxTeamId`, `sandboxTemplateId`, `timestamp`). Build one with
 //! [`Event::lifecycle`] from the [`LifecycleEvent`] a transition returned, or with
-//! [`Event::snapshotted`], [`Event::task_timeout`] and [`Event::security_violation`] for the
+//! [`Event::snapshotted`], [`Event::task_completed`], [`Event::task_timeout`] and
+//! [`Event::security_violation`] for the
 //! kinds the state machine does not produce. Each constructor mints a fresh v4 id; that id is
 //! the event's identity for ever after (retries and replays reuse it).
 //!
@@ -49,11 +50,13 @@ pub enum EventType {
     TaskTimeout,
     /// `security.violation` (Sandforge): the sandbox tried something its policy blocks.
     SecurityViolation,
+    /// `task.completed`: a command started through envd ended, however it ended.
+    TaskCompleted,
 }
 
 impl EventType {
     /// Every type, in declaration order.
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 9] = [
         EventType::Created,
         EventType::Paused,
         EventType::Resumed,
@@ -62,6 +65,7 @@ impl EventType {
         EventType::Killed,
         EventType::TaskTimeout,
         EventType::SecurityViolation,
+        EventType::TaskCompleted,
     ];
 
     /// The dotted name, as in the `type` field.
@@ -75,6 +79,7 @@ impl EventType {
             EventType::Killed => "sandbox.lifecycle.killed",
             EventType::TaskTimeout => "task.timeout",
             EventType::SecurityViolation => "security.violation",
+            EventType::TaskCompleted => "task.completed",
         }
     }
 
@@ -156,11 +161,37 @@ pub struct Execution {
     pub memory_mb: u64,
 }
 
+/// How a command ended, as `task.completed` and `task.timeout` both report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEnd {
+    /// The command line as it was started.
+    pub command: String,
+    /// Its process id in the sandbox.
+    pub pid: u32,
+    /// Its exit status, or -1 when a signal ended it (envd's `exitCode`).
+    pub exit_code: i32,
+    /// The signal that ended it, if one did: it was killed.
+    pub signal: Option<i32>,
+    /// From its start to its exit.
+    pub duration: Duration,
+}
+
+/// A command that ended (`task.completed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskCompleted {
+    /// How it ended.
+    pub end: TaskEnd,
+    /// The tag it was started with, if any.
+    pub tag: Option<String>,
+    /// Whether it was killed because its time limit ran out.
+    pub timed_out: bool,
+}
+
 /// A command killed for running past its limit (`task.timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskTimeout {
-    /// The command line as it was started.
-    pub command: String,
+    /// How it ended.
+    pub end: TaskEnd,
     /// The limit it exceeded.
     pub limit: Duration,
     /// CPU time (user + system) it had consumed when killed.
@@ -301,11 +332,23 @@ impl Event {
         Event::new(ctx, EventType::Snapshotted, data, at)
     }
 
+    /// `task.completed`: [`TaskEnd`]'s fields, plus `tag` (when the command had one) and
+    /// `timed_out`.
+    pub fn task_completed(ctx: &SandboxContext, t: &TaskCompleted, at: Millis) -> Self {
+        let mut data = base_data(ctx);
+        insert_end(&mut data, &t.end);
+        if let Some(tag) = &t.tag {
+            data.insert("tag".into(), tag.clone().into());
+        }
+        data.insert("timed_out".into(), t.timed_out.into());
+        Event::new(ctx, EventType::TaskCompleted, data, at)
+    }
+
     /// `task.timeout`, with Sandforge's fields `command`, `limit_seconds`, `cpu_consumed`
-    /// (seconds).
+    /// (seconds), and [`TaskEnd`]'s fields as `task.completed` has them.
     pub fn task_timeout(ctx: &SandboxContext, t: &TaskTimeout, at: Millis) -> Self {
         let mut data = base_data(ctx);
-        data.insert("command".into(), t.command.clone().into());
+        insert_end(&mut data, &t.end);
         data.insert("limit_seconds".into(), seconds(t.limit));
         data.insert("cpu_consumed".into(), seconds(t.cpu_consumed));
         Event::new(ctx, EventType::TaskTimeout, data, at)
@@ -367,6 +410,17 @@ fn base_data(ctx: &SandboxContext) -> Map<String, Value> {
     let mut data = Map::new();
     data.insert("sandbox_metadata".into(), Value::Object(meta));
     data
+}
+
+/// `command`, `pid`, `exit_code`, `killed` (a signal ended it), `signal` (its number, or null)
+/// and `duration_seconds`.
+fn insert_end(data: &mut Map<String, Value>, end: &TaskEnd) {
+    data.insert("command".into(), end.command.clone().into());
+    data.insert("pid".into(), end.pid.into());
+    data.insert("exit_code".into(), end.exit_code.into());
+    data.insert("killed".into(), end.signal.is_some().into());
+    data.insert("signal".into(), end.signal.map_or(Value::Null, Value::from));
+    data.insert("duration_seconds".into(), seconds(end.duration));
 }
 
 fn insert_execution(data: &mut Map<String, Value>, ctx: &SandboxContext, at: Millis) {
@@ -548,10 +602,17 @@ mod tests {
 
     #[test]
     fn sandforge_kinds_carry_sandforge_fields() {
+        let end = TaskEnd {
+            command: "npm install".into(),
+            pid: 41,
+            exit_code: -1,
+            signal: Some(9),
+            duration: Duration::from_millis(60_004),
+        };
         let t = Event::task_timeout(
             &ctx(),
             &TaskTimeout {
-                command: "npm install".into(),
+                end: end.clone(),
                 limit: Duration::from_secs(60),
                 cpu_consumed: Duration::from_millis(12_400),
             },
@@ -565,6 +626,55 @@ mod tests {
         assert_eq!(body["data"]["command"], "npm install");
         assert_eq!(body["data"]["limit_seconds"], 60);
         assert_eq!(body["data"]["cpu_consumed"], 12.4);
+        // The same account of the ending as `task.completed` gives.
+        assert_eq!(body["data"]["pid"], 41);
+        assert_eq!(body["data"]["exit_code"], -1);
+        assert_eq!(body["data"]["killed"], true);
+        assert_eq!(body["data"]["signal"], 9);
+        assert_eq!(body["data"]["duration_seconds"], 60.004);
+
+        let done = Event::task_completed(
+            &ctx(),
+            &TaskCompleted {
+                end: TaskEnd {
+                    command: "/bin/bash -l -c npm install".into(),
+                    pid: 7,
+                    exit_code: 0,
+                    signal: None,
+                    duration: Duration::from_secs(42),
+                },
+                tag: Some("install".into()),
+                timed_out: false,
+            },
+            Millis(0),
+        );
+        assert_eq!(done.event_type.as_str(), "task.completed");
+        let body: Value = serde_json::from_str(&done.to_json()).unwrap();
+        let data = &body["eventData"];
+        assert_eq!(data["command"], "/bin/bash -l -c npm install");
+        assert_eq!(data["pid"], 7);
+        assert_eq!(data["exit_code"], 0);
+        assert_eq!(data["killed"], false);
+        assert_eq!(data["signal"], Value::Null);
+        assert_eq!(data["duration_seconds"], 42);
+        assert_eq!(data["tag"], "install");
+        assert_eq!(data["timed_out"], false);
+        assert_eq!(data["sandbox_metadata"]["owner"], "ci");
+        let timed_out = Event::task_completed(
+            &ctx(),
+            &TaskCompleted {
+                end,
+                tag: None,
+                timed_out: true,
+            },
+            Millis(0),
+        );
+        let data = timed_out.event_data.unwrap();
+        assert!(data.get("tag").is_none());
+        assert_eq!(
+            (&data["timed_out"], &data["killed"]),
+            (&Value::Bool(true), &Value::Bool(true))
+        );
 
         let v = Event::security_violation(
             &ctx(),

@@ -1,7 +1,7 @@
 //! Sandbox events: what happened to a sandbox, kept durably and pushed to webhooks.
 //!
-//! [`event::Event`] is E2B's event record (`sandbox.lifecycle.*`, plus Sandforge's
-//! `task.timeout` and `security.violation`). [`store`] keeps events, webhooks and an outbox of
+//! [`event::Event`] is E2B's event record (`sandbox.lifecycle.*`, Sandforge's `task.timeout`
+//! and `security.violation`, and `task.completed`). [`store`] keeps events, webhooks and an outbox of
 //! deliveries in the gateway's own SQLite database: [`store::record`] takes the caller's
 //! connection, so an event commits in the same transaction as the state change it describes.
 //! [`dispatch::Dispatcher`] drains the outbox, signing each POST with [`sign`] (E2B's

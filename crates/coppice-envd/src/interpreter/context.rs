@@ -505,11 +505,17 @@ impl Context {
             return;
         }
         let alive = rt.process.as_mut().is_some_and(|p| {
-            !p.has_exited
-                && matches!(
+            // A process killed between executions (from inside the sandbox, or by the OOM
+            // killer) is found here; its exit is taken, so it must not be awaited again.
+            if !p.has_exited
+                && !matches!(
                     p.exited.try_recv(),
                     Err(oneshot::error::TryRecvError::Empty)
                 )
+            {
+                p.has_exited = true;
+            }
+            !p.has_exited
         });
         if !alive {
             if let Err(e) = self.respawn(&mut rt, &state, &launch).await {
@@ -522,6 +528,7 @@ impl Context {
         rt.count += 1;
         let count = rt.count;
         out.send(ndjson::number_of_executions(count)).await;
+        let oom_kills = crate::oom::kills_so_far();
         let outcome = match rt.process.as_mut() {
             Some(p) => run_cell(p, self.language, &job, count, &launch.config, &mut out).await,
             None => Outcome::Died,
@@ -533,7 +540,7 @@ impl Context {
             let (name, value) = if self.deleted.load(Ordering::SeqCst) {
                 ("ContextDeleted", "Context was deleted")
             } else {
-                ("ContextRestarting", "Context was restarted")
+                ("ContextRestarting", crate::oom::restart_reason(oom_kills))
             };
             out.send(ndjson::error(name, value, "")).await;
         }
@@ -921,6 +928,8 @@ async fn wait_ready(p: &mut Process) -> bool {
 fn child_setup(chan: Option<RawFd>, switch: Option<&Switch>, cwd: &CString) -> io::Result<()> {
     // Its own session and process group: interrupts and kills reach what the cell started.
     nix::unistd::setsid()?;
+    // User code goes before the agent in the OOM killer's line.
+    crate::oom::yield_in_child()?;
     for sig in [Signal::SIGINT, Signal::SIGQUIT] {
         // SAFETY: setting the default disposition installs no handler code. An ignored
         // SIGINT would be inherited through exec and make interrupts do nothing.

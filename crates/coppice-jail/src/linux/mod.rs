@@ -307,7 +307,10 @@ impl LinuxJail {
         struct Join<'a>(&'a SandboxCgroups);
         impl spawn::Handshake for Join<'_> {
             fn join_cgroups(&mut self, pid: u32) -> Result<(), BackendError> {
-                self.0.join(pid)
+                self.0.join(pid)?;
+                // Before init runs. Best effort: see `protect_init`.
+                protect_init(pid);
+                Ok(())
             }
         }
         let started_at = SystemTime::now();
@@ -446,6 +449,26 @@ impl Isolation for LinuxJail {
     }
 }
 
+/// The legacy `oom_adj` value that makes a sandbox's init the last process the OOM killer
+/// picks in it: -16 of -17..15, an `oom_score_adj` of -941. Not -17 (never): an init alone
+/// at its limit is still killable, so nothing in the sandbox can wedge its memory cgroup.
+const INIT_OOM_ADJ: &str = "-16";
+
+/// Lowers the OOM score of the sandbox init `pid`, so that it is the last thing the OOM
+/// killer picks when the sandbox fills its memory limit (when the init dies, the whole
+/// sandbox does); says whether it could.
+///
+/// Lowering a score needs `CAP_SYS_RESOURCE` in the host's user namespace; a host without it
+/// (some container platforms drop it) leaves the init at this process's score, and the init
+/// keeps its place behind its children only through theirs, which the agent raises to the
+/// maximum. The legacy `oom_adj` file lowers the score without lowering the floor
+/// (`oom_score_adj_min`) that the init's descendants inherit, as a privileged write to
+/// `oom_score_adj` would, so nothing in the sandbox can lower its own score below 0, let
+/// alone below the init's. The kernel logs once that `oom_adj` is deprecated.
+fn protect_init(pid: u32) -> bool {
+    fs::write(format!("/proc/{pid}/oom_adj"), INIT_OOM_ADJ).is_ok()
+}
+
 /// Reaps `pid` if it is our child (no-op otherwise).
 fn reap(pid: u32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -563,6 +586,60 @@ fn probe_host() -> Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where this process may lower scores, the init's score is lowered but its floor is
+    /// not: what it starts can raise its own score and cannot lower it again. Checked on a
+    /// plain child of this test (the same files, without a sandbox around them).
+    #[test]
+    fn the_init_is_protected_and_its_children_are_not() {
+        let name = "the_init_is_protected_and_its_children_are_not";
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            #[allow(clippy::print_stdout)] // the skip line must reach the test output
+            {
+                println!("SKIP {name}: needs root");
+            }
+            return;
+        }
+        // A child that drops privilege (as sandbox processes have none in the host's user
+        // namespace) and then tries to move its score both ways.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                "read go; cat /proc/self/oom_score_adj; \
+                 setpriv --reuid=65534 --regid=65534 --clear-groups sh -c \
+                 'cat /proc/self/oom_score_adj; echo 1000 > /proc/self/oom_score_adj; \
+                  cat /proc/self/oom_score_adj; echo -941 > /proc/self/oom_score_adj \
+                  || echo refused'",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let protected = protect_init(child.id());
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        if !protected {
+            // Only a host without CAP_SYS_RESOURCE may refuse, and nothing changed then.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let eff = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap();
+            assert_eq!(eff & (1 << 24), 0, "refused with CAP_SYS_RESOURCE");
+            #[allow(clippy::print_stdout)] // the skip line must reach the test output
+            {
+                println!("SKIP {name}: this host withholds CAP_SYS_RESOURCE");
+            }
+            assert_eq!(lines, ["0", "0", "1000", "refused"], "{text}");
+            return;
+        }
+        assert_eq!(lines, ["-941", "-941", "1000", "refused"], "{text}");
+    }
 
     #[test]
     fn pid_start_reads_our_own_process() {
