@@ -360,6 +360,8 @@ impl Gateway {
             .arg("--template-cache")
             .arg(template_cache())
             .args(NETWORK_ARGS)
+            // test_supervision.py's webhook receiver listens on loopback.
+            .args(["--webhook-allow", "127.0.0.0/8"])
             .env_remove("COPPICE_API_KEYS_FILE")
             // Plain log lines: they go to a file, not a terminal.
             .env("NO_COLOR", "1")
