@@ -1,16 +1,25 @@
-//! `cargo xtask e2e [pytest args]`: the unmodified E2B SDKs (`tests/e2e/`) against a real
-//! gateway on loopback.
+//! `cargo xtask e2e [pytest args | js [node args]]`: the unmodified E2B SDKs against a real
+//! gateway on loopback, in Python (`tests/e2e/`) and in JavaScript (`tests/e2e-js/`).
 //!
 //! 1. A venv at `<target>/e2e-venv` with `tests/e2e/requirements.txt`, made with Debian's
 //!    python3 (else the one on `PATH`) and rebuilt only when that file or the python changes
 //!    (a stamp file records both).
-//! 2. `cargo build -p coppice-gateway`.
-//! 3. Two runs of the gateway, each on a free `127.0.0.1` port with a fresh state dir under
+//! 2. `tests/e2e-js/node_modules` from the committed `package-lock.json` by `npm ci`, redone
+//!    only when the lock file, `package.json` or the Node.js version changes (a stamp inside
+//!    `node_modules` records them); Node.js must be at least [`NODE_MIN`], the `e2b`
+//!    package's own requirement.
+//! 3. `cargo build -p coppice-gateway`.
+//! 4. Two runs of the gateway, each on a free `127.0.0.1` port with a fresh state dir under
 //!    `/var/tmp`, the shared template cache and sandbox networking on 198.51.100.0/24 only
-//!    ([`NETWORK_ARGS`]; `tests/e2e/test_network.py` makes the fake internet it reaches): with `COPPICE_API_KEYS` (the whole suite, with a
-//!    valid key) and without (the `auth`-marked tests, which then expect any key to work).
-//!    Given pytest arguments, only the first run happens, with those arguments.
-//! 4. After each run, whatever happened: every sandbox still listed is deleted, the gateway
+//!    ([`NETWORK_ARGS`]; `tests/e2e/test_network.py` makes the fake internet it reaches): with `COPPICE_API_KEYS` (the whole Python suite, then the JS suite with
+//!    `node --test`, both with a valid key) and without (the `auth`-marked Python tests, which
+//!    then expect any key to work). Both SDKs see the gateway through the same environment
+//!    ([`sdk_env`]).
+//!    Given pytest arguments, only the first run happens, with those arguments and no JS.
+//!    Given `js`, only the first run happens, with the JS suite alone: every
+//!    `tests/e2e-js/*.test.mjs`, or the `node --test` arguments that follow (file names are
+//!    relative to `tests/e2e-js`; options, as `--opt=value`, are put before them).
+//! 5. After each run, whatever happened: every sandbox still listed is deleted, the gateway
 //!    gets SIGTERM (it leaves sandboxes running by design, hence the deletes), its network is
 //!    removed with `--purge-network true`, and the state dir is removed unless something is
 //!    still mounted in it.
@@ -35,6 +44,12 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// How long the gateway gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The oldest Node.js the JS suite runs on: the `e2b` package's `engines` (`>=20.18.1`).
+const NODE_MIN: (u32, u32, u32) = (20, 18, 1);
+
+/// Each JS test's deadline, so a stream the gateway never ends fails that test, not the run.
+const NODE_TEST_TIMEOUT_MS: u32 = 120_000;
 
 /// Lines of the gateway's log shown when a run fails.
 const LOG_TAIL: usize = 60;
@@ -86,7 +101,20 @@ pub(crate) fn run(args: &[&str]) -> Result<(), String> {
     }
     let root = project_root();
     let target = target_dir();
-    let python = ensure_venv(&root, &target)?;
+    let (pytest, node) = match args {
+        [] => (vec!["tests/e2e".to_owned()], js_suite(&root)?),
+        ["js"] => (Vec::new(), js_suite(&root)?),
+        ["js", rest @ ..] => (Vec::new(), rest.iter().map(|a| (*a).to_owned()).collect()),
+        _ => (args.iter().map(|a| (*a).to_owned()).collect(), Vec::new()),
+    };
+    let python = if pytest.is_empty() {
+        None
+    } else {
+        Some(ensure_venv(&root, &target)?)
+    };
+    if !node.is_empty() {
+        ensure_node_modules(&root)?;
+    }
     build_gateway()?;
     let gateway = target.join("debug/coppice-gateway");
     let keys = [random_key()?, random_key()?];
@@ -94,24 +122,22 @@ pub(crate) fn run(args: &[&str]) -> Result<(), String> {
     let mut phases = vec![Phase {
         name: "keys",
         keys: Some(&keys),
-        pytest: if args.is_empty() {
-            vec!["tests/e2e".to_owned()]
-        } else {
-            args.iter().map(|a| (*a).to_owned()).collect()
-        },
+        pytest,
+        node,
     }];
     if args.is_empty() {
         phases.push(Phase {
             name: "open",
             keys: None,
             pytest: vec!["tests/e2e".into(), "-m".into(), "auth".into()],
+            node: Vec::new(),
         });
     }
 
     let mut failures = Vec::new();
     for phase in &phases {
         eprintln!("xtask e2e: run `{}`", phase.name);
-        if let Err(e) = run_phase(&gateway, &python, &target, phase) {
+        if let Err(e) = run_phase(&gateway, python.as_deref(), &target, phase) {
             eprintln!("xtask e2e: run `{}` failed: {e}", phase.name);
             failures.push(format!("{}: {e}", phase.name));
         }
@@ -124,17 +150,20 @@ pub(crate) fn run(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// One gateway process and the pytest run against it.
+/// One gateway process and the SDK runs against it.
 pub(crate) struct Phase<'a> {
     pub(crate) name: &'static str,
     /// `Some([valid, second valid])` starts the gateway with `COPPICE_API_KEYS`.
     pub(crate) keys: Option<&'a [String; 2]>,
+    /// pytest's arguments; empty runs no Python tests.
     pub(crate) pytest: Vec<String>,
+    /// `node --test`'s arguments, in `tests/e2e-js`; empty runs no JS tests.
+    pub(crate) node: Vec<String>,
 }
 
 fn run_phase(
     gateway: &Path,
-    python: &Path,
+    python: Option<&Path>,
     target: &Path,
     phase: &Phase<'_>,
 ) -> Result<(), String> {
@@ -144,9 +173,23 @@ fn run_phase(
         Some([key, _]) => key.clone(),
         None => "coppice-e2e-any-key".to_owned(),
     };
-    let outcome = gw
-        .wait_healthy()
-        .and_then(|()| run_pytest(python, gw.port, &api_key, phase));
+    let outcome = gw.wait_healthy().and_then(|()| {
+        // Both suites run even when the first fails, and both failures are reported.
+        let py = match python {
+            _ if phase.pytest.is_empty() => Ok(()),
+            Some(python) => run_pytest(python, gw.port, &api_key, phase),
+            None => Err("pytest arguments but no venv".to_owned()),
+        };
+        let js = if phase.node.is_empty() {
+            Ok(())
+        } else {
+            run_node(gw.port, &api_key, phase)
+        };
+        match (py, js) {
+            (Err(a), Err(b)) => Err(format!("{a}; {b}")),
+            (py, js) => py.and(js),
+        }
+    });
     let cleanup = gw.shutdown(&api_key);
     if outcome.is_err() || cleanup.is_err() {
         print_tail(&log_path);
@@ -154,15 +197,23 @@ fn run_phase(
     outcome.and(cleanup)
 }
 
-fn run_pytest(python: &Path, port: u16, api_key: &str, phase: &Phase<'_>) -> Result<(), String> {
+/// Points an SDK process at the gateway on `port`: the same variables for Python and JS.
+fn sdk_env(cmd: &mut Command, port: u16, api_key: &str) {
     let url = format!("http://127.0.0.1:{port}");
+    cmd.env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("E2B_API_KEY", api_key)
+        // Each of these would point the SDK somewhere else (§1.1 of the protocol notes).
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_ACCESS_TOKEN");
+}
+
+fn run_pytest(python: &Path, port: u16, api_key: &str, phase: &Phase<'_>) -> Result<(), String> {
     let mut cmd = Command::new(python);
     cmd.args(["-m", "pytest", "-p", "no:cacheprovider"])
         .args(&phase.pytest)
         .current_dir(project_root())
-        .env("E2B_API_URL", &url)
-        .env("E2B_SANDBOX_URL", &url)
-        .env("E2B_API_KEY", api_key)
         .env("COPPICE_E2E_AUTH", phase.name)
         .env("COPPICE_E2E_NETWORK", "1")
         .env(
@@ -170,17 +221,14 @@ fn run_pytest(python: &Path, port: u16, api_key: &str, phase: &Phase<'_>) -> Res
             project_root().join("bins/coppice-gateway/tests/fixtures/fake_internet.py"),
         )
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1")
-        // Each of these would point the SDK somewhere else (§1.1 of the protocol notes).
-        .env_remove("E2B_DEBUG")
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_ACCESS_TOKEN");
+        .env("PYTHONUNBUFFERED", "1");
+    sdk_env(&mut cmd, port, api_key);
     match phase.keys {
         Some([_, second]) => cmd.env("COPPICE_E2E_SECOND_KEY", second),
         None => cmd.env_remove("COPPICE_E2E_SECOND_KEY"),
     };
     eprintln!(
-        "$ E2B_API_URL={url} E2B_SANDBOX_URL={url} COPPICE_E2E_AUTH={} {} -m pytest -p no:cacheprovider {}",
+        "$ E2B_API_URL=http://127.0.0.1:{port} E2B_SANDBOX_URL=http://127.0.0.1:{port} COPPICE_E2E_AUTH={} {} -m pytest -p no:cacheprovider {}",
         phase.name,
         python.display(),
         phase.pytest.join(" ")
@@ -197,6 +245,101 @@ fn run_pytest(python: &Path, port: u16, api_key: &str, phase: &Phase<'_>) -> Res
         )),
         _ => Err(format!("pytest failed: {status}")),
     }
+}
+
+// ---- The JS suite ----
+
+/// Every `*.test.mjs` in `tests/e2e-js`, sorted: the default JS selection.
+fn js_suite(root: &Path) -> Result<Vec<String>, String> {
+    let dir = root.join("tests/e2e-js");
+    let mut files: Vec<String> = fs::read_dir(&dir)
+        .map_err(|e| format!("read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".test.mjs"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!("no *.test.mjs in {}", dir.display()));
+    }
+    Ok(files)
+}
+
+fn run_node(port: u16, api_key: &str, phase: &Phase<'_>) -> Result<(), String> {
+    // node takes options only before the files (`--opt=value`, one argument each).
+    let (options, files): (Vec<&String>, Vec<&String>) =
+        phase.node.iter().partition(|a| a.starts_with('-'));
+    let mut cmd = Command::new("node");
+    cmd.args(["--test", "--test-concurrency=1"])
+        .arg(format!("--test-timeout={NODE_TEST_TIMEOUT_MS}"))
+        .args(&options)
+        .args(&files)
+        .current_dir(project_root().join("tests/e2e-js"));
+    sdk_env(&mut cmd, port, api_key);
+    // Debug shows the directory and the environment changes too.
+    eprintln!("$ {cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run node --test: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("node --test failed: {status}"))
+    }
+}
+
+/// Makes sure `tests/e2e-js/node_modules` matches the committed lock file, with `npm ci`.
+fn ensure_node_modules(root: &Path) -> Result<(), String> {
+    let dir = root.join("tests/e2e-js");
+    let version = Command::new("node")
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            format!("cannot run node ({e}): the JS suite needs Node.js and npm (`cargo xtask ci` installs them)")
+        })?;
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    match parse_node_version(&version) {
+        Some(v) if v >= NODE_MIN => {}
+        _ => {
+            let (a, b, c) = NODE_MIN;
+            return Err(format!(
+                "node {version:?} is older than {a}.{b}.{c}, which the e2b package needs"
+            ));
+        }
+    }
+    let mut fingerprint = Vec::new();
+    for file in ["package.json", "package-lock.json"] {
+        let path = dir.join(file);
+        fingerprint.extend(fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?);
+    }
+    fingerprint.extend_from_slice(version.as_bytes());
+    let stamp_text = format!("{:016x}\n", fnv1a(&fingerprint));
+    let stamp = dir.join("node_modules/.coppice-lock.stamp");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(stamp_text.as_str()) {
+        return Ok(());
+    }
+    // `npm ci` removes node_modules (and the stamp with it) before it installs.
+    run_checked(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir),
+        "npm ci in tests/e2e-js",
+    )?;
+    // Written last, so an interrupted install is redone next time.
+    fs::write(&stamp, stamp_text).map_err(|e| format!("write {}: {e}", stamp.display()))
+}
+
+/// `v20.20.2` as `(20, 20, 2)`.
+fn parse_node_version(text: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = text.trim().strip_prefix('v')?.splitn(3, '.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    let patch = parts
+        .next()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some((major, minor, patch))
 }
 
 pub(crate) fn is_root() -> bool {
@@ -312,13 +455,15 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
+/// A random API key in the format E2B issues (`e2b_` and hex), which the JS SDK checks
+/// before it sends one.
 pub(crate) fn random_key() -> Result<String, String> {
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; 20];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| format!("read /dev/urandom: {e}"))?;
     Ok(format!(
-        "coppice-e2e-{}",
+        "e2b_{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
 }
@@ -360,6 +505,8 @@ impl Gateway {
             .arg("--template-cache")
             .arg(template_cache())
             .args(NETWORK_ARGS)
+            // test_supervision.py's webhook receiver listens on loopback.
+            .args(["--webhook-allow", "127.0.0.0/8"])
             .env_remove("COPPICE_API_KEYS_FILE")
             // Plain log lines: they go to a file, not a terminal.
             .env("NO_COLOR", "1")
@@ -863,6 +1010,27 @@ mod tests {
         // Reference values of 64-bit FNV-1a.
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn node_versions() {
+        assert_eq!(parse_node_version("v20.20.2\n"), Some((20, 20, 2)));
+        assert_eq!(parse_node_version("v22.1.0-nightly"), Some((22, 1, 0)));
+        assert_eq!(parse_node_version("20.1.0"), None);
+        assert_eq!(parse_node_version(""), None);
+        assert!(parse_node_version("v18.20.4").unwrap() < NODE_MIN);
+        assert!(parse_node_version("v20.18.1").unwrap() >= NODE_MIN);
+    }
+
+    #[test]
+    fn keys_look_like_e2b_keys() {
+        let key = random_key().unwrap();
+        let hex = key.strip_prefix("e2b_").unwrap();
+        assert_eq!(hex.len(), 40);
+        assert!(hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(key, random_key().unwrap());
     }
 
     #[test]

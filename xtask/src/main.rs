@@ -6,7 +6,8 @@
 //!   also runs as a `#[test]`.
 //! - `bench <part>...|all|compare|readme`: the benchmark suite; results under
 //!   `benchmarks/results/<date>/`, tables and chart in `benchmarks/README.md`.
-//! - `e2e [pytest args]`: the E2B SDK suite in `tests/e2e/` against a real gateway.
+//! - `e2e [pytest args | js [node args]]`: the E2B SDK suites, Python in `tests/e2e/` and
+//!   JavaScript in `tests/e2e-js/`, against a real gateway.
 //! - `smoke <name>`: a receipt of a feature through the real SDK, with its timings, under
 //!   `benchmarks/results/`.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::disallowed_methods)]
@@ -35,7 +36,8 @@ fn main() -> ExitCode {
                  commands:\n  \
                  ci [--no-install]   install test dependencies, then fmt, clippy, test, e2e, deny\n  \
                  tidy                check repository rules\n  \
-                 e2e [pytest args]   the E2B SDK suite (tests/e2e) against a real gateway\n  \
+                 e2e [pytest args]   the E2B SDK suites (tests/e2e, tests/e2e-js) against a real gateway\n  \
+                 e2e js [node args]  the JS SDK suite (tests/e2e-js) alone\n  \
                  smoke <name>        a receipt through the real SDK: {}\n  \
                  {}",
                 smoke::NAMES.join(", "),

@@ -48,6 +48,7 @@ fn lifecycle() -> Result<(), String> {
         name: "smoke-lifecycle",
         keys: Some(&keys),
         pytest: Vec::new(),
+        node: Vec::new(),
     };
     let date = crate::bench::today()?;
     let dir = root.join("benchmarks/results/auto-suspend-resume");

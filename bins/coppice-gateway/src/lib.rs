@@ -103,6 +103,10 @@ pub(crate) struct Entry {
     in_flight: AtomicU32,
     /// Its resource samples, for `GET /sandboxes/{id}/metrics`.
     pub(crate) usage: usage::History,
+    /// Its tasks (processes and threads) at the last sample, `u32::MAX` before one. A live
+    /// agent alone has more than one (its runtime, reaper and signal threads), so one or none
+    /// means the agent is gone or going: [`Gateway::check_agent`] then looks.
+    tasks: AtomicU32,
 }
 
 impl Entry {
@@ -114,6 +118,7 @@ impl Entry {
             activity: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             usage: usage::History::default(),
+            tasks: AtomicU32::new(u32::MAX),
         })
     }
 
@@ -532,6 +537,7 @@ impl Gateway {
         let cpus = usage::cpu_count(&record.limits);
         let read = async {
             let cpu = self.runtime.enforcement(&record.id).await?;
+            entry.tasks.store(cpu.tasks, Ordering::Release);
             self.ingest_counters_from(entry, &cpu);
             if let Some(sample) = entry.usage.record_idle(at, started_at, cpus, &cpu) {
                 return Ok(sample);
@@ -559,6 +565,9 @@ impl Gateway {
             let entries = self.entries();
             for (n, entry) in entries.iter().enumerate() {
                 self.sample(entry).await;
+                if entry.tasks.load(Ordering::Acquire) <= 1 {
+                    self.check_agent(entry).await;
+                }
                 yield_every(n).await;
             }
             let logs: Vec<PathBuf> = entries
@@ -582,6 +591,46 @@ impl Gateway {
                 tracing::warn!(error = %e, "rotating sandbox logs panicked");
             }
         }
+    }
+
+    /// Checks that a running sandbox's agent still lives, and if it died, ends the sandbox:
+    /// the agent is its PID 1, so every process in it died too and nothing can come back.
+    /// The sandbox is recorded as killed with cause `failure` (E2B's way of saying a sandbox
+    /// is gone; the event is `sandbox.lifecycle.killed`), the gateway's log says so with the
+    /// memory limit's kill count (the usual culprit) and where the sandbox's own log is, and
+    /// the sandbox is torn down. From then on, as for any sandbox that is gone, the control
+    /// plane answers 404 and the data plane E2B's 502 "The sandbox was not found", which the
+    /// SDKs read as not running. Returns whether the agent was dead.
+    ///
+    /// The caller must not hold the sandbox's operation lock.
+    pub(crate) async fn check_agent(&self, entry: &Entry) -> bool {
+        if entry.lifecycle().state != SandboxState::Running || self.runtime.alive(&entry.id).await {
+            return false;
+        }
+        let _op = entry.op.write().await;
+        // Again under the lock: a kill or pause may have got there first.
+        if self.entry(&entry.id).is_none()
+            || entry.lifecycle().state != SandboxState::Running
+            || self.runtime.alive(&entry.id).await
+        {
+            return false;
+        }
+        let oom_kills = self
+            .runtime
+            .enforcement(&entry.id)
+            .await
+            .map(|u| u.oom_kills)
+            .ok();
+        tracing::error!(
+            sandbox = %entry.id,
+            ?oom_kills,
+            sandbox_log = %self.runtime.log_path(&entry.id).display(),
+            "the sandbox's agent died, and the sandbox with it; recording it as killed (cause failure)"
+        );
+        if let Err(e) = self.kill(entry, Cause::Failure).await {
+            tracing::error!(sandbox = %entry.id, error = ?e, "recording the agent's death failed");
+        }
+        true
     }
 
     /// Removes the logs of sandboxes the gateway no longer has once they are

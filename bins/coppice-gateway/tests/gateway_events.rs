@@ -886,6 +886,29 @@ fn enforcement_inside_a_sandbox_is_recorded_and_delivered() {
     assert_eq!(data["limit_seconds"], 0.5, "{timeout}");
     assert!(data["cpu_consumed"].as_f64().unwrap() < 0.5, "{timeout}");
     assert_eq!(timeout["sandboxId"], id.as_str());
+    // How it ended, as task.completed says it too.
+    assert!(data["pid"].as_u64().unwrap() > 1, "{timeout}");
+    assert_eq!(data["exit_code"], -1, "{timeout}");
+    assert_eq!(data["killed"], true, "{timeout}");
+    assert_eq!(data["signal"], 9, "{timeout}");
+    assert!(
+        data["duration_seconds"].as_f64().unwrap() >= 0.5,
+        "{timeout}"
+    );
+    let path = format!("/events/sandboxes/{id}?types=task.completed");
+    let completed = wait_for(
+        "the task.completed of the timed-out command",
+        DELIVERY_WAIT,
+        || {
+            events_of(&lab, &path)
+                .into_iter()
+                .find(|e| e["eventData"]["command"] == "/bin/sh -c sleep 30")
+        },
+    );
+    assert_eq!(completed["eventData"]["timed_out"], true, "{completed}");
+    for field in ["pid", "exit_code", "killed", "signal", "duration_seconds"] {
+        assert_eq!(completed["eventData"][field], data[field], "{field}");
+    }
     let delivered = receiver.wait_delivered("/enforcement", timeout["id"].as_str().unwrap(), 1);
     let body: Value = serde_json::from_slice(&delivered[0].body).unwrap();
     assert_eq!(body, timeout);
@@ -921,6 +944,156 @@ fn enforcement_inside_a_sandbox_is_recorded_and_delivered() {
     assert_eq!(all.len(), 2, "{all:?}");
     let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    lab.finish();
+}
+
+/// `task.completed`: a command started through envd is reported when it ends, with its
+/// sandbox, pid, command, exit code, duration and whether it was killed, to the read API and
+/// to a webhook subscribed to the type (and to no other webhook), so a caller that starts a
+/// long command in the background can wait for the webhook instead of polling.
+#[test]
+fn commands_that_end_are_delivered_as_task_completed() {
+    let receiver = Receiver::start();
+    let Some(mut lab) =
+        lab_with_loopback_webhooks("commands_that_end_are_delivered_as_task_completed", &[])
+    else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let mut hook_ids = Vec::new();
+    for (name, events) in [
+        ("tasks", json!(["task.completed"])),
+        ("lifecycle", json!(["sandbox.lifecycle.created"])),
+    ] {
+        let r = lab.api(
+            "POST",
+            "/events/webhooks",
+            Some(json!({
+                "name": name,
+                "url": receiver.url(&format!("/{name}")),
+                "events": events,
+                "signatureSecret": SECRET,
+            })),
+        );
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        hook_ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    let sbx = lab.create(json!({"timeout": 600, "metadata": {"job": "build"}}));
+    let id = id_of(&sbx);
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    let out = lab.exec(&id, Some(&token), "sleep 1; exit 3");
+    assert_eq!(out.exit_code, Some(3), "{out:?}");
+
+    let path = format!("/events/sandboxes/{id}?types=task.completed");
+    let done = wait_for("the task.completed event", DELIVERY_WAIT, || {
+        events_of(&lab, &path).into_iter().next()
+    });
+    assert_eq!(done["sandboxId"], id.as_str());
+    let data = &done["eventData"];
+    assert_eq!(data["command"], "/bin/sh -c sleep 1; exit 3", "{done}");
+    assert_eq!(data["exit_code"], 3, "{done}");
+    assert_eq!(data["killed"], false, "{done}");
+    assert_eq!(data["signal"], Value::Null, "{done}");
+    assert_eq!(data["timed_out"], false, "{done}");
+    assert!(data["pid"].as_u64().unwrap() > 1, "{done}");
+    assert!(data["duration_seconds"].as_f64().unwrap() >= 1.0, "{done}");
+    assert_eq!(data["sandbox_metadata"]["job"], "build", "{done}");
+    let delivered = receiver.wait_delivered("/tasks", done["id"].as_str().unwrap(), 1);
+    check_e2b_signed(&delivered[0], &hook_ids[0]);
+    assert_eq!(delivered[0].json(), done);
+
+    // The lifecycle subscriber got its `created` and no task event.
+    wait_for("the created delivery", DELIVERY_WAIT, || {
+        receiver
+            .arrivals()
+            .iter()
+            .any(|a| a.path == "/lifecycle" && a.answered.is_some())
+            .then_some(())
+    });
+    assert!(
+        receiver
+            .arrivals()
+            .iter()
+            .filter(|a| a.path == "/lifecycle")
+            .all(|a| a.json()["type"] == "sandbox.lifecycle.created"),
+        "{:?}",
+        receiver.arrivals()
+    );
+    let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    lab.finish();
+}
+
+/// The host pid of sandbox `id`'s agent, from its jail record.
+fn agent_pid(lab: &Lab, id: &str) -> i32 {
+    let record = lab
+        .state_dir
+        .join("jail/sandboxes")
+        .join(format!("{id}.json"));
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(record).unwrap()).unwrap();
+    i32::try_from(record["pid"].as_u64().unwrap()).unwrap()
+}
+
+/// An agent that dies (here killed from the host; the OOM killer or a crash in real life)
+/// takes its sandbox with it: the gateway notices, through the data plane at once or its
+/// watcher within seconds, records the sandbox as killed with cause `failure`, and from then
+/// on answers 404 on the control plane and E2B's 502 on the data plane.
+#[test]
+fn a_dead_agent_ends_its_sandbox() {
+    let Some(mut lab) = Lab::new("a_dead_agent_ends_its_sandbox") else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let through_traffic = id_of(&lab.create(json!({"timeout": 600})));
+    let by_watcher = id_of(&lab.create(json!({"timeout": 600})));
+    for id in [&through_traffic, &by_watcher] {
+        let pid = agent_pid(&lab, id);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // Dead once it is a zombie (the gateway, its parent, has not reaped it) or gone.
+        wait_for("the agent to die", Duration::from_secs(30), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| {
+                    s.rfind(')').is_some_and(|i| s[i + 2..].starts_with('Z'))
+                })
+                .then_some(())
+        });
+    }
+
+    // Traffic finds the agent gone: E2B's 502, and the sandbox is ended there and then.
+    let out = lab.exec(&through_traffic, None, "true");
+    assert_eq!(out.status, StatusCode::BAD_GATEWAY, "{out:?}");
+    let body: Value = serde_json::from_slice(&out.body).unwrap();
+    assert_eq!(body["message"], "The sandbox was not found", "{body}");
+    assert_eq!(body["sandboxId"], through_traffic.as_str());
+    assert_eq!(lab.detail_status(&through_traffic), 404);
+
+    // Without traffic, the watcher's next pass finds it.
+    wait_for(
+        "the watcher to end the sandbox",
+        Duration::from_secs(30),
+        || (lab.detail_status(&by_watcher) == 404).then_some(()),
+    );
+    for id in [&through_traffic, &by_watcher] {
+        let events = events_of(&lab, &format!("/events/sandboxes/{id}?orderAsc=true"));
+        assert_eq!(
+            types_of(&events),
+            ["sandbox.lifecycle.created", "sandbox.lifecycle.killed"],
+            "{id}"
+        );
+        assert_eq!(events[1]["eventData"]["cause"], "failure");
+        lab.assert_gone(id);
+    }
+    assert!(
+        lab.log().contains("the sandbox's agent died"),
+        "{}",
+        lab.log()
+    );
     lab.finish();
 }
 

@@ -173,6 +173,7 @@ async fn send(
     let stream = match tokio::net::UnixStream::connect(&socket).await {
         Ok(s) => s,
         // No socket, or nobody listening: the agent is gone, which E2B reports as its 502.
+        // If it died, the sandbox ends here rather than at the watcher's next pass.
         Err(e)
             if matches!(
                 e.kind(),
@@ -180,6 +181,8 @@ async fn send(
             ) =>
         {
             tracing::warn!(sandbox = %record.id, error = %e, "agent unreachable");
+            drop(guard);
+            gw.check_agent(&entry).await;
             return Err(not_found(&target.id));
         }
         // Anything else (out of file descriptors, ...) is the gateway's trouble, not a
