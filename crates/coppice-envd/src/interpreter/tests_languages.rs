@@ -521,7 +521,8 @@ async fn r_prints_values_as_irkernel_does() {
     let r = h
         .run_with(&ctx, "Sys.sleep(600)", Value::Null, Some(0.5))
         .await;
-    assert!(r.error.is_some(), "{}", r.raw);
+    let e = r.error.as_ref().expect("aborted");
+    assert_eq!(e["name"], "ExecutionAborted", "{}", r.raw);
     assert_eq!(h.run(&ctx, "x").await.ok().first(), Some("[1] 5"));
     h.interp.shutdown().await;
 }
@@ -574,6 +575,13 @@ async fn java_runs_snippets_on_jshell() {
         r.error.as_ref().expect("an error")["name"],
         "CompilationException"
     );
+    assert_eq!(h.run(&ctx, "x").await.ok().text(), Some("41"));
+    // JShell.stop() ends the cell; the context keeps its state.
+    let r = h
+        .run_with(&ctx, "Thread.sleep(600000);", Value::Null, Some(0.5))
+        .await;
+    let e = r.error.as_ref().expect("aborted");
+    assert_eq!(e["name"], "ExecutionAborted", "{}", r.raw);
     assert_eq!(h.run(&ctx, "x").await.ok().text(), Some("41"));
     h.interp.shutdown().await;
 }
