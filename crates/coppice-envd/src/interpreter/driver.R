@@ -91,7 +91,9 @@ local({
           report("ERROR", describe(e))
           FALSE
         }, interrupt = function(e) {
-          report("KeyboardInterrupt", "Execution interrupted")
+          # IRkernel answers an interrupt with status "abort", which E2B's server turns
+          # into this error.
+          report("ExecutionAborted", "Execution was aborted")
           FALSE
         }),
         warning = function(w) {
@@ -132,7 +134,7 @@ local({
       if (length(keys)) do.call(Sys.setenv, as.list(stats::setNames(vals, keys)))
       run(code)
     }, interrupt = function(e) {
-      report("KeyboardInterrupt", "Execution interrupted")
+      report("ExecutionAborted", "Execution was aborted")
     }, finally = {
       for (k in keys) {
         if (is.na(old[[k]])) Sys.unsetenv(k)

@@ -44,6 +44,8 @@ class CoppiceDriver {
     private static final String RESULT_KEY = "coppice.driver.result";
     private static OutputStream channel;
     private static boolean errored;
+    /** Set by SIGINT while a cell runs. */
+    private static volatile boolean interrupted;
 
     static synchronized void send(String json) {
         try {
@@ -172,7 +174,13 @@ class CoppiceDriver {
                 rest = "";
             }
             valueName = null;
-            for (SnippetEvent event : shell.eval(source)) {
+            List<SnippetEvent> events = shell.eval(source);
+            if (interrupted) {
+                // What E2B's server says when a kernel aborts a cell.
+                error("ExecutionAborted", "Execution was aborted", "");
+                return;
+            }
+            for (SnippetEvent event : events) {
                 if (event.causeSnippet() != null) {
                     continue;
                 }
@@ -237,7 +245,10 @@ class CoppiceDriver {
             shell.drop(warm.snippet());
         }
         try {
-            sun.misc.Signal.handle(new sun.misc.Signal("INT"), s -> shell.stop());
+            sun.misc.Signal.handle(new sun.misc.Signal("INT"), s -> {
+                interrupted = true;
+                shell.stop();
+            });
         } catch (Throwable t) {
             // Without the handler, an interrupt ends the context; the agent restarts it.
         }
@@ -261,6 +272,7 @@ class CoppiceDriver {
                 System.setProperty(key, fields.get(i + 1));
             }
             errored = false;
+            interrupted = false;
             try {
                 run(shell, code);
             } catch (Throwable t) {

@@ -54,6 +54,53 @@ function send(event) {
   chan.write(JSON.stringify(event) + '\n');
 }
 
+// Picks the target of a package.json `exports` entry for an ES module import.
+function exportTarget(entry) {
+  if (typeof entry === 'string') return entry;
+  if (Array.isArray(entry)) {
+    for (const e of entry) {
+      const t = exportTarget(e);
+      if (t) return t;
+    }
+    return null;
+  }
+  if (entry && typeof entry === 'object') {
+    for (const condition of ['node', 'import', 'default']) {
+      if (condition in entry) {
+        const t = exportTarget(entry[condition]);
+        if (t) return t;
+      }
+    }
+  }
+  return null;
+}
+
+// Finds a package that `require.resolve` refuses because its `exports` offer only an
+// `import` condition: the nearest node_modules/<name> from `dir` up, read as Node.js would
+// for `import` (exact subpaths only, no patterns).
+function resolveImportOnly(spec, dir) {
+  const parts = spec.split('/');
+  const nameLength = spec.startsWith('@') ? 2 : 1;
+  const name = parts.slice(0, nameLength).join('/');
+  const sub = parts.length > nameLength ? `./${parts.slice(nameLength).join('/')}` : '.';
+  for (let d = dir; ; d = path.dirname(d)) {
+    const pkgDir = path.join(d, 'node_modules', name);
+    let pkg = null;
+    try {
+      pkg = JSON.parse(require('fs').readFileSync(path.join(pkgDir, 'package.json'), 'utf8'));
+    } catch (_) {
+      pkg = null;
+    }
+    if (pkg !== null && pkg.exports !== undefined) {
+      const exp = pkg.exports;
+      const keyed = exp && typeof exp === 'object' && !Array.isArray(exp) && Object.keys(exp).some((k) => k.startsWith('.'));
+      const target = keyed ? exportTarget(exp[sub]) : sub === '.' ? exportTarget(exp) : null;
+      if (target) return path.join(pkgDir, target);
+    }
+    if (d === path.dirname(d)) return null;
+  }
+}
+
 // Imports resolve as they would from a module in the working directory: relative paths and
 // packages in its node_modules, then the global module directories.
 async function importFrom(spec) {
@@ -68,7 +115,8 @@ async function importFrom(spec) {
     try {
       target = pathToFileURL(createRequire(base).resolve(spec)).href;
     } catch (e) {
-      let found = null;
+      let found = e.code === 'ERR_PACKAGE_PATH_NOT_EXPORTED' ? resolveImportOnly(spec, process.cwd()) : null;
+      if (found !== null) return import(pathToFileURL(found).href);
       for (const dir of MODULE_DIRS) {
         try {
           found = createRequire(path.join(dir, 'x.js')).resolve(spec);

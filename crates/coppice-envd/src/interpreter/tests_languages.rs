@@ -337,6 +337,40 @@ async fn javascript_imports_modules_and_awaits_at_top_level() {
         )
         .await;
     assert_eq!(r.ok().text(), Some("10"));
+    // Packages in the working directory's node_modules: CommonJS, and ES-module-only ones
+    // whose `exports` have no `require` condition (require.resolve refuses those).
+    let modules = h.dir.path().join("node_modules");
+    std::fs::create_dir_all(modules.join("cjs-pkg")).unwrap();
+    std::fs::write(
+        modules.join("cjs-pkg/package.json"),
+        r#"{"name":"cjs-pkg","main":"main.js"}"#,
+    )
+    .unwrap();
+    std::fs::write(modules.join("cjs-pkg/main.js"), "exports.kind = 'cjs';\n").unwrap();
+    std::fs::create_dir_all(modules.join("@e2e/esm-only/sub")).unwrap();
+    std::fs::write(
+        modules.join("@e2e/esm-only/package.json"),
+        r#"{"name":"@e2e/esm-only","exports":{".":{"import":"./index.mjs"},"./sub":{"import":"./sub/x.mjs"}}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        modules.join("@e2e/esm-only/index.mjs"),
+        "export const kind = 'esm';\n",
+    )
+    .unwrap();
+    std::fs::write(
+        modules.join("@e2e/esm-only/sub/x.mjs"),
+        "export const kind = 'sub';\n",
+    )
+    .unwrap();
+    let r = h
+        .run(
+            &ctx,
+            "import { kind as a } from 'cjs-pkg'\nimport { kind as b } from '@e2e/esm-only'\n\
+             import { kind as c } from '@e2e/esm-only/sub'\n[a, b, c].join()",
+        )
+        .await;
+    assert_eq!(r.ok().text(), Some("cjs,esm,sub"));
     let missing = h.run(&ctx, "import './nope.mjs'").await;
     assert!(missing.error.is_some(), "{}", missing.raw);
     h.interp.shutdown().await;
@@ -521,7 +555,8 @@ async fn r_prints_values_as_irkernel_does() {
     let r = h
         .run_with(&ctx, "Sys.sleep(600)", Value::Null, Some(0.5))
         .await;
-    assert!(r.error.is_some(), "{}", r.raw);
+    let e = r.error.as_ref().expect("aborted");
+    assert_eq!(e["name"], "ExecutionAborted", "{}", r.raw);
     assert_eq!(h.run(&ctx, "x").await.ok().first(), Some("[1] 5"));
     h.interp.shutdown().await;
 }
@@ -574,6 +609,13 @@ async fn java_runs_snippets_on_jshell() {
         r.error.as_ref().expect("an error")["name"],
         "CompilationException"
     );
+    assert_eq!(h.run(&ctx, "x").await.ok().text(), Some("41"));
+    // JShell.stop() ends the cell; the context keeps its state.
+    let r = h
+        .run_with(&ctx, "Thread.sleep(600000);", Value::Null, Some(0.5))
+        .await;
+    let e = r.error.as_ref().expect("aborted");
+    assert_eq!(e["name"], "ExecutionAborted", "{}", r.raw);
     assert_eq!(h.run(&ctx, "x").await.ok().text(), Some("41"));
     h.interp.shutdown().await;
 }
