@@ -17,6 +17,7 @@ use crate::run_cmd;
 /// - nodejs and npm run the E2B JS SDK suite (`tests/e2e-js`) and the agent's javascript
 ///   contexts in its tests (an installed Node.js that provides `npm` itself, as NodeSource's
 ///   does, is kept: see [`provided`]);
+/// - node-acorn: the parser the agent's javascript driver rewrites cells with, in its tests;
 /// - node-typescript: the `tsc` the agent's typescript contexts transpile with in its tests;
 /// - r-base-core: the R the agent's `r` contexts run, in its tests;
 /// - default-jdk-headless: the JShell behind the agent's `java` contexts, in its tests;
@@ -33,6 +34,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "nodejs",
     "npm",
+    "node-acorn",
     "node-typescript",
     "r-base-core",
     "default-jdk-headless",

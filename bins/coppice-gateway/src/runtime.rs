@@ -170,6 +170,7 @@ pub(crate) const TEMPLATES: &[(&str, &[&str])] = &[
             "python3-numpy",
             "python3-pandas",
             "python3-matplotlib",
+            "python3-ipython",
             "nodejs",
             "node-acorn",
             "node-typescript",
