@@ -24,8 +24,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
-use crate::hop::constant_time_eq;
 use crate::reply::{self, Body};
+use crate::secret::constant_time_eq;
 use crate::state::AgentState;
 use crate::users::{self, User};
 use crate::xattr::{self, Metadata, XattrError};

@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::connect::{self, Code, RpcError};
 use crate::reply::{self, Body};
+use crate::secret::constant_time_eq;
 use crate::state::AgentState;
 use crate::{filesystem, http_api, process};
 
@@ -164,14 +165,6 @@ fn token_ok(state: &AgentState, headers: &http::HeaderMap) -> bool {
     }
 }
 
-/// Compares secrets without an early exit on the first differing byte.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 const UNAUTHORIZED: &str =
     "unauthorized access, please provide a valid access token or method signing if supported";
 
@@ -258,12 +251,5 @@ mod tests {
         assert_eq!(surface(&h), Surface::Other(3000));
         h.insert("e2b-sandbox-port", "x".parse().unwrap());
         assert_eq!(surface(&h), Surface::Invalid);
-    }
-
-    #[test]
-    fn secrets_compare() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

@@ -49,7 +49,7 @@ where
             .get("x-access-token")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if !crate::hop::constant_time_eq(presented.as_bytes(), current.as_bytes()) {
+        if !crate::secret::constant_time_eq(presented.as_bytes(), current.as_bytes()) {
             return reply::error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized access, please provide a valid access token or method signing if supported",

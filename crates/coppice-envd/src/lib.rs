@@ -32,6 +32,7 @@ mod interpreter;
 mod oom;
 mod process;
 mod reply;
+mod secret;
 mod users;
 mod xattr;
 

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::interpreter::context::{Context, ContextError, Job, Language, Launch, Program, RUNNERS};
 use crate::reply::{error, full, json, Body};
+use crate::secret::constant_time_eq;
 use crate::state::AgentState;
 
 /// Serves one code-interpreter request with the agent's interpreter.
@@ -547,10 +548,6 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
     resp.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A random id in UUID v4 form, like the Jupyter kernel ids E2B hands out.
