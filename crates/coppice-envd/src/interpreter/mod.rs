@@ -80,6 +80,8 @@ impl Default for InterpreterConfig {
 
 const DRIVER_PY: &str = include_str!("driver.py");
 const DRIVER_SH: &str = include_str!("driver.sh");
+/// Chart extraction, which `driver.py` imports from its own directory on first use.
+const CHARTS_PY: &str = include_str!("charts.py");
 
 /// The contexts of one sandbox.
 #[derive(Debug)]
@@ -414,7 +416,12 @@ fn write_drivers(dir: &std::path::Path) -> Result<(PathBuf, PathBuf), ContextErr
         .create(dir)
         .map_err(fail(dir))?;
     let mut paths = Vec::new();
-    for (name, text) in [("driver.py", DRIVER_PY), ("driver.sh", DRIVER_SH)] {
+    // charts.py first: a driver.py never runs without the helper it imports.
+    for (name, text) in [
+        ("charts.py", CHARTS_PY),
+        ("driver.py", DRIVER_PY),
+        ("driver.sh", DRIVER_SH),
+    ] {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         std::fs::write(&tmp, text).map_err(fail(&tmp))?;
