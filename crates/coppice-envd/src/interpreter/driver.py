@@ -490,6 +490,15 @@ def _ipython_start(module):
     class _Hook(DisplayHook):
         """Sends the value of a cell's final expression as the main result."""
 
+        def compute_format_data(self, result):
+            # The hot path (`x + 1`): a value of a plain built-in type has no rich
+            # representation unless someone registered a formatter for its type, and
+            # asking all fourteen formatters costs more than the rest of the cell.
+            kind = type(result)
+            if kind in _PLAIN_TYPES and not _has_printer(self.shell.display_formatter, kind):
+                return {"text/plain": plain(result)}, {}
+            return super().compute_format_data(result)
+
         def start_displayhook(self):
             self._bundle = None
 
@@ -589,6 +598,7 @@ def _ipython_start(module):
     chart.for_type_by_name("matplotlib.figure", "Figure", _figure_chart)
     formatters["e2b/chart"] = chart
     formatters["application/json"] = _JSONFormatter(parent=shell.display_formatter)
+    plain = formatters["text/plain"]
     shell.events.register("post_execute", _show_figures)
     _wrap_pip(shell)
 
@@ -609,6 +619,24 @@ def _ipython_start(module):
         return bool(shell.exit_now)
 
     return run
+
+
+# Built-in types whose only representation is text, unless a formatter is registered.
+_PLAIN_TYPES = frozenset((int, float, complex, bool, str, bytes, range, type(None)))
+
+
+def _has_printer(display_formatter, kind):
+    """Whether any formatter but text/plain was given a printer for `kind`."""
+    key = (kind.__module__, kind.__name__)
+    for mime, formatter in display_formatter.formatters.items():
+        if mime == "text/plain":
+            continue
+        if kind in formatter.type_printers or key in formatter.deferred_printers:
+            return True
+    for formatter in (display_formatter.ipython_display_formatter, display_formatter.mimebundle_formatter):
+        if kind in formatter.type_printers or key in formatter.deferred_printers:
+            return True
+    return False
 
 
 def _frame_data(frame):
