@@ -150,6 +150,21 @@ async fn display_sends_every_mime_type() {
     assert_eq!(r[8]["is_main_result"], true);
     assert_eq!(r[8]["json"], json!({ "a": 1, "2": [1.5, null] }));
     assert_eq!(r[8]["text"], "{'a': 1, 2: [1.5, None]}");
+    // A formatter registered for a plain type is used (the display hook's shortcut for
+    // plain values must not skip it).
+    let custom = h
+        .py(
+            &ctx,
+            "get_ipython().display_formatter.formatters['text/html'].for_type(int, lambda n: '<i>%d</i>' % n)
+5",
+        )
+        .await;
+    let r = results(&custom);
+    assert_eq!(r.len(), 1, "{custom:#?}");
+    assert_eq!(
+        (&r[0]["html"], &r[0]["text"]),
+        (&json!("<i>5</i>"), &json!("5"))
+    );
     h.interp.shutdown().await;
 }
 
