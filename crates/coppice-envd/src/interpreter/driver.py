@@ -230,26 +230,27 @@ class _Hooks:
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name != _MPL_BACKEND and name != "matplotlib":
+        if name != _MPL_BACKEND and name not in _AFTER_IMPORT:
             return None
         import importlib.machinery
 
         if name == _MPL_BACKEND:
             return importlib.machinery.ModuleSpec(name, _BackendLoader)
-        if name != "matplotlib" or "MPLBACKEND" in os.environ:
+        if name == "matplotlib" and "MPLBACKEND" in os.environ:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _MatplotlibLoader(spec.loader)
+        spec.loader = _AfterLoader(spec.loader, _AFTER_IMPORT[name])
         return spec
 
 
-class _MatplotlibLoader:
-    """Runs matplotlib's own loader, then selects the backend below."""
+class _AfterLoader:
+    """Runs a module's own loader, then adjusts the module."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, after):
         self._inner = inner
+        self._after = after
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -260,9 +261,29 @@ class _MatplotlibLoader:
     def exec_module(self, module):
         self._inner.exec_module(module)
         try:
-            module.rcParams["backend"] = "module://" + _MPL_BACKEND
+            self._after(module)
         except Exception:
             traceback.print_exc()
+
+
+def _select_backend(matplotlib):
+    matplotlib.rcParams["backend"] = "module://" + _MPL_BACKEND
+
+
+def _show_saved_images(pil_image):
+    """As in E2B's template: an image saved to a path is also displayed."""
+    save = pil_image.Image.save
+
+    def save_and_show(self, fp, format=None, **params):
+        if isinstance(fp, (str, os.PathLike)):
+            _DISPLAY(self)
+        return save(self, fp, format, **params)
+
+    save_and_show.__doc__ = save.__doc__
+    pil_image.Image.save = save_and_show
+
+
+_AFTER_IMPORT = {"matplotlib": _select_backend, "PIL.Image": _show_saved_images}
 
 
 class _BackendLoader:

@@ -665,3 +665,37 @@ async fn without_ipython_the_plain_driver_runs_cells() {
     assert_eq!(main_text(&shown).as_deref(), Some("ok"));
     h.interp.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pil_image_saved_to_a_path_is_shown() {
+    let h = harness().await;
+    let ctx = h.create(json!({})).await;
+    if !has(
+        &h,
+        &ctx,
+        "a_pil_image_saved_to_a_path_is_shown",
+        &["IPython", "PIL"],
+    )
+    .await
+    {
+        return;
+    }
+    let path = h.dir.path().join("saved.png").display().to_string();
+    let out = h
+        .py(
+            &ctx,
+            &format!(
+                "from PIL import Image\nimport io\nimg = Image.new('RGB', (4, 4), 'red')\n\
+                 img.save(io.BytesIO(), 'png')\nimg.save({path:?})\nprint('saved')"
+            ),
+        )
+        .await;
+    no_error(&out);
+    // Saving to a buffer shows nothing; saving to a path shows the image (E2B's template).
+    let r = results(&out);
+    assert_eq!(r.len(), 1, "{out:#?}");
+    assert!(r[0]["png"].as_str().unwrap().starts_with("iVBORw0KGgo"));
+    assert_eq!(stdout(&out), "saved\n");
+    assert!(std::path::Path::new(&path).exists());
+    h.interp.shutdown().await;
+}
