@@ -13,6 +13,7 @@ use crate::run_cmd;
 ///   Debian's python, the one sandbox templates carry;
 /// - python3-ipython: the interpreter's IPython shell, tested in the agent's own tests;
 /// - python3-pandas: DataFrame results (`data`) in the agent's interpreter tests;
+/// - python3-pip: `%pip install` of a local wheel in the agent's interpreter tests;
 /// - python3-venv lets `e2e` make the venv the E2B Python SDKs are installed into;
 /// - nodejs and npm run the E2B JS SDK suite (`tests/e2e-js`) and the agent's javascript
 ///   contexts in its tests (an installed Node.js that provides `npm` itself, as NodeSource's
@@ -31,6 +32,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-matplotlib",
     "python3-ipython",
     "python3-pandas",
+    "python3-pip",
     "python3-venv",
     "nodejs",
     "npm",

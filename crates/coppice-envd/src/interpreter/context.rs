@@ -376,11 +376,16 @@ enum Event {
         data: Map<String, Value>,
         #[serde(default)]
         main: bool,
+        /// The driver waits for a newline back before it runs on (see `run_cell`).
+        #[serde(default)]
+        ack: bool,
     },
     Error {
         name: String,
         value: String,
         traceback: String,
+        #[serde(default)]
+        ack: bool,
     },
     Done {
         #[serde(default)]
@@ -607,9 +612,17 @@ async fn run_cell(
                 }
                 let event = serde_json::from_slice::<Event>(&line);
                 line.clear();
+                // An event that asks for an acknowledgement comes after everything the
+                // cell printed before it (the driver flushed that into the pipes first), and
+                // before anything it prints after (it waits for the newline): drain, send,
+                // then acknowledge, and the client sees the cell's order.
+                let ack = matches!(event, Ok(Event::Result { ack: true, .. } | Event::Error { ack: true, .. }));
+                if ack {
+                    drain_now(p, out, &mut odec, &mut edec).await;
+                }
                 match event {
-                    Ok(Event::Result { data, main }) => out.send(ndjson::result(data, main)).await,
-                    Ok(Event::Error { name, value, traceback }) => {
+                    Ok(Event::Result { data, main, .. }) => out.send(ndjson::result(data, main)).await,
+                    Ok(Event::Error { name, value, traceback, .. }) => {
                         // E2B reports only the first error of an execution.
                         if !errored {
                             errored = true;
@@ -632,6 +645,10 @@ async fn run_cell(
                     }
                     Ok(Event::Ready) => {}
                     Err(e) => tracing::warn!(error = %e, "unreadable interpreter event"),
+                }
+                if ack && p.requests.write_all(b"\n").await.is_err() {
+                    drain(p, out, &mut odec, &mut edec).await;
+                    return Outcome::Died;
                 }
             }
             r = p.stdout.read(&mut obuf), if open.0 => match r {
@@ -685,8 +702,17 @@ async fn emit(out: &mut Out, kind: StreamKind, text: String) {
     }
 }
 
-/// Reads whatever the pipes hold right now, without waiting for more.
+/// Reads whatever the pipes hold right now, without waiting for more, and ends both
+/// decoders: nothing more is coming for this execution.
 async fn drain(p: &mut Process, out: &mut Out, odec: &mut Utf8Stream, edec: &mut Utf8Stream) {
+    drain_now(p, out, odec, edec).await;
+    emit(out, StreamKind::Stdout, odec.finish()).await;
+    emit(out, StreamKind::Stderr, edec.finish()).await;
+}
+
+/// Reads whatever the pipes hold right now, without waiting for more; a UTF-8 sequence
+/// split at the end stays in its decoder for the next read.
+async fn drain_now(p: &mut Process, out: &mut Out, odec: &mut Utf8Stream, edec: &mut Utf8Stream) {
     let mut buf = vec![0u8; 16 * 1024];
     for (fd, kind) in [
         (p.stdout.as_raw_fd(), StreamKind::Stdout),
@@ -705,8 +731,6 @@ async fn drain(p: &mut Process, out: &mut Out, odec: &mut Utf8Stream, edec: &mut
             let text = dec.push(&buf[..n]);
             emit(out, kind, text).await;
         }
-        let rest = dec.finish();
-        emit(out, kind, rest).await;
     }
 }
 

@@ -112,6 +112,10 @@ impl InterpreterConfig {
 /// The languages whose contexts exist from the start, as E2B's server creates them.
 const DEFAULT_LANGUAGES: [Language; 2] = [Language::Python, Language::JavaScript];
 
+/// Files the drivers import from their own directory, written before any driver so that
+/// a driver never runs without them: chart extraction for `driver.py`.
+const DRIVER_HELPERS: [(&str, &str); 1] = [("charts.py", include_str!("charts.py"))];
+
 /// The contexts of one sandbox.
 #[derive(Debug)]
 pub(crate) struct Interpreter {
@@ -485,8 +489,8 @@ fn write_drivers(dir: &std::path::Path) -> Result<PathBuf, ContextError> {
         .mode(0o755)
         .create(dir)
         .map_err(fail(dir))?;
-    for runner in &RUNNERS {
-        let (name, text) = (runner.driver, runner.source);
+    let drivers = RUNNERS.iter().map(|r| (r.driver, r.source));
+    for (name, text) in DRIVER_HELPERS.into_iter().chain(drivers) {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         std::fs::write(&tmp, text).map_err(fail(&tmp))?;

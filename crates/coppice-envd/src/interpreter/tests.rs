@@ -3,6 +3,9 @@
 //! from `PATH`, drivers written to a temp dir. Every context is killed when the harness
 //! drops, also when a test fails.
 
+// Python contexts on IPython, in their own file.
+mod ipython;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +60,13 @@ impl Harness {
         // Contexts run as whoever runs the tests (root in CI): no user switch is needed.
         *state.default_user.write().unwrap() = current_user();
         *state.default_workdir.write().unwrap() = Some(dir.path().display().to_string());
+        // IPython's profile and matplotlib's caches go to the temp dir, not root's home.
+        let cache = dir.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        for (k, sub) in [("IPYTHONDIR", "ipython"), ("MPLCONFIGDIR", "matplotlib")] {
+            let v = cache.join(sub).display().to_string();
+            state.envs.write().unwrap().insert(k.into(), v);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (i, s) = (Arc::clone(&interp), Arc::clone(&state));
