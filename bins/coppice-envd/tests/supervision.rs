@@ -373,9 +373,22 @@ fn root_in_the_sandbox_cannot_stop_the_agent_and_killed_kernels_come_back() {
     );
     assert!(probe(49983, "/health").starts_with("HTTP/1.1 204"));
 
-    // A kernel with state; its process is then killed from inside, as root.
+    // The agent's threads block its stop signals; what it starts blocks none, so commands
+    // can be stopped and cells interrupted (SIGINT) with their context kept.
+    let blocked = sbx.run("grep SigBlk /proc/self/status");
+    assert_eq!(blocked.stdout, "SigBlk:\t0000000000000000\n", "{blocked:?}");
     let set = sbx.execute(json!({"code": "state = 1"}));
     assert!(error_of(&set).is_none(), "{set:?}");
+    let slow = sbx.execute(json!({"code": "import time; time.sleep(30)", "timeout": 1}));
+    assert_eq!(
+        error_of(&slow).unwrap()["name"],
+        "KeyboardInterrupt",
+        "{slow:?}"
+    );
+    let kept = sbx.execute(json!({"code": "state"}));
+    assert_eq!(text_of(&kept).as_deref(), Some("1"), "{kept:?}");
+
+    // A kernel with state; its process is then killed from inside, as root.
     let killed = sbx.run_as("root", "pkill -9 -f '[d]river.py' && echo killed");
     assert_eq!(killed.stdout, "killed\n", "{killed:?}");
     // As E2B's test does: health first, then code.

@@ -596,8 +596,8 @@ impl Gateway {
     /// Checks that a running sandbox's agent still lives, and if it died, ends the sandbox:
     /// the agent is its PID 1, so every process in it died too and nothing can come back.
     /// The sandbox is recorded as killed with cause `failure` (E2B's way of saying a sandbox
-    /// is gone; the event is `sandbox.lifecycle.killed`), the gateway's log says so with the
-    /// memory limit's kill count (the usual culprit) and where the sandbox's own log is, and
+    /// is gone; the event is `sandbox.lifecycle.killed`), the gateway's log says so with how
+    /// the agent ended, the memory limit's kill count and where the sandbox's own log is, and
     /// the sandbox is torn down. From then on, as for any sandbox that is gone, the control
     /// plane answers 404 and the data plane E2B's 502 "The sandbox was not found", which the
     /// SDKs read as not running. Returns whether the agent was dead.
@@ -621,8 +621,10 @@ impl Gateway {
             .await
             .map(|u| u.oom_kills)
             .ok();
+        let ending = self.runtime.init_ending(&entry.id).await;
         tracing::error!(
             sandbox = %entry.id,
+            agent = ending.as_deref().unwrap_or("gone"),
             ?oom_kills,
             sandbox_log = %self.runtime.log_path(&entry.id).display(),
             "the sandbox's agent died, and the sandbox with it; recording it as killed (cause failure)"

@@ -587,6 +587,15 @@ impl Runtime {
         alive
     }
 
+    /// How a sandbox's init ended, for the log, while it is a zombie nobody has reaped (the
+    /// jail reaps it at the kill): `exit status N` or `killed by signal N`, from the exit
+    /// code field of `/proc/<pid>/stat`. `None` once it is reaped or when it still runs.
+    pub(crate) async fn init_ending(&self, id: &SandboxId) -> Option<String> {
+        let info = self.jail.info(id).await.ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", info.pid)).ok()?;
+        ending_of(&stat)
+    }
+
     /// Creates and starts a sandbox, waits for its agent and configures it; a sandbox claimed
     /// from the warm pool only needs configuring (if that fails it is replaced by a fresh one
     /// under the same id). On failure nothing of the sandbox is left.
@@ -984,9 +993,40 @@ async fn post_json(
     Ok(status)
 }
 
+/// The ending of a zombie from its `/proc/<pid>/stat` line: field 52 (`exit_code`) holds its
+/// wait status. Fields are counted after the command name's last `)`, which may hold spaces.
+fn ending_of(stat: &str) -> Option<String> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    let status: i32 = fields.get(49)?.trim().parse().ok()?;
+    Some(if status & 0x7f == 0 {
+        format!("exit status {}", (status >> 8) & 0xff)
+    } else {
+        format!("killed by signal {}", status & 0x7f)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zombies_ending_reads_from_its_stat_line() {
+        let mut fields = vec!["0"; 50];
+        fields[0] = "Z";
+        fields[49] = "9";
+        let killed = format!("4242 (coppice envd) {}", fields.join(" "));
+        assert_eq!(ending_of(&killed).as_deref(), Some("killed by signal 9"));
+        fields[49] = "768";
+        let exited = format!("4242 (a) b) {}", fields.join(" "));
+        assert_eq!(ending_of(&exited).as_deref(), Some("exit status 3"));
+        fields[0] = "S";
+        assert_eq!(ending_of(&format!("1 (x) {}", fields.join(" "))), None);
+        assert_eq!(ending_of("garbage"), None);
+    }
 
     #[test]
     fn each_network_name_logs_to_a_group_of_its_own() {

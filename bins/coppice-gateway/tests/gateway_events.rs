@@ -1025,6 +1025,69 @@ fn commands_that_end_are_delivered_as_task_completed() {
     lab.finish();
 }
 
+/// The agent's report file is emptied once the gateway has recorded all of it (past 64 KiB),
+/// and what the agent appends afterwards is read from its start: a sandbox that runs
+/// commands for days keeps reporting. The lines here are written by root in the sandbox
+/// (which can write the file, as documented), standing for a few hundred commands.
+#[test]
+fn the_report_file_is_emptied_once_read_and_reporting_goes_on() {
+    let Some(mut lab) = Lab::new("the_report_file_is_emptied_once_read_and_reporting_goes_on")
+    else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let sbx = lab.create(json!({"timeout": 600}));
+    let id = id_of(&sbx);
+    let token = sbx["envdAccessToken"].as_str().unwrap().to_owned();
+    let as_root = |cmd: &str| {
+        let b = lab
+            .request("POST", "/process.Process/Start")
+            .header("e2b-sandbox-id", &id)
+            .header("e2b-sandbox-port", "49983")
+            // `root:` in Basic authentication: envd's way of naming the user.
+            .header("authorization", "Basic cm9vdDo=");
+        lab.exec_with(b, Some(&token), cmd)
+    };
+    let line = r#"{"type":"task.completed","at_ms":1,"command":"bulk","timed_out":false,"pid":2,"exit_code":0,"signal":null,"duration_ms":1}"#;
+    let out = as_root(&format!(
+        "for i in $(seq 1 700); do echo '{line}'; done >> /run/coppice/events.ndjson; \
+         stat -c %s /run/coppice/events.ndjson"
+    ));
+    let written: u64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?}"));
+    assert!(written >= 64 * 1024, "{written}");
+    let file = lab.state_dir.join("run").join(&id).join("events.ndjson");
+    wait_for("the report file to be emptied", DELIVERY_WAIT, || {
+        (std::fs::metadata(&file).unwrap().len() < written).then_some(())
+    });
+    let bulk = events_of(
+        &lab,
+        &format!("/events/sandboxes/{id}?types=task.completed&limit=1&orderAsc=true"),
+    );
+    assert_eq!(bulk[0]["eventData"]["command"], "bulk", "{bulk:?}");
+    // A command after the emptying is reported from the file's new start.
+    let out = lab.exec(&id, Some(&token), "exit 7");
+    assert_eq!(out.exit_code, Some(7), "{out:?}");
+    let path = format!("/events/sandboxes/{id}?types=task.completed&limit=1");
+    let last = wait_for(
+        "the task.completed after the emptying",
+        DELIVERY_WAIT,
+        || {
+            events_of(&lab, &path)
+                .into_iter()
+                .find(|e| e["eventData"]["command"] == "/bin/sh -c exit 7")
+        },
+    );
+    assert_eq!(last["eventData"]["exit_code"], 7);
+    let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    lab.finish();
+}
+
 /// The host pid of sandbox `id`'s agent, from its jail record.
 fn agent_pid(lab: &Lab, id: &str) -> i32 {
     let record = lab
@@ -1089,11 +1152,10 @@ fn a_dead_agent_ends_its_sandbox() {
         assert_eq!(events[1]["eventData"]["cause"], "failure");
         lab.assert_gone(id);
     }
-    assert!(
-        lab.log().contains("the sandbox's agent died"),
-        "{}",
-        lab.log()
-    );
+    let log = lab.log();
+    assert!(log.contains("the sandbox's agent died"), "{log}");
+    // How it died is in the line: the SIGKILL above.
+    assert!(log.contains("killed by signal 9"), "{log}");
     lab.finish();
 }
 

@@ -108,6 +108,25 @@ fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<Signal>> {
     Ok(rx)
 }
 
+/// Unblocks every signal in a child before `exec`: the agent's threads block the stop
+/// signals ([`stop_signals`]), a child inherits that mask through `fork` and `exec`, and a
+/// command or context that cannot receive SIGINT or SIGTERM cannot be interrupted or stopped.
+///
+/// For `pre_exec`: `sigemptyset` and `sigprocmask` are async-signal-safe.
+pub(crate) fn unblock_in_child() -> std::io::Result<()> {
+    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset to initialise.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset and sigprocmask on a set we own; the child has one thread.
+    let failed = unsafe {
+        libc::sigemptyset(&mut empty) != 0
+            || libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn wait_for_stop(set: &SigSet, pid1: bool, tx: tokio::sync::oneshot::Sender<Signal>) {
     loop {
         // SAFETY: an all-zero siginfo_t is a valid value for the kernel to overwrite.

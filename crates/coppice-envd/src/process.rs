@@ -774,15 +774,17 @@ fn spawn(
     let groups: Vec<libc::gid_t> = users::groups(state, user);
     let (uid, gid) = (user.uid, user.gid);
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setsid, open/write/close, ioctl, setgroups, setgid,
-    // setuid) on data computed before the fork; it allocates nothing.
+    // async-signal-safe functions (setsid, open/write/close, sigprocmask, ioctl, setgroups,
+    // setgid, setuid) on data computed before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // User code goes before the agent in the OOM killer's line.
+            // User code goes before the agent in the OOM killer's line, and receives the
+            // signals the agent's own threads block.
             crate::oom::yield_in_child()?;
+            crate::agent::unblock_in_child()?;
             if use_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }

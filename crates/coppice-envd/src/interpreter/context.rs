@@ -890,8 +890,9 @@ async fn spawn(
             }
         };
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (setsid, signal, fcntl, setgroups, setgid, setuid,
-    // chdir) on data prepared before the fork; it allocates nothing.
+    // async-signal-safe system calls (setsid, signal, open/write, sigprocmask, fcntl,
+    // setgroups, setgid, setuid, chdir) on data prepared before the fork; it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || child_setup(keep_fd, switch.as_ref(), &cwd_c));
     }
@@ -952,8 +953,10 @@ async fn wait_ready(p: &mut Process) -> bool {
 fn child_setup(chan: Option<RawFd>, switch: Option<&Switch>, cwd: &CString) -> io::Result<()> {
     // Its own session and process group: interrupts and kills reach what the cell started.
     nix::unistd::setsid()?;
-    // User code goes before the agent in the OOM killer's line.
+    // User code goes before the agent in the OOM killer's line, and receives the signals
+    // the agent's own threads block (an interrupt is SIGINT).
     crate::oom::yield_in_child()?;
+    crate::agent::unblock_in_child()?;
     for sig in [Signal::SIGINT, Signal::SIGQUIT] {
         // SAFETY: setting the default disposition installs no handler code. An ignored
         // SIGINT would be inherited through exec and make interrupts do nothing.
