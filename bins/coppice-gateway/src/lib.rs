@@ -21,6 +21,7 @@ pub mod config;
 
 mod admission;
 mod adoption;
+mod agent_death;
 mod api;
 mod egress;
 mod feed;
@@ -105,7 +106,7 @@ pub(crate) struct Entry {
     pub(crate) usage: usage::History,
     /// Its tasks (processes and threads) at the last sample, `u32::MAX` before one. A live
     /// agent alone has more than one (its runtime, reaper and signal threads), so one or none
-    /// means the agent is gone or going: [`Gateway::check_agent`] then looks.
+    /// means the agent is gone or going: [`agent_death::check`] then looks.
     tasks: AtomicU32,
 }
 
@@ -566,7 +567,7 @@ impl Gateway {
             for (n, entry) in entries.iter().enumerate() {
                 self.sample(entry).await;
                 if entry.tasks.load(Ordering::Acquire) <= 1 {
-                    self.check_agent(entry).await;
+                    agent_death::check(&self, entry).await;
                 }
                 yield_every(n).await;
             }
@@ -591,48 +592,6 @@ impl Gateway {
                 tracing::warn!(error = %e, "rotating sandbox logs panicked");
             }
         }
-    }
-
-    /// Checks that a running sandbox's agent still lives, and if it died, ends the sandbox:
-    /// the agent is its PID 1, so every process in it died too and nothing can come back.
-    /// The sandbox is recorded as killed with cause `failure` (E2B's way of saying a sandbox
-    /// is gone; the event is `sandbox.lifecycle.killed`), the gateway's log says so with how
-    /// the agent ended, the memory limit's kill count and where the sandbox's own log is, and
-    /// the sandbox is torn down. From then on, as for any sandbox that is gone, the control
-    /// plane answers 404 and the data plane E2B's 502 "The sandbox was not found", which the
-    /// SDKs read as not running. Returns whether the agent was dead.
-    ///
-    /// The caller must not hold the sandbox's operation lock.
-    pub(crate) async fn check_agent(&self, entry: &Entry) -> bool {
-        if entry.lifecycle().state != SandboxState::Running || self.runtime.alive(&entry.id).await {
-            return false;
-        }
-        let _op = entry.op.write().await;
-        // Again under the lock: a kill or pause may have got there first.
-        if self.entry(&entry.id).is_none()
-            || entry.lifecycle().state != SandboxState::Running
-            || self.runtime.alive(&entry.id).await
-        {
-            return false;
-        }
-        let oom_kills = self
-            .runtime
-            .enforcement(&entry.id)
-            .await
-            .map(|u| u.oom_kills)
-            .ok();
-        let ending = self.runtime.init_ending(&entry.id).await;
-        tracing::error!(
-            sandbox = %entry.id,
-            agent = ending.as_deref().unwrap_or("gone"),
-            ?oom_kills,
-            sandbox_log = %self.runtime.log_path(&entry.id).display(),
-            "the sandbox's agent died, and the sandbox with it; recording it as killed (cause failure)"
-        );
-        if let Err(e) = self.kill(entry, Cause::Failure).await {
-            tracing::error!(sandbox = %entry.id, error = ?e, "recording the agent's death failed");
-        }
-        true
     }
 
     /// Removes the logs of sandboxes the gateway no longer has once they are

@@ -182,7 +182,7 @@ async fn send(
         {
             tracing::warn!(sandbox = %record.id, error = %e, "agent unreachable");
             drop(guard);
-            gw.check_agent(&entry).await;
+            crate::agent_death::check(gw, &entry).await;
             return Err(not_found(&target.id));
         }
         // Anything else (out of file descriptors, ...) is the gateway's trouble, not a
