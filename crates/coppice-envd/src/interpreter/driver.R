@@ -82,28 +82,48 @@ local({
       return(invisible())
     }
     for (i in seq_along(exprs)) {
-      ok <- withCallingHandlers(
-        tryCatch({
-          v <- withVisible(eval(exprs[[i]], envir = globalenv()))
-          if (v$visible) result(v$value)
-          TRUE
-        }, error = function(e) {
-          report("ERROR", describe(e))
-          FALSE
-        }, interrupt = function(e) {
-          # IRkernel answers an interrupt with status "abort", which E2B's server turns
-          # into this error.
-          report("ExecutionAborted", "Execution was aborted")
-          FALSE
-        }),
-        warning = function(w) {
-          call <- call_of(w)
-          where <- if (is.null(call)) "" else paste0("In ", deparse(call)[[1]], ": ")
-          cat(sprintf("Warning message:\n%s%s\n", where, conditionMessage(w)), file = stderr())
-          invokeRestart("muffleWarning")
+      # What one top-level expression prints reaches stdout in one write after it, as
+      # IRkernel (through the evaluate package) sends it: R writes the pieces of a print()
+      # separately, and the agent could read them as several chunks. Its value and its error
+      # follow that output. Subprocesses write to the pipe directly, as they go.
+      buf <- character(0)
+      tc <- textConnection("buf", "w", local = TRUE)
+      sink(tc)
+      v <- NULL
+      failure <- NULL
+      tryCatch(
+        withCallingHandlers(
+          tryCatch({
+            v <- withVisible(eval(exprs[[i]], envir = globalenv()))
+          }, error = function(e) {
+            failure <<- c("ERROR", describe(e))
+          }, interrupt = function(e) {
+            # IRkernel answers an interrupt with status "abort", which E2B's server turns
+            # into this error.
+            failure <<- c("ExecutionAborted", "Execution was aborted")
+          }),
+          warning = function(w) {
+            call <- call_of(w)
+            where <- if (is.null(call)) "" else paste0("In ", deparse(call)[[1]], ": ")
+            cat(sprintf("Warning message:\n%s%s\n", where, conditionMessage(w)), file = stderr())
+            invokeRestart("muffleWarning")
+          }
+        ),
+        finally = {
+          incomplete <- isIncomplete(tc)
+          sink()
+          close(tc)
+          if (length(buf)) {
+            cat(paste0(paste(buf, collapse = "\n"), if (incomplete) "" else "\n"))
+            flush_std()
+          }
         }
       )
-      if (!ok) break
+      if (!is.null(failure)) {
+        report(failure[[1]], failure[[2]])
+        break
+      }
+      if (!is.null(v) && v$visible) result(v$value)
     }
   }
 
