@@ -65,6 +65,7 @@ pub(crate) fn run(args: &[&str]) -> Result<(), String> {
             "warnings",
         ],
     )?;
+    prepare_templates()?;
     run_cmd("cargo", &["test", "--workspace", "--no-fail-fast"])?;
     // The unmodified E2B SDKs against a real gateway (pip needs PyPI).
     crate::e2e::run(&[])?;
@@ -115,6 +116,36 @@ fn provides(listing: &str, package: &str) -> bool {
                 .filter_map(|p| p.split_whitespace().next())
                 .any(|p| p == package || p.split_once(':').is_some_and(|(n, _)| n == package))
     })
+}
+
+/// Builds every sandbox template into the cache the tests share, once, before the tests:
+/// `code-interpreter-v1` takes minutes, and a gateway test that starts it in the background
+/// would only be stopped halfway, again by every following test.
+fn prepare_templates() -> Result<(), String> {
+    if !is_root() {
+        eprintln!(
+            "xtask ci: not root, templates are not prepared; tests that need them print SKIP"
+        );
+        return Ok(());
+    }
+    let cache = std::env::var("COPPICE_TEMPLATE_CACHE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "/var/cache/coppice/templates".to_owned());
+    run_cmd(
+        "cargo",
+        &[
+            "run",
+            "-q",
+            "-p",
+            "coppice-gateway",
+            "--",
+            "--prepare-templates",
+            "true",
+            "--template-cache",
+            &cache,
+        ],
+    )
 }
 
 /// Installs those of `packages` that are missing (as root; otherwise says why not).

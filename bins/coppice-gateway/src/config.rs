@@ -22,6 +22,10 @@ pub struct Config {
     /// Where built template trees are cached (`--template-cache`; default
     /// `<state-dir>/templates`).
     pub template_cache: PathBuf,
+    /// Build every template into `template_cache`, printing progress, then exit
+    /// (`--prepare-templates true`): for images, packages and CI that want the first start
+    /// fast. Touches nothing else, so it may run beside a gateway.
+    pub prepare_templates: bool,
     /// The agent binary bind-mounted into sandboxes (`--agent`); default: the gateway itself,
     /// which runs as the agent when started under the agent's name.
     pub agent: Option<PathBuf>,
@@ -142,6 +146,7 @@ usage: coppice-gateway [options]
   --listen ADDR           control plane + data plane (default 127.0.0.1:3000)   COPPICE_LISTEN
   --state-dir DIR         registry and sandbox state (default /var/lib/coppice) COPPICE_STATE_DIR
   --template-cache DIR    built templates (default <state-dir>/templates)       COPPICE_TEMPLATE_CACHE
+  --prepare-templates BOOL  build every template into the cache, then exit     COPPICE_PREPARE_TEMPLATES
   --domain D              route Host <port>-<id>.D to sandboxes                 COPPICE_DOMAIN
   --envd-listen ADDR      extra listener, e.g. :49983, for Host routing         COPPICE_ENVD_LISTEN
   --code-listen ADDR      extra listener, e.g. :49999, for Host routing         COPPICE_CODE_LISTEN
@@ -208,7 +213,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 29] = [
+            const KNOWN: [&str; 30] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -236,6 +241,7 @@ impl Config {
                 "dns-upstream",
                 "ready-namespaces",
                 "purge-network",
+                "prepare-templates",
                 "tls-cert",
                 "tls-key",
             ];
@@ -281,6 +287,17 @@ impl Config {
         );
         let template_cache = get("template-cache", "COPPICE_TEMPLATE_CACHE")
             .map_or_else(|| state_dir.join("templates"), PathBuf::from);
+        let prepare_templates = match get("prepare-templates", "COPPICE_PREPARE_TEMPLATES")
+            .as_deref()
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => {
+                return Err(format!(
+                    "--prepare-templates (COPPICE_PREPARE_TEMPLATES): expected true or false, got {v:?}"
+                ))
+            }
+        };
         let domain = get("domain", "COPPICE_DOMAIN").map(|d| d.trim_matches('.').to_owned());
         if !extra_listen.is_empty() && domain.is_none() {
             return Err("--envd-listen/--code-listen need --domain for Host routing".into());
@@ -387,6 +404,7 @@ impl Config {
             domain,
             state_dir,
             template_cache,
+            prepare_templates,
             agent: get("agent", "COPPICE_AGENT").map(PathBuf::from),
             api_keys,
         })
@@ -626,6 +644,23 @@ mod tests {
             .unwrap_err()
             .contains("--min-free-memory"));
         assert!(USAGE.contains("--max-sandboxes") && USAGE.contains("COPPICE_MIN_FREE_MEMORY"));
+    }
+
+    #[test]
+    fn prepare_templates_is_a_yes_or_no() {
+        assert!(!parse(&[], &[]).unwrap().prepare_templates);
+        assert!(
+            parse(&["--prepare-templates", "true"], &[])
+                .unwrap()
+                .prepare_templates
+        );
+        assert!(
+            parse(&[], &[("COPPICE_PREPARE_TEMPLATES", "true")])
+                .unwrap()
+                .prepare_templates
+        );
+        let err = parse(&["--prepare-templates", "yes"], &[]).unwrap_err();
+        assert!(err.contains("--prepare-templates"), "{err}");
     }
 
     #[test]

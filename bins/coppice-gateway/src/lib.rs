@@ -979,6 +979,13 @@ fn webhook_tls(config: &Config) -> Result<Tls, StartError> {
 /// sandboxes happens behind the listener, and only then do the reaper, the watcher and the
 /// warm-pool filler start.
 pub async fn run(mut config: Config) -> Result<(), StartError> {
+    if config.prepare_templates {
+        let cache = config.template_cache.clone();
+        return tokio::task::spawn_blocking(move || runtime::prepare_templates(&cache))
+            .await
+            .map_err(|e| StartError::Setup(format!("prepare templates: {e}")))?
+            .map_err(|e| StartError::Setup(api::error::error_chain(&e)));
+    }
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| StartError::Setup(format!("create {}: {e}", config.state_dir.display())))?;
     // First of all: a second gateway on this state directory must touch nothing. Held until

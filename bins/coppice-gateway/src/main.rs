@@ -40,13 +40,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(coppice_gateway::run(config)) {
+    let code = match rt.block_on(coppice_gateway::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coppice-gateway: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A template build still running (`code-interpreter-v1` builds in the background for
+    // minutes) must not hold up a stop: dropping the runtime would wait for it. Its helper
+    // processes die with this process (they are PID 1 of their own PID namespace, with a
+    // parent-death signal), and the next start builds it again.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// Raises the soft open-files limit to the hard one. Every data-plane request in flight holds

@@ -160,6 +160,39 @@ pub(crate) fn mint_id() -> Result<SandboxId, RuntimeError> {
 }
 
 /// Templates the gateway serves: E2B's two SDK defaults.
+/// The builder of the template `name` (one of [`TEMPLATES`]) caching under `cache`.
+fn template_builder(cache: &Path, name: &str) -> TemplateBuilder {
+    let extra = TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(&[][..], |(_, p)| *p);
+    let builder = TemplateBuilder::new(cache, JailConfig::DEFAULT_UID_BASE);
+    if extra.is_empty() {
+        builder
+    } else {
+        builder.with_flavor(name, extra)
+    }
+}
+
+/// Builds every template into `cache` (or finds it built), one after the other, logging the
+/// build's progress: `--prepare-templates true`. Blocks; the cache's own lock makes a
+/// gateway that builds the same template at the same time wait for this one.
+pub(crate) fn prepare_templates(cache: &Path) -> Result<(), RuntimeError> {
+    for (name, _) in TEMPLATES {
+        let started = std::time::Instant::now();
+        template_builder(cache, name)
+            .ensure(false, &mut |line: &str| {
+                tracing::info!(template = %name, "{line}");
+            })
+            .map_err(|e| RuntimeError::Template {
+                name: (*name).to_owned(),
+                reason: e.to_string(),
+            })?;
+        tracing::info!(template = %name, secs = started.elapsed().as_secs(), "template ready");
+    }
+    Ok(())
+}
+
 pub(crate) const TEMPLATES: &[(&str, &[&str])] = &[
     ("base", &[]),
     // What E2B's code-interpreter image has for rich results and its other kernels
@@ -476,15 +509,7 @@ impl Runtime {
             .iter()
             .any(|l| l.id == id);
         if !exists {
-            let extra = TEMPLATES
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(&[][..], |(_, p)| *p);
-            let mut builder =
-                TemplateBuilder::new(&self.template_cache, JailConfig::DEFAULT_UID_BASE);
-            if !extra.is_empty() {
-                builder = builder.with_flavor(name, extra);
-            }
+            let builder = template_builder(&self.template_cache, name);
             let label = name.to_owned();
             let tree = tokio::task::spawn_blocking(move || {
                 builder.ensure(false, &mut |line: &str| {
