@@ -128,9 +128,12 @@ fn sandboxes_reach_the_fake_internet_under_their_policy() {
         "a security.violation",
         std::time::Duration::from_secs(20),
         || {
-            events_of(&lab, &format!("/events/sandboxes/{id}"))
-                .into_iter()
-                .find(|e| e["type"] == "security.violation")
+            events_of(
+                &lab,
+                &format!("/events/sandboxes/{id}?types=security.violation"),
+            )
+            .into_iter()
+            .next()
         },
     );
     let data = &found["eventData"];
@@ -283,11 +286,12 @@ fn update_network_replaces_the_policy_of_a_running_sandbox() {
     assert_eq!(fetch(&lab, &sbx, SERVER), hello(SERVER));
     assert!(lab.detail(&id).get("network").is_none());
 
-    // Each update is a `sandbox.lifecycle.updated` with the policy it set.
-    let updates: Vec<Value> = events_of(&lab, &format!("/events/sandboxes/{id}"))
-        .into_iter()
-        .filter(|e| e["type"] == "sandbox.lifecycle.updated")
-        .collect();
+    // Each update is a `sandbox.lifecycle.updated` with the policy it set. Asked for by type:
+    // every command above is a `task.completed` too, and a page holds 10 events.
+    let updates = events_of(
+        &lab,
+        &format!("/events/sandboxes/{id}?types=sandbox.lifecycle.updated"),
+    );
     assert_eq!(updates.len(), 3, "{updates:?}");
     assert!(updates
         .iter()
