@@ -209,7 +209,7 @@ def test_a_blocked_connection_is_a_security_violation(factory, fake_internet):
     assert blocked(sbx, SERVER2)
     url = os.environ["E2B_API_URL"].rstrip("/")
     req = urllib.request.Request(
-        f"{url}/events/sandboxes/{sbx.sandbox_id}",
+        f"{url}/events/sandboxes/{sbx.sandbox_id}?types=security.violation",
         headers={"X-API-Key": os.environ["E2B_API_KEY"]},
     )
 
