@@ -475,6 +475,9 @@ where
     }
 }
 
+/// Bytes a multipart upload may carry after its closing boundary (RFC 2046's epilogue).
+const MAX_EPILOGUE: usize = 64 * 1024;
+
 async fn upload<B>(state: &AgentState, req: Request<B>) -> Result<Vec<serde_json::Value>, FileError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -586,6 +589,24 @@ where
             }
             if out.is_empty() {
                 return Err(FileError::bad("multipart body has no file part"));
+            }
+            // Read what follows the closing boundary (its CRLF, the chunked body's end)
+            // before answering: an answer sent while the client still writes makes the
+            // connection close under it, and the gateway then reports a 502 for an upload
+            // that succeeded. The epilogue carries nothing, so it is bounded.
+            if !eof {
+                let mut epilogue = 0usize;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| FileError::bad(format!("reading body: {e}")))?;
+                    if let Ok(d) = frame.into_data() {
+                        epilogue += d.len();
+                        if epilogue > MAX_EPILOGUE {
+                            return Err(FileError::bad(
+                                "multipart body goes on past its closing boundary",
+                            ));
+                        }
+                    }
+                }
             }
             Ok(out)
         }

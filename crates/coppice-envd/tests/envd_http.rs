@@ -13,12 +13,13 @@
 mod support;
 
 use std::io::{Read as _, Write as _};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
-use support::{full, is_root, Agent};
+use support::{channel_body, full, is_root, Agent};
 
 async fn body_of(
     resp: http::Response<hyper::body::Incoming>,
@@ -382,6 +383,47 @@ async fn multipart_with_several_files_and_dotdot_paths() {
         .body(full(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t\"\r\n\r\nabc")))
         .unwrap();
     assert_eq!(agent.send(req).await.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_is_answered_only_after_its_whole_body() {
+    // The JS SDK's closing boundary and its CRLF (and a chunked body's end) can arrive after
+    // the part is complete; an answer sent before them made the connection close under the
+    // writer, which the gateway turned into a 502 for an upload that had succeeded.
+    let agent = Agent::start().await;
+    let path = agent.path("late-epilogue.txt").display().to_string();
+    let boundary = "b0undary";
+    let (tx, body) = channel_body();
+    let req = agent
+        .request("POST", &format!("/files?path={}", path.replace('/', "%2F")))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .unwrap();
+    let answer = {
+        let agent = &agent;
+        async move { agent.send(req).await }
+    };
+    tokio::pin!(answer);
+    tx.send(Bytes::from(format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\nhello\r\n--{boundary}--"
+    )))
+    .await
+    .unwrap();
+    // The part and the closing boundary are in; the agent waits for the rest of the body.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut answer)
+            .await
+            .is_err(),
+        "answered before the body ended"
+    );
+    tx.send(Bytes::from_static(b"\r\n")).await.unwrap();
+    drop(tx);
+    let (st, _, resp) = body_of(answer.await).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&resp));
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
