@@ -64,6 +64,9 @@ const REAPER_INTERVAL: Duration = Duration::from_millis(250);
 const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 /// How long the webhook dispatcher gets to stop at shutdown.
 const DISPATCHER_STOP: Duration = Duration::from_secs(5);
+/// How long a pause waits for data-plane requests already under way to end before it
+/// freezes the sandbox anyway (a command's stream that outlasts it resumes with the sandbox).
+const PAUSE_DRAIN: Duration = Duration::from_secs(1);
 /// The name of the subscription `--webhook-url` creates and refreshes.
 const CLI_WEBHOOK_NAME: &str = "coppice --webhook-url";
 
@@ -102,6 +105,8 @@ pub(crate) struct Entry {
     /// Data-plane requests under way (until their response body ends or is dropped): an
     /// open stream counts as activity.
     in_flight: AtomicU32,
+    /// Woken when `in_flight` drops to zero; see [`Entry::drain`].
+    idle: tokio::sync::Notify,
     /// Its resource samples, for `GET /sandboxes/{id}/metrics`.
     pub(crate) usage: usage::History,
     /// Its tasks (processes and threads) at the last sample, `u32::MAX` before one. A live
@@ -118,6 +123,7 @@ impl Entry {
             op: tokio::sync::RwLock::new(()),
             activity: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            idle: tokio::sync::Notify::new(),
             usage: usage::History::default(),
             tasks: AtomicU32::new(u32::MAX),
         })
@@ -164,6 +170,27 @@ impl Entry {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(self))
     }
+
+    /// Waits, for at most `within`, until no data-plane request is under way; the caller
+    /// holds `op` for writing, so none starts meanwhile. A pause calls it before it freezes
+    /// the sandbox: a command's stream that reached the agent before the pause (an `echo`
+    /// whose end event is on its way) ends first, instead of hanging until a resume.
+    /// Returns whether the sandbox drained.
+    pub(crate) async fn drain(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the count is read, so a drop to zero in between still wakes.
+            idle.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.in_flight.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
 }
 
 /// A data-plane request under way; see [`Entry::begin_request`].
@@ -172,8 +199,19 @@ pub(crate) struct InFlight(Arc<Entry>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
+}
+
+/// Pauses `entry`'s sandbox once the requests already under way have ended, or
+/// [`PAUSE_DRAIN`] has passed; the caller holds `op` for writing.
+pub(crate) async fn freeze(runtime: &Runtime, entry: &Entry) -> Result<(), runtime::RuntimeError> {
+    if !entry.drain(PAUSE_DRAIN).await {
+        tracing::debug!(sandbox = %entry.id, "pausing with requests still under way");
+    }
+    runtime.pause(&entry.id).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -434,7 +472,7 @@ impl Gateway {
             }
         }
         let result = match lifecycle.state {
-            SandboxState::Paused => self.runtime.pause(&record.id).await,
+            SandboxState::Paused => freeze(&self.runtime, entry).await,
             _ => self.runtime.kill(&record.id).await,
         };
         if let Err(e) = result {

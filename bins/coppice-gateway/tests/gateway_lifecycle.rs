@@ -142,6 +142,46 @@ fn concurrent_requests_wake_a_sandbox_once() {
     lab.finish();
 }
 
+/// A pause lets a command whose stream is already open end first: its client gets the
+/// output and the end event instead of a stream frozen until someone resumes the sandbox.
+#[test]
+fn a_pause_lets_a_command_already_under_way_end_first() {
+    let Some(mut lab) = Lab::new("a_pause_lets_a_command_already_under_way_end_first") else {
+        return;
+    };
+    lab.start();
+    let sbx = lab.create(json!({"timeout": 120}));
+    let (id, token) = (id_of(&sbx), token_of(&sbx));
+    let log = lab.state_dir.join(format!("jail/logs/{id}.log"));
+    let (ended, paused) = std::thread::scope(|s| {
+        let exec = s.spawn(|| {
+            let e = lab.exec(&id, Some(&token), "sleep 0.5; echo done");
+            (e, Instant::now())
+        });
+        // The command is running in the sandbox: its stream is open through the gateway.
+        wait_for("the command to start", WAIT, || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("sleep 0.5; echo done"))
+        });
+        let r = lab.api("POST", &format!("/sandboxes/{id}/pause"), None);
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+        let paused = Instant::now();
+        // Without the drain the stream would wait for this resume.
+        let r = lab.api(
+            "POST",
+            &format!("/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 60})),
+        );
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+        let (e, ended) = exec.join().unwrap();
+        assert_eq!(e.ok(), "done\n");
+        (ended, paused)
+    });
+    assert!(ended <= paused, "the command ended only after the pause");
+    lab.finish();
+}
+
 /// Requests that arrive while the window ends, and while manual pauses land, all succeed:
 /// either they reach the sandbox before the pause (and count as activity), or they find it
 /// paused and wake it. A paused sandbox without auto-resume gets E2B's 502 and stays paused.

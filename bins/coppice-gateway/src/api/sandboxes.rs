@@ -424,7 +424,7 @@ async fn change(
     let before = record.lifecycle.state;
     let (lifecycle, event) = record.lifecycle.transition(command(now()))?;
     match (before, lifecycle.state) {
-        (SandboxState::Running, SandboxState::Paused) => gw.runtime.pause(&record.id).await?,
+        (SandboxState::Running, SandboxState::Paused) => crate::freeze(&gw.runtime, &entry).await?,
         (SandboxState::Paused, SandboxState::Running) => gw.runtime.resume(&record.id).await?,
         _ => {}
     }
