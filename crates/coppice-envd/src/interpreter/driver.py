@@ -489,10 +489,31 @@ def _defer_terminal():
     sys.modules[name] = stand_in
 
 
+class _NoJedi:
+    """A meta-path finder, in place only while IPython is imported, for which jedi is
+    not installed.  IPython's completer module imports jedi at its top, a third of the
+    start-up time, for tab completion, which no context request asks for.  The completer
+    then completes without jedi; user code imports jedi as usual once the shell is up."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "jedi" or name.startswith("jedi."):
+            raise ImportError("jedi is not imported while IPython starts", name=name)
+        return None
+
+
 def _ipython_start(module):
     """Starts an InteractiveShell on `module`; returns the cell runner, or None when
     IPython is not installed."""
     _defer_terminal()
+    sys.meta_path.insert(0, _NoJedi)
+    try:
+        return _ipython_shell(module)
+    finally:
+        sys.meta_path.remove(_NoJedi)
+
+
+def _ipython_shell(module):
     try:
         from IPython.core.interactiveshell import InteractiveShell
     except ImportError as exc:
