@@ -213,6 +213,20 @@ pub(crate) const TEMPLATES: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Templates whose agent starts a Python interpreter as soon as it listens, so that the
+/// first `run_code` in a fresh sandbox (from the warm pool, most often) finds it started,
+/// as E2B's code-interpreter sandboxes find their kernel running.
+const PRESTART_PYTHON: &[&str] = &["code-interpreter-v1"];
+
+/// The agent's command line in a sandbox of `template`.
+fn agent_args(template: &str) -> Vec<String> {
+    let mut args = vec!["--socket".into(), format!("{SANDBOX_RUN_DIR}/{SOCKET}")];
+    if PRESTART_PYTHON.contains(&template) {
+        args.extend(["--prestart".into(), "python".into()]);
+    }
+    args
+}
+
 /// The composed backends.
 #[derive(Debug)]
 pub(crate) struct Runtime {
@@ -637,7 +651,7 @@ impl Runtime {
         let layer = self.template(setup.template).await?;
         let result = async {
             let pid = self
-                .boot(setup.id, &layer, setup.limits, setup.policy)
+                .boot(setup.id, setup.template, &layer, setup.limits, setup.policy)
                 .await?;
             self.configure(&setup).await?;
             Ok(pid)
@@ -673,7 +687,13 @@ impl Runtime {
         let layer = self.template(template).await?;
         let id = mint_id()?;
         match self
-            .boot(&id, &layer, DEFAULT_LIMITS, &EgressPolicy::default())
+            .boot(
+                &id,
+                template,
+                &layer,
+                DEFAULT_LIMITS,
+                &EgressPolicy::default(),
+            )
             .await
         {
             Ok(pid) => {
@@ -713,6 +733,7 @@ impl Runtime {
     async fn boot(
         &self,
         id: &SandboxId,
+        template: &str,
         layer: &LayerId,
         limits: Limits,
         policy: &EgressPolicy,
@@ -758,7 +779,7 @@ impl Runtime {
             rootfs,
             init: InitSpec {
                 program: SANDBOX_AGENT.into(),
-                args: vec!["--socket".into(), format!("{SANDBOX_RUN_DIR}/{SOCKET}")],
+                args: agent_args(template),
                 env: vec![
                     (
                         "PATH".into(),
@@ -1037,6 +1058,19 @@ fn ending_of(stat: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_code_interpreter_agents_prestart_python() {
+        let socket = format!("{SANDBOX_RUN_DIR}/{SOCKET}");
+        assert_eq!(agent_args("base"), ["--socket", socket.as_str()]);
+        assert_eq!(
+            agent_args("code-interpreter-v1"),
+            ["--socket", socket.as_str(), "--prestart", "python"]
+        );
+        for (name, _) in TEMPLATES {
+            assert!(*name == "base" || PRESTART_PYTHON.contains(name), "{name}");
+        }
+    }
 
     #[test]
     fn a_zombies_ending_reads_from_its_stat_line() {

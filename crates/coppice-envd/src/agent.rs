@@ -1,7 +1,8 @@
 //! The agent program: what runs as PID 1 of every sandbox.
 //!
 //! It serves envd and the code interpreter on one unix socket (`--socket PATH`, default
-//! [`DEFAULT_SOCKET`]), and, as PID 1 of a sandbox, also on E2B's own ports on the sandbox's
+//! [`DEFAULT_SOCKET`]; `--prestart python` also starts a spare Python interpreter at once,
+//! which the first Python context adopts), and, as PID 1 of a sandbox, also on E2B's own ports on the sandbox's
 //! loopback (`127.0.0.1:49983` envd, `127.0.0.1:49999` the code interpreter), where code in
 //! the sandbox finds them as it does on E2B. It reaps every zombie, and on SIGTERM or SIGINT
 //! from outside the sandbox forwards the signal to the process groups it started and exits.
@@ -21,19 +22,40 @@ use crate::state::{AgentConfig, AgentState};
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/coppice/agent.sock";
-const USAGE: &str = "usage: coppice-envd [--socket PATH]";
+const USAGE: &str = "usage: coppice-envd [--socket PATH] [--prestart python]";
 
-fn parse_args(args: impl Iterator<Item = String>) -> Result<PathBuf, String> {
-    let mut socket = PathBuf::from(DEFAULT_SOCKET);
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+struct Args {
+    socket: PathBuf,
+    /// Start a spare Python interpreter as soon as the agent listens, so the first Python
+    /// context a client needs is ready almost at once (a code-interpreter template's).
+    prestart_python: bool,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args {
+        socket: PathBuf::from(DEFAULT_SOCKET),
+        prestart_python: false,
+    };
     let mut args = args;
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--socket" => socket = args.next().ok_or("--socket needs a path")?.into(),
+            "--socket" => parsed.socket = args.next().ok_or("--socket needs a path")?.into(),
+            "--prestart" => match args.next().as_deref() {
+                Some("python") => parsed.prestart_python = true,
+                Some(other) => {
+                    return Err(format!(
+                        "--prestart {other:?}: only python can be prestarted\n{USAGE}"
+                    ))
+                }
+                None => return Err(format!("--prestart needs a language\n{USAGE}")),
+            },
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok(socket)
+    Ok(parsed)
 }
 
 /// Runs the agent with `args` (without the program name); returns the process exit code.
@@ -44,8 +66,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<PathBuf, String> {
     reason = "the agent's own errors go to its log on stderr"
 )]
 pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
-    let socket = match parse_args(args) {
-        Ok(s) => s,
+    let args = match parse_args(args) {
+        Ok(a) => a,
         Err(msg) => {
             eprintln!("{msg}");
             return ExitCode::from(64);
@@ -82,7 +104,7 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(socket, stop)) {
+    match rt.block_on(run(args, stop)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coppice-envd: {e}");
@@ -164,9 +186,10 @@ fn counts(pid1: bool, sender: libc::pid_t) -> bool {
 }
 
 async fn run(
-    socket: PathBuf,
+    args: Args,
     stop: tokio::sync::oneshot::Receiver<Signal>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let socket = args.socket;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -195,6 +218,9 @@ async fn run(
             }
         }
     }
+    if args.prestart_python {
+        tokio::spawn(crate::interpreter::prestart_python(Arc::clone(&state)));
+    }
     let forwarded = tokio::select! {
         () = crate::hop::serve(listener, Arc::clone(&state)) => None,
         sig = stop => sig.ok(),
@@ -209,6 +235,30 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_names_a_socket_and_what_to_prestart() {
+        let parse = |a: &[&str]| parse_args(a.iter().map(|s| (*s).to_owned()));
+        assert_eq!(
+            parse(&[]),
+            Ok(Args {
+                socket: DEFAULT_SOCKET.into(),
+                prestart_python: false
+            })
+        );
+        assert_eq!(
+            parse(&["--socket", "/s", "--prestart", "python"]),
+            Ok(Args {
+                socket: "/s".into(),
+                prestart_python: true
+            })
+        );
+        assert!(parse(&["--prestart", "r"])
+            .unwrap_err()
+            .contains("only python"));
+        assert!(parse(&["--prestart"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+    }
 
     #[test]
     fn only_senders_outside_the_sandbox_stop_pid_1() {

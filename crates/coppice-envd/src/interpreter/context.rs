@@ -365,6 +365,117 @@ pub(super) struct Launch {
     pub(super) config: Arc<InterpreterConfig>,
     /// Where the drivers were written.
     pub(super) driver_dir: PathBuf,
+    /// The interpreter's spare process, if one was started ahead of need.
+    pub(super) spare: Arc<Spare>,
+}
+
+/// A process started before any context asked for one (`--prestart python`), so that the
+/// first execution in a fresh sandbox does not wait for the interpreter to start. It is
+/// started in `/` with the environment of the moment (before `/init`, usually none of the
+/// sandbox's variables); the context that takes it sends the driver its working directory
+/// and the sandbox's environment as they are then (`setup`), so the cells it runs cannot
+/// tell it from a process started for them. Only drivers that read JSON lines (Python)
+/// understand `setup`.
+#[derive(Debug, Default)]
+pub(super) struct Spare {
+    slot: StdMutex<Option<SpareProcess>>,
+}
+
+#[derive(Debug)]
+struct SpareProcess {
+    language: Language,
+    user: String,
+    process: Process,
+}
+
+impl Spare {
+    /// Starts the spare process; one at a time, and none when one is waiting already.
+    pub(super) async fn fill(
+        &self,
+        language: Language,
+        user: &str,
+        state: &AgentState,
+        launch: &Launch,
+    ) -> Result<(), ContextError> {
+        if language.runner().encoding != Encoding::JsonLine {
+            return Err(ContextError::NotReady {
+                stderr: format!("{} cannot be prestarted", language.name()),
+            });
+        }
+        if self.lock().is_some() {
+            return Ok(());
+        }
+        let process = spawn(language, "/", user, state, launch).await?;
+        let mut slot = self.lock();
+        if slot.is_none() {
+            *slot = Some(SpareProcess {
+                language,
+                user: user.to_owned(),
+                process,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the spare process if it runs `language` as `user` and is still alive, and
+    /// moves it to `cwd` and the sandbox's current environment. `None` means spawn anew.
+    async fn take(
+        &self,
+        language: Language,
+        user: &str,
+        cwd: &str,
+        state: &AgentState,
+        launch: &Launch,
+    ) -> Option<Process> {
+        let mut spare = {
+            let mut slot = self.lock();
+            match slot.as_ref() {
+                Some(s) if s.language == language && s.user == user => slot.take()?,
+                _ => return None,
+            }
+        };
+        let p = &mut spare.process;
+        if !matches!(
+            p.exited.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ) {
+            // Killed while it waited (from inside the sandbox, or by the OOM killer).
+            p.has_exited = true;
+            return None;
+        }
+        let mut line = serde_json::json!({
+            "setup": { "cwd": cwd, "env": state.envs_snapshot() }
+        })
+        .to_string()
+        .into_bytes();
+        line.push(b'\n');
+        if p.requests.write_all(&line).await.is_err() {
+            return None;
+        }
+        // A driver that cannot change to `cwd` exits instead of answering; dropping the
+        // process kills it, and the caller's own spawn reports the error.
+        match tokio::time::timeout(launch.config.start_timeout, wait_ready(p)).await {
+            Ok(true) => Some(spare.process),
+            _ => None,
+        }
+    }
+
+    /// The process group of the waiting spare process, if there is one.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> Option<i32> {
+        self.lock().as_ref().map(|s| s.process.pgid)
+    }
+
+    /// Kills the waiting spare process, if any.
+    #[cfg(test)]
+    pub(super) fn discard(&self) {
+        drop(self.lock().take());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SpareProcess>> {
+        // Every critical section is one read or replace of the slot.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// An event the driver writes on its socket.
@@ -473,7 +584,18 @@ impl Context {
     ) -> Result<(), ContextError> {
         self.retire(rt).await;
         rt.count = 0;
-        let process = spawn(self.language, &self.cwd, &self.user, state, launch).await?;
+        let spare = if Path::new(&self.cwd).is_dir() {
+            launch
+                .spare
+                .take(self.language, &self.user, &self.cwd, state, launch)
+                .await
+        } else {
+            None
+        };
+        let process = match spare {
+            Some(p) => p,
+            None => spawn(self.language, &self.cwd, &self.user, state, launch).await?,
+        };
         *self.leader.lock().unwrap_or_else(PoisonError::into_inner) = Some(process.pgid);
         rt.process = Some(process);
         Ok(())

@@ -3,7 +3,8 @@
 The agent (coppice-envd) starts this file with a unix stream socket on the fd named by
 $COPPICE_DRIVER_FD.
 It writes one JSON request per line, {"code", "env", "n"}, and reads one JSON event per
-line: ready, result, error, done.  A result or error sent while a cell runs asks for an
+line: ready, result, error, done.  A process started ahead of need gets one {"setup":
+{"cwd", "env"}} first, and answers it with ready.  A result or error sent while a cell runs asks for an
 acknowledgement ("ack": true), one newline back, so that everything the cell prints after
 it reaches the agent after it.  User output is not framed: fds 1 and 2 are pipes the
 agent reads as they are written.  The agent interrupts code with SIGINT, which raises
@@ -771,6 +772,19 @@ def _restore_env(saved):
             os.environ[key] = old
 
 
+def _setup(setup):
+    """Moves a process started ahead of need (a spare, see the agent's `Spare`) to its
+    context: its working directory and the sandbox's environment, for good.  Answers
+    ready; a directory it cannot enter ends the process, and the agent starts another."""
+    try:
+        os.chdir(setup["cwd"])
+    except OSError:
+        os._exit(1)
+    for key, val in (setup.get("env") or {}).items():
+        os.environ[key] = val
+    _send({"t": "ready", "pid": os.getpid()})
+
+
 def main():
     global _pending, _ns, _in_cell
     signal.signal(signal.SIGINT, _on_sigint)
@@ -798,6 +812,9 @@ def main():
         _pending = False
         try:
             request = json.loads(line)
+            if "setup" in request:
+                _setup(request["setup"])
+                continue
             saved = _apply_env(request.get("env") or {})
             _in_cell = True
             try:

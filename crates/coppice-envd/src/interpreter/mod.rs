@@ -35,7 +35,9 @@ use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::interpreter::context::{Context, ContextError, Job, Language, Launch, Program, RUNNERS};
+use crate::interpreter::context::{
+    Context, ContextError, Job, Language, Launch, Program, Spare, RUNNERS,
+};
 use crate::reply::{error, full, json, Body};
 use crate::secret::constant_time_eq;
 use crate::state::AgentState;
@@ -45,9 +47,19 @@ pub(crate) async fn handle(
     state: Arc<AgentState>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Body> {
+    global().serve(state, req).await
+}
+
+/// The agent's interpreter.
+fn global() -> &'static Arc<Interpreter> {
     static GLOBAL: OnceLock<Arc<Interpreter>> = OnceLock::new();
-    let interp = GLOBAL.get_or_init(|| Arc::new(Interpreter::new(InterpreterConfig::default())));
-    interp.serve(state, req).await
+    GLOBAL.get_or_init(|| Arc::new(Interpreter::new(InterpreterConfig::default())))
+}
+
+/// Starts the agent's interpreter's spare Python process (`--prestart python`); failures
+/// are logged, and contexts then start their own processes as without it.
+pub(crate) async fn prestart_python(state: Arc<AgentState>) {
+    global().prestart(&state, Language::Python).await;
 }
 
 /// Where the interpreter finds its programs and how patient it is.
@@ -127,6 +139,8 @@ pub(crate) struct Interpreter {
     /// Set once the default contexts have been listed into `contexts`.
     seeded: tokio::sync::OnceCell<()>,
     seq: AtomicU64,
+    /// A process started ahead of need, for the first context of its language.
+    spare: Arc<Spare>,
 }
 
 /// `POST /execute`'s body; all four keys are always sent by the SDK.
@@ -163,6 +177,32 @@ impl Interpreter {
             drivers: tokio::sync::OnceCell::new(),
             seeded: tokio::sync::OnceCell::new(),
             seq: AtomicU64::new(0),
+            spare: Arc::new(Spare::default()),
+        }
+    }
+
+    /// Starts a spare process for `language`, as the user and with the environment a
+    /// context would have now; the first context of that language that needs a process
+    /// takes it and moves it to its own directory and environment.
+    async fn prestart(self: &Arc<Self>, state: &Arc<AgentState>, language: Language) {
+        let started = std::time::Instant::now();
+        let result = async {
+            let (user, _) = self.identity(state, None)?;
+            let launch = self.launch().await?;
+            self.spare.fill(language, &user, state, &launch).await
+        }
+        .await;
+        match result {
+            Ok(()) => tracing::debug!(
+                language = language.name(),
+                ms = started.elapsed().as_millis(),
+                "spare interpreter ready"
+            ),
+            Err(e) => tracing::warn!(
+                language = language.name(),
+                error = %e,
+                "cannot prestart an interpreter; contexts start their own"
+            ),
         }
     }
 
@@ -350,6 +390,7 @@ impl Interpreter {
     /// Kills every context.
     #[cfg(test)]
     pub(crate) async fn shutdown(&self) {
+        self.spare.discard();
         let all: Vec<Arc<Context>> = self.lock_contexts().drain().map(|(_, c)| c).collect();
         for ctx in all {
             ctx.delete().await;
@@ -451,6 +492,7 @@ impl Interpreter {
         Ok(Launch {
             config: Arc::clone(&self.config),
             driver_dir: dir.clone(),
+            spare: Arc::clone(&self.spare),
         })
     }
 

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::interpreter::context::Language;
 use crate::interpreter::{Interpreter, InterpreterConfig};
 use crate::state::AgentState;
 
@@ -858,5 +859,92 @@ async fn unicode_and_huge_outputs_arrive_whole() {
         )
         .await;
     assert_eq!(stdout(&bytes), "\u{FFFD}\u{FFFD}ok\n");
+    h.interp.shutdown().await;
+}
+
+/// What a Python cell reports about its process: working directory, `LATE_VAR` as the cell
+/// sees it, and whether the process was started with `LATE_VAR` in its environment.
+const WHERE_AND_WHEN: &str = "import os\n(os.getcwd(), os.environ.get('LATE_VAR'), b'LATE_VAR=' in open('/proc/self/environ', 'rb').read())";
+
+#[tokio::test]
+async fn a_prestarted_process_becomes_the_first_python_context_in_its_place() {
+    let h = Harness::new().await;
+    h.interp.prestart(&h.state, Language::Python).await;
+    assert!(
+        h.interp.spare.waiting().is_some(),
+        "no spare process started"
+    );
+    // What /init sets after the agent started: the context must see it all the same.
+    h.state
+        .envs
+        .write()
+        .unwrap()
+        .insert("LATE_VAR".into(), "late".into());
+    let run =
+        json!({ "code": WHERE_AND_WHEN, "context_id": null, "language": null, "env_vars": null });
+    let out = h.run(run.clone()).await;
+    let dir = h.dir.path().display().to_string();
+    // Started before LATE_VAR existed, so it is the spare, moved to the context's place.
+    assert_eq!(
+        main_text(&out).as_deref(),
+        Some(format!("('{dir}', 'late', False)").as_str()),
+        "{out:?}"
+    );
+    assert_eq!(h.interp.spare.waiting(), None);
+    // The next context starts its own process.
+    let sub = h.dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let ctx = h
+        .create(json!({ "language": "python", "cwd": sub.display().to_string() }))
+        .await;
+    let out = h.py(&ctx, WHERE_AND_WHEN).await;
+    assert_eq!(
+        main_text(&out).as_deref(),
+        Some(format!("('{}', 'late', True)", sub.display()).as_str()),
+        "{out:?}"
+    );
+    h.interp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_prestarted_process_killed_while_it_waited_is_not_used() {
+    let h = Harness::new().await;
+    h.interp.prestart(&h.state, Language::Python).await;
+    let pgid = h.interp.spare.waiting().expect("no spare process started");
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    h.state
+        .envs
+        .write()
+        .unwrap()
+        .insert("LATE_VAR".into(), "late".into());
+    // The reaper takes the exit; a fresh process then serves the cell.
+    let run =
+        json!({ "code": WHERE_AND_WHEN, "context_id": null, "language": null, "env_vars": null });
+    let mut out = h.run(run.clone()).await;
+    for _ in 0..50 {
+        if error_of(&out).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = h.run(run.clone()).await;
+    }
+    let dir = h.dir.path().display().to_string();
+    assert_eq!(
+        main_text(&out).as_deref(),
+        Some(format!("('{dir}', 'late', True)").as_str()),
+        "{out:?}"
+    );
+    h.interp.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_python_can_be_prestarted() {
+    let h = Harness::new().await;
+    h.interp.prestart(&h.state, Language::Bash).await;
+    assert_eq!(h.interp.spare.waiting(), None);
     h.interp.shutdown().await;
 }
