@@ -110,6 +110,7 @@ const PARTS: &[(&str, &Program)] = &[
     ("pause", &API),
     ("wake", &API),
     ("code", &API),
+    ("interpreter", &API),
     ("files", &API),
     ("proxy", &API),
     ("control", &API),

@@ -396,8 +396,19 @@ pub(crate) async fn execute(
     via: Via,
     code: &str,
 ) -> Res<String> {
+    execute_in(sender, sbx, via, code, None).await
+}
+
+/// [`execute`] in the default context of `language` (`None`: python).
+pub(crate) async fn execute_in(
+    sender: &mut Sender,
+    sbx: &Sandbox,
+    via: Via,
+    code: &str,
+    language: Option<&str>,
+) -> Res<String> {
     let body = serde_json::json!({
-        "code": code, "context_id": null, "language": null, "env_vars": null,
+        "code": code, "context_id": null, "language": language, "env_vars": null,
     })
     .to_string();
     let req = data(Method::POST, "/execute", sbx, via, CODE_PORT)

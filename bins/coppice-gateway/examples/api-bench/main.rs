@@ -7,6 +7,7 @@
 //! | `pause` | pause, and resume to usable ([`lifecycle`]) |
 //! | `wake` | auto-resume: a paused sandbox's first output on traffic ([`lifecycle`]) |
 //! | `code` | `run_code("x+1")` in a warm context ([`data`]) |
+//! | `interpreter` | `run_code("x+1")` warm on IPython and on the plain driver, the first `run_code` in a fresh sandbox (python, javascript; warm pool and none), memory per idle code-interpreter sandbox with and without its python ([`interpreter`]) |
 //! | `files` | a 1 MiB file written and read back ([`data`]) |
 //! | `proxy` | the same envd call through the gateway and straight to the agent ([`data`]) |
 //! | `control` | `GET /sandboxes/{id}` rate and latency on 64 connections ([`control`]) |
@@ -16,11 +17,11 @@
 //!
 //! `--gateway PATH` (a release build, required) is started on 127.0.0.1:0 with its own state
 //! directory and `--sandbox-network off` by the first part that needs it, and serves every
-//! part of the run after it (`scale` and `net` start their own); `--agent PATH` is the agent its sandboxes
+//! part of the run after it (`scale` and `net` start their own, `interpreter` one more with `--warm-pool 0`); `--agent PATH` is the agent its sandboxes
 //! run (default: the gateway binary's built-in one). `--part NAME` (repeatable, or a comma
 //! list; default all), `--runs N` samples per figure (default 100), `--rounds10 N` /
 //! `--rounds50 N` rounds at cc=10/50 (10, 3), `--stage-runs N` (50), `--rate-secs S` (3),
-//! `--density N` (1000); `scale` has its own counts (`--sandboxes 1000,10000`, `--live 5000`,
+//! `--density N` (1000), `--cold-runs N` (20) and `--interp-sandboxes N` (20) for `interpreter`; `scale` has its own counts (`--sandboxes 1000,10000`, `--live 5000`,
 //! `--cycles 5000`, ..., see [`scale`]), and so has `net` (`--net-runs`, `--net-secs`,
 //! `--net-gets`, `--net-threads`, see [`net`]).
 //!
@@ -49,6 +50,7 @@ mod create;
 mod data;
 mod density;
 mod gateway;
+mod interpreter;
 mod lifecycle;
 mod namespaces;
 mod net;
@@ -76,6 +78,7 @@ const PARTS: &[(&str, Part)] = &[
     ("pause", lifecycle::run_pause),
     ("wake", lifecycle::run_wake),
     ("code", data::run_code),
+    ("interpreter", interpreter::run),
     ("files", data::run_files),
     ("proxy", data::run_proxy),
     ("control", control::run),
@@ -94,6 +97,8 @@ pub(crate) struct Opts {
     pub(crate) rate_secs: u64,
     pub(crate) stage_runs: usize,
     pub(crate) density: usize,
+    pub(crate) cold_runs: usize,
+    pub(crate) interp_sandboxes: usize,
     pub(crate) scale: scale::ScaleOpts,
     pub(crate) net: net::NetOpts,
 }
@@ -153,6 +158,8 @@ fn main() -> Result<(), BoxError> {
         rate_secs: u64::try_from(num("--rate-secs", 3)?)?,
         stage_runs: num("--stage-runs", 50)?,
         density: num("--density", 1000)?,
+        cold_runs: num("--cold-runs", 20)?,
+        interp_sandboxes: num("--interp-sandboxes", 20)?,
         scale: scale::ScaleOpts::from_args()?,
         net: net::NetOpts::from_args()?,
     };
