@@ -4,8 +4,8 @@
 //! - **Warm**: `run_code("x+1")` in a warm default python context, on IPython (a
 //!   `code-interpreter-v1` sandbox) and on the plain driver (a `base` sandbox, whose python
 //!   has no IPython; checked, not assumed), interleaved on two keep-alive connections.
-//! - **Cold**: the first `run_code` in a sandbox just created, python (`x+1`) and
-//!   javascript (`1+1`), one fresh `code-interpreter-v1` sandbox per sample. Samples are
+//! - **Cold**: the first `run_code("1+1")` in a sandbox just created, python and
+//!   javascript, one fresh `code-interpreter-v1` sandbox per sample. Samples are
 //!   taken when the shared gateway's warm pool is full again, which is what a client
 //!   creating sandboxes no faster than the pool refills gets; the same is measured on a
 //!   gateway with `--warm-pool 0`, where the sandbox starts on the create's path and its
@@ -67,13 +67,13 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     let (ipy, plain) = (Stats::of(&mut ipy), Stats::of(&mut plain));
 
     eprintln!("api bench: interpreter: {cold_runs} first run_code per language, warm pool full");
-    let mut cold_py = cold(ctx, gw, cold_runs, None, "x+1", "2", true)?;
+    let mut cold_py = cold(ctx, gw, cold_runs, None, "1+1", "2", true)?;
     let mut cold_js = cold(ctx, gw, cold_runs, Some("javascript"), "1+1", "2", true)?;
     eprintln!("api bench: interpreter: {cold_runs} first run_code in python, no warm pool");
     let agent = ctx.opts.agent.as_ref().unwrap_or(&ctx.opts.gateway);
     let bare = GatewayProc::spawn(&ctx.opts.gateway, agent, &["--warm-pool", "0"])?;
     bare.wait_ready()?;
-    let no_pool = cold(ctx, &bare, cold_runs, None, "x+1", "2", false);
+    let no_pool = cold(ctx, &bare, cold_runs, None, "1+1", "2", false);
     bare.shutdown(ctx.rt)?;
     let mut cold_none = no_pool?;
     let creates = |v: &mut Vec<(Duration, Duration)>| -> (Stats, Stats) {
@@ -114,7 +114,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             .baseline(),
             Figure::latency(
                 "interpreter.first_run_code_python",
-                "first run_code(\"x+1\") in a fresh code-interpreter sandbox, from the warm pool",
+                "first run_code(\"1+1\") in a fresh code-interpreter sandbox, from the warm pool",
                 &py_first,
             )
             .target("p50 ≤ 300 ms", py_first.p50 <= 300.0),
@@ -126,7 +126,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
             .target("p50 ≤ 500 ms", js_first.p50 <= 500.0),
             Figure::latency(
                 "interpreter.first_run_code_python_no_pool",
-                "first run_code(\"x+1\") in a fresh code-interpreter sandbox, gateway with --warm-pool 0",
+                "first run_code(\"1+1\") in a fresh code-interpreter sandbox, gateway with --warm-pool 0",
                 &none_first,
             ),
             Figure::value(
