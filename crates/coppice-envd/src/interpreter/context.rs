@@ -238,9 +238,10 @@ pub(super) const RUNNERS: [Runner; 6] = [
         source: include_str!("driver.java"),
         program: Program::Java,
         // A small heap and the serial collector start fastest; class data sharing is on
-        // by default.
+        // by default. No perf-data file in /tmp (`hsperfdata_<user>`, for jps and jstat).
         args: &[
             "-XX:+UseSerialGC",
+            "-XX:-UsePerfData",
             "-XX:TieredStopAtLevel=1",
             "-Dfile.encoding=UTF-8",
             DRIVER,

@@ -64,7 +64,13 @@ impl Harness {
         // IPython's profile and matplotlib's caches go to the temp dir, not root's home.
         let cache = dir.path().join("cache");
         std::fs::create_dir_all(&cache).unwrap();
-        for (k, sub) in [("IPYTHONDIR", "ipython"), ("MPLCONFIGDIR", "matplotlib")] {
+        // Temporary files too (R's session directory, which a killed R leaves behind).
+        for (k, sub) in [
+            ("IPYTHONDIR", "ipython"),
+            ("MPLCONFIGDIR", "matplotlib"),
+            ("TMPDIR", "tmp"),
+        ] {
+            std::fs::create_dir_all(cache.join(sub)).unwrap();
             let v = cache.join(sub).display().to_string();
             state.envs.write().unwrap().insert(k.into(), v);
         }

@@ -42,6 +42,13 @@ impl Lang {
         let state = Arc::new(AgentState::new());
         *state.default_user.write().unwrap() = current_user();
         *state.default_workdir.write().unwrap() = Some(dir.path().display().to_string());
+        // R makes a session directory under TMPDIR that a killed R cannot remove: it goes
+        // with the test's directory, not into the host's /tmp.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut envs = envs;
+        envs.entry("TMPDIR".into())
+            .or_insert_with(|| tmp.display().to_string());
         *state.envs.write().unwrap() = envs;
         Self { interp, state, dir }
     }
