@@ -3,7 +3,9 @@
 //! --mount-proc true` and the same through bubblewrap, measured in the same run, interleaved so
 //! all see the same machine.
 //!
-//! Prints one JSON report on stdout; progress goes to stderr. `--runs N` (default 200).
+//! Prints one JSON report on stdout; progress goes to stderr. `--runs N` (default 200);
+//! `--other-template DIR` also starts a sandbox on that root filesystem in every round and
+//! reports its start against the default template's, same machine state.
 // A benchmark program: it reports on stdout/stderr and waits on a plain thread.
 #![allow(
     clippy::print_stdout,
@@ -24,6 +26,9 @@ use coppice_lifecycle::backend::{InitSpec, Isolation, JailSpec, Limits, RootfsSp
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let runs: usize = stats::num_arg("--runs", 200)?;
+    // Another root filesystem (an older or larger template) whose start is sampled in the
+    // same loop, so that the two compare on the same machine state.
+    let other: Option<std::path::PathBuf> = stats::arg("--other-template").map(Into::into);
 
     if let Some(missing) = <LinuxJail as Isolation>::probe()?
         .missing()
@@ -55,9 +60,30 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut kill = Vec::with_capacity(runs);
     let mut unshare = Vec::with_capacity(runs);
     let mut bwrap = Vec::with_capacity(runs);
+    let mut start_other = Vec::with_capacity(runs);
     let warmup = 5;
     eprintln!("jail bench: {runs} runs (+{warmup} warm-up)");
+    let start_on_other = |i: usize| -> Result<
+        Option<std::time::Duration>,
+        Box<dyn std::error::Error + Send + Sync>,
+    > {
+        let Some(root) = &other else {
+            return Ok(None);
+        };
+        let id = SandboxId::new(format!("bench{i}o"))?;
+        let other_spec = crate::spec(&id, root, dir.path())?;
+        let t = Instant::now();
+        rt.block_on(jail.start(other_spec))?;
+        let took = t.elapsed();
+        rt.block_on(jail.kill(&id))?;
+        std::fs::remove_dir_all(dir.path().join("layers").join(id.as_str()))?;
+        Ok(Some(took))
+    };
     for i in 0..runs + warmup {
+        let mut t_other = None;
+        if i % 2 == 1 {
+            t_other = start_on_other(i)?;
+        }
         let id = SandboxId::new(format!("bench{i}"))?;
         let spec = spec(&id, &template, dir.path())?;
         let t = Instant::now();
@@ -74,9 +100,16 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let t_kill = t.elapsed();
         std::fs::remove_dir_all(dir.path().join("layers").join(id.as_str()))?;
 
+        // Before the default template's start in odd rounds, after it in even ones: the
+        // first start after the floors' runs is the slower one.
+        if i % 2 == 0 {
+            t_other = start_on_other(i)?;
+        }
+
         let t_unshare = stats::unshare_true()?;
         let t_bwrap = stats::bwrap_true()?;
         if i >= warmup {
+            start_other.extend(t_other);
             start.push(t_start);
             pause.push(t_pause);
             resume.push(t_resume);
@@ -120,6 +153,21 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         )
         .baseline(),
     ];
+    let mut figures = figures.to_vec();
+    let mut other_json = serde_json::Value::Null;
+    if let Some(root) = &other {
+        let o = Stats::of(&mut start_other);
+        figures.push(
+            Figure::latency(
+                "jail.start_other_template",
+                &format!("jail start on {}", root.display()),
+                &o,
+            )
+            .floor("the same start on the default template", s.p50),
+        );
+        other_json =
+            serde_json::json!({ "template": root.display().to_string(), "start": o.json() });
+    }
     let (figures, targets) = figures_json(&figures);
     let report = serde_json::json!({
         "benchmark": "jail",
@@ -133,6 +181,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             "kill": k.json(),
             "baseline_unshare": u.json(),
             "baseline_bwrap": b.json(),
+            "other_template": other_json,
         },
         "ratios": {
             "start_p50_over_unshare_p50": ratio,
