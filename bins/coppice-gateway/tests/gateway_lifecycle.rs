@@ -171,7 +171,7 @@ fn a_pause_lets_a_command_already_under_way_end_first() {
         assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
         // Nobody resumes the sandbox: without the drain the stream would wait for that.
         let ended = rx.recv_timeout(WAIT);
-        let state_then = state(&lab, &id);
+        let state_then = state(lab, id);
         if ended.is_err() {
             // Let the stream end, so the thread can be joined, then fail.
             lab.api(
