@@ -427,6 +427,48 @@ fn api_keys_guard_the_control_plane_only() {
     lab.finish();
 }
 
+/// A command whose sandbox is killed while its output streams gets a proper end: Connect's
+/// end-of-stream with code `unavailable` and the message E2B's SDKs turn into "the sandbox was
+/// killed or reached its end of life", not a body cut off in the middle.
+#[test]
+fn a_stream_cut_off_by_a_kill_ends_as_unavailable() {
+    let Some(mut lab) = Lab::new("a_stream_cut_off_by_a_kill_ends_as_unavailable") else {
+        return;
+    };
+    lab.start();
+    let s = lab.create(json!({}));
+    let (id, token) = (id_of(&s), token_of(&s));
+    let log = lab.state_dir.join(format!("jail/logs/{id}.log"));
+    let out = std::thread::scope(|scope| {
+        let (lab, id, token) = (&lab, &id, &token);
+        let run = scope.spawn(move || lab.exec(id, Some(token), "echo started; sleep 60"));
+        support::wait_for(
+            "the command to start",
+            std::time::Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains("sleep 60"))
+            },
+        );
+        let r = lab.api("DELETE", &format!("/sandboxes/{id}"), None);
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+        run.join().unwrap()
+    });
+    assert_eq!(out.status, StatusCode::OK);
+    assert_eq!(out.stdout, "started\n");
+    let error = out.error.expect("an end-of-stream error");
+    assert_eq!(error["code"], "unavailable", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("killed or reached its end of life"),
+        "{error}"
+    );
+    lab.finish();
+}
+
 #[test]
 fn data_plane_proxy() {
     let Some(mut lab) = Lab::new("data_plane_proxy") else {

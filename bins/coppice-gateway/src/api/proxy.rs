@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::api::error::ApiError;
-use crate::api::{closing, has_body, json, ports, Body};
+use crate::api::{closing, has_body, json, ports, stream_end, Body};
 use crate::registry::Record;
 use crate::{now, Gateway};
 
@@ -227,12 +227,15 @@ async fn send(
 }
 
 /// A response from inside a sandbox as the client gets it: its body's bytes counted for
-/// `coppice_proxy_bytes_total`, and its request counted as under way until the body ends.
+/// `coppice_proxy_bytes_total`, its request counted as under way until the body ends, and a
+/// Connect stream cut off by the sandbox's end closed as Connect closes a failed stream
+/// ([`stream_end`]).
 pub(crate) fn tracked(
     gw: &Gateway,
     resp: Response<Incoming>,
     in_flight: crate::InFlight,
 ) -> Response<Body> {
+    let envelopes = stream_end::Envelopes::for_response(resp.headers());
     resp.map(|b| {
         Tracked {
             inner: gw
@@ -240,6 +243,8 @@ pub(crate) fn tracked(
                 .count_out(b)
                 .map_err(|e| Box::new(e) as _)
                 .boxed(),
+            envelopes,
+            done: false,
             _in_flight: in_flight,
         }
         .boxed()
@@ -249,6 +254,10 @@ pub(crate) fn tracked(
 /// A response body that keeps its request counted as under way until it ends or is dropped.
 struct Tracked {
     inner: Body,
+    /// For a Connect stream, where its envelopes begin and end.
+    envelopes: Option<stream_end::Envelopes>,
+    /// The body was ended here (by an end-of-stream envelope the gateway sent).
+    done: bool,
     _in_flight: crate::InFlight,
 }
 
@@ -260,11 +269,34 @@ impl hyper::body::Body for Tracked {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        match (polled, this.envelopes.as_mut()) {
+            (std::task::Poll::Ready(Some(Ok(frame))), Some(envelopes)) => {
+                if let Some(data) = frame.data_ref() {
+                    envelopes.pass(data);
+                }
+                std::task::Poll::Ready(Some(Ok(frame)))
+            }
+            (std::task::Poll::Ready(Some(Err(e))), Some(envelopes)) => {
+                match envelopes.end_for_gone_sandbox() {
+                    Some(end) => {
+                        tracing::debug!(error = %e, "sandbox stream cut off; ended it as unavailable");
+                        this.done = true;
+                        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(end))))
+                    }
+                    None => std::task::Poll::Ready(Some(Err(e))),
+                }
+            }
+            (polled, _) => polled,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
