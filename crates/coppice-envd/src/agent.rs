@@ -256,8 +256,12 @@ mod tests {
         assert!(parse(&["--prestart", "r"])
             .unwrap_err()
             .contains("only python"));
-        assert!(parse(&["--prestart"]).is_err());
-        assert!(parse(&["--bogus"]).is_err());
+        assert!(parse(&["--prestart"])
+            .unwrap_err()
+            .contains("needs a language"));
+        assert!(parse(&["--bogus"])
+            .unwrap_err()
+            .contains("unknown argument"));
     }
 
     #[test]
