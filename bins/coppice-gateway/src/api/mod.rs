@@ -10,6 +10,7 @@ pub(crate) mod ports;
 pub(crate) mod proxy;
 pub(crate) mod sandboxes;
 pub(crate) mod signed;
+pub(crate) mod templates;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
