@@ -140,6 +140,10 @@ fn the_catalogue_lists_the_built_in_templates_with_real_values() {
     assert_eq!(one.status, StatusCode::OK, "{}", one.text());
     let one = one.json();
     assert_eq!(one["templateID"], "code-interpreter-v1");
+    // The SDK reads every field of the list item here too.
+    let mut item = interpreter.as_object().unwrap().clone();
+    item.insert("builds".into(), one["builds"].clone());
+    assert_eq!(one, Value::Object(item));
     assert_eq!(one["builds"].as_array().unwrap().len(), 1, "{one}");
     let build = &one["builds"][0];
     assert_eq!(build["buildID"], interpreter["buildID"]);

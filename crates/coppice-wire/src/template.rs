@@ -1,6 +1,6 @@
 //! The template catalogue's bodies: `Template` (the items of `GET /templates` and
-//! `GET /v2/templates`), `TemplateWithBuilds` (`GET /templates/{templateID}`) with its
-//! `TemplateBuild`s, `TemplateAliasResponse` (`GET /templates/aliases/{alias}`) and the
+//! `GET /v2/templates`), `TemplateWithBuilds` (`GET /templates/{templateID}`: a `Template`
+//! with its `TemplateBuild`s), `TemplateAliasResponse` (`GET /templates/aliases/{alias}`) and the
 //! `TemplateUpdateRequest` of `PATCH /templates/{templateID}`, as E2B's OpenAPI spec has them.
 //! Every field the spec marks required is always present; a nullable one is sent as `null`.
 
@@ -104,27 +104,13 @@ pub struct TemplateBuild {
     pub envd_version: Option<String>,
 }
 
-/// `TemplateWithBuilds`: `GET /templates/{templateID}`.
+/// `TemplateWithBuilds`: `GET /templates/{templateID}`. The SDK (`e2b` 2.63) reads every
+/// field of [`Template`] here as required, and the builds beside them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct TemplateWithBuilds {
-    /// The template's id.
-    #[serde(rename = "templateID")]
-    pub template_id: String,
-    /// Whether every team may use it.
-    pub public: bool,
-    /// Its aliases.
-    pub aliases: Vec<String>,
-    /// Its names.
-    pub names: Vec<String>,
-    /// RFC 3339: when it was created.
-    pub created_at: String,
-    /// RFC 3339: when it last changed.
-    pub updated_at: String,
-    /// RFC 3339: when a sandbox was last created from it; null if never.
-    pub last_spawned_at: Option<String>,
-    /// How many sandboxes were created from it.
-    pub spawn_count: u64,
+    /// The template, as the lists show it.
+    #[serde(flatten)]
+    pub template: Template,
     /// Its builds, newest first.
     pub builds: Vec<TemplateBuild>,
 }

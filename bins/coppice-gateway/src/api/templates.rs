@@ -97,14 +97,7 @@ fn with_builds(entry: &Entry, spawns: Spawns) -> TemplateWithBuilds {
     let (status, created, updated, _) = build_times(entry);
     let finished = !matches!(entry.state, BuildState::Building);
     TemplateWithBuilds {
-        template_id: entry.name.to_owned(),
-        public: true,
-        aliases: vec![entry.name.to_owned()],
-        names: vec![entry.name.to_owned()],
-        created_at: format_millis(created),
-        updated_at: format_millis(updated),
-        last_spawned_at: last_spawned(spawns),
-        spawn_count: spawns.count,
+        template: template_body(entry, spawns),
         builds: vec![TemplateBuild {
             build_id: entry.build_id.to_string(),
             status,
@@ -318,6 +311,10 @@ mod tests {
         assert_eq!(t["names"], serde_json::json!(["base"]));
 
         let w = serde_json::to_value(with_builds(&e, spawns)).unwrap();
+        // Every field of the list item, and the builds.
+        let mut item = t.as_object().unwrap().clone();
+        item.insert("builds".into(), w["builds"].clone());
+        assert_eq!(w, serde_json::Value::Object(item));
         assert_eq!(w["builds"].as_array().unwrap().len(), 1);
         assert_eq!(w["builds"][0]["buildID"], t["buildID"]);
         assert_eq!(w["builds"][0]["status"], "ready");
