@@ -23,6 +23,7 @@ mod admission;
 mod adoption;
 mod agent_death;
 mod api;
+mod catalogue;
 mod egress;
 mod feed;
 mod metrics;
@@ -228,8 +229,8 @@ pub(crate) struct Gateway {
     pub(crate) runtime: Runtime,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Entry>>>,
     ready: AtomicBool,
-    /// Each template's state for `/health`: `building`, `ready` or `failed: <why>`.
-    templates: Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// Each built-in template's build: for `/health`, the warm pool and `/templates`.
+    pub(crate) templates: catalogue::Catalogue,
     /// Pokes the webhook dispatcher after a commit that recorded events.
     waker: Waker,
     /// The operator's policy for webhook destinations.
@@ -313,7 +314,7 @@ impl Gateway {
 
     /// Each template's state, for `/health`.
     pub(crate) fn template_states(&self) -> std::collections::BTreeMap<&'static str, String> {
-        lock(&self.templates).clone()
+        self.templates.health()
     }
 
     /// The sandbox `id`, if the gateway has it and it is not being killed.
@@ -394,10 +395,7 @@ impl Gateway {
                 .iter()
                 .map(|(name, _)| *name)
                 .find(|name| {
-                    lock(&self.templates)
-                        .get(name)
-                        .is_some_and(|s| s == "ready")
-                        && self.runtime.warm_count(name) < target
+                    self.templates.is_ready(name) && self.runtime.warm_count(name) < target
                 });
             // Before re-adoption is over, a started sandbox would be killed as unregistered,
             // and the sandboxes not yet adopted are not counted against the limits.
@@ -1087,18 +1085,19 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     }
     tracing::info!(agent = %agent.display(), state_dir = %config.state_dir.display(), "starting");
     let admission = admission::Admission::new(&config).map_err(StartError::Setup)?;
+    let templates = catalogue::Catalogue::new(
+        runtime::TEMPLATES
+            .iter()
+            .map(|(name, _)| (*name, runtime.recipe_key(name))),
+        now(),
+    );
     let gateway = Arc::new(Gateway {
         config,
         registry,
         runtime,
         sandboxes: Mutex::new(HashMap::new()),
         ready: AtomicBool::new(false),
-        templates: Mutex::new(
-            runtime::TEMPLATES
-                .iter()
-                .map(|(name, _)| (*name, "building".to_owned()))
-                .collect(),
-        ),
+        templates,
         waker: dispatcher.waker(),
         guard,
         feeds: feed::Feeds::default(),
@@ -1139,20 +1138,20 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     let builder = Arc::clone(&gateway);
     tokio::spawn(async move {
         for (name, _) in runtime::TEMPLATES {
-            let state = match builder.runtime.template(name).await {
+            match builder.runtime.template(name).await {
                 Ok(_) => {
                     tracing::info!(template = name, "template ready");
+                    let built_at = builder.runtime.built_at(name);
+                    builder.templates.ready(name, built_at, now());
                     if *name == "base" {
                         builder.ready.store(true, Ordering::Release);
                     }
-                    "ready".to_owned()
                 }
                 Err(e) => {
                     tracing::error!(template = name, error = %e, "template unavailable");
-                    format!("failed: {e}")
+                    builder.templates.failed(name, e.to_string(), now());
                 }
-            };
-            lock(&builder.templates).insert(name, state);
+            }
         }
     });
     let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());

@@ -8,12 +8,16 @@
 //! The events tables of `coppice-events` live in the same database file, so a lifecycle
 //! change and the event that describes it commit in one transaction ([`Registry::put_with_events`],
 //! [`Registry::delete_with_events`]): the event log is exactly what the gateway did.
+//!
+//! Every `sandbox.lifecycle.created` event also counts a spawn of its template in
+//! `template_spawns`, in the same transaction, which event retention never prunes: the
+//! catalogue's `spawnCount` and `lastSpawnedAt` ([`Registry::spawns`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
-use coppice_events::event::Event;
+use coppice_events::event::{Event, EventType};
 use coppice_lifecycle::backend::{Limits, SandboxId};
 use coppice_lifecycle::state::Lifecycle;
 use rusqlite::{params, Connection};
@@ -63,6 +67,15 @@ pub(crate) struct Record {
     pub(crate) network: Option<coppice_wire::sandbox::NetworkConfig>,
 }
 
+/// How often sandboxes were created from one template.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Spawns {
+    /// Sandboxes created from it.
+    pub(crate) count: u64,
+    /// When the last one was created (ms since the epoch).
+    pub(crate) last_at: u64,
+}
+
 /// Registry failures; the message says which operation failed.
 #[derive(Debug, thiserror::Error)]
 #[error("registry: {op}")]
@@ -106,6 +119,7 @@ impl Registry {
         )
         .map_err(err("create schema"))?;
         coppice_events::store::migrate(&conn).map_err(err("create the events tables"))?;
+        migrate_spawns(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -199,9 +213,52 @@ impl Registry {
         change(&tx)?;
         for event in events {
             coppice_events::store::record(&tx, event).map_err(err("record event"))?;
+            if event.event_type == EventType::Created {
+                tx.prepare_cached(
+                    "INSERT INTO template_spawns (template, spawns, last_at) VALUES (?1, 1, ?2)
+                     ON CONFLICT(template) DO UPDATE SET spawns = spawns + 1,
+                         last_at = max(last_at, excluded.last_at)",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        event.sandbox_template_id,
+                        i64::try_from(event.timestamp.0).unwrap_or(i64::MAX)
+                    ])
+                })
+                .map_err(err("count a template spawn"))?;
+            }
         }
         tx.commit().map_err(err("commit"))?;
         Ok(())
+    }
+
+    /// How often sandboxes were created from each template, by template id.
+    pub(crate) fn spawns(&self) -> Result<HashMap<String, Spawns>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT template, spawns, last_at FROM template_spawns")
+            .map_err(err("read template spawns"))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(err("read template spawns"))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (template, count, last_at) = row.map_err(err("read template spawns"))?;
+            out.insert(
+                template,
+                Spawns {
+                    count: u64::try_from(count).unwrap_or(0),
+                    last_at: u64::try_from(last_at).unwrap_or(0),
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// Runs `f` on the database connection, for the events and webhooks API (reads, and
@@ -226,6 +283,37 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// Creates `template_spawns`. A database from before it existed starts from the `created`
+/// events it still holds (those retention has not pruned yet), so its counts do not start
+/// again at zero.
+fn migrate_spawns(conn: &Connection) -> Result<(), RegistryError> {
+    let exists: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'template_spawns')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(err("look for the template spawns table"))?;
+    if exists {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE template_spawns (
+             template TEXT PRIMARY KEY,
+             spawns INTEGER NOT NULL,
+             last_at INTEGER NOT NULL
+         );
+         INSERT INTO template_spawns (template, spawns, last_at)
+             SELECT json_extract(body, '$.sandboxTemplateId'), count(*), max(ts) FROM events
+             WHERE type = 'sandbox.lifecycle.created'
+               AND json_extract(body, '$.sandboxTemplateId') IS NOT NULL
+             GROUP BY 1;
+         COMMIT;",
+    )
+    .map_err(err("create the template spawns table"))
 }
 
 #[cfg(test)]
@@ -346,6 +434,95 @@ mod tests {
             .with_conn(|c| list_events(c, &EventQuery::default()))
             .unwrap();
         assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn created_events_count_spawns_per_template_for_good() {
+        use coppice_events::event::SandboxContext;
+        use coppice_lifecycle::state::{Cause, LifecycleEvent};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        let ctx = |id: &str, template: &str| SandboxContext {
+            sandbox_id: id.into(),
+            template_id: template.into(),
+            ..SandboxContext::default()
+        };
+        let created = |id: &str, template: &str, at: u64| {
+            Event::lifecycle(&ctx(id, template), &LifecycleEvent::Created, Millis(at))
+        };
+        {
+            let reg = Registry::open(&path).unwrap();
+            assert!(reg.spawns().unwrap().is_empty());
+            reg.put_with_events(&record("a", 1), &[created("a", "base", 1_000)])
+                .unwrap();
+            reg.put_with_events(&record("b", 2), &[created("b", "base", 3_000)])
+                .unwrap();
+            reg.put_with_events(
+                &record("c", 3),
+                &[created("c", "code-interpreter-v1", 2_000)],
+            )
+            .unwrap();
+            // Other events count nothing; a failed transaction counts nothing.
+            let killed = Event::lifecycle(
+                &ctx("a", "base"),
+                &LifecycleEvent::Killed {
+                    cause: Cause::Manual,
+                },
+                Millis(4_000),
+            );
+            reg.delete_with_events(&SandboxId::new("a").unwrap(), &[killed])
+                .unwrap();
+            let again = created("d", "base", 5_000);
+            reg.put_with_events(&record("d", 4), &[again.clone(), again])
+                .unwrap_err();
+        }
+        // Pruning the events (retention) does not touch the counts.
+        let reg = Registry::open(&path).unwrap();
+        reg.with_conn(|c| c.execute("DELETE FROM events", []))
+            .unwrap();
+        let spawns = reg.spawns().unwrap();
+        assert_eq!(
+            spawns["base"],
+            Spawns {
+                count: 2,
+                last_at: 3_000
+            }
+        );
+        assert_eq!(spawns["code-interpreter-v1"].count, 1);
+        assert_eq!(spawns.len(), 2);
+    }
+
+    #[test]
+    fn a_database_from_before_the_counts_starts_from_its_events() {
+        use coppice_events::event::SandboxContext;
+        use coppice_lifecycle::state::LifecycleEvent;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        {
+            let reg = Registry::open(&path).unwrap();
+            for (id, at) in [("a", 10), ("b", 20)] {
+                let ctx = SandboxContext {
+                    sandbox_id: id.into(),
+                    template_id: "base".into(),
+                    ..SandboxContext::default()
+                };
+                let e = Event::lifecycle(&ctx, &LifecycleEvent::Created, Millis(at));
+                reg.record_events(&[e]).unwrap();
+            }
+            // As an older gateway left it: events, no counts.
+            reg.with_conn(|c| c.execute("DROP TABLE template_spawns", []))
+                .unwrap();
+        }
+        let spawns = Registry::open(&path).unwrap().spawns().unwrap();
+        assert_eq!(
+            spawns["base"],
+            Spawns {
+                count: 2,
+                last_at: 20
+            }
+        );
     }
 
     #[test]

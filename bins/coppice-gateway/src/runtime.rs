@@ -500,6 +500,19 @@ impl Runtime {
         TEMPLATES.iter().any(|(n, _)| *n == name)
     }
 
+    /// The recipe key of the template `name` (see [`crate::catalogue`]).
+    pub(crate) fn recipe_key(&self, name: &str) -> String {
+        template_builder(&self.template_cache, name).recipe_key()
+    }
+
+    /// When the cached build of the template `name` finished, as its cache marker says;
+    /// `None` when the cache holds no complete build of its recipe.
+    pub(crate) fn built_at(&self, name: &str) -> Option<coppice_lifecycle::state::Millis> {
+        template_builder(&self.template_cache, name)
+            .built_at()
+            .map(|secs| coppice_lifecycle::state::Millis(secs.saturating_mul(1000)))
+    }
+
     /// Builds (once, cached) and imports the template; returns its layer.
     pub(crate) async fn template(&self, name: &str) -> Result<LayerId, RuntimeError> {
         let slot = self

@@ -16,7 +16,8 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    closing, events, has_body, json, logs, metrics, network, ports, proxy, sandboxes, signed, Body,
+    closing, events, has_body, json, logs, metrics, network, ports, proxy, sandboxes, signed,
+    templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -231,6 +232,23 @@ async fn dispatch(
         (&Method::POST, ["events", "webhooks", id, "replay"]) => {
             events::replay_since(gw, Some(id), &body)
         }
+        (&Method::GET, ["templates"]) => templates::list(gw, query, false),
+        (&Method::GET, ["v2", "templates"]) => templates::list(gw, query, true),
+        (&Method::GET, ["templates", "aliases", alias]) => templates::alias(gw, alias),
+        (&Method::GET, ["templates", id]) => templates::get(gw, id, query),
+        (&Method::DELETE, ["templates", id]) => templates::delete(gw, id),
+        (&Method::PATCH, ["templates", id] | ["v2", "templates", id]) => {
+            templates::update(gw, id, &body)
+        }
+        // Building templates is not served: every other template route, whatever its
+        // method, says so rather than claim the method is wrong.
+        (_, ["templates", ..] | ["v2" | "v3", "templates", ..]) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no route for {method} {path}: this gateway serves its built-in templates \
+                 only and does not build templates"
+            ),
+        )),
         (_, ["sandboxes" | "v2" | "events", ..]) | (_, ["health" | "metrics"]) => {
             Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

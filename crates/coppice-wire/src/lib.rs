@@ -3,8 +3,8 @@
 //!
 //! [`error::ErrorBody`] is the `{"code", "message"}` body of every error; [`sandbox`] holds the
 //! control-plane requests and responses; [`logs`] the sandbox log bodies; [`query`] decodes
-//! list queries (including E2B's thrice-encoded `metadata`); [`timestamp`] formats RFC 3339
-//! times the way E2B does.
+//! list queries (including E2B's thrice-encoded `metadata`); [`template`] the template
+//! catalogue's bodies; [`timestamp`] formats RFC 3339 times the way E2B does.
 //! Requests reject fields the SDKs never send, so a typo is a 400 rather than a silent default.
 //!
 //! **Invariant:** no I/O, no HTTP status logic beyond the error body's `code`; wire structs are
@@ -14,4 +14,5 @@ pub mod error;
 pub mod logs;
 pub mod query;
 pub mod sandbox;
+pub mod template;
 pub mod timestamp;

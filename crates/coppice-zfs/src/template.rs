@@ -180,6 +180,21 @@ impl TemplateBuilder {
             && self.path().is_dir()
     }
 
+    /// When the cached build finished (seconds since the Unix epoch), as its completion
+    /// marker records it; `None` while no complete build of this recipe is cached.
+    pub fn built_at(&self) -> Option<u64> {
+        self.read_marker()
+            .filter(|m| m.recipe == RECIPE_VERSION && m.packages == self.packages())
+            .filter(|_| self.path().is_dir())
+            .map(|m| m.built_unix)
+    }
+
+    /// What identifies this recipe: the cached tree's name and every package it installs,
+    /// so two builders with the same key build the same tree.
+    pub fn recipe_key(&self) -> String {
+        format!("{}:{}", self.name(), self.packages().join(","))
+    }
+
     fn read_marker(&self) -> Option<Marker> {
         let bytes = tree::read_optional(&self.marker_path()).ok()??;
         serde_json::from_slice(&bytes).ok()
@@ -627,6 +642,46 @@ mod tests {
                 .with_flavor("Odd/Name", &[])
                 .name(),
             "debian-bookworm-odd-name-v2-u1"
+        );
+    }
+
+    #[test]
+    fn the_build_time_comes_from_a_complete_marker_of_the_same_recipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = TemplateBuilder::new(dir.path(), 7);
+        assert_eq!(b.built_at(), None);
+        let marker = |packages: Vec<String>| Marker {
+            recipe: RECIPE_VERSION,
+            suite: SUITE.to_owned(),
+            packages,
+            uid_shift: 7,
+            mirror: DEFAULT_MIRROR.to_owned(),
+            built_unix: 1_700_000_000,
+        };
+        let write = |m: &Marker| fs::write(b.marker_path(), serde_json::to_vec(m).unwrap());
+        write(&marker(b.packages())).unwrap();
+        // A marker without its tree is no build.
+        assert_eq!(b.built_at(), None);
+        fs::create_dir(b.path()).unwrap();
+        assert_eq!(b.built_at(), Some(1_700_000_000));
+        // Another recipe's marker under the same name is not this build.
+        write(&marker(vec!["bash".into()])).unwrap();
+        assert_eq!(b.built_at(), None);
+    }
+
+    #[test]
+    fn recipe_keys_differ_by_packages_and_shift() {
+        let base = TemplateBuilder::new("/c", 1);
+        let more = TemplateBuilder::new("/c", 1).with_flavor("base", &["r-base-core"]);
+        assert_eq!(base.name(), more.name());
+        assert_ne!(base.recipe_key(), more.recipe_key());
+        assert_ne!(
+            base.recipe_key(),
+            TemplateBuilder::new("/c", 2).recipe_key()
+        );
+        assert_eq!(
+            base.recipe_key(),
+            TemplateBuilder::new("/other", 1).recipe_key()
         );
     }
 

@@ -11,6 +11,7 @@ pub(crate) mod proxy;
 pub(crate) mod sandboxes;
 pub(crate) mod signed;
 pub(crate) mod stream_end;
+pub(crate) mod templates;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};

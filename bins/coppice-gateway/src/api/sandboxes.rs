@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coppice_lifecycle::backend::SandboxId;
+use coppice_lifecycle::backend::{Limits, SandboxId};
 use coppice_lifecycle::state::{
     Cause, Command, Lifecycle, Millis, OnTimeout, Policy, SandboxState,
 };
@@ -30,10 +30,8 @@ pub(crate) const ENVD_VERSION: &str = "0.6.13";
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Longest refresh E2B allows.
 const MAX_REFRESH: Duration = Duration::from_secs(3600);
-/// Default limits: E2B's default sandbox size is 2 vCPUs; memory is generous enough for
-/// pandas and matplotlib in the code interpreter.
 /// Nominal disk size reported to clients; storage sets no quota yet.
-const DISK_SIZE_MB: u64 = 10 * 1024;
+pub(crate) const DISK_SIZE_MB: u64 = 10 * 1024;
 /// Largest metadata or env map a create may carry, in total bytes.
 const MAX_MAP_BYTES: usize = 64 * 1024;
 
@@ -110,6 +108,16 @@ fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
     }
 }
 
+/// The CPUs `limits` give, as E2B counts them (whole vCPUs, at least one).
+pub(crate) fn cpu_count(limits: &Limits) -> u32 {
+    limits.cpu_millis.map_or(1, |m| m.div_ceil(1000))
+}
+
+/// The memory `limits` give, in MiB (0 for no limit).
+pub(crate) fn memory_mb(limits: &Limits) -> u64 {
+    limits.memory_bytes.map_or(0, |b| b >> 20)
+}
+
 fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
     let l = &record.lifecycle;
     let limits = record.limits;
@@ -126,8 +134,8 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
         }),
         envd_version: ENVD_VERSION.into(),
         envd_access_token: Some(record.access_token.clone()),
-        cpu_count: limits.cpu_millis.map_or(1, |m| m.div_ceil(1000)),
-        memory_mb: limits.memory_bytes.map_or(0, |b| b >> 20),
+        cpu_count: cpu_count(&limits),
+        memory_mb: memory_mb(&limits),
         disk_size_mb: DISK_SIZE_MB,
         state: match l.state {
             SandboxState::Paused => "paused",
