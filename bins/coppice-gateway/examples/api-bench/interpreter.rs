@@ -55,7 +55,7 @@ pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
         // Filling the pools (python starts in every code-interpreter one) would take the
         // CPU from under the samples.
         for template in [TEMPLATE, "base"] {
-            pool_full_of(&mut api, template).await?;
+            pool_full(&mut api, template).await?;
         }
         let ci = timeout(client::create(&mut api, live, CODE_INTERPRETER)).await?;
         let base = timeout(client::create(&mut api, live, BASE)).await;
@@ -226,7 +226,7 @@ fn cold(
         for _ in 0..runs {
             check_interrupted()?;
             if pooled {
-                pool_full(&mut api).await?;
+                pool_full(&mut api, TEMPLATE).await?;
             }
             let t = Instant::now();
             let sbx = timeout(client::create(&mut api, live, CODE_INTERPRETER)).await?;
@@ -246,14 +246,9 @@ fn cold(
     })
 }
 
-/// Waits until the gateway's warm pool of [`TEMPLATE`] holds [`POOL`] sandboxes
+/// Waits until the gateway's warm pool of `template` holds [`POOL`] sandboxes
 /// (`coppice_warm_sandboxes`).
-async fn pool_full(api: &mut Sender) -> Res<()> {
-    pool_full_of(api, TEMPLATE).await
-}
-
-/// Waits until the gateway's warm pool of `template` holds [`POOL`] sandboxes.
-async fn pool_full_of(api: &mut Sender, template: &str) -> Res<()> {
+async fn pool_full(api: &mut Sender, template: &str) -> Res<()> {
     let series = format!("coppice_warm_sandboxes{{template=\"{template}\"}}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -291,7 +286,7 @@ fn memory(ctx: &Ctx<'_>, gw: &GatewayProc, n: usize) -> Res<Memory> {
         || -> Res<u64> { kib_field(&std::fs::read_to_string("/proc/meminfo")?, "MemAvailable:") };
     ctx.rt.block_on(async {
         let mut api = connect(addr).await?;
-        pool_full(&mut api).await?;
+        pool_full(&mut api, TEMPLATE).await?;
         tokio::time::sleep(SETTLE).await;
         let before = available()?;
         let mut sandboxes = Vec::with_capacity(n);
@@ -305,7 +300,7 @@ fn memory(ctx: &Ctx<'_>, gw: &GatewayProc, n: usize) -> Res<Memory> {
             for sbx in &sandboxes {
                 timeout(execute_in(&mut s, sbx, Via::Gateway, "x = 1", None)).await?;
             }
-            pool_full(&mut api).await?;
+            pool_full(&mut api, TEMPLATE).await?;
             tokio::time::sleep(SETTLE).await;
             let with = available()?;
             let (used_with, cache_with) = sum_memory(addr, &sandboxes).await?;

@@ -300,6 +300,12 @@ pub(super) enum ContextError {
         /// What it wrote to stderr, which usually says why.
         stderr: String,
     },
+    /// Only drivers that understand `setup` can run as a spare (see [`Spare`]).
+    #[error("{language} cannot be prestarted")]
+    NotPrestartable {
+        /// The language's name.
+        language: &'static str,
+    },
 }
 
 /// One context: its identity and, while alive, its process.
@@ -399,8 +405,8 @@ impl Spare {
         launch: &Launch,
     ) -> Result<(), ContextError> {
         if language.runner().encoding != Encoding::JsonLine {
-            return Err(ContextError::NotReady {
-                stderr: format!("{} cannot be prestarted", language.name()),
+            return Err(ContextError::NotPrestartable {
+                language: language.name(),
             });
         }
         if self.lock().is_some() {

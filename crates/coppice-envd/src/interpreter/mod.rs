@@ -187,7 +187,7 @@ impl Interpreter {
     async fn prestart(self: &Arc<Self>, state: &Arc<AgentState>, language: Language) {
         let started = std::time::Instant::now();
         let result = async {
-            let (user, _) = self.identity(state, None)?;
+            let user = self.context_user(state);
             let launch = self.launch().await?;
             self.spare.fill(language, &user, state, &launch).await
         }
@@ -426,17 +426,22 @@ impl Interpreter {
             .await;
     }
 
+    /// The user a new context runs as.
+    fn context_user(&self, state: &AgentState) -> String {
+        match &self.config.user {
+            Some(u) => u.clone(),
+            None if nix::unistd::Uid::effective().is_root() => "root".to_owned(),
+            None => state.default_user_name(),
+        }
+    }
+
     /// The user a new context runs as, and its working directory.
     fn identity(
         &self,
         state: &Arc<AgentState>,
         cwd: Option<String>,
     ) -> Result<(String, String), ContextError> {
-        let user = match &self.config.user {
-            Some(u) => u.clone(),
-            None if nix::unistd::Uid::effective().is_root() => "root".to_owned(),
-            None => state.default_user_name(),
-        };
+        let user = self.context_user(state);
         let cwd = match cwd.filter(|c| !c.is_empty()) {
             Some(c) => c,
             None => match state.default_workdir() {
