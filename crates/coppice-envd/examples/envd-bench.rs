@@ -62,9 +62,11 @@ fn measure(
         .enable_all()
         .build()?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    // The socket file appears at bind(2), a moment before listen(2): wait for a connection
+    // the agent accepts, not for the file.
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
         if Instant::now() > deadline {
-            return Err("the agent never created its socket".into());
+            return Err("the agent never accepted a connection".into());
         }
         std::thread::yield_now();
     }

@@ -117,11 +117,14 @@ impl Sandbox {
         };
         rt.block_on(jail.start(spec)).unwrap();
         let socket = run.join("agent.sock");
+        // The socket file appears at bind, a moment before the agent listens on it: until
+        // a connection is accepted, a missing file and a refused connection both mean "not
+        // yet" (as the gateway's own wait has it).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "the agent never opened its socket; log: {}",
+                "the agent never accepted a connection; log: {}",
                 std::fs::read_to_string(jail.log_path(&id)).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(10));
