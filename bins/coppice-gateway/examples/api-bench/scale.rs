@@ -587,8 +587,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     let o = &ctx.opts.scale;
     let limits = preflight(o.largest(), o.burst_cc)?;
-    // The sandboxes a killed gateway leaves are reaped here, as a service manager would.
-    crate::orphans::adopt()?;
     let max = (o.largest() + o.burst_cc + 64).to_string();
     let agent = ctx
         .opts
@@ -672,6 +670,10 @@ fn measure(ctx: &Ctx<'_>, gw: &mut GatewayProc, limits: serde_json::Value) -> Re
     } else {
         None
     };
+    // From here on, the sandboxes a killed gateway leaves are reaped by this process, as a
+    // service manager would reap them; not before, so that the jail's own teardown (whose
+    // inits are this process's children) pays for no reaper waiting on all of them.
+    crate::orphans::adopt()?;
 
     // 4. Each count.
     let mut rounds: Vec<Round> = Vec::new();
