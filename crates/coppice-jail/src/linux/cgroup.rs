@@ -406,8 +406,10 @@ impl Hierarchies {
     /// removed memory cgroup only once the pages charged to it leave the page cache.
     pub(crate) fn remove_free_slots(&self) {
         let free = std::mem::take(&mut *lock(&self.slots.free));
+        // Reclaimed first, as the trimmer does: a slot removed with pages still charged to
+        // it stays allocated in the kernel (about 1 MiB each) until those pages go.
         for slot in &free {
-            let _ = fs::remove_dir(slot);
+            remove_slot(slot);
         }
         for dir in self.group_dirs() {
             let _ = fs::remove_dir(dir);
