@@ -23,6 +23,7 @@ mod admission;
 mod adoption;
 mod agent_death;
 mod api;
+mod builds;
 mod catalogue;
 mod egress;
 mod feed;
@@ -252,6 +253,8 @@ pub(crate) struct Gateway {
     pub(crate) dispatch_stats: coppice_events::dispatch::Stats,
     /// `--max-sandboxes` and `--min-free-memory`: who gets a sandbox.
     pub(crate) admission: admission::Admission,
+    /// Templates built with E2B's `Template` builder ([`builds`]).
+    pub(crate) builds: builds::Builds,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -310,6 +313,11 @@ impl Gateway {
     /// Whether the default template is ready, so sandboxes can be created.
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether the sandboxes of a previous run are re-adopted (build sandboxes wait for it).
+    pub(crate) fn adoption_done(&self) -> bool {
+        self.adoption.is_done()
     }
 
     /// Each template's state, for `/health`.
@@ -1091,6 +1099,8 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
             .map(|(name, _)| (*name, runtime.recipe_key(name))),
         now(),
     );
+    let builds = builds::Builds::open(&db, &config.state_dir.join("builds"), now().0)
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let gateway = Arc::new(Gateway {
         config,
         registry,
@@ -1108,6 +1118,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
         admission,
+        builds,
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts
@@ -1155,6 +1166,9 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         }
     });
     let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());
+    // Killed with the runtime at shutdown: a build it was running ends as `error` at the
+    // next start, and its sandbox goes as unregistered.
+    let _build_worker = tokio::spawn(builds::engine::work(Arc::clone(&gateway)));
     let served = tokio::select! {
         served = server::serve(Arc::clone(&gateway), listeners, listener_tls) => served,
         e = adoption_failed => Err(e),
