@@ -187,7 +187,10 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
         .into_response();
         return Ok(if unread { closing(resp) } else { resp });
     }
-    let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
+    // `DELETE /templates/tags` is E2B's one DELETE with a body (the tags to remove).
+    let reads_body = matches!(method, Method::POST | Method::PUT | Method::PATCH)
+        || (method == Method::DELETE && path.trim_end_matches('/') == "/templates/tags");
+    let body = if reads_body {
         match read_body(req).await {
             Ok(b) => b,
             Err(e) => return Ok(closing(e.into_response())),

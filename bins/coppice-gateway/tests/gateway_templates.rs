@@ -1,7 +1,7 @@
 //! The template catalogue through the real gateway: `GET /templates` and `/v2/templates`
 //! (with pages), `GET /templates/{id}`, `GET /templates/aliases/{alias}`, with build ids, build
 //! times, limits and spawn counts checked against the template cache, the sandboxes and a
-//! restart; `DELETE`/`PATCH` refused for the built-in templates; the build routes a clear 404.
+//! restart; `DELETE`/`PATCH` and the build routes refused for the built-in templates.
 //! Real binary, real sandboxes; see `support/mod.rs`.
 #![cfg(target_os = "linux")]
 // An integration test crate: no `mod tests` wrapper, helpers may unwrap, skip lines must reach
