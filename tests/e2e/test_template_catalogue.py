@@ -65,7 +65,7 @@ def _check_listed(templates):
     assert [t.template_id for t in templates[: len(BUILT_IN)]] == BUILT_IN
     by_id = {t.template_id: t for t in templates if t.template_id in BUILT_IN}
     assert sorted(by_id) == BUILT_IN
-    for t in templates:
+    for t in by_id.values():
         assert t.build_status == TemplateBuildStatus.READY
         assert uuid.UUID(t.build_id).version == 5
         assert t.names == [t.template_id] and t.aliases == [t.template_id]

@@ -24,7 +24,7 @@ use crate::api::error::ApiError;
 use crate::api::sandboxes::{cpu_count, memory_mb, parse};
 use crate::api::templates::path_param;
 use crate::api::{empty, json, Body};
-use crate::builds::store::{LogRow, Status};
+use crate::builds::store::{LogRow, NewBuild, Status};
 use crate::builds::{self, files, Base, BuildsError, Job, DEFAULT_TAG};
 use crate::runtime::{Runtime, DEFAULT_LIMITS};
 use crate::Gateway;
@@ -102,12 +102,14 @@ pub(crate) fn request(gw: &Gateway, body: &Bytes) -> Result<Response<Body>> {
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"))?;
     let build_id = uuid::Uuid::new_v4().to_string();
     let (template, build) = gw.builds.store.request(
-        &name,
-        &new_id,
-        &build_id,
-        &tags,
-        cpu_count(&DEFAULT_LIMITS),
-        memory_mb(&DEFAULT_LIMITS),
+        &NewBuild {
+            name: &name,
+            new_template_id: &new_id,
+            build_id: &build_id,
+            tags: &tags,
+            cpu_count: cpu_count(&DEFAULT_LIMITS),
+            memory_mb: memory_mb(&DEFAULT_LIMITS),
+        },
         crate::now().0,
     )?;
     tracing::info!(template = %template.id, name = %name, build = %build.id, "template build requested");
@@ -438,12 +440,10 @@ pub(crate) fn logs(
                 }
             }
             "level" => min_level = level_param(&value)?,
-            "source" => {
-                if !matches!(value.as_str(), "temporary" | "persistent") {
-                    return Err(ApiError::bad_request(format!(
-                        "source must be temporary or persistent, got {value:?}"
-                    )));
-                }
+            "source" if !matches!(value.as_str(), "temporary" | "persistent") => {
+                return Err(ApiError::bad_request(format!(
+                    "source must be temporary or persistent, got {value:?}"
+                )));
             }
             _ => {}
         }

@@ -287,7 +287,7 @@ impl Run<'_> {
         };
         match step.kind.as_str() {
             "ENV" => {
-                if args.is_empty() || args.len() % 2 != 0 {
+                if args.is_empty() || !args.len().is_multiple_of(2) {
                     return Err("ENV needs pairs of name and value".into());
                 }
                 for pair in args.chunks(2) {
@@ -427,28 +427,13 @@ impl Run<'_> {
         &self,
         name: &str,
         sandbox: &(SandboxId, u32),
-        user: &str,
-        script: &str,
-        envs: &std::collections::BTreeMap<String, String>,
-        cwd: Option<&str>,
-        timeout: Duration,
+        cmd: &agent::Command<'_>,
     ) -> Result<Ending, String> {
         let socket = self.gw.runtime.socket(&sandbox.0);
         let builds = &self.gw.builds;
         let build = self.job.build_id.as_str();
         let mut sink = |line: &str| log(builds, build, "info", Some(name), line);
-        agent::run(
-            &socket,
-            &agent::Command {
-                user,
-                script,
-                envs,
-                cwd,
-                timeout,
-            },
-            &mut sink,
-        )
-        .await
+        agent::run(&socket, cmd, &mut sink).await
     }
 
     async fn run_command(
@@ -468,11 +453,13 @@ impl Run<'_> {
             .exec(
                 name,
                 sandbox,
-                user,
-                &script,
-                &self.state.env,
-                self.state.workdir.as_deref(),
-                STEP_TIMEOUT,
+                &agent::Command {
+                    user,
+                    script: &script,
+                    envs: &self.state.env,
+                    cwd: self.state.workdir.as_deref(),
+                    timeout: STEP_TIMEOUT,
+                },
             )
             .await?;
         match ending {
@@ -498,11 +485,13 @@ impl Run<'_> {
             .exec(
                 name,
                 sandbox,
-                "root",
-                r#"mkdir -p "$COPPICE_DIR""#,
-                &envs,
-                Some("/"),
-                COPY_TIMEOUT,
+                &agent::Command {
+                    user: "root",
+                    script: r#"mkdir -p "$COPPICE_DIR""#,
+                    envs: &envs,
+                    cwd: Some("/"),
+                    timeout: COPY_TIMEOUT,
+                },
             )
             .await?
         {
@@ -607,11 +596,13 @@ impl Run<'_> {
             .exec(
                 name,
                 sandbox,
-                "root",
-                COPY_SCRIPT,
-                &envs,
-                Some("/"),
-                COPY_TIMEOUT,
+                &agent::Command {
+                    user: "root",
+                    script: COPY_SCRIPT,
+                    envs: &envs,
+                    cwd: Some("/"),
+                    timeout: COPY_TIMEOUT,
+                },
             )
             .await?
         {

@@ -274,22 +274,30 @@ impl Builds {
     }
 
     /// The ready build `reference` (`name`, `name:tag`, `id`, `id:tag`) names, or `None`
-    /// when no built template has that name or id. A known template whose tag names no
-    /// ready build is an error.
+    /// when no built template has that name or id. Without a tag it is the build tagged
+    /// `default`, else the newest ready build (a template built only with other tags). A
+    /// known template whose tag names no ready build is an error.
     pub(crate) fn resolve(&self, reference: &str) -> Result<Option<Resolved>, BuildsError> {
+        let explicit = reference.contains(':');
         let (name, tag) = split_tag(reference);
         let Some(template) = self.store.template(name)? else {
             return Ok(None);
         };
         let tags = self.store.tags(&template.id)?;
-        let Some(tagged) = tags.iter().find(|t| t.tag == tag) else {
+        let build = match tags.iter().find(|t| t.tag == tag) {
+            Some(tagged) => self.store.build(&tagged.build_id)?,
+            None if !explicit => self
+                .store
+                .builds_of(&template.id)?
+                .into_iter()
+                .find(|b| b.status == Status::Ready),
+            None => None,
+        };
+        let Some(build) = build else {
             return Err(BuildsError::NotFound(format!(
                 "template {name:?} has no ready build tagged {tag:?}"
             )));
         };
-        let build = self.store.build(&tagged.build_id)?.ok_or_else(|| {
-            BuildsError::NotFound(format!("the build {} is gone", tagged.build_id))
-        })?;
         let layer = build
             .layer
             .as_deref()

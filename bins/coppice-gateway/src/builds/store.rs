@@ -151,6 +151,23 @@ pub(crate) struct TagRow {
     pub(crate) created_at: u64,
 }
 
+/// A build asked for: [`Store::request`]'s input.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewBuild<'a> {
+    /// The template's name.
+    pub(crate) name: &'a str,
+    /// The id the template gets if it is new.
+    pub(crate) new_template_id: &'a str,
+    /// The build's id.
+    pub(crate) build_id: &'a str,
+    /// The tags it gets once ready.
+    pub(crate) tags: &'a [String],
+    /// The vCPUs asked for.
+    pub(crate) cpu_count: u32,
+    /// The memory asked for.
+    pub(crate) memory_mb: u64,
+}
+
 /// The template tables.
 #[derive(Debug)]
 pub(crate) struct Store {
@@ -335,16 +352,15 @@ impl Store {
 
     /// Records a new build (`waiting`) of the template `name`, creating the template with
     /// `new_id` if there is none of that name.
-    pub(crate) fn request(
-        &self,
-        name: &str,
-        new_id: &str,
-        build_id: &str,
-        tags: &[String],
-        cpu_count: u32,
-        memory_mb: u64,
-        now: u64,
-    ) -> Result<(TemplateRow, BuildRow)> {
+    pub(crate) fn request(&self, new: &NewBuild<'_>, now: u64) -> Result<(TemplateRow, BuildRow)> {
+        let NewBuild {
+            name,
+            new_template_id: new_id,
+            build_id,
+            tags,
+            cpu_count,
+            memory_mb,
+        } = *new;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(err("begin"))?;
         tx.execute(
@@ -641,6 +657,17 @@ fn append_log_in(
 mod tests {
     use super::*;
 
+    fn new<'a>(name: &'a str, id: &'a str, build: &'a str, tags: &'a [String]) -> NewBuild<'a> {
+        NewBuild {
+            name,
+            new_template_id: id,
+            build_id: build,
+            tags,
+            cpu_count: 2,
+            memory_mb: 1024,
+        }
+    }
+
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("registry.db")).unwrap();
@@ -651,7 +678,7 @@ mod tests {
     fn a_build_moves_from_waiting_to_ready_and_tags_follow_it() {
         let (_d, s) = store();
         let (t, b) = s
-            .request("app", "tid1", "b1", &["default".into()], 2, 1024, 10)
+            .request(&new("app", "tid1", "b1", &["default".into()]), 10)
             .unwrap();
         assert_eq!(b.status, Status::Waiting);
         assert_eq!(t.name, "app");
@@ -670,7 +697,7 @@ mod tests {
         assert_eq!(s.tags("tid1").unwrap()[0].build_id, "b1");
         // A second build of the same name keeps the template's id.
         let (t2, _) = s
-            .request("app", "tid2", "b2", &["v2".into()], 2, 1024, 30)
+            .request(&new("app", "tid2", "b2", &["v2".into()]), 30)
             .unwrap();
         assert_eq!(t2.id, "tid1");
         assert_eq!(s.template("app").unwrap().unwrap().id, "tid1");
@@ -681,8 +708,8 @@ mod tests {
     #[test]
     fn builds_cut_short_end_as_errors_with_a_log_line() {
         let (_d, s) = store();
-        s.request("app", "tid1", "b1", &[], 2, 1024, 10).unwrap();
-        s.request("app", "tid1", "b2", &[], 2, 1024, 10).unwrap();
+        s.request(&new("app", "tid1", "b1", &[]), 10).unwrap();
+        s.request(&new("app", "tid1", "b2", &[]), 10).unwrap();
         s.start("b1", 11).unwrap();
         s.log("b1", 12, "info", Some("1"), "step one").unwrap();
         assert_eq!(
@@ -702,7 +729,7 @@ mod tests {
     #[test]
     fn tags_are_assigned_and_removed_and_templates_deleted_whole() {
         let (_d, s) = store();
-        s.request("app", "tid1", "b1", &[], 2, 1024, 10).unwrap();
+        s.request(&new("app", "tid1", "b1", &[]), 10).unwrap();
         s.assign_tags("tid1", "b1", &["x".into(), "y".into()], 11)
             .unwrap();
         assert_eq!(s.tags("tid1").unwrap().len(), 2);
