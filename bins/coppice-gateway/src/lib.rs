@@ -8,7 +8,8 @@
 //! listener until SIGTERM or SIGINT; sandboxes keep running across restarts.
 //! [`service`] is the one route table, `api/*` the handlers (they parse, call the lifecycle
 //! state machine and [`runtime`], and serialize), `api/error.rs` the one mapping from errors
-//! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; the reaper
+//! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; [`builds`]
+//! builds templates with E2B's `Template` protocol in build sandboxes; the reaper
 //! enforces every sandbox's window, applies event retention and reads the events of
 //! enforcement inside sandboxes ([`feed`]: agent reports, cgroup counters). `Gateway::commit` writes a
 //! transition's record and its event in one transaction.
