@@ -691,17 +691,18 @@ impl Runtime {
         result
     }
 
-    /// Starts a template build's sandbox on `layer` (on the network when sandboxes have one,
+    /// Starts a template build's sandbox on `layer` with `limits` (on the network when sandboxes have one,
     /// with E2B's default egress) and configures its agent to run commands as root in `/`
     /// unless told otherwise. On failure nothing of it is left.
     pub(crate) async fn start_builder(
         &self,
         id: &SandboxId,
         layer: &LayerId,
+        limits: Limits,
     ) -> Result<u32, RuntimeError> {
         let result = async {
             let pid = self
-                .boot(id, "build", layer, DEFAULT_LIMITS, &EgressPolicy::default())
+                .boot(id, "build", layer, limits, &EgressPolicy::default())
                 .await?;
             let init = serde_json::json!({
                 "envVars": {},

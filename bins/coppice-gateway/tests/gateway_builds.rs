@@ -67,7 +67,12 @@ fn sdk_hash(src: &str, dest: &str, files: &[(&str, u32, &[u8])]) -> String {
 
 /// `POST /v3/templates`; asserts 202 and returns the body.
 fn request(lab: &Lab, name: &str, tags: &[&str]) -> Value {
-    let mut body = json!({"name": name, "cpuCount": 2, "memoryMB": 1024});
+    request_sized(lab, name, tags, 2, 1024)
+}
+
+/// `POST /v3/templates` for sandboxes of `cpus` and `memory_mb`.
+fn request_sized(lab: &Lab, name: &str, tags: &[&str], cpus: u32, memory_mb: u32) -> Value {
+    let mut body = json!({"name": name, "cpuCount": cpus, "memoryMB": memory_mb});
     if !tags.is_empty() {
         body["tags"] = json!(tags);
     }
@@ -365,12 +370,16 @@ fn bad_builds_end_as_errors_naming_their_step() {
     // Malformed requests are 400s with E2B's error body.
     lab.api("POST", "/v3/templates", Some(json!({"name": "Bad Name"})))
         .assert_error(400, "a bad name");
-    lab.api(
-        "POST",
-        "/v3/templates",
-        Some(json!({"name": "x", "cpuCount": 8})),
-    )
-    .assert_error(400, "a size not supported");
+    for size in [
+        json!({"cpuCount": 0}),
+        json!({"memoryMB": 64}),
+        json!({"cpuCount": "2"}),
+    ] {
+        let mut body = size.clone();
+        body["name"] = json!("x");
+        lab.api("POST", "/v3/templates", Some(body))
+            .assert_error(400, &format!("size {size}"));
+    }
     lab.api(
         "POST",
         "/v3/templates",
@@ -489,15 +498,27 @@ fn a_restart_ends_a_running_build_and_keeps_built_templates() {
         return;
     };
     lab.start();
-    let (tid, _, s, _) = build(
+    // A template of its own size: its sandboxes get it, and report it.
+    let req = request_sized(&lab, "kept", &[], 1, 512);
+    let tid = req["templateID"].as_str().unwrap().to_owned();
+    let bid = req["buildID"].as_str().unwrap().to_owned();
+    trigger(
         &lab,
-        "kept",
-        json!({"fromTemplate": "base"}),
-        json!([{"type": "RUN", "args": ["echo kept > /kept"]}, {"type": "ENV", "args": ["K", "v"]}]),
+        &tid,
+        &bid,
+        json!({"fromTemplate": "base", "steps": [
+            {"type": "RUN", "args": ["echo kept > /kept"]}, {"type": "ENV", "args": ["K", "v"]}]}),
     );
+    let (s, _) = wait_build(&lab, &tid, &bid);
     assert_eq!(s["status"], "ready");
     let created = lab.create(json!({"templateID": "kept"}));
     let id = id_of(&created);
+    let detail = lab.detail(&id);
+    assert_eq!(detail["cpuCount"], 1, "{detail}");
+    assert_eq!(detail["memoryMB"], 512, "{detail}");
+    let listed = lab.api("GET", &format!("/templates/{tid}"), None).json();
+    assert_eq!(listed["cpuCount"], 1);
+    assert_eq!(listed["memoryMB"], 512);
 
     let req = request(&lab, "slow", &[]);
     let (stid, sbid) = (

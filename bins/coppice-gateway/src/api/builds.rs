@@ -37,6 +37,12 @@ pub(crate) const UPLOAD_PREFIX: &str = "/builds/uploads/";
 const MAX_UPLOAD: u64 = 1 << 30;
 /// How long an upload may take.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// The most vCPUs a template's sandboxes may have.
+const MAX_CPUS: u32 = 64;
+/// The least memory a template's sandboxes may have (E2B's minimum), in MiB.
+const MIN_MEMORY_MB: u64 = 128;
+/// The most memory a template's sandboxes may have, in MiB.
+const MAX_MEMORY_MB: u64 = 256 * 1024;
 /// The most log lines a page holds, and its default (E2B's).
 const MAX_LOGS: usize = 100;
 
@@ -84,20 +90,30 @@ pub(crate) fn request(gw: &Gateway, body: &Bytes) -> Result<Response<Body>> {
         tags.push(DEFAULT_TAG.to_owned());
     }
     tags.dedup();
-    // Sandboxes of built templates get the default size for now: another size is refused,
-    // not accepted and ignored.
-    let cpus = i64::from(cpu_count(&DEFAULT_LIMITS));
-    let memory = i64::try_from(memory_mb(&DEFAULT_LIMITS)).unwrap_or(i64::MAX);
-    if req.cpu_count.is_some_and(|c| c != cpus) {
-        return Err(ApiError::bad_request(format!(
-            "cpuCount other than {cpus} is not supported by this gateway yet"
-        )));
-    }
-    if req.memory_mb.is_some_and(|m| m != memory) {
-        return Err(ApiError::bad_request(format!(
-            "memoryMB other than {memory} is not supported by this gateway yet"
-        )));
-    }
+    // The size of the template's sandboxes (and of its build sandbox): E2B's minimums, and
+    // bounds that keep one create from asking for a machine's worth.
+    let cpus = req.cpu_count.map_or(Ok(cpu_count(&DEFAULT_LIMITS)), |c| {
+        u32::try_from(c)
+            .ok()
+            .filter(|c| (1..=MAX_CPUS).contains(c))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "cpuCount must be a whole number from 1 to {MAX_CPUS}, got {c}"
+                ))
+            })
+    })?;
+    let memory = req
+        .memory_mb
+        .map_or(Ok(memory_mb(&DEFAULT_LIMITS)), |m| {
+            u64::try_from(m)
+                .ok()
+                .filter(|m| (MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(m))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "memoryMB must be a whole number from {MIN_MEMORY_MB} to {MAX_MEMORY_MB}, got {m}"
+                    ))
+                })
+        })?;
     let new_id = crate::runtime::random_token(crate::runtime::SANDBOX_ID_LEN)
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"))?;
     let build_id = uuid::Uuid::new_v4().to_string();
@@ -107,8 +123,8 @@ pub(crate) fn request(gw: &Gateway, body: &Bytes) -> Result<Response<Body>> {
             new_template_id: &new_id,
             build_id: &build_id,
             tags: &tags,
-            cpu_count: cpu_count(&DEFAULT_LIMITS),
-            memory_mb: memory_mb(&DEFAULT_LIMITS),
+            cpu_count: cpus,
+            memory_mb: memory,
         },
         crate::now().0,
     )?;
@@ -293,6 +309,7 @@ pub(crate) fn trigger(
         base,
         steps: req.steps.unwrap_or_default(),
         force: req.force.unwrap_or(false),
+        limits: builds::limits_of(&build),
     };
     if let Err(e) = gw.builds.enqueue(job) {
         let reason = crate::builds::store::Reason {

@@ -282,7 +282,9 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         env_vars,
         access_token: random_token(32)?,
         lifecycle: Lifecycle::creating(created, timeout, policy),
-        limits: crate::runtime::DEFAULT_LIMITS,
+        limits: built
+            .as_ref()
+            .map_or(crate::runtime::DEFAULT_LIMITS, |b| b.limits),
         allow_internet: req.allow_internet_access,
         pid: None,
         build_id: String::new(),

@@ -362,7 +362,7 @@ impl Run<'_> {
                 let pid = self
                     .gw
                     .runtime
-                    .start_builder(&id, &self.layer)
+                    .start_builder(&id, &self.layer, self.job.limits)
                     .await
                     .map_err(|e| {
                         format!(

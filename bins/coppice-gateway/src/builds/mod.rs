@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use coppice_lifecycle::backend::LayerId;
+use coppice_lifecycle::backend::{LayerId, Limits};
 use coppice_wire::build::TemplateStep;
 
 use crate::builds::store::{BuildRow, Defaults, Status, Store, StoreError, TemplateRow};
@@ -76,6 +76,8 @@ pub(crate) struct Job {
     pub(crate) steps: Vec<TemplateStep>,
     /// Rebuild every step.
     pub(crate) force: bool,
+    /// The build sandbox's limits: the template's size.
+    pub(crate) limits: Limits,
 }
 
 /// Where a build starts.
@@ -98,6 +100,17 @@ pub(crate) struct Resolved {
     pub(crate) layer: LayerId,
     /// What its sandboxes get.
     pub(crate) defaults: Defaults,
+    /// The limits its sandboxes run with (`cpuCount`, `memoryMB`).
+    pub(crate) limits: Limits,
+}
+
+/// The limits of sandboxes of `build`: its `cpuCount` and `memoryMB`, the default pids.
+pub(crate) fn limits_of(build: &BuildRow) -> Limits {
+    Limits {
+        cpu_millis: Some(build.cpu_count.saturating_mul(1000)),
+        memory_bytes: Some(build.memory_mb.saturating_mul(1 << 20)),
+        ..crate::runtime::DEFAULT_LIMITS
+    }
 }
 
 /// Splits `name:tag`; the tag is `default` when absent.
@@ -305,6 +318,7 @@ impl Builds {
             .and_then(|l| LayerId::new(l).ok())
             .ok_or_else(|| BuildsError::NotFound(format!("the build {} is not ready", build.id)))?;
         Ok(Some(Resolved {
+            limits: limits_of(&build),
             template_id: template.id,
             build_id: build.id,
             layer,
