@@ -1,8 +1,8 @@
 """Building templates with the real SDK's `Template` builder, as a user would: `RUN`, `COPY`
 (a directory with a symlink, and a single file with owner and mode), `ENV`, `WORKDIR` and
 `USER`, `Template.build`, `Template.exists`, tags, a background build with status polling, a
-cached rebuild, failures the SDK raises, and sandboxes created from the template by name,
-`name:tag` and id.
+cached rebuild, failures the SDK raises, a start command with its ready command, and
+sandboxes created from the template by name, `name:tag` and id.
 
 The gateway's own test (`bins/coppice-gateway/tests/gateway_builds.rs`) covers every bad input
 and a restart in mid-build; builds here stay small so CI on two cores stays fast.
@@ -130,3 +130,17 @@ def test_the_sdk_default_base_image_and_a_dockerfile_build(factory):
     before = time.monotonic()
     Template.build(Template().from_base_image().run_cmd("true"), unique("e2e-base"))
     assert time.monotonic() - before < 60
+
+
+@pytest.mark.timeout(180)
+def test_a_start_command_runs_and_is_ready_before_create_answers(factory):
+    name = unique("e2e-web")
+    template = Template().from_template("base").set_start_cmd(
+        "echo started > /tmp/started; exec python3 -m http.server 8123 --bind 127.0.0.1",
+        "curl -sf http://127.0.0.1:8123/ > /dev/null",
+    )
+    Template.build(template, name)
+    sbx = factory.create(template=name)
+    # No waiting here: the create answered once the ready command succeeded.
+    r = sbx.commands.run("cat /tmp/started; curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8123/")
+    assert r.stdout == "started\n200", r.stdout

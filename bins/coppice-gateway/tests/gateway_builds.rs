@@ -402,9 +402,12 @@ fn bad_builds_end_as_errors_naming_their_step() {
     lab.api(
         "POST",
         &format!("/v2/templates/{tid}/builds/{bid}"),
-        Some(json!({"fromTemplate": "base", "startCmd": "sleep 1"})),
+        Some(
+            json!({"fromImage": "x:1", "fromImageRegistry": {"type": "registry",
+            "username": "u", "password": "p"}}),
+        ),
     )
-    .assert_error(400, "startCmd");
+    .assert_error(400, "fromImageRegistry");
     lab.api(
         "POST",
         &format!("/v2/templates/{tid}/builds/00000000-0000-4000-8000-000000000000"),
@@ -441,6 +444,12 @@ fn bad_builds_end_as_errors_naming_their_step() {
             json!([]),
             "base",
             "not supported",
+        ),
+        (
+            json!({"fromTemplate": "base", "startCmd": "true", "readyCmd": "true"}),
+            json!([{"type": "USER", "args": ["nobody123"]}]),
+            "finalize",
+            "invalid username",
         ),
         (
             json!({"fromTemplate": "no-such-template"}),
@@ -507,7 +516,9 @@ fn a_restart_ends_a_running_build_and_keeps_built_templates() {
         &tid,
         &bid,
         json!({"fromTemplate": "base", "steps": [
-            {"type": "RUN", "args": ["echo kept > /kept"]}, {"type": "ENV", "args": ["K", "v"]}]}),
+            {"type": "RUN", "args": ["echo kept > /kept"]}, {"type": "ENV", "args": ["K", "v"]}],
+            "startCmd": "echo \"$K $(whoami)\" > /tmp/started; exec sleep 100000",
+            "readyCmd": "test -s /tmp/started"}),
     );
     let (s, _) = wait_build(&lab, &tid, &bid);
     assert_eq!(s["status"], "ready");
@@ -555,6 +566,13 @@ fn a_restart_ends_a_running_build_and_keeps_built_templates() {
     // a new one is created from the template after the restart.
     let out = lab.exec(&id, Some(&token_of(&created)), "cat /kept; echo $K");
     assert_eq!(out.stdout, "kept\nv\n", "{out:?}");
+    // The start command ran before the create answered, and still runs.
+    let out = lab.exec(
+        &id,
+        Some(&token_of(&created)),
+        "cat /tmp/started; grep -qx sleep /proc/[0-9]*/comm && echo running",
+    );
+    assert_eq!(out.stdout, "v user\nrunning\n", "{out:?}");
     let again = lab.create(json!({"templateID": tid}));
     let out = lab.exec(&id_of(&again), Some(&token_of(&again)), "cat /kept");
     assert_eq!(out.stdout, "kept\n");

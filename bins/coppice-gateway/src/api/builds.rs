@@ -255,7 +255,7 @@ async fn write_body(mut body: Incoming, path: &std::path::Path) -> Result<()> {
 }
 
 /// `POST /v2/templates/{templateID}/builds/{buildID}`: 202, and the build runs. Fields this
-/// gateway does not implement (`fromImageRegistry`, `startCmd`, `readyCmd`) are 400s; a
+/// gateway does not implement (`fromImageRegistry`) are 400s; a
 /// build already started is a 409.
 pub(crate) fn trigger(
     gw: &Gateway,
@@ -275,13 +275,6 @@ pub(crate) fn trigger(
         return Err(ApiError::bad_request(
             "fromImageRegistry is not supported by this gateway (building from OCI images is not yet)",
         ));
-    }
-    for (field, value) in [("startCmd", &req.start_cmd), ("readyCmd", &req.ready_cmd)] {
-        if value.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(ApiError::bad_request(format!(
-                "{field} is not supported by this gateway yet"
-            )));
-        }
     }
     let base = match (req.from_template.clone(), req.from_image.clone()) {
         (Some(_), Some(_)) => {
@@ -310,6 +303,8 @@ pub(crate) fn trigger(
         steps: req.steps.unwrap_or_default(),
         force: req.force.unwrap_or(false),
         limits: builds::limits_of(&build),
+        start_cmd: req.start_cmd.filter(|c| !c.is_empty()),
+        ready_cmd: req.ready_cmd.filter(|c| !c.is_empty()),
     };
     if let Err(e) = gw.builds.enqueue(job) {
         let reason = crate::builds::store::Reason {

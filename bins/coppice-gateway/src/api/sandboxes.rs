@@ -334,6 +334,31 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             return Err(e.into());
         }
     };
+    // A built template's start command runs, and its ready command succeeds, before the
+    // create answers (`builds/start.rs` says what that costs).
+    if let Some(b) = built
+        .as_ref()
+        .filter(|b| crate::builds::start::has_commands(&b.defaults))
+    {
+        let socket = gw.runtime.socket(&id);
+        if let Err(why) = crate::builds::start::start_and_wait(
+            &socket,
+            Some(&record.access_token),
+            &b.defaults,
+            &mut |_| {},
+        )
+        .await
+        {
+            gw.runtime.destroy(&id).await;
+            if let Err(reg) = gw.remove(&id) {
+                tracing::error!(sandbox = %id, error = %reg, "forgetting a failed create");
+            }
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("template {asked:?}: {why}"),
+            ));
+        }
+    }
     let (lifecycle, event) = record
         .lifecycle
         .transition(Command::Started { now: now() })?;

@@ -32,6 +32,8 @@ pub(crate) struct Command<'a> {
     pub(crate) cwd: Option<&'a str>,
     /// How long it may run: the agent kills it then.
     pub(crate) timeout: Duration,
+    /// The sandbox's access token, when its agent has one.
+    pub(crate) token: Option<&'a str>,
 }
 
 /// How much longer than the command's own timeout the gateway waits for the agent's answer.
@@ -54,11 +56,12 @@ pub(crate) async fn run(
     }
 }
 
-async fn run_inner(
+/// Sends `process.Process/Start` for `cmd` (without a deadline when `background`).
+async fn start(
     socket: &Path,
     cmd: &Command<'_>,
-    line: &mut (dyn FnMut(&str) + Send),
-) -> Result<Ending, String> {
+    background: bool,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("connect {}: {e}", socket.display()))?;
@@ -85,21 +88,80 @@ async fn run_inner(
     );
     body.extend_from_slice(msg.as_bytes());
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:", cmd.user));
-    let req = http::Request::post("/process.Process/Start")
+    let mut req = http::Request::post("/process.Process/Start")
         .header(http::header::HOST, "localhost")
         .header(http::header::CONTENT_TYPE, "application/connect+json")
         .header("connect-protocol-version", "1")
-        .header(
+        .header(http::header::AUTHORIZATION, format!("Basic {auth}"));
+    if !background {
+        req = req.header(
             "connect-timeout-ms",
             cmd.timeout.as_millis().min(9_999_999_999).to_string(),
-        )
-        .header(http::header::AUTHORIZATION, format!("Basic {auth}"))
+        );
+    }
+    if let Some(token) = cmd.token {
+        req = req.header("x-access-token", token);
+    }
+    let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .map_err(|e| format!("start the command: {e}"))?;
+        .map_err(|e| format!("start the command: {e}"))
+}
+
+/// Starts `cmd` and leaves it running (the agent keeps a process whose stream the client
+/// closed); returns once the agent says it started. `cmd.timeout` bounds the wait.
+pub(crate) async fn spawn(socket: &Path, cmd: &Command<'_>) -> Result<(), String> {
+    let started = async {
+        let resp = start(socket, cmd, true).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let text = body
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(format!("the agent refused the command ({status}): {text}"));
+        }
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("read the command's start: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+            }
+            if buf.len() >= 5 {
+                let len = usize::try_from(u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]))
+                    .map_err(|_| "envelope too long".to_owned())?;
+                if buf.len() >= 5 + len {
+                    let v: serde_json::Value = serde_json::from_slice(&buf[5..5 + len])
+                        .map_err(|e| format!("the agent sent a bad message: {e}"))?;
+                    if v["event"].get("start").is_some() {
+                        return Ok(());
+                    }
+                    return Err(format!("the command did not start: {v}"));
+                }
+            }
+        }
+        Err("the agent ended the stream before the command started".to_owned())
+    };
+    match tokio::time::timeout(cmd.timeout, started).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the command did not start within {}s",
+            cmd.timeout.as_secs()
+        )),
+    }
+}
+
+async fn run_inner(
+    socket: &Path,
+    cmd: &Command<'_>,
+    line: &mut (dyn FnMut(&str) + Send),
+) -> Result<Ending, String> {
+    let resp = start(socket, cmd, false).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {

@@ -25,7 +25,7 @@ use coppice_wire::build::TemplateStep;
 use crate::builds::agent::{self, Ending};
 use crate::builds::files;
 use crate::builds::store::{Defaults, Reason};
-use crate::builds::{Base, Builds, Job};
+use crate::builds::{start, Base, Builds, Job};
 use crate::runtime::Runtime;
 use crate::Gateway;
 
@@ -141,6 +141,17 @@ async fn build(gw: &Gateway, job: &Job) -> Result<(LayerId, Defaults), Reason> {
         if let Err(message) = run.step(&name, step).await {
             result = Err(step_fail(&name)(message));
             break;
+        }
+    }
+    if result.is_ok() {
+        if let Some(c) = &job.start_cmd {
+            run.state.start_cmd = Some(c.clone());
+        }
+        if let Some(c) = &job.ready_cmd {
+            run.state.ready_cmd = Some(c.clone());
+        }
+        if start::has_commands(&run.state) {
+            result = run.check_start().await.map_err(step_fail("finalize"));
         }
     }
     run.stop().await;
@@ -354,26 +365,7 @@ impl Run<'_> {
                 return Ok(());
             }
         }
-        let sandbox = match self.sandbox.clone() {
-            Some(s) => s,
-            None => {
-                let id = crate::runtime::mint_id().map_err(|e| e.to_string())?;
-                self.log("info", name, "starting the build sandbox");
-                let pid = self
-                    .gw
-                    .runtime
-                    .start_builder(&id, &self.layer, self.job.limits)
-                    .await
-                    .map_err(|e| {
-                        format!(
-                            "start the build sandbox: {}",
-                            crate::api::error::error_chain(&e)
-                        )
-                    })?;
-                self.sandbox = Some((id.clone(), pid));
-                (id, pid)
-            }
-        };
+        let sandbox = self.sandbox(name).await?;
         match action {
             Action::Run => self.run_command(name, &sandbox, step).await?,
             Action::Copy => self.copy(name, &sandbox, step).await?,
@@ -401,6 +393,40 @@ impl Run<'_> {
         }
         self.layer = layer;
         Ok(())
+    }
+
+    /// The build sandbox, started on the layer the build has reached if none runs.
+    async fn sandbox(&mut self, name: &str) -> Result<(SandboxId, u32), String> {
+        if let Some(s) = &self.sandbox {
+            return Ok(s.clone());
+        }
+        let id = crate::runtime::mint_id().map_err(|e| e.to_string())?;
+        self.log("info", name, "starting the build sandbox");
+        let pid = self
+            .gw
+            .runtime
+            .start_builder(&id, &self.layer, self.job.limits)
+            .await
+            .map_err(|e| {
+                format!(
+                    "start the build sandbox: {}",
+                    crate::api::error::error_chain(&e)
+                )
+            })?;
+        self.sandbox = Some((id.clone(), pid));
+        Ok((id, pid))
+    }
+
+    /// Runs the template's start and ready commands once in the build sandbox, after the
+    /// last layer is captured (so what they write stays out of the template).
+    async fn check_start(&mut self) -> Result<(), String> {
+        let name = "finalize";
+        let (id, _) = self.sandbox(name).await?;
+        let socket = self.gw.runtime.socket(&id);
+        let builds = &self.gw.builds;
+        let build = self.job.build_id.as_str();
+        let mut sink = |line: &str| log(builds, build, "info", Some(name), line);
+        start::start_and_wait(&socket, None, &self.state, &mut sink).await
     }
 
     /// The cached result of the step key `key`, if its layer still exists.
@@ -459,6 +485,7 @@ impl Run<'_> {
                     envs: &self.state.env,
                     cwd: self.state.workdir.as_deref(),
                     timeout: STEP_TIMEOUT,
+                    token: None,
                 },
             )
             .await?;
@@ -491,6 +518,7 @@ impl Run<'_> {
                     envs: &envs,
                     cwd: Some("/"),
                     timeout: COPY_TIMEOUT,
+                    token: None,
                 },
             )
             .await?
@@ -602,6 +630,7 @@ impl Run<'_> {
                     envs: &envs,
                     cwd: Some("/"),
                     timeout: COPY_TIMEOUT,
+                    token: None,
                 },
             )
             .await?

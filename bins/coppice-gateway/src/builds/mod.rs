@@ -13,6 +13,7 @@
 pub(crate) mod agent;
 pub(crate) mod engine;
 pub(crate) mod files;
+pub(crate) mod start;
 pub(crate) mod store;
 
 use std::collections::HashMap;
@@ -78,6 +79,10 @@ pub(crate) struct Job {
     pub(crate) force: bool,
     /// The build sandbox's limits: the template's size.
     pub(crate) limits: Limits,
+    /// `startCmd`, when given (else the base's).
+    pub(crate) start_cmd: Option<String>,
+    /// `readyCmd`, when given (else the base's).
+    pub(crate) ready_cmd: Option<String>,
 }
 
 /// Where a build starts.

@@ -72,6 +72,12 @@ pub(crate) struct Defaults {
     /// The default working directory, when `WORKDIR` set one.
     #[serde(default)]
     pub(crate) workdir: Option<String>,
+    /// The command started in every sandbox (`startCmd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) start_cmd: Option<String>,
+    /// The command that says a sandbox is ready (`readyCmd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ready_cmd: Option<String>,
 }
 
 /// Why a build failed: E2B's `BuildStatusReason`.
@@ -688,6 +694,8 @@ mod tests {
             env: [("A".to_owned(), "1".to_owned())].into(),
             user: Some("user".into()),
             workdir: Some("/app".into()),
+            start_cmd: Some("sleep 100".into()),
+            ready_cmd: None,
         };
         s.ready("b1", "layer1", &defaults, 20).unwrap();
         let b = s.build("b1").unwrap().unwrap();
