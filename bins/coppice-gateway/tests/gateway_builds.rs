@@ -196,11 +196,16 @@ fn templates_build_run_their_steps_and_make_sandboxes() {
     let hash = sdk_hash("app/main.py", "/srv/", files);
     assert!(!upload(&lab, &tid, &hash, &gzip(&tar_of(files)), false));
     assert!(upload(&lab, &tid, &hash, &[], false));
+    // A wildcard copies several files into a directory, as Docker does.
+    let many: &[(&str, u32, &[u8])] = &[("app/x", 0o644, b"x"), ("app/y", 0o600, b"y")];
+    let many_hash = sdk_hash("app/*", "/glob", many);
+    assert!(!upload(&lab, &tid, &many_hash, &tar_of(many), false));
 
     let steps = json!([
         {"type": "RUN", "args": ["echo hi > /hello"], "force": false},
         {"type": "COPY", "args": ["app/main.py", "/srv/", "user", "0755"], "filesHash": hash,
          "force": false},
+        {"type": "COPY", "args": ["app/*", "/glob"], "filesHash": many_hash},
         {"type": "ENV", "args": ["A", "1", "B", "two words"], "force": false},
         {"type": "WORKDIR", "args": ["/srv"], "force": false},
         {"type": "RUN", "args": ["pwd > /where; echo \"$A\" > /a; whoami > /who"], "force": false},
@@ -286,11 +291,12 @@ fn templates_build_run_their_steps_and_make_sandboxes() {
         let out = lab.exec(
             &id,
             Some(&token_of(&created)),
-            "cat /hello /where /a /who; echo \"$A|$B\"; pwd; whoami; stat -c '%U %a' /srv/main.py",
+            "cat /hello /where /a /who; echo \"$A|$B\"; pwd; whoami; stat -c '%U %a' /srv/main.py; \
+             cat /glob/x; stat -c %a /glob/y",
         );
         assert_eq!(out.exit_code, Some(0), "{reference}: {out:?}");
         assert_eq!(
-            out.stdout, "hi\n/srv\n1\nroot\n1|mine\n/srv\nuser\nuser 755\n",
+            out.stdout, "hi\n/srv\n1\nroot\n1|mine\n/srv\nuser\nuser 755\nx600\n",
             "{reference}"
         );
         ids.push(id);
@@ -326,7 +332,7 @@ fn templates_build_run_their_steps_and_make_sandboxes() {
     let text2 = messages(&lines2);
     assert_eq!(
         text2.iter().filter(|m| *m == "CACHED").count(),
-        4,
+        5,
         "{text2:?}"
     );
     assert!(

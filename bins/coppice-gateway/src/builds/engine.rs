@@ -246,7 +246,8 @@ fn check_mode(mode: &str) -> Result<(), String> {
 
 /// Unpacks a `COPY` step's archive inside the build sandbox (as root) and copies `src` to
 /// `dest` with Docker's rules: a directory's contents go into `dest`; a file goes into
-/// `dest` when it ends in `/` or is a directory, else becomes `dest`. Links stay links.
+/// `dest` when it ends in `/`, is a directory or `src` is a wildcard, else becomes `dest`.
+/// Links stay links, dangling ones too.
 const COPY_SCRIPT: &str = r#"set -eu
 a="$COPPICE_ARCHIVE"; ctx="$a.d"
 trap 'rm -rf "$ctx" "$a"' EXIT
@@ -258,6 +259,8 @@ if [ -n "$COPPICE_MODE" ]; then find . -mindepth 1 ! -type d ! -type l -exec chm
 dest="$COPPICE_DEST"
 found=0
 IFS=
+# Several sources (a wildcard) make the destination a directory, as in Docker.
+case "$COPPICE_SRC" in *[*?[]*) case "$dest" in */) ;; *) dest="$dest/" ;; esac ;; esac
 for s in $COPPICE_SRC; do
   s="${s%/}"; [ -n "$s" ] || s=.
   if [ ! -e "$s" ] && [ ! -L "$s" ]; then continue; fi
