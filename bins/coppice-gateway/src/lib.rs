@@ -1167,9 +1167,10 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         }
     });
     let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());
-    // Killed with the runtime at shutdown: a build it was running ends as `error` at the
-    // next start, and its sandbox goes as unregistered.
-    let _build_worker = tokio::spawn(builds::engine::work(Arc::clone(&gateway)));
+    // Stopped at shutdown, when the build it was running ends as `error` and its sandbox is
+    // killed (a crash leaves both to the next start: the build ends as `error` and its
+    // sandbox goes as unregistered).
+    let build_worker = tokio::spawn(builds::engine::work(Arc::clone(&gateway)));
     let served = tokio::select! {
         served = server::serve(Arc::clone(&gateway), listeners, listener_tls) => served,
         e = adoption_failed => Err(e),
@@ -1178,6 +1179,9 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     gateway.stopping.store(true, Ordering::Release);
     gateway.pool_changed();
     let _ = filler.await;
+    build_worker.abort();
+    let _ = build_worker.await;
+    builds::engine::stop(&gateway).await;
     gateway.runtime.drain().await;
     // Attempts still in flight keep their leases and are made again after the next start.
     let _ = stop_dispatcher.send(());

@@ -537,37 +537,44 @@ fn a_restart_ends_a_running_build_and_keeps_built_templates() {
     assert_eq!(listed["cpuCount"], 1);
     assert_eq!(listed["memoryMB"], 512);
 
-    let req = request(&lab, "slow", &[]);
-    let (stid, sbid) = (
-        req["templateID"].as_str().unwrap().to_owned(),
-        req["buildID"].as_str().unwrap().to_owned(),
-    );
-    trigger(
-        &lab,
-        &stid,
-        &sbid,
-        json!({"fromTemplate": "base", "steps": [{"type": "RUN", "args": ["echo started; sleep 600"]}]}),
-    );
-    wait_for("the slow step to start", BUILD_TIMEOUT, || {
+    // A build under way when the gateway stops (SIGTERM) or dies (SIGKILL) ends as `error`,
+    // and its build sandbox goes (`finish` finds nothing left).
+    for (how, says) in [("stop", "stopped"), ("crash", "restarted")] {
+        let req = request(&lab, &format!("slow-{how}"), &[]);
+        let (stid, sbid) = (
+            req["templateID"].as_str().unwrap().to_owned(),
+            req["buildID"].as_str().unwrap().to_owned(),
+        );
+        trigger(
+            &lab,
+            &stid,
+            &sbid,
+            json!({"fromTemplate": "base", "steps": [
+                {"type": "RUN", "args": ["echo started; sleep 600"]}]}),
+        );
+        wait_for("the slow step to start", BUILD_TIMEOUT, || {
+            let s = status(&lab, &stid, &sbid, "");
+            s["logEntries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["message"] == "started")
+                .then_some(())
+        });
+        if how == "stop" {
+            lab.stop();
+        } else {
+            lab.wait_templates_imported();
+            lab.crash();
+        }
+        lab.start();
         let s = status(&lab, &stid, &sbid, "");
-        s["logEntries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["message"] == "started")
-            .then_some(())
-    });
-    lab.stop();
-    lab.start();
-    let s = status(&lab, &stid, &sbid, "");
-    assert_eq!(s["status"], "error", "{s}");
-    assert!(
-        s["reason"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("restarted"),
-        "{s}"
-    );
+        assert_eq!(s["status"], "error", "{how}: {s}");
+        assert!(
+            s["reason"]["message"].as_str().unwrap().contains(says),
+            "{how}: {s}"
+        );
+    }
     // The sandbox of the built template was re-adopted with its template's files and env;
     // a new one is created from the template after the restart.
     let out = lab.exec(&id, Some(&token_of(&created)), "cat /kept; echo $K");

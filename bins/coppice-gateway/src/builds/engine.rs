@@ -50,6 +50,24 @@ pub(crate) fn is_e2b_base(image: &str) -> bool {
     image == E2B_BASE_IMAGE || image == "e2bdev/base:latest"
 }
 
+/// Ends the build under way at shutdown: the caller has stopped [`work`]; its build sandbox
+/// is killed and every build still `building` ends as `error`.
+pub(crate) async fn stop(gw: &Gateway) {
+    if let Some(id) = gw.builds.take_running() {
+        gw.runtime.destroy(&id).await;
+    }
+    match gw.builds.store.interrupt_unfinished(
+        "the gateway stopped while this build was running; build it again",
+        crate::now().0,
+    ) {
+        Ok(cut) if !cut.is_empty() => {
+            tracing::warn!(builds = ?cut, "template builds cut short by shutdown end as errors");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "ending template builds at shutdown failed"),
+    }
+}
+
 /// Runs triggered builds, one at a time, for the life of the gateway.
 pub(crate) async fn work(gw: Arc<Gateway>) {
     let Some(mut jobs) = gw.builds.take_jobs() else {
@@ -416,6 +434,7 @@ impl Run<'_> {
                     crate::api::error::error_chain(&e)
                 )
             })?;
+        self.gw.builds.set_running(Some(id.clone()));
         self.sandbox = Some((id.clone(), pid));
         Ok((id, pid))
     }
@@ -448,6 +467,7 @@ impl Run<'_> {
     async fn stop(&mut self) {
         if let Some((id, _)) = self.sandbox.take() {
             self.gw.runtime.destroy(&id).await;
+            self.gw.builds.set_running(None);
         }
     }
 

@@ -178,6 +178,8 @@ pub(crate) struct Builds {
     uploads: Mutex<HashMap<String, (String, Instant)>>,
     queue: tokio::sync::mpsc::UnboundedSender<Job>,
     jobs: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Job>>>,
+    /// The build sandbox running now, for shutdown to kill.
+    running: Mutex<Option<coppice_lifecycle::backend::SandboxId>>,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BuildsError + 'a {
@@ -209,12 +211,29 @@ impl Builds {
             uploads: Mutex::new(HashMap::new()),
             queue,
             jobs: Mutex::new(Some(jobs)),
+            running: Mutex::new(None),
         })
     }
 
     /// The queue of triggered builds, for the engine's worker (once).
     pub(crate) fn take_jobs(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Job>> {
         self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Records the build sandbox running now (`None` once it is gone).
+    pub(crate) fn set_running(&self, id: Option<coppice_lifecycle::backend::SandboxId>) {
+        *self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
+    }
+
+    /// Takes the build sandbox running now, at shutdown.
+    pub(crate) fn take_running(&self) -> Option<coppice_lifecycle::backend::SandboxId> {
+        self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
