@@ -48,7 +48,8 @@ pub struct Config {
     /// At most this many events are kept (`--event-retention-count`; default unlimited).
     pub event_retention_count: Option<u64>,
     /// Sandboxes kept started, per template, ahead of creates (`--warm-pool`, default
-    /// [`Config::DEFAULT_WARM_POOL`]; 0 turns the pool off).
+    /// [`Config::DEFAULT_WARM_POOL`]; 0 turns the pool off): the target of every template
+    /// whose target `/pool` has not stored.
     pub warm_pool: usize,
     /// Most sandboxes at once, warm ones and starts under way included (`--max-sandboxes`;
     /// `None`: derived from host memory, see `docs/api.md`).
@@ -161,6 +162,7 @@ usage: coppice-gateway [options]
   --event-retention-days N   prune events older than N days (default 7; 0: never) COPPICE_EVENT_RETENTION_DAYS
   --event-retention-count N  keep at most the newest N events (default: all)   COPPICE_EVENT_RETENTION_COUNT
   --warm-pool N           sandboxes kept started per template (default 10; 0: off) COPPICE_WARM_POOL
+                          (a target stored through POST /pool/{template}/warm wins)
   --max-sandboxes N       most sandboxes at once, warm ones included            COPPICE_MAX_SANDBOXES
                           (default: (memory - floor) / 1 GiB sandbox limit x 16)
   --min-free-memory SIZE  host memory kept free; creates past it get 429        COPPICE_MIN_FREE_MEMORY

@@ -30,6 +30,7 @@ mod egress;
 mod feed;
 mod metrics;
 mod names;
+mod pool;
 mod registry;
 mod runtime;
 mod sandbox_log;
@@ -256,6 +257,8 @@ pub(crate) struct Gateway {
     pub(crate) admission: admission::Admission,
     /// Templates built with E2B's `Template` builder ([`builds`]).
     pub(crate) builds: builds::Builds,
+    /// Each template's warm pool: its target and what it did (`/pool`).
+    pub(crate) pools: pool::Pools,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -390,21 +393,19 @@ impl Gateway {
         self.pool_wake.notify_one();
     }
 
-    /// Keeps `--warm-pool` sandboxes started for every ready template. It starts one at a
-    /// time and only while no create is under way, so refilling never competes with the
-    /// creates it is meant to speed up.
+    /// Keeps each ready template's pool at its target ([`pool::Pools`]: `--warm-pool`, or
+    /// what `/pool` stored). It starts one sandbox at a time and only while no create is
+    /// under way, so refilling never competes with the creates it is meant to speed up; a
+    /// pool above its target gives back its oldest idle sandbox first.
     async fn keep_warm(self: Arc<Self>) {
         const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
-        let target = self.config.warm_pool;
-        if target == 0 {
-            return;
-        }
         while !self.stopping.load(Ordering::Acquire) {
             let wanted = runtime::TEMPLATES
                 .iter()
                 .map(|(name, _)| *name)
                 .find(|name| {
-                    self.templates.is_ready(name) && self.runtime.warm_count(name) < target
+                    self.templates.is_ready(name)
+                        && self.runtime.warm_count(name) < self.pools.target(name)
                 });
             // Before re-adoption is over, a started sandbox would be killed as unregistered,
             // and the sandboxes not yet adopted are not counted against the limits.
@@ -418,6 +419,11 @@ impl Gateway {
                 self.runtime.destroy(&w.id).await;
                 continue;
             }
+            // A target lowered while a start was under way; `/pool` shrinks at once otherwise.
+            if let Some(name) = self.pools.over_target(&self.runtime) {
+                self.pools.shrink(&self.runtime, name).await;
+                continue;
+            }
             let ticket = wanted
                 .filter(|_| idle)
                 .and_then(|name| Some((name, self.admission.admit_warm(&self)?)));
@@ -428,8 +434,16 @@ impl Gateway {
                     tokio::time::timeout(Duration::from_secs(1), self.pool_wake.notified()).await;
                 continue;
             };
-            if let Err(e) = self.runtime.prestart(name).await {
+            let filling = self.pools.filling().await;
+            if self.runtime.warm_count(name) >= self.pools.target(name) {
+                // Lowered (or drained) while this waited for a shrink.
+                continue;
+            }
+            let started = self.runtime.prestart(name).await;
+            drop(filling);
+            if let Err(e) = started {
                 tracing::warn!(template = name, error = %e, "starting a warm sandbox failed");
+                self.pools.failed(name, now(), api::error::error_chain(&e));
                 let _ = tokio::time::timeout(RETRY_AFTER_FAILURE, self.pool_wake.notified()).await;
             }
         }
@@ -1094,6 +1108,15 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     }
     tracing::info!(agent = %agent.display(), state_dir = %config.state_dir.display(), "starting");
     let admission = admission::Admission::new(&config).map_err(StartError::Setup)?;
+    // A target `/pool` stored wins over `--warm-pool`, which is the default of the others.
+    let stored = registry
+        .pool_targets()
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    let pools = pool::Pools::new(
+        runtime::TEMPLATES.iter().map(|(name, _)| *name),
+        config.warm_pool,
+        &stored,
+    );
     let templates = catalogue::Catalogue::new(
         runtime::TEMPLATES
             .iter()
@@ -1120,6 +1143,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         dispatch_stats: dispatcher.stats(),
         admission,
         builds,
+        pools,
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

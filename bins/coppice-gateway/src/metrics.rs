@@ -170,6 +170,17 @@ pub(crate) struct Metrics {
     egress_blocked: AtomicU64,
 }
 
+/// One warm pool's figures besides its ready sandboxes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PoolLevel {
+    /// Its target.
+    pub(crate) target: u64,
+    /// Creates that took a warm sandbox.
+    pub(crate) hits: u64,
+    /// Creates that found it empty.
+    pub(crate) misses: u64,
+}
+
 /// What is read when scraped rather than counted.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Levels {
@@ -179,6 +190,8 @@ pub(crate) struct Levels {
     pub(crate) paused: u64,
     /// Warm sandboxes waiting to be claimed, per template.
     pub(crate) warm: Vec<(&'static str, u64)>,
+    /// Each pool's target, hits and misses (`GET /pool`), per template.
+    pub(crate) pools: Vec<(&'static str, PoolLevel)>,
     /// The webhook outbox, if the store could be read.
     pub(crate) outbox: Option<coppice_events::store::DeliveryStats>,
     /// The webhook dispatcher's counters.
@@ -306,6 +319,39 @@ impl Metrics {
         );
         for (template, n) in &levels.warm {
             out.sample("coppice_warm_sandboxes", &[("template", template)], *n);
+        }
+        // Name, type, help, and which figure of a pool.
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&PoolLevel) -> u64,
+        );
+        let pool_series: [Series; 3] = [
+            (
+                "coppice_warm_pool_target",
+                "gauge",
+                "Warm sandboxes each pool is kept at (--warm-pool or POST /pool/{template}/warm), per template.",
+                |p| p.target,
+            ),
+            (
+                "coppice_warm_pool_hits_total",
+                "counter",
+                "Creates that took a warm sandbox, per template.",
+                |p| p.hits,
+            ),
+            (
+                "coppice_warm_pool_misses_total",
+                "counter",
+                "Creates that found their template's pool empty, per template.",
+                |p| p.misses,
+            ),
+        ];
+        for (name, kind, help, value) in pool_series {
+            out.family(name, kind, help);
+            for (template, p) in &levels.pools {
+                out.sample(name, &[("template", template)], value(p));
+            }
         }
         let c = &levels.capacity;
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
@@ -774,11 +820,31 @@ mod tests {
         assert!(!text.contains("coppice_warm_sandboxes{"));
         let text = m.render(&Levels {
             warm: vec![("base", 2)],
+            pools: vec![(
+                "base",
+                PoolLevel {
+                    target: 3,
+                    hits: 4,
+                    misses: 5,
+                },
+            )],
             ..Levels::default()
         });
         assert_eq!(
             value(&text, "coppice_warm_sandboxes{template=\"base\"}"),
             "2"
+        );
+        assert_eq!(
+            value(&text, "coppice_warm_pool_target{template=\"base\"}"),
+            "3"
+        );
+        assert_eq!(
+            value(&text, "coppice_warm_pool_hits_total{template=\"base\"}"),
+            "4"
+        );
+        assert_eq!(
+            value(&text, "coppice_warm_pool_misses_total{template=\"base\"}"),
+            "5"
         );
     }
 

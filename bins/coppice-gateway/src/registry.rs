@@ -12,6 +12,9 @@
 //! Every `sandbox.lifecycle.created` event also counts a spawn of its template in
 //! `template_spawns`, in the same transaction, which event retention never prunes: the
 //! catalogue's `spawnCount` and `lastSpawnedAt` ([`Registry::spawns`]).
+//!
+//! `pool_targets` holds each warm pool's target as `/pool` last set it
+//! ([`Registry::set_pool_target`]), so a restart keeps it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -65,6 +68,10 @@ pub(crate) struct Record {
     /// `GET /sandboxes/{id}`; `None` when none was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) network: Option<coppice_wire::sandbox::NetworkConfig>,
+    /// It was a warm sandbox of its template's pool when its create took it (`inUse` of
+    /// `GET /pool`). Records written before pools were counted read as `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) from_pool: bool,
 }
 
 /// How often sandboxes were created from one template.
@@ -115,6 +122,10 @@ impl Registry {
                 id TEXT PRIMARY KEY,
                 created_at INTEGER NOT NULL,
                 record TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS pool_targets (
+                template TEXT PRIMARY KEY,
+                target INTEGER NOT NULL
             );",
         )
         .map_err(err("create schema"))?;
@@ -261,6 +272,41 @@ impl Registry {
         Ok(out)
     }
 
+    /// Each warm pool's target as `/pool` last set it, by template id.
+    pub(crate) fn pool_targets(&self) -> Result<HashMap<String, usize>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT template, target FROM pool_targets")
+            .map_err(err("read pool targets"))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })
+            .map_err(err("read pool targets"))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (template, target) = row.map_err(err("read pool targets"))?;
+            out.insert(template, usize::try_from(target).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
+    /// Stores the target of `template`'s warm pool.
+    pub(crate) fn set_pool_target(
+        &self,
+        template: &str,
+        target: usize,
+    ) -> Result<(), RegistryError> {
+        self.conn()
+            .execute(
+                "INSERT INTO pool_targets (template, target) VALUES (?1, ?2)
+                 ON CONFLICT(template) DO UPDATE SET target = excluded.target",
+                params![template, i64::try_from(target).unwrap_or(i64::MAX)],
+            )
+            .map_err(err("store a pool target"))?;
+        Ok(())
+    }
+
     /// Runs `f` on the database connection, for the events and webhooks API (reads, and
     /// webhook changes that describe no sandbox).
     pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
@@ -345,7 +391,25 @@ mod tests {
             execution_started_at: 0,
             traffic_token: None,
             network: None,
+            from_pool: false,
         }
+    }
+
+    #[test]
+    fn pool_targets_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        {
+            let reg = Registry::open(&path).unwrap();
+            assert!(reg.pool_targets().unwrap().is_empty());
+            reg.set_pool_target("base", 4).unwrap();
+            reg.set_pool_target("code-interpreter-v1", 2).unwrap();
+            reg.set_pool_target("base", 0).unwrap();
+        }
+        let targets = Registry::open(&path).unwrap().pool_targets().unwrap();
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets["base"], 0);
+        assert_eq!(targets["code-interpreter-v1"], 2);
     }
 
     #[test]
@@ -358,6 +422,7 @@ mod tests {
             reg.put(&record("a", 1)).unwrap();
             let mut changed = record("b", 2);
             changed.pid = Some(7);
+            changed.from_pool = true;
             reg.put(&changed).unwrap();
             reg.put(&record("c", 3)).unwrap();
             reg.delete(&SandboxId::new("c").unwrap()).unwrap();
@@ -367,6 +432,7 @@ mod tests {
         let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(all[1].pid, Some(7));
+        assert!(all[1].from_pool && !all[0].from_pool);
         assert_eq!(all[0], record("a", 1));
     }
 

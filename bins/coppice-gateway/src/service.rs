@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    builds, closing, events, has_body, json, logs, metrics, network, ports, proxy, sandboxes,
-    signed, templates, Body,
+    builds, closing, events, has_body, json, logs, metrics, network, pool, ports, proxy,
+    sandboxes, signed, templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -215,9 +215,9 @@ async fn dispatch(
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if let ["sandboxes", ..] | ["v2", "sandboxes", ..] = segments.as_slice() {
+    if let ["sandboxes", ..] | ["v2", "sandboxes", ..] | ["pool", ..] = segments.as_slice() {
         // Until the gateway knows its sandboxes again it can neither answer for them nor
-        // start new ones.
+        // start new ones (nor count a pool's sandboxes in use).
         gw.adoption.check()?;
     }
     match (method, segments.as_slice()) {
@@ -263,6 +263,9 @@ async fn dispatch(
         (&Method::POST, ["events", "webhooks", id, "replay"]) => {
             events::replay_since(gw, Some(id), &body)
         }
+        (&Method::GET, ["pool"]) => Ok(pool::list(gw)),
+        (&Method::POST, ["pool", template, "warm"]) => pool::warm(gw, template, &body).await,
+        (&Method::POST, ["pool", template, "drain"]) => pool::drain(gw, template, &body).await,
         (&Method::GET, ["templates"]) => templates::list(gw, query, false),
         (&Method::GET, ["v2", "templates"]) => templates::list(gw, query, true),
         (&Method::POST, ["v3", "templates"]) => builds::request(gw, &body),
@@ -295,12 +298,12 @@ async fn dispatch(
                  protocol (POST /v3/templates and the routes it leads to)"
             ),
         )),
-        (_, ["sandboxes" | "v2" | "events", ..]) | (_, ["health" | "metrics"]) => {
-            Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
-            ))
-        }
+        (_, ["sandboxes" | "v2" | "events", ..])
+        | (_, ["health" | "metrics" | "pool"])
+        | (_, ["pool", _, "warm" | "drain"]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        )),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {method} {path}"),

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::hop::{ENVD_PORT, INTERPRETER_PORT};
 use crate::state::{AgentConfig, AgentState};
@@ -73,10 +74,10 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    // Before any thread exists, so that every thread inherits the mask and only the
-    // signal thread ever takes these.
-    let stop = match stop_signals() {
-        Ok(rx) => rx,
+    // Before any thread exists, so that every thread (tokio's blocking pool's too) inherits
+    // the mask and the signals reach only the signalfd.
+    let signals = match agent_signals() {
+        Ok(fd) => fd,
         Err(e) => {
             eprintln!("cannot set up signal handling: {e}");
             return ExitCode::FAILURE;
@@ -90,10 +91,11 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // Reap orphans from the start, not only once the first command runs.
-    crate::reaper::start();
-    // One thread: the agent is idle most of the time and its idle RSS matters; blocking
-    // file work goes to tokio's blocking pool.
+    // One thread, which also reaps and takes signals: the agent is idle most of the time,
+    // its idle RSS matters, and a process whose only thread dies is the cheapest kill for
+    // the host (see `crate::reaper`). Blocking file work goes to tokio's blocking pool,
+    // whose threads end after ten idle seconds.
+    crate::reaper::drive_from_sigchld();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -104,7 +106,19 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args, stop)) {
+    let (tx, stop) = tokio::sync::oneshot::channel();
+    let pid1 = std::process::id() == 1;
+    let outcome = rt.block_on(async {
+        // SAFETY: `SignalFd` owns its descriptor, keeps it open until it is dropped (with
+        // the `AsyncFd` that owns it), and `as_raw_fd` always returns that descriptor.
+        let signals = match unsafe { tokio::io::unix::AsyncFd::register(signals) } {
+            Ok(fd) => fd,
+            Err(e) => return Err(format!("cannot watch the signalfd: {}", e.into_parts().1).into()),
+        };
+        tokio::spawn(take_signals(signals, pid1, tx));
+        run(args, stop).await
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coppice-envd: {e}");
@@ -113,25 +127,81 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
-/// The signals that stop the agent: blocked in the calling thread (and so in every thread
-/// started after), and taken by a thread of their own with `sigwaitinfo`, which sees who sent
-/// each one. The receiver yields the first one that counts.
-fn stop_signals() -> std::io::Result<tokio::sync::oneshot::Receiver<Signal>> {
+/// The signals the agent takes through a signalfd: the stop signals and SIGCHLD, blocked
+/// in the calling thread (and so in every thread started after).
+fn agent_signals() -> nix::Result<SignalFd> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
-    set.thread_block().map_err(std::io::Error::from)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let pid1 = std::process::id() == 1;
-    std::thread::Builder::new()
-        .name("coppice-signals".into())
-        .stack_size(64 * 1024)
-        .spawn(move || wait_for_stop(&set, pid1, tx))?;
-    Ok(rx)
+    set.add(Signal::SIGCHLD);
+    set.thread_block()?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+}
+
+/// Takes the agent's signals as they come: SIGCHLD reaps (once at the start too, for a
+/// child that exited before), and the first stop signal that [`counts`] goes to `stop`.
+async fn take_signals(
+    signals: tokio::io::unix::AsyncFd<SignalFd>,
+    pid1: bool,
+    stop: tokio::sync::oneshot::Sender<Signal>,
+) {
+    let mut stop = Some(stop);
+    crate::reaper::reap_exited();
+    loop {
+        let mut ready = match signals.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "the signalfd failed; signals are no longer taken");
+                return;
+            }
+        };
+        loop {
+            match ready.get_inner().read_signal() {
+                Ok(Some(info)) => handle_signal(&info, pid1, &mut stop),
+                Ok(None) => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the signalfd");
+                    ready.clear_ready();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn handle_signal(
+    info: &nix::sys::signalfd::siginfo,
+    pid1: bool,
+    stop: &mut Option<tokio::sync::oneshot::Sender<Signal>>,
+) {
+    let Ok(signal) = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0)) else {
+        return;
+    };
+    if signal == Signal::SIGCHLD {
+        // One SIGCHLD may stand for several exits: reap all of them.
+        crate::reaper::reap_exited();
+        return;
+    }
+    let sender = libc::pid_t::try_from(info.ssi_pid).unwrap_or(libc::pid_t::MAX);
+    if !counts(pid1, sender) {
+        tracing::warn!(
+            signal = signal as i32,
+            sender,
+            "ignoring a stop signal sent from inside the sandbox"
+        );
+        return;
+    }
+    if let Some(tx) = stop.take() {
+        let _ = tx.send(signal);
+    }
 }
 
 /// Unblocks every signal in a child before `exec`: the agent's threads block the stop
-/// signals ([`stop_signals`]), a child inherits that mask through `fork` and `exec`, and a
+/// signals and SIGCHLD ([`agent_signals`]), a child inherits that mask through `fork` and `exec`, and a
 /// command or context that cannot receive SIGINT or SIGTERM cannot be interrupted or stopped.
 ///
 /// For `pre_exec`: `sigemptyset` and `sigprocmask` are async-signal-safe.
@@ -147,35 +217,6 @@ pub(crate) fn unblock_in_child() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn wait_for_stop(set: &SigSet, pid1: bool, tx: tokio::sync::oneshot::Sender<Signal>) {
-    loop {
-        // SAFETY: an all-zero siginfo_t is a valid value for the kernel to overwrite.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sigwaitinfo with a valid set and a siginfo_t we own.
-        let sig = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
-        if sig < 0 {
-            // EINTR: nothing arrived.
-            continue;
-        }
-        // SAFETY: si_pid is valid for the user-sent signals (kill, sigqueue, tgkill) these
-        // are, and 0 for kernel-sent ones.
-        let sender = unsafe { info.si_pid() };
-        if !counts(pid1, sender) {
-            tracing::warn!(
-                signal = sig,
-                sender,
-                "ignoring a stop signal sent from inside the sandbox"
-            );
-            continue;
-        }
-        let Ok(signal) = Signal::try_from(sig) else {
-            continue;
-        };
-        let _ = tx.send(signal);
-        return;
-    }
 }
 
 /// Whether a stop signal from pid `sender` (as this agent's pid namespace numbers it) stops

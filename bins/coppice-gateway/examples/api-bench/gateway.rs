@@ -603,6 +603,7 @@ fn purge_network(gateway: &Path, state: &Path, network: &[String]) -> Res<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
+    crate::orphans::own(child.id());
     let deadline = Instant::now() + PURGE_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -674,6 +675,7 @@ fn launch(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
+    crate::orphans::own(child.id());
     let stderr = child.stderr.take().ok_or("no stderr pipe")?;
     let (tx, events) = mpsc::channel();
     let ring = Arc::clone(log);

@@ -54,6 +54,7 @@ mod interpreter;
 mod lifecycle;
 mod namespaces;
 mod net;
+mod orphans;
 mod peer;
 mod scale;
 

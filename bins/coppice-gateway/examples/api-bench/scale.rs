@@ -587,6 +587,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) fn run(ctx: &Ctx<'_>) -> Res<Report> {
     let o = &ctx.opts.scale;
     let limits = preflight(o.largest(), o.burst_cc)?;
+    // The sandboxes a killed gateway leaves are reaped here, as a service manager would.
+    crate::orphans::adopt()?;
     let max = (o.largest() + o.burst_cc + 64).to_string();
     let agent = ctx
         .opts
@@ -1061,6 +1063,7 @@ fn report(
             "gateway_args": "--warm-pool 0 --max-sandboxes <largest + burst + 64> --min-free-memory 256M, open files soft 1024 (it raises its own to the hard limit)",
             "clocks": "restart clocks start when the new process is spawned, after the old one has exited; the port is polled by TCP connect every 1 ms and /health every 5 ms; burst latency is create → first stdout frame of /bin/echo hi through the gateway; teardown rate is kills answered 204 over the wall time from the first DELETE to the last answer",
             "host_limits": limits,
+            "orphans": "reaped by the bench as a child subreaper (PR_SET_CHILD_SUBREAPER), standing in for the service manager: the sandboxes a killed or restarted gateway leaves are the bench's children, not this VM's PID 1's (orphans.rs)",
             "churn": {
                 "cycles": churn.json(),
                 "before": k0.json(),

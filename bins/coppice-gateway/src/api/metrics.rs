@@ -37,6 +37,19 @@ pub(crate) fn prometheus(gw: &Gateway) -> Response<Body> {
         .iter()
         .map(|(name, _)| (*name, gw.runtime.warm_count(name) as u64))
         .collect();
+    levels.pools = gw
+        .pools
+        .all()
+        .into_iter()
+        .map(|(name, p)| {
+            let level = crate::metrics::PoolLevel {
+                target: u64::try_from(p.target).unwrap_or(u64::MAX),
+                hits: p.hits,
+                misses: p.misses,
+            };
+            (name, level)
+        })
+        .collect();
     levels.dispatch = gw.dispatch_stats.snapshot();
     levels.capacity = gw.admission.capacity(gw);
     levels.refused = gw.admission.refused();

@@ -7,6 +7,7 @@ pub(crate) mod events;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod network;
+pub(crate) mod pool;
 pub(crate) mod ports;
 pub(crate) mod proxy;
 pub(crate) mod sandboxes;

@@ -196,12 +196,14 @@ async fn send(
             .into_response());
         }
     };
-    let agent_error = |e: hyper::Error| {
-        ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}")).into_response()
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            drop((guard, in_flight));
+            return Err(agent_failed(gw, &entry, &target.id, &e).await);
+        }
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(agent_error)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "agent connection ended");
@@ -222,8 +224,30 @@ async fn send(
     let req = req.map(|b| gw.metrics.count_in(b));
     Ok(match sender.send_request(req).await {
         Ok(resp) => tracked(gw, resp, in_flight),
-        Err(e) => agent_error(e),
+        Err(e) => {
+            drop((guard, in_flight));
+            agent_failed(gw, &entry, &target.id, &e).await
+        }
     })
+}
+
+/// The answer to a request the agent's connection failed before any response: the agent
+/// may have died in the moment after it accepted the connection (a dying agent's socket
+/// accepts until its last thread has exited), so the sandbox is checked as for a refused
+/// connection. A dead agent's sandbox ends and gets E2B's 502 "not found"; a live agent's
+/// failure is the 502 it is. The caller holds neither the operation lock nor the request's
+/// in-flight count.
+async fn agent_failed(
+    gw: &Gateway,
+    entry: &crate::Entry,
+    id: &str,
+    e: &hyper::Error,
+) -> Response<Body> {
+    tracing::warn!(sandbox = %entry.id, error = %e, "the agent's connection failed");
+    if crate::agent_death::check(gw, entry).await || gw.entry(&entry.id).is_none() {
+        return not_found(id);
+    }
+    ApiError::new(StatusCode::BAD_GATEWAY, format!("sandbox agent: {e}")).into_response()
 }
 
 /// A response from inside a sandbox as the client gets it: its body's bytes counted for

@@ -260,6 +260,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     // A place under --max-sandboxes and --min-free-memory (429 otherwise), with a warm
     // sandbox of the template if the pool has one: that is this sandbox from here on.
     let (mut ticket, warm) = gw.admission.admit(gw, &template).await?;
+    gw.pools.count_create(&template, warm.is_some());
     let default_user = built
         .as_ref()
         .and_then(|b| b.defaults.user.clone())
@@ -292,6 +293,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         execution_started_at: 0,
         traffic_token,
         network: net.echo.clone(),
+        from_pool: warm.is_some(),
     };
     let entry = match gw.insert(record.clone()) {
         Ok(entry) => {
