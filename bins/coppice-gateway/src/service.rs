@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    builds, closing, events, has_body, json, logs, metrics, network, pool, ports, proxy,
-    sandboxes, signed, templates, Body,
+    builds, closing, events, has_body, json, logs, metrics, network, pool, ports, proxy, sandboxes,
+    signed, templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
