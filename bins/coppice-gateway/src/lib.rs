@@ -8,7 +8,8 @@
 //! listener until SIGTERM or SIGINT; sandboxes keep running across restarts.
 //! [`service`] is the one route table, `api/*` the handlers (they parse, call the lifecycle
 //! state machine and [`runtime`], and serialize), `api/error.rs` the one mapping from errors
-//! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; the reaper
+//! to E2B's `{code, message}`; [`runtime`] composes the jail, storage and agent; [`builds`]
+//! builds templates with E2B's `Template` protocol in build sandboxes; the reaper
 //! enforces every sandbox's window, applies event retention and reads the events of
 //! enforcement inside sandboxes ([`feed`]: agent reports, cgroup counters). `Gateway::commit` writes a
 //! transition's record and its event in one transaction.
@@ -23,6 +24,7 @@ mod admission;
 mod adoption;
 mod agent_death;
 mod api;
+mod builds;
 mod catalogue;
 mod egress;
 mod feed;
@@ -253,6 +255,8 @@ pub(crate) struct Gateway {
     pub(crate) dispatch_stats: coppice_events::dispatch::Stats,
     /// `--max-sandboxes` and `--min-free-memory`: who gets a sandbox.
     pub(crate) admission: admission::Admission,
+    /// Templates built with E2B's `Template` builder ([`builds`]).
+    pub(crate) builds: builds::Builds,
     /// Each template's warm pool: its target and what it did (`/pool`).
     pub(crate) pools: pool::Pools,
 }
@@ -313,6 +317,11 @@ impl Gateway {
     /// Whether the default template is ready, so sandboxes can be created.
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether the sandboxes of a previous run are re-adopted (build sandboxes wait for it).
+    pub(crate) fn adoption_done(&self) -> bool {
+        self.adoption.is_done()
     }
 
     /// Each template's state, for `/health`.
@@ -1114,6 +1123,8 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
             .map(|(name, _)| (*name, runtime.recipe_key(name))),
         now(),
     );
+    let builds = builds::Builds::open(&db, &config.state_dir.join("builds"), now().0)
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let gateway = Arc::new(Gateway {
         config,
         registry,
@@ -1131,6 +1142,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
         admission,
+        builds,
         pools,
     });
     gateway.cli_webhook()?;
@@ -1179,6 +1191,10 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         }
     });
     let filler = tokio::spawn(Arc::clone(&gateway).keep_warm());
+    // Stopped at shutdown, when the build it was running ends as `error` and its sandbox is
+    // killed (a crash leaves both to the next start: the build ends as `error` and its
+    // sandbox goes as unregistered).
+    let build_worker = tokio::spawn(builds::engine::work(Arc::clone(&gateway)));
     let served = tokio::select! {
         served = server::serve(Arc::clone(&gateway), listeners, listener_tls) => served,
         e = adoption_failed => Err(e),
@@ -1187,6 +1203,9 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     gateway.stopping.store(true, Ordering::Release);
     gateway.pool_changed();
     let _ = filler.await;
+    build_worker.abort();
+    let _ = build_worker.await;
+    builds::engine::stop(&gateway).await;
     gateway.runtime.drain().await;
     // Attempts still in flight keep their leases and are made again after the next start.
     let _ = stop_dispatcher.send(());

@@ -127,7 +127,19 @@ pub(crate) struct Setup<'a> {
     /// The sandbox was claimed from the warm pool ([`Runtime::claim`]) under `id` and runs
     /// with this pid: only its agent is left to configure.
     pub(crate) warm: Option<u32>,
+    /// The layer of a built template; `None` for a built-in one, whose layer
+    /// [`Runtime::template`] finds.
+    pub(crate) layer: Option<LayerId>,
+    /// The user its processes run as unless they say otherwise.
+    pub(crate) default_user: &'a str,
+    /// Their working directory unless they say otherwise.
+    pub(crate) default_workdir: &'a str,
 }
+
+/// The default user of a built-in template's sandboxes (E2B's).
+pub(crate) const DEFAULT_USER: &str = "user";
+/// The default working directory of a built-in template's sandboxes (E2B's).
+pub(crate) const DEFAULT_WORKDIR: &str = "/home/user";
 
 /// A sandbox started ahead of demand: running, its agent listening, not yet configured.
 #[derive(Debug)]
@@ -661,7 +673,10 @@ impl Runtime {
                 }
             }
         }
-        let layer = self.template(setup.template).await?;
+        let layer = match &setup.layer {
+            Some(layer) => layer.clone(),
+            None => self.template(setup.template).await?,
+        };
         let result = async {
             let pid = self
                 .boot(setup.id, setup.template, &layer, setup.limits, setup.policy)
@@ -674,6 +689,68 @@ impl Runtime {
             self.destroy(setup.id).await;
         }
         result
+    }
+
+    /// Starts a template build's sandbox on `layer` with `limits` (on the network when sandboxes have one,
+    /// with E2B's default egress) and configures its agent to run commands as root in `/`
+    /// unless told otherwise. On failure nothing of it is left.
+    pub(crate) async fn start_builder(
+        &self,
+        id: &SandboxId,
+        layer: &LayerId,
+        limits: Limits,
+    ) -> Result<u32, RuntimeError> {
+        let result = async {
+            let pid = self
+                .boot(id, "build", layer, limits, &EgressPolicy::default())
+                .await?;
+            let init = serde_json::json!({
+                "envVars": {},
+                "defaultUser": "root",
+                "defaultWorkdir": "/",
+            });
+            let socket = self.socket(id);
+            let stream = tokio::net::UnixStream::connect(&socket)
+                .await
+                .map_err(|e| RuntimeError::Agent(format!("connect {}: {e}", socket.display())))?;
+            let status = post_json(stream, "/init", init.to_string())
+                .await
+                .map_err(RuntimeError::Agent)?;
+            if !(200..300).contains(&status) {
+                return Err(RuntimeError::Agent(format!("/init answered {status}")));
+            }
+            Ok(pid)
+        }
+        .await;
+        if result.is_err() {
+            self.destroy(id).await;
+        }
+        result
+    }
+
+    /// Captures a running sandbox's files as the new layer `name`: frozen while storage
+    /// copies its writable layer, then thawed.
+    pub(crate) async fn capture(&self, id: &SandboxId, name: &LayerId) -> Result<(), RuntimeError> {
+        self.pause(id).await?;
+        let captured = self
+            .storage
+            .snapshot(id, name)
+            .await
+            .map(drop)
+            .map_err(backend("capture the sandbox's files as a layer"));
+        let resumed = self.resume(id).await;
+        captured.and(resumed)
+    }
+
+    /// Whether storage has the layer `id`.
+    pub(crate) async fn has_layer(&self, id: &LayerId) -> Result<bool, RuntimeError> {
+        Ok(self
+            .storage
+            .layers()
+            .await
+            .map_err(backend("list layers"))?
+            .iter()
+            .any(|l| l.id == *id))
     }
 
     /// Takes the oldest warm sandbox of `template`, if there is one.
@@ -859,8 +936,8 @@ impl Runtime {
         let init = serde_json::json!({
             "envVars": setup.env_vars,
             "accessToken": setup.access_token,
-            "defaultUser": "user",
-            "defaultWorkdir": "/home/user",
+            "defaultUser": setup.default_user,
+            "defaultWorkdir": setup.default_workdir,
         });
         let socket = self.socket(setup.id);
         let stream = tokio::net::UnixStream::connect(&socket)

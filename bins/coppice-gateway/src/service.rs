@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    closing, events, has_body, json, logs, metrics, network, pool, ports, proxy, sandboxes, signed,
-    templates, Body,
+    builds, closing, events, has_body, json, logs, metrics, network, pool, ports, proxy, sandboxes,
+    signed, templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -151,6 +151,33 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
             )
         });
     }
+    if method == Method::PUT {
+        if let Some(token) = path.strip_prefix(builds::UPLOAD_PREFIX) {
+            // An upload link is its own credential (as a presigned URL is): no API key.
+            let token = token.to_owned();
+            let unread = has_body(&req);
+            return Ok(match builds::upload(gw, &token, req).await {
+                Ok(resp) => resp,
+                Err(e) if unread => closing(e.into_response()),
+                Err(e) => e.into_response(),
+            });
+        }
+    }
+    // Where this request came in, for the upload links `GET .../files/{hash}` hands out.
+    let base = format!(
+        "{}://{}",
+        req.uri().scheme_str().unwrap_or("http"),
+        req.uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| gw.config.listen.to_string())
+    );
     let unread = has_body(&req);
     if !authorized(gw, &req) {
         let resp = ApiError::new(
@@ -160,7 +187,10 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
         .into_response();
         return Ok(if unread { closing(resp) } else { resp });
     }
-    let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
+    // `DELETE /templates/tags` is E2B's one DELETE with a body (the tags to remove).
+    let reads_body = matches!(method, Method::POST | Method::PUT | Method::PATCH)
+        || (method == Method::DELETE && path.trim_end_matches('/') == "/templates/tags");
+    let body = if reads_body {
         match read_body(req).await {
             Ok(b) => b,
             Err(e) => return Ok(closing(e.into_response())),
@@ -168,12 +198,12 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
     } else if unread {
         // A body on GET or DELETE is never read: answer, then close.
         return Ok(closing(
-            dispatch(gw, &method, &path, &query, Bytes::new()).await?,
+            dispatch(gw, &method, &path, &query, &base, Bytes::new()).await?,
         ));
     } else {
         Bytes::new()
     };
-    dispatch(gw, &method, &path, &query, body).await
+    dispatch(gw, &method, &path, &query, &base, body).await
 }
 
 async fn dispatch(
@@ -181,6 +211,7 @@ async fn dispatch(
     method: &Method,
     path: &str,
     query: &str,
+    base: &str,
     body: Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -237,19 +268,34 @@ async fn dispatch(
         (&Method::POST, ["pool", template, "drain"]) => pool::drain(gw, template, &body).await,
         (&Method::GET, ["templates"]) => templates::list(gw, query, false),
         (&Method::GET, ["v2", "templates"]) => templates::list(gw, query, true),
+        (&Method::POST, ["v3", "templates"]) => builds::request(gw, &body),
+        (&Method::POST, ["templates", "tags"]) => builds::assign_tags(gw, &body),
+        (&Method::DELETE, ["templates", "tags"]) => builds::remove_tags(gw, &body),
         (&Method::GET, ["templates", "aliases", alias]) => templates::alias(gw, alias),
         (&Method::GET, ["templates", id]) => templates::get(gw, id, query),
         (&Method::DELETE, ["templates", id]) => templates::delete(gw, id),
         (&Method::PATCH, ["templates", id] | ["v2", "templates", id]) => {
-            templates::update(gw, id, &body)
+            templates::update(gw, id, &body, path.starts_with("/v2/"))
         }
-        // Building templates is not served: every other template route, whatever its
-        // method, says so rather than claim the method is wrong.
+        (&Method::GET, ["templates", id, "tags"]) => builds::tags(gw, id),
+        (&Method::GET, ["templates", id, "files", hash]) => builds::file_link(gw, id, hash, base),
+        (&Method::POST, ["v2", "templates", id, "builds", build]) => {
+            builds::trigger(gw, id, build, &body)
+        }
+        (&Method::GET, ["templates", id, "builds", build, "status"]) => {
+            builds::status(gw, id, build, query)
+        }
+        (&Method::GET, ["templates", id, "builds", build, "logs"]) => {
+            builds::logs(gw, id, build, query)
+        }
+        // The older build protocol (`POST /templates`, `POST /templates/{id}`, `POST
+        // /v2/templates`, `POST /templates/{id}/builds/{buildID}`) is not served: the SDKs
+        // of this era use the routes above.
         (_, ["templates", ..] | ["v2" | "v3", "templates", ..]) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "no route for {method} {path}: this gateway serves its built-in templates \
-                 only and does not build templates"
+                "no route for {method} {path}: this gateway serves E2B's v3 template build \
+                 protocol (POST /v3/templates and the routes it leads to)"
             ),
         )),
         (_, ["sandboxes" | "v2" | "events", ..])

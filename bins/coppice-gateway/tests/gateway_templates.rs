@@ -1,7 +1,7 @@
 //! The template catalogue through the real gateway: `GET /templates` and `/v2/templates`
 //! (with pages), `GET /templates/{id}`, `GET /templates/aliases/{alias}`, with build ids, build
 //! times, limits and spawn counts checked against the template cache, the sandboxes and a
-//! restart; `DELETE`/`PATCH` refused for the built-in templates; the build routes a clear 404.
+//! restart; `DELETE`/`PATCH` and the build routes refused for the built-in templates.
 //! Real binary, real sandboxes; see `support/mod.rs`.
 #![cfg(target_os = "linux")]
 // An integration test crate: no `mod tests` wrapper, helpers may unwrap, skip lines must reach
@@ -179,26 +179,26 @@ fn the_catalogue_lists_the_built_in_templates_with_real_values() {
         .assert_error(404, "patch unknown");
     assert_eq!(get(&lab, "/templates/aliases/base").status, StatusCode::OK);
 
-    // Building is not served, and says so.
-    for (method, path) in [
-        ("POST", "/v3/templates"),
-        ("POST", "/v2/templates/base/builds/x"),
-        ("GET", "/templates/base/files/abc"),
-        ("GET", "/templates/base/builds/x/status"),
-        ("POST", "/templates/tags"),
+    // The build routes refuse the built-in templates (403) and malformed requests (400);
+    // the older build protocol is not served, and says which one is.
+    for (method, path, status) in [
+        ("POST", "/v3/templates", 400),
+        ("POST", "/v2/templates/base/builds/x", 403),
+        ("GET", "/templates/base/files/abc", 403),
+        ("GET", "/templates/base/builds/x/status", 403),
+        ("POST", "/templates/tags", 400),
+        ("POST", "/templates", 404),
     ] {
         let body = (method == "POST").then(|| json!({}));
         let r = lab.api(method, path, body);
-        r.assert_error(404, path);
-        assert!(
-            r.json()["message"]
-                .as_str()
-                .unwrap()
-                .contains("does not build templates"),
-            "{path}: {}",
-            r.text()
-        );
+        r.assert_error(status, path);
     }
+    assert!(lab
+        .api("POST", "/templates", Some(json!({})))
+        .text()
+        .contains("v3 template build protocol"));
+    lab.api("POST", "/v3/templates", Some(json!({"name": "base"})))
+        .assert_error(403, "rebuild base");
 
     // A restart keeps the build ids and the spawn counts; the sandbox is re-adopted.
     lab.stop();

@@ -4,12 +4,13 @@
 //! [`error::ErrorBody`] is the `{"code", "message"}` body of every error; [`sandbox`] holds the
 //! control-plane requests and responses; [`logs`] the sandbox log bodies; [`query`] decodes
 //! list queries (including E2B's thrice-encoded `metadata`); [`template`] the template
-//! catalogue's bodies; [`timestamp`] formats RFC 3339 times the way E2B does.
+//! catalogue's bodies; [`build`] the template build protocol's; [`timestamp`] formats RFC 3339 times the way E2B does.
 //! Requests reject fields the SDKs never send, so a typo is a 400 rather than a silent default.
 //!
 //! **Invariant:** no I/O, no HTTP status logic beyond the error body's `code`; wire structs are
 //! never the domain structs — the gateway converts.
 
+pub mod build;
 pub mod error;
 pub mod logs;
 pub mod query;

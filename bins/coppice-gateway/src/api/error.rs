@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use crate::admission::AdmissionError;
 use crate::adoption::Adopting;
 use crate::api::{json, Body};
+use crate::builds::BuildsError;
 use crate::registry::RegistryError;
 use crate::runtime::RuntimeError;
 
@@ -121,6 +122,25 @@ impl From<StoreError> for ApiError {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error_chain(&e))
+    }
+}
+
+impl From<BuildsError> for ApiError {
+    fn from(e: BuildsError) -> Self {
+        let status = match &e {
+            BuildsError::Invalid(_) => StatusCode::BAD_REQUEST,
+            BuildsError::NotFound(_) => StatusCode::NOT_FOUND,
+            BuildsError::Conflict(_) => StatusCode::CONFLICT,
+            BuildsError::BuiltIn(_) => StatusCode::FORBIDDEN,
+            BuildsError::Store(_) | BuildsError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error_chain(&e))
+    }
+}
+
+impl From<crate::builds::store::StoreError> for ApiError {
+    fn from(e: crate::builds::store::StoreError) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP handlers, one module per resource; each parses, calls the lifecycle and the
 //! runtime, and serializes. `error` is the only place that picks statuses for errors.
 
+pub(crate) mod builds;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod logs;

@@ -160,13 +160,22 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
 /// `POST /sandboxes` (`legacy`) and `POST /v2/sandboxes`.
 pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Response<Body>> {
     let req: NewSandbox = parse_or_default(body)?;
-    let template = req.template_id.clone().unwrap_or_else(|| "base".into());
-    if !Runtime::knows_template(&template) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("template {template:?} not found"),
-        ));
-    }
+    let asked = req.template_id.clone().unwrap_or_else(|| "base".into());
+    // A built-in template by name, else a built one by name, `name:tag` or id; a built
+    // template's sandboxes are recorded under its id.
+    let built = if Runtime::knows_template(&asked) {
+        None
+    } else {
+        Some(gw.builds.resolve(&asked)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("template {asked:?} not found"),
+            )
+        })?)
+    };
+    let template = built
+        .as_ref()
+        .map_or_else(|| asked.clone(), |b| b.template_id.clone());
     let timeout = match (req.timeout_ms, req.timeout) {
         (Some(ms), _) => {
             let ms = u64::try_from(ms).map_err(|_| {
@@ -205,9 +214,15 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         ))
     })?;
     let metadata = req.metadata.unwrap_or_default();
-    let env_vars = req.env_vars.unwrap_or_default();
+    let asked_env = req.env_vars.unwrap_or_default();
     check_map("metadata", &metadata, false)?;
-    check_map("envVars", &env_vars, true)?;
+    check_map("envVars", &asked_env, true)?;
+    // A built template's `ENV`, under what the create asks for.
+    let mut env_vars = built
+        .as_ref()
+        .map(|b| b.defaults.env.clone())
+        .unwrap_or_default();
+    env_vars.extend(asked_env);
     // Fields of E2B's create that this gateway does not implement: refused by name, never
     // accepted and ignored (an empty value asks for nothing). `mcp` is not among them: the
     // SDK itself starts `mcp-gateway --config <mcp>` in the new sandbox through envd (and
@@ -246,6 +261,14 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     // sandbox of the template if the pool has one: that is this sandbox from here on.
     let (mut ticket, warm) = gw.admission.admit(gw, &template).await?;
     gw.pools.count_create(&template, warm.is_some());
+    let default_user = built
+        .as_ref()
+        .and_then(|b| b.defaults.user.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
+    let default_workdir = built
+        .as_ref()
+        .and_then(|b| b.defaults.workdir.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
     gw.pool_changed();
     let id = match &warm {
         Some(w) => w.id.clone(),
@@ -260,7 +283,9 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         env_vars,
         access_token: random_token(32)?,
         lifecycle: Lifecycle::creating(created, timeout, policy),
-        limits: crate::runtime::DEFAULT_LIMITS,
+        limits: built
+            .as_ref()
+            .map_or(crate::runtime::DEFAULT_LIMITS, |b| b.limits),
         allow_internet: req.allow_internet_access,
         pid: None,
         build_id: String::new(),
@@ -296,6 +321,9 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             policy: &net.policy,
             dns_servers: &net.dns_servers,
             warm: warm.map(|w| w.pid),
+            layer: built.as_ref().map(|b| b.layer.clone()),
+            default_user: &default_user,
+            default_workdir: &default_workdir,
         })
         .await;
     let pid = match started {
@@ -308,13 +336,42 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             return Err(e.into());
         }
     };
+    // A built template's start command runs, and its ready command succeeds, before the
+    // create answers (`builds/start.rs` says what that costs).
+    if let Some(b) = built
+        .as_ref()
+        .filter(|b| crate::builds::start::has_commands(&b.defaults))
+    {
+        let socket = gw.runtime.socket(&id);
+        if let Err(why) = crate::builds::start::start_and_wait(
+            &socket,
+            Some(&record.access_token),
+            &b.defaults,
+            &mut |_| {},
+        )
+        .await
+        {
+            gw.runtime.destroy(&id).await;
+            if let Err(reg) = gw.remove(&id) {
+                tracing::error!(sandbox = %id, error = %reg, "forgetting a failed create");
+            }
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("template {asked:?}: {why}"),
+            ));
+        }
+    }
     let (lifecycle, event) = record
         .lifecycle
         .transition(Command::Started { now: now() })?;
-    // The layer is cached by the create above; it is the event's `sandboxBuildId`.
-    let build_id = match gw.runtime.template(&template).await {
-        Ok(layer) => layer.to_string(),
-        Err(_) => String::new(),
+    // The layer is cached by the create above; it is the event's `sandboxBuildId` (a built
+    // template's build id).
+    let build_id = match &built {
+        Some(b) => b.build_id.clone(),
+        None => match gw.runtime.template(&template).await {
+            Ok(layer) => layer.to_string(),
+            Err(_) => String::new(),
+        },
     };
     let record = gw.commit(
         &entry,

@@ -1,9 +1,10 @@
 //! The template catalogue: `GET /templates`, `GET /v2/templates`, `GET /templates/{id}`,
-//! `GET /templates/aliases/{alias}`, and `DELETE`/`PATCH` of a template, which the built-in
-//! templates refuse. The catalogue is [`crate::runtime::TEMPLATES`] with each build's state
-//! ([`crate::catalogue`]), the limits their sandboxes get ([`crate::runtime::DEFAULT_LIMITS`])
-//! and the spawns the registry counts. Building templates (`/v3/templates` and the rest) is
-//! not served: those routes answer 404.
+//! `GET /templates/aliases/{alias}`, and `DELETE`/`PATCH` of a template. The catalogue is the
+//! built-in templates ([`crate::runtime::TEMPLATES`], each build's state in
+//! [`crate::catalogue`]), which refuse changes, followed by the templates built with E2B's
+//! `Template` builder ([`crate::builds`]), with the limits their sandboxes get
+//! ([`crate::runtime::DEFAULT_LIMITS`]) and the spawns the registry counts. Building is
+//! `api/builds.rs`.
 
 use bytes::Bytes;
 use coppice_wire::template::{
@@ -13,9 +14,11 @@ use coppice_wire::template::{
 use coppice_wire::timestamp::format_millis;
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::api::builds::wire_status;
 use crate::api::error::ApiError;
 use crate::api::sandboxes::{cpu_count, memory_mb, parse, DISK_SIZE_MB, ENVD_VERSION};
-use crate::api::{json, Body};
+use crate::api::{empty, json, Body};
+use crate::builds::store::{BuildRow, Status, TemplateRow};
 use crate::catalogue::{BuildState, Entry};
 use crate::registry::Spawns;
 use crate::runtime::DEFAULT_LIMITS;
@@ -151,30 +154,78 @@ fn spawns_of(gw: &Gateway) -> Result<std::collections::HashMap<String, Spawns>> 
     Ok(gw.registry().spawns()?)
 }
 
+/// A built template's list item: its newest ready build (else its newest build) is the one
+/// it shows, and its status is its newest build's.
+fn built_body(t: &TemplateRow, builds: &[BuildRow], spawns: Spawns) -> Template {
+    let newest = builds.first();
+    let shown = builds.iter().find(|b| b.status == Status::Ready).or(newest);
+    Template {
+        template_id: t.id.clone(),
+        build_id: shown.map(|b| b.id.clone()).unwrap_or_default(),
+        cpu_count: shown.map_or(cpu_count(&DEFAULT_LIMITS), |b| b.cpu_count),
+        memory_mb: shown.map_or(memory_mb(&DEFAULT_LIMITS), |b| b.memory_mb),
+        disk_size_mb: DISK_SIZE_MB,
+        public: t.public,
+        aliases: vec![t.name.clone()],
+        names: vec![t.name.clone()],
+        created_at: format_millis(t.created_at),
+        updated_at: format_millis(t.updated_at),
+        created_by: None,
+        last_spawned_at: last_spawned(spawns),
+        spawn_count: spawns.count,
+        build_count: u32::try_from(builds.iter().filter(|b| b.status == Status::Ready).count())
+            .unwrap_or(u32::MAX),
+        envd_version: ENVD_VERSION.to_owned(),
+        build_status: newest.map_or(BuildStatus::Waiting, |b| wire_status(b.status)),
+    }
+}
+
+/// One build of a built template, for `GET /templates/{id}`.
+fn built_build(b: &BuildRow) -> TemplateBuild {
+    TemplateBuild {
+        build_id: b.id.clone(),
+        status: wire_status(b.status),
+        created_at: format_millis(b.created_at),
+        updated_at: format_millis(b.updated_at),
+        finished_at: b.finished_at.map(format_millis),
+        cpu_count: b.cpu_count,
+        memory_mb: b.memory_mb,
+        disk_size_mb: Some(DISK_SIZE_MB),
+        envd_version: Some(ENVD_VERSION.to_owned()),
+    }
+}
+
 /// `GET /templates` (every template) and `GET /v2/templates` (`paged`: `limit`,
 /// `nextToken`, and `X-Next-Token` when more follow; the token is the next template's id).
+/// Built-in templates come first, then built ones by name.
 pub(crate) fn list(gw: &Gateway, query: &str, paged: bool) -> Result<Response<Body>> {
     let page = page(query, paged)?;
-    let entries = gw.templates.all();
+    let spawns = spawns_of(gw)?;
+    let spawned = |id: &str| spawns.get(id).copied().unwrap_or_default();
+    let mut items: Vec<Template> = gw
+        .templates
+        .all()
+        .iter()
+        .map(|e| template_body(e, spawned(e.name)))
+        .collect();
+    for t in gw.builds.store.templates()? {
+        let builds = gw.builds.store.builds_of(&t.id)?;
+        items.push(built_body(&t, &builds, spawned(&t.id)));
+    }
     let start = match &page.next_token {
         None => 0,
-        Some(token) => entries
+        Some(token) => items
             .iter()
-            .position(|e| e.name == token.as_str())
+            .position(|t| t.template_id == *token)
             .ok_or_else(|| ApiError::bad_request(format!("invalid nextToken {token:?}")))?,
     };
     let limit = page.limit.unwrap_or(MAX_LIMIT);
-    let spawns = spawns_of(gw)?;
-    let items: Vec<Template> = entries
-        .iter()
-        .skip(start)
-        .take(limit)
-        .map(|e| template_body(e, spawns.get(e.name).copied().unwrap_or_default()))
-        .collect();
+    let next = items.get(start + limit).map(|t| t.template_id.clone());
+    let items: Vec<Template> = items.into_iter().skip(start).take(limit).collect();
     let mut resp = json(StatusCode::OK, &items);
     if paged {
-        if let Some(next) = entries.get(start + limit) {
-            if let Ok(v) = HeaderValue::from_str(next.name) {
+        if let Some(next) = next {
+            if let Ok(v) = HeaderValue::from_str(&next) {
                 resp.headers_mut().insert("x-next-token", v);
             }
         }
@@ -182,18 +233,31 @@ pub(crate) fn list(gw: &Gateway, query: &str, paged: bool) -> Result<Response<Bo
     Ok(resp)
 }
 
-fn find(gw: &Gateway, raw: &str) -> Result<Entry> {
+/// A template by id or name: built-in or built.
+enum Found {
+    BuiltIn(Entry),
+    Built(TemplateRow),
+}
+
+fn lookup(gw: &Gateway, raw: &str) -> Result<Found> {
     let id = path_param(raw, "template id")?;
-    gw.templates
-        .get(&id)
+    if let Some(e) = gw.templates.get(&id) {
+        return Ok(Found::BuiltIn(e));
+    }
+    gw.builds
+        .template(&id)?
+        .map(Found::Built)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("template {id:?} not found")))
 }
 
 /// `GET /templates/{templateID}`: the template with its builds (one: the cache holds one
 /// build per recipe). `limit` and `nextToken` page the builds.
 pub(crate) fn get(gw: &Gateway, raw_id: &str, query: &str) -> Result<Response<Body>> {
-    let entry = find(gw, raw_id)?;
     let page = page(query, true)?;
+    let entry = match lookup(gw, raw_id)? {
+        Found::BuiltIn(e) => e,
+        Found::Built(t) => return get_built(gw, &t, &page),
+    };
     if let Some(token) = page.next_token {
         // Every build fits on the first page, so no token was ever handed out.
         return Err(ApiError::bad_request(format!(
@@ -204,10 +268,52 @@ pub(crate) fn get(gw: &Gateway, raw_id: &str, query: &str) -> Result<Response<Bo
     Ok(json(StatusCode::OK, &with_builds(&entry, spawns)))
 }
 
+/// `GET /templates/{id}` of a built template: its builds, newest first, paged by `limit`
+/// and `nextToken` (the next build's id).
+fn get_built(gw: &Gateway, t: &TemplateRow, page: &Page) -> Result<Response<Body>> {
+    let builds = gw.builds.store.builds_of(&t.id)?;
+    let spawns = spawns_of(gw)?.get(&t.id).copied().unwrap_or_default();
+    let start = match &page.next_token {
+        None => 0,
+        Some(token) => builds
+            .iter()
+            .position(|b| b.id == *token)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid nextToken {token:?}")))?,
+    };
+    let limit = page.limit.unwrap_or(MAX_LIMIT);
+    let body = TemplateWithBuilds {
+        template: built_body(t, &builds, spawns),
+        builds: builds
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(built_build)
+            .collect(),
+    };
+    let mut resp = json(StatusCode::OK, &body);
+    if let Some(next) = builds.get(start + limit) {
+        if let Ok(v) = HeaderValue::from_str(&next.id) {
+            resp.headers_mut().insert("x-next-token", v);
+        }
+    }
+    Ok(resp)
+}
+
 /// `GET /templates/aliases/{alias}`: 200 with the template the alias names (each built-in
 /// template's name is its alias), 404 when no template has it.
 pub(crate) fn alias(gw: &Gateway, raw_alias: &str) -> Result<Response<Body>> {
     let alias = path_param(raw_alias, "alias")?;
+    if gw.templates.get(&alias).is_none() {
+        if let Some(t) = gw.builds.store.template(&alias)? {
+            return Ok(json(
+                StatusCode::OK,
+                &TemplateAliasResponse {
+                    template_id: t.id,
+                    public: t.public,
+                },
+            ));
+        }
+    }
     let entry = gw.templates.get(&alias).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -234,20 +340,67 @@ fn built_in(entry: &Entry, change: &str) -> ApiError {
     )
 }
 
-/// `DELETE /templates/{templateID}`: 404 for an unknown id (the SDK's `delete_snapshot`
-/// reads it as "not found"), 403 for a built-in template.
+/// `DELETE /templates/{templateID}`: 204; 404 for an unknown id (the SDK's
+/// `delete_snapshot` reads it as "not found"), 403 for a built-in template, 409 for a built
+/// template that live sandboxes or a running build still use. Its layers stay in storage as
+/// the step cache (nothing collects unused layers yet).
 pub(crate) fn delete(gw: &Gateway, raw_id: &str) -> Result<Response<Body>> {
-    let entry = find(gw, raw_id)?;
-    Err(built_in(&entry, "deleted"))
+    let t = match lookup(gw, raw_id)? {
+        Found::BuiltIn(entry) => return Err(built_in(&entry, "deleted")),
+        Found::Built(t) => t,
+    };
+    let users = gw
+        .entries()
+        .iter()
+        .filter(|e| e.record().template == t.id)
+        .count();
+    if users > 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "template {:?} is used by {users} sandbox(es); kill them first",
+                t.name
+            ),
+        ));
+    }
+    if gw
+        .builds
+        .store
+        .builds_of(&t.id)?
+        .iter()
+        .any(|b| b.status == Status::Building)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "template {:?} is being built; wait for the build to end",
+                t.name
+            ),
+        ));
+    }
+    gw.builds.store.delete_template(&t.id)?;
+    tracing::info!(template = %t.id, name = %t.name, "template deleted");
+    Ok(empty(StatusCode::NO_CONTENT))
 }
 
-/// `PATCH /templates/{templateID}` and `PATCH /v2/templates/{templateID}`: 404 for an
-/// unknown id, 400 for a body that is not a `TemplateUpdateRequest`, 403 for a built-in
-/// template.
-pub(crate) fn update(gw: &Gateway, raw_id: &str, body: &Bytes) -> Result<Response<Body>> {
-    let entry = find(gw, raw_id)?;
-    let _request: TemplateUpdateRequest = parse(body)?;
-    Err(built_in(&entry, "changed"))
+/// `PATCH /templates/{templateID}` (200) and `PATCH /v2/templates/{templateID}` (200 with
+/// the template's names): 404 for an unknown id, 400 for a body that is not a
+/// `TemplateUpdateRequest`, 403 for a built-in template.
+pub(crate) fn update(gw: &Gateway, raw_id: &str, body: &Bytes, v2: bool) -> Result<Response<Body>> {
+    let found = lookup(gw, raw_id)?;
+    let request: TemplateUpdateRequest = parse(body)?;
+    let t = match found {
+        Found::BuiltIn(entry) => return Err(built_in(&entry, "changed")),
+        Found::Built(t) => t,
+    };
+    if let Some(public) = request.public {
+        gw.builds.store.set_public(&t.id, public, crate::now().0)?;
+    }
+    Ok(if v2 {
+        json(StatusCode::OK, &serde_json::json!({ "names": [t.name] }))
+    } else {
+        empty(StatusCode::OK)
+    })
 }
 
 #[cfg(test)]
