@@ -115,17 +115,7 @@ async fn start(
 /// closed); returns once the agent says it started. `cmd.timeout` bounds the wait.
 pub(crate) async fn spawn(socket: &Path, cmd: &Command<'_>) -> Result<(), String> {
     let started = async {
-        let resp = start(socket, cmd, true).await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if !status.is_success() {
-            let text = body
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
-            return Err(format!("the agent refused the command ({status}): {text}"));
-        }
+        let mut body = accepted(start(socket, cmd, true).await?).await?;
         let mut buf = BytesMut::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("read the command's start: {e}"))?;
@@ -156,22 +146,29 @@ pub(crate) async fn spawn(socket: &Path, cmd: &Command<'_>) -> Result<(), String
     }
 }
 
+/// The body of the agent's answer to a start, or why the agent refused the command.
+async fn accepted(
+    resp: http::Response<hyper::body::Incoming>,
+) -> Result<hyper::body::Incoming, String> {
+    let status = resp.status();
+    let body = resp.into_body();
+    if status.is_success() {
+        return Ok(body);
+    }
+    let text = body
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Err(format!("the agent refused the command ({status}): {text}"))
+}
+
 async fn run_inner(
     socket: &Path,
     cmd: &Command<'_>,
     line: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Ending, String> {
-    let resp = start(socket, cmd, false).await?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    if !status.is_success() {
-        let text = body
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-            .unwrap_or_default();
-        return Err(format!("the agent refused the command ({status}): {text}"));
-    }
+    let mut body = accepted(start(socket, cmd, false).await?).await?;
     let mut buf = BytesMut::new();
     let mut out = Lines::default();
     let mut err = Lines::default();
