@@ -28,6 +28,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file or the journal gets plain text.
+        .with_ansi(colour_logs(|k| std::env::var_os(k).is_some()))
         .init();
     raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -53,6 +55,12 @@ fn main() -> ExitCode {
     // parent-death signal), and the next start builds it again.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     code
+}
+
+/// Whether log lines carry ANSI colours: only when stderr is a terminal and `NO_COLOR`
+/// (<https://no-color.org>) is unset.
+fn colour_logs(set: impl Fn(&str) -> bool) -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && !set("NO_COLOR")
 }
 
 /// Raises the soft open-files limit to the hard one. Every data-plane request in flight holds

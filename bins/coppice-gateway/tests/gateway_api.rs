@@ -71,6 +71,11 @@ fn control_plane_lifecycle() {
         return;
     };
     lab.start();
+    // Its stderr is a file here, as under a service manager: plain text, no colour codes.
+    assert!(
+        !lab.log().contains('\u{1b}'),
+        "terminal escapes in a log written to a file"
+    );
 
     // Create: 201 and the fields the SDK needs.
     let created = lab.create(json!({

@@ -683,7 +683,6 @@ fn launch(
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            let line = strip_ansi(&line);
             if line.contains(" listening") {
                 if let Some(addr) = line
                     .split_whitespace()
@@ -715,24 +714,6 @@ fn launch(
         }
     });
     Ok((child, events))
-}
-
-/// Drops terminal colour sequences (`ESC [ ... m`), in case the log is coloured anyway.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

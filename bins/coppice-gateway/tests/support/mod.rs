@@ -376,7 +376,7 @@ impl Lab {
 
     /// The current gateway's log so far.
     pub fn log(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default())
+        std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
     }
 
     /// `GET /health`, whatever its status.
@@ -398,10 +398,7 @@ impl Lab {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                return Some((
-                    status,
-                    strip_ansi(&std::fs::read_to_string(&log_path).unwrap()),
-                ));
+                return Some((status, std::fs::read_to_string(&log_path).unwrap()));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -1010,33 +1007,15 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 
 /// The gateway's `listening address=…` line in its log, if written yet.
 fn listening_address(log: &Path) -> Option<SocketAddr> {
-    let text = strip_ansi(&std::fs::read_to_string(log).ok()?);
+    let text = std::fs::read_to_string(log).ok()?;
     let line = text.lines().find(|l| l.contains("listening"))?;
     let rest = &line[line.find("address=")? + "address=".len()..];
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// Removes terminal colour escapes, in case the log has them anyway.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The last lines of a log file.
 fn tail(path: &Path) -> String {
-    let text = strip_ansi(&std::fs::read_to_string(path).unwrap_or_default());
+    let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
