@@ -17,11 +17,16 @@ const LAYERS: &[(&str, u8)] = &[
     ("coppice-envd", 3),
     ("coppice-gateway", 4),
     ("coppice-envd-bin", 4),
+    ("coppice-cli", 4),
 ];
 
 /// Test and bench targets may compose sibling backends (a jail test needs a real rootfs
 /// from storage); those edges are allowed for dev-dependencies only, and listed here.
-const DEV_EDGES: &[(&str, &str)] = &[("coppice-jail", "coppice-zfs")];
+const DEV_EDGES: &[(&str, &str)] = &[
+    ("coppice-jail", "coppice-zfs"),
+    // The CLI's tests drive it in-process against a real gateway from the gateway's lab.
+    ("coppice-gateway", "coppice-cli"),
+];
 
 pub(crate) fn run(root: &Path) -> Result<(), String> {
     let problems = check(root)?;
