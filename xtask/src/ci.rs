@@ -23,7 +23,8 @@ use crate::run_cmd;
 /// - r-base-core: the R the agent's `r` contexts run, in its tests;
 /// - default-jdk-headless: the JShell behind the agent's `java` contexts, in its tests;
 /// - nftables is the `nft` the network role loads its ruleset with, and iproute2 the `ip`
-///   that network tests build their fake internet with.
+///   that network tests build their fake internet with;
+/// - chromium: the headless browser `tests/e2e-js/dashboard.test.mjs` drives the dashboard in.
 const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "zfs-fuse",
@@ -42,6 +43,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "default-jdk-headless",
     "nftables",
     "iproute2",
+    "chromium",
 ];
 
 /// The cargo-deny release CI pins.

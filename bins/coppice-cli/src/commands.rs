@@ -555,9 +555,9 @@ impl Cmd {
                                 cell(d, "deliveryId"),
                                 cell(d, "webhookId"),
                                 cell(d, "eventType"),
-                                cell(d, "attempt"),
-                                cell(d, "status"),
+                                cell(d, "outcome"),
                                 cell(d, "statusCode"),
+                                cell(d, "latencyMs"),
                                 cell(d, "timestamp"),
                             ]
                         })
@@ -565,7 +565,7 @@ impl Cmd {
                     table(
                         out,
                         &[
-                            "DELIVERY", "WEBHOOK", "EVENT", "ATTEMPT", "STATUS", "HTTP", "AT",
+                            "DELIVERY", "WEBHOOK", "EVENT", "OUTCOME", "HTTP", "MS", "AT",
                         ],
                         &rows,
                         "no deliveries",

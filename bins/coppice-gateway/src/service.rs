@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    builds, closing, events, has_body, json, logs, metrics, network, pool, ports, proxy, sandboxes,
-    signed, templates, Body,
+    builds, closing, dashboard, events, has_body, json, logs, metrics, network, pool, ports, proxy,
+    sandboxes, signed, templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -162,6 +162,10 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
                 Err(e) => e.into_response(),
             });
         }
+    }
+    // The dashboard's files hold no data (the page reads the API with the key it asks for).
+    if let Some(resp) = dashboard::serve(&method, &path) {
+        return Ok(if has_body(&req) { closing(resp) } else { resp });
     }
     // Where this request came in, for the upload links `GET .../files/{hash}` hands out.
     let base = format!(

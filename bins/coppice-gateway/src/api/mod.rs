@@ -2,6 +2,7 @@
 //! runtime, and serializes. `error` is the only place that picks statuses for errors.
 
 pub(crate) mod builds;
+pub(crate) mod dashboard;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod logs;
