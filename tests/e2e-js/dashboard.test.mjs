@@ -17,6 +17,9 @@ const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium'
 const skip = existsSync(CHROMIUM) ? false : `no Chromium at ${CHROMIUM} (apt-get install chromium; cargo xtask ci installs it)`
 if (skip) console.log(`SKIP dashboard.test.mjs: ${skip}`)
 
+// `DASHBOARD_SCREENSHOTS=DIR` saves each view at each size there (docs/dashboard/ holds them).
+const SHOTS = process.env.DASHBOARD_SCREENSHOTS
+
 const URL_BASE = process.env.E2B_API_URL
 const KEY = process.env.E2B_API_KEY
 
@@ -160,6 +163,7 @@ test('every view renders without console errors, at 1280 px and on a phone, ligh
       await page.waitForTimeout(400)
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
       assert.ok(overflow <= 0, `${view} at ${width} px is ${overflow} px too wide`)
+      if (SHOTS) await page.screenshot({ path: `${SHOTS}/${view}-${width}-${scheme}.png`, fullPage: true })
     }
     await page.click('#nav a[data-view=templates]')
     await page.waitForSelector('#templates tr[data-template="code-interpreter-v1"]')

@@ -388,6 +388,7 @@ async function refreshWebhooks() {
     )
   )
   $('#no-webhooks').hidden = (hooks ?? []).length > 0
+  $('#webhooks').closest('.table-wrap').hidden = (hooks ?? []).length === 0
   $('#deliveries tbody').replaceChildren(
     ...(attempts ?? []).map((a) => {
       const replay = el('button', { class: 'ghost small', type: 'button', 'data-action': 'replay' }, 'Replay')
@@ -415,6 +416,7 @@ async function refreshWebhooks() {
     })
   )
   $('#no-deliveries').hidden = (attempts ?? []).length > 0
+  $('#deliveries').closest('.table-wrap').hidden = (attempts ?? []).length === 0
 }
 
 let openTemplate = null
