@@ -32,6 +32,9 @@ pub struct Config {
     /// Accepted API keys; empty means any key is accepted (`COPPICE_API_KEYS`,
     /// `--api-keys-file`).
     pub api_keys: Vec<String>,
+    /// How log lines are written (`--log-format`): text for people, JSON lines for
+    /// collectors.
+    pub log_format: LogFormat,
     /// A Sandforge-format subscription to every event type, created or refreshed at start
     /// (`--webhook-url`, `--webhook-secret`).
     pub webhook: Option<CliWebhook>,
@@ -183,7 +186,20 @@ usage: coppice-gateway [options]
                           networking made, then exit (uninstall)
   --tls-cert FILE         certificate chain (PEM) for TLS on every listener     COPPICE_TLS_CERT
   --tls-key FILE          its private key (PEM; both or neither; default: a     COPPICE_TLS_KEY
-                          local CA in <state-dir>/tls, see docs/network.md)";
+                          local CA in <state-dir>/tls, see docs/network.md)
+  --log-format text|json  log lines as text (default) or JSON objects           COPPICE_LOG_FORMAT
+  --check-config          check the configuration and the files it names, print
+                          what the gateway would use, and exit (0: good, 78: not)";
+
+/// How the gateway writes its log (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One line of text per event, coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
+}
 
 impl Config {
     /// Warm sandboxes per template unless configured: a burst of ten creates (an agent
@@ -215,7 +231,7 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 30] = [
+            const KNOWN: [&str; 31] = [
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -246,6 +262,7 @@ impl Config {
                 "prepare-templates",
                 "tls-cert",
                 "tls-key",
+                "log-format",
             ];
             if !KNOWN.contains(&name.as_str()) {
                 return Err(format!("unknown option --{name}\n\n{USAGE}"));
@@ -409,6 +426,15 @@ impl Config {
             prepare_templates,
             agent: get("agent", "COPPICE_AGENT").map(PathBuf::from),
             api_keys,
+            log_format: match get("log-format", "COPPICE_LOG_FORMAT").as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(format!(
+                        "--log-format (COPPICE_LOG_FORMAT): {other:?} is neither text nor json"
+                    ))
+                }
+            },
         })
     }
 }

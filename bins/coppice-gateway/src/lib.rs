@@ -19,6 +19,7 @@
 //! its event) before it is acknowledged.
 
 pub mod config;
+pub use check::check_config;
 
 mod admission;
 mod adoption;
@@ -26,10 +27,12 @@ mod agent_death;
 mod api;
 mod builds;
 mod catalogue;
+mod check;
 mod egress;
 mod feed;
 mod metrics;
 mod names;
+mod notify;
 mod pool;
 mod registry;
 mod runtime;
@@ -1195,10 +1198,13 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     // killed (a crash leaves both to the next start: the build ends as `error` and its
     // sandbox goes as unregistered).
     let build_worker = tokio::spawn(builds::engine::work(Arc::clone(&gateway)));
+    let notifier = tokio::spawn(notify::when_ready(Arc::clone(&gateway)));
     let served = tokio::select! {
         served = server::serve(Arc::clone(&gateway), listeners, listener_tls) => served,
         e = adoption_failed => Err(e),
     };
+    notifier.abort();
+    notify::send("STOPPING=1");
     // Warm sandboxes belong to no one: stop refilling, then kill them.
     gateway.stopping.store(true, Ordering::Release);
     gateway.pool_changed();

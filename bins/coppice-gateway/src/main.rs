@@ -3,11 +3,11 @@
 //! Invoked as `coppice-envd` (which is how sandboxes start their agent when no separate agent
 //! binary is configured) it runs the in-sandbox agent instead.
 
-#![allow(clippy::print_stderr)]
+#![allow(clippy::print_stderr, clippy::print_stdout)]
 
 use std::process::ExitCode;
 
-use coppice_gateway::config::Config;
+use coppice_gateway::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
     let mut args = std::env::args();
@@ -15,22 +15,43 @@ fn main() -> ExitCode {
     if argv0.rsplit('/').next() == Some(coppice_gateway::AGENT_NAME) {
         return coppice_envd::agent::main(args);
     }
-    let config = match Config::from_args_and_env(args, |k| std::env::var(k).ok()) {
+    // A bare flag, unlike the others (which take a value).
+    let mut args: Vec<String> = args.collect();
+    let before = args.len();
+    args.retain(|a| a != "--check-config");
+    let check_only = args.len() != before;
+    let config = match Config::from_args_and_env(args.into_iter(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(msg) => {
             eprintln!("{msg}");
             return ExitCode::from(64);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COPPICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    if check_only {
+        return match coppice_gateway::check_config(&config) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprintln!("coppice-gateway: the configuration will not work:\n{problems}");
+                // EX_CONFIG
+                ExitCode::from(78)
+            }
+        };
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COPPICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
         // Colour only on a terminal: a log file or the journal gets plain text.
-        .with_ansi(colour_logs(|k| std::env::var_os(k).is_some()))
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(colour_logs(|k| std::env::var_os(k).is_some()))
+            .init(),
+    }
     raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -150,6 +150,20 @@ pub(crate) fn acceptor(config: &Config) -> Result<TlsAcceptor, StartError> {
         .map_err(|e| StartError::Setup(crate::api::error::error_chain(&e)))
 }
 
+/// Whether `--tls-cert`/`--tls-key` hold a chain and its key that rustls accepts, without
+/// making anything (`--check-config`).
+pub(crate) fn check_files(files: &TlsFiles) -> Result<(), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (chain, key) = read_files(files).map_err(|e| crate::api::error::error_chain(&e))?;
+    ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map(drop)
+        .map_err(|e| format!("{} and {}: {e}", files.cert.display(), files.key.display()))
+}
+
 /// The listeners' TLS configuration: rustls on ring, TLS 1.2 and 1.3, ALPN `h2` and
 /// `http/1.1`.
 fn server_config(config: &Config) -> Result<ServerConfig, TlsError> {

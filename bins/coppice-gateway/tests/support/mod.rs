@@ -1009,6 +1009,11 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 fn listening_address(log: &Path) -> Option<SocketAddr> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text.lines().find(|l| l.contains("listening"))?;
+    // `--log-format json` writes `{"fields":{"message":"listening","address":...}}`.
+    if line.starts_with('{') {
+        let v: Value = serde_json::from_str(line).ok()?;
+        return v["fields"]["address"].as_str()?.parse().ok();
+    }
     let rest = &line[line.find("address=")? + "address=".len()..];
     rest.split_whitespace().next()?.parse().ok()
 }
