@@ -36,6 +36,7 @@ mod runtime;
 mod sandbox_log;
 mod server;
 mod service;
+mod snapshots;
 mod state_lock;
 mod tls;
 mod usage;
@@ -259,6 +260,8 @@ pub(crate) struct Gateway {
     pub(crate) builds: builds::Builds,
     /// Each template's warm pool: its target and what it did (`/pool`).
     pub(crate) pools: pool::Pools,
+    /// Snapshots and forks ([`snapshots`]).
+    pub(crate) snapshots: snapshots::Snapshots,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -357,10 +360,27 @@ impl Gateway {
     pub(crate) fn commit(
         &self,
         entry: &Entry,
-        mut record: Record,
+        record: Record,
         event: &LifecycleEvent,
     ) -> Result<Record, registry::RegistryError> {
-        let recorded = lifecycle_event(&mut record, event, now());
+        self.commit_noting(entry, record, event, &[])
+    }
+
+    /// [`Gateway::commit`], with `note`'s fields added to the event's `eventData` (a fork's
+    /// `forkedFrom`).
+    pub(crate) fn commit_noting(
+        &self,
+        entry: &Entry,
+        mut record: Record,
+        event: &LifecycleEvent,
+        note: &[(&str, serde_json::Value)],
+    ) -> Result<Record, registry::RegistryError> {
+        let mut recorded = lifecycle_event(&mut record, event, now());
+        if let Some(serde_json::Value::Object(data)) = recorded.event_data.as_mut() {
+            for (key, value) in note {
+                data.insert((*key).to_owned(), value.clone());
+            }
+        }
         self.metrics.lifecycle(event);
         self.commit_event(entry, record, recorded)
     }
@@ -550,6 +570,8 @@ impl Gateway {
         let mut pruned_at = std::time::Instant::now();
         self.prune_events();
         self.prune_logs().await;
+        // Layers of snapshots and forks whose last user went while the gateway was down.
+        snapshots::collect(&self).await;
         let mut ticks: u32 = 0;
         loop {
             tick.tick().await;
@@ -562,6 +584,7 @@ impl Gateway {
                 pruned_at = std::time::Instant::now();
                 self.prune_events();
                 self.prune_logs().await;
+                snapshots::collect(&self).await;
             }
             let now = now();
             for (n, entry) in self.entries().iter().enumerate() {
@@ -1125,6 +1148,8 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     );
     let builds = builds::Builds::open(&db, &config.state_dir.join("builds"), now().0)
         .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    let snapshots = snapshots::Snapshots::open(&registry)
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let gateway = Arc::new(Gateway {
         config,
         registry,
@@ -1144,6 +1169,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         admission,
         builds,
         pools,
+        snapshots,
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

@@ -92,6 +92,16 @@ pub(crate) struct RegistryError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+impl RegistryError {
+    /// A failed SQL statement of another capability's tables in this database.
+    pub(crate) fn sql(op: &'static str, source: rusqlite::Error) -> Self {
+        Self {
+            op,
+            source: Box::new(source),
+        }
+    }
+}
+
 fn err<E: std::error::Error + Send + Sync + 'static>(
     op: &'static str,
 ) -> impl FnOnce(E) -> RegistryError {
@@ -178,6 +188,20 @@ impl Registry {
     /// Records `events` that change no record, in one transaction.
     pub(crate) fn record_events(&self, events: &[Event]) -> Result<(), RegistryError> {
         self.transaction(events, |_| Ok(()))
+    }
+
+    /// Runs `change` (rows of another capability's tables in this database, such as a
+    /// snapshot's) and records `events`, in one transaction.
+    pub(crate) fn change_with_events<E>(
+        &self,
+        events: &[Event],
+        op: &'static str,
+        change: impl FnOnce(&Connection) -> Result<(), E>,
+    ) -> Result<(), RegistryError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        self.transaction(events, |tx| change(tx).map_err(err(op)))
     }
 
     /// Forgets a sandbox.

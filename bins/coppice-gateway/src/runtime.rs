@@ -742,6 +742,38 @@ impl Runtime {
         captured.and(resumed)
     }
 
+    /// Captures the files of a sandbox that is already frozen (paused) as the new layer
+    /// `name`, leaving it frozen.
+    pub(crate) async fn capture_frozen(
+        &self,
+        id: &SandboxId,
+        name: &LayerId,
+    ) -> Result<(), RuntimeError> {
+        self.storage
+            .snapshot(id, name)
+            .await
+            .map(drop)
+            .map_err(backend("capture the sandbox's files as a layer"))
+    }
+
+    /// Every layer storage has.
+    pub(crate) async fn layers(&self) -> Result<Vec<LayerId>, RuntimeError> {
+        Ok(self
+            .storage
+            .layers()
+            .await
+            .map_err(backend("list layers"))?
+            .into_iter()
+            .map(|l| l.id)
+            .collect())
+    }
+
+    /// Deletes the layer `id`; storage refuses ([`BackendError::InUse`]) while a sandbox or
+    /// another layer depends on it.
+    pub(crate) async fn delete_layer(&self, id: &LayerId) -> Result<(), BackendError> {
+        self.storage.delete_layer(id).await
+    }
+
     /// Whether storage has the layer `id`.
     pub(crate) async fn has_layer(&self, id: &LayerId) -> Result<bool, RuntimeError> {
         Ok(self

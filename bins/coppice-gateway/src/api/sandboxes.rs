@@ -38,7 +38,7 @@ const MAX_MAP_BYTES: usize = 64 * 1024;
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Parses a JSON body; an empty body is the type's default.
-fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
+pub(crate) fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -58,7 +58,7 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-fn seconds(field: &str, value: i64, max: Duration) -> Result<Duration> {
+pub(crate) fn seconds(field: &str, value: i64, max: Duration) -> Result<Duration> {
     let secs = u64::try_from(value)
         .map_err(|_| ApiError::bad_request(format!("{field} must not be negative, got {value}")))?;
     let d = Duration::from_secs(secs);
@@ -95,7 +95,8 @@ fn random_token(len: usize) -> Result<String> {
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available"))
 }
 
-fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
+/// The `Sandbox` body of `record`.
+pub(crate) fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
     Sandbox {
         template_id: record.template.clone(),
         sandbox_id: record.id.to_string(),
@@ -157,21 +158,68 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
     }
 }
 
+/// A sandbox to start: what a create asks for, or what a fork copies from its source.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// The template as it was asked for, for messages.
+    pub(crate) asked: String,
+    /// The template id its record carries.
+    pub(crate) template: String,
+    /// The built template (or snapshot) build it starts from; `None` for a built-in one.
+    pub(crate) built: Option<crate::builds::Resolved>,
+    /// A layer it starts from instead of its template's (a fork's capture of its source).
+    pub(crate) layer: Option<coppice_lifecycle::backend::LayerId>,
+    /// Its window.
+    pub(crate) timeout: Duration,
+    /// What happens at the end of the window.
+    pub(crate) policy: Policy,
+    /// User metadata.
+    pub(crate) metadata: BTreeMap<String, String>,
+    /// Sandbox-wide environment variables.
+    pub(crate) env_vars: BTreeMap<String, String>,
+    /// Its network, checked.
+    pub(crate) net: network::Requested,
+    /// `allow_internet_access` as asked.
+    pub(crate) allow_internet: Option<bool>,
+    /// Its resource limits.
+    pub(crate) limits: Limits,
+    /// The user its processes run as unless they say otherwise.
+    pub(crate) default_user: String,
+    /// Their working directory unless they say otherwise.
+    pub(crate) default_workdir: String,
+    /// The `sandboxBuildId` of its events, when not its template's.
+    pub(crate) build_id: Option<String>,
+    /// The sandbox it was forked from (`eventData.forkedFrom` of its `created`).
+    pub(crate) forked_from: Option<SandboxId>,
+}
+
 /// `POST /sandboxes` (`legacy`) and `POST /v2/sandboxes`.
 pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Response<Body>> {
+    let plan = plan_create(gw, body, legacy)?;
+    let record = start(gw, plan).await?;
+    Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
+}
+
+/// Reads and checks a create's body.
+fn plan_create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Plan> {
     let req: NewSandbox = parse_or_default(body)?;
     let asked = req.template_id.clone().unwrap_or_else(|| "base".into());
-    // A built-in template by name, else a built one by name, `name:tag` or id; a built
-    // template's sandboxes are recorded under its id.
+    // A built-in template by name, else a built one (or a snapshot) by name, `name:tag` or
+    // id, with or without this gateway's namespace; a built template's sandboxes are
+    // recorded under its id.
     let built = if Runtime::knows_template(&asked) {
         None
     } else {
-        Some(gw.builds.resolve(&asked)?.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("template {asked:?} not found"),
-            )
-        })?)
+        Some(
+            gw.builds
+                .resolve(crate::snapshots::local_name(&asked))?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        format!("template {asked:?} not found"),
+                    )
+                })?,
+        )
     };
     let template = built
         .as_ref()
@@ -245,6 +293,56 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         req.allow_internet_access,
         gw.runtime.has_network(),
     )?;
+    let default_user = built
+        .as_ref()
+        .and_then(|b| b.defaults.user.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
+    let default_workdir = built
+        .as_ref()
+        .and_then(|b| b.defaults.workdir.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
+    let limits = built
+        .as_ref()
+        .map_or(crate::runtime::DEFAULT_LIMITS, |b| b.limits);
+    Ok(Plan {
+        asked,
+        template,
+        built,
+        layer: None,
+        timeout,
+        policy,
+        metadata,
+        env_vars,
+        net,
+        allow_internet: req.allow_internet_access,
+        limits,
+        default_user,
+        default_workdir,
+        build_id: None,
+        forked_from: None,
+    })
+}
+
+/// Starts the sandbox `plan` describes and records it (`created`); on failure nothing of it
+/// is left.
+pub(crate) async fn start(gw: &Gateway, plan: Plan) -> Result<Record> {
+    let Plan {
+        asked,
+        template,
+        built,
+        layer,
+        timeout,
+        policy,
+        metadata,
+        env_vars,
+        net,
+        allow_internet,
+        limits,
+        default_user,
+        default_workdir,
+        build_id,
+        forked_from,
+    } = plan;
     let traffic_token = if net.traffic_token {
         Some(random_token(32)?)
     } else {
@@ -258,17 +356,11 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     }
 
     // A place under --max-sandboxes and --min-free-memory (429 otherwise), with a warm
-    // sandbox of the template if the pool has one: that is this sandbox from here on.
-    let (mut ticket, warm) = gw.admission.admit(gw, &template).await?;
-    gw.pools.count_create(&template, warm.is_some());
-    let default_user = built
-        .as_ref()
-        .and_then(|b| b.defaults.user.clone())
-        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
-    let default_workdir = built
-        .as_ref()
-        .and_then(|b| b.defaults.workdir.clone())
-        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
+    // sandbox of the template if the pool has one: that is this sandbox from here on. A
+    // sandbox on a layer of its own (a fork) is never a warm one.
+    let pool_key = layer.as_ref().map_or(template.as_str(), |l| l.as_str());
+    let (mut ticket, warm) = gw.admission.admit(gw, pool_key).await?;
+    gw.pools.count_create(pool_key, warm.is_some());
     gw.pool_changed();
     let id = match &warm {
         Some(w) => w.id.clone(),
@@ -283,10 +375,8 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         env_vars,
         access_token: random_token(32)?,
         lifecycle: Lifecycle::creating(created, timeout, policy),
-        limits: built
-            .as_ref()
-            .map_or(crate::runtime::DEFAULT_LIMITS, |b| b.limits),
-        allow_internet: req.allow_internet_access,
+        limits,
+        allow_internet,
         pid: None,
         build_id: String::new(),
         execution_id: String::new(),
@@ -321,7 +411,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             policy: &net.policy,
             dns_servers: &net.dns_servers,
             warm: warm.map(|w| w.pid),
-            layer: built.as_ref().map(|b| b.layer.clone()),
+            layer: layer.or_else(|| built.as_ref().map(|b| b.layer.clone())),
             default_user: &default_user,
             default_workdir: &default_workdir,
         })
@@ -366,14 +456,19 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         .transition(Command::Started { now: now() })?;
     // The layer is cached by the create above; it is the event's `sandboxBuildId` (a built
     // template's build id).
-    let build_id = match &built {
-        Some(b) => b.build_id.clone(),
-        None => match gw.runtime.template(&template).await {
+    let build_id = match (build_id, &built) {
+        (Some(id), _) => id,
+        (None, Some(b)) => b.build_id.clone(),
+        (None, None) => match gw.runtime.template(&template).await {
             Ok(layer) => layer.to_string(),
             Err(_) => String::new(),
         },
     };
-    let record = gw.commit(
+    let note: Vec<(&str, serde_json::Value)> = forked_from
+        .iter()
+        .map(|source| ("forkedFrom", serde_json::Value::from(source.as_str())))
+        .collect();
+    let record = gw.commit_noting(
         &entry,
         Record {
             lifecycle,
@@ -382,9 +477,10 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             ..record
         },
         &event,
+        &note,
     )?;
-    tracing::info!(sandbox = %id, template = %template, "created");
-    Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
+    tracing::info!(sandbox = %id, template = %template, forked_from = ?forked_from, "created");
+    Ok(record)
 }
 
 fn entry(gw: &Gateway, id: &str) -> Result<std::sync::Arc<Entry>> {
