@@ -1,6 +1,7 @@
-"""Snapshots and forks through the real SDK: `create_snapshot`, `Sandbox.create(snapshot_id)`,
-`list_snapshots`, `delete_snapshot` and `fork` (E2B's own tests of them, plus the errors and
-events Coppice answers with). Captures are filesystem-only here."""
+"""Snapshots, forks and filesystem-only pauses through the real SDK: `create_snapshot`,
+`Sandbox.create(snapshot_id)`, `list_snapshots`, `delete_snapshot`, `fork` and
+`pause(mode="filesystem")` (E2B's own tests of them, plus the errors and events Coppice answers
+with). Captures are filesystem-only here."""
 
 import os
 
@@ -11,6 +12,7 @@ from e2b import (
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
+    SandboxNotRunningException,
 )
 
 from support import unique, wait_until
@@ -268,3 +270,54 @@ def test_fork_errors(factory):
     src.pause()
     r = api("POST", f"/sandboxes/{src.sandbox_id}/fork", json={})
     assert r.status_code == 409, r.text
+
+
+def pause_mode(sandbox_id):
+    return api("GET", f"/sandboxes/{sandbox_id}").json().get("pauseMode")
+
+
+def test_pause_filesystem_only_boots_again_on_the_same_files(factory):
+    sbx = factory.create()
+    sbx.files.write("/home/user/fs-only-marker.txt", "persisted")
+    sbx.commands.run("sleep 1000", background=True)
+    assert sbx.pause(keep_memory=False)
+    assert not sbx.is_running()
+    assert pause_mode(sbx.sandbox_id) == "filesystem"
+    # Paused twice: the SDK's False for a 409.
+    assert Sandbox.pause(sbx.sandbox_id, mode="filesystem") is False
+    resumed = sbx.connect()
+    assert resumed.is_running() and resumed.sandbox_id == sbx.sandbox_id
+    assert pause_mode(sbx.sandbox_id) is None
+    # Same files and credentials, fresh processes.
+    assert resumed.files.read("/home/user/fs-only-marker.txt").strip() == "persisted"
+    assert resumed.commands.run("pgrep -c sleep || true").stdout.strip() == "0"
+    # A full pause is reported as one.
+    sbx.pause()
+    assert pause_mode(sbx.sandbox_id) == "full"
+
+
+def test_auto_pause_filesystem_only_and_auto_resume_refuses_it(factory):
+    sbx = factory.create(
+        timeout=60, lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}}
+    )
+    sbx.files.write("/home/user/before-timeout.txt", "kept")
+    sbx.set_timeout(1)
+    wait_until(
+        lambda: pause_mode(sbx.sandbox_id) == "filesystem",
+        timeout=15,
+        what="the timed-out sandbox to be paused filesystem-only",
+    )
+    assert Sandbox.connect(sbx.sandbox_id).files.read("/home/user/before-timeout.txt") == "kept"
+    # E2B refuses the combination, and traffic never boots a sandbox paused this way.
+    r = api(
+        "POST",
+        "/v2/sandboxes",
+        json={"templateID": "base", "autoPause": True, "autoPauseMemory": False,
+              "autoResume": {"enabled": True}},
+    )
+    assert r.status_code == 400 and "autoPauseMemory" in r.json()["message"], r.text
+    woken = factory.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
+    woken.pause(mode="filesystem")
+    with pytest.raises(SandboxNotRunningException):
+        woken.files.read("/etc/hostname")
+    assert pause_mode(woken.sandbox_id) == "filesystem"

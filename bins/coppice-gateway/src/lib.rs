@@ -512,7 +512,10 @@ impl Gateway {
                 return;
             }
         }
+        // `autoPauseMemory: false`: the window's end stops it, keeping its files.
+        let cold = lifecycle.state == SandboxState::Paused && record.auto_pause_cold;
         let result = match lifecycle.state {
+            SandboxState::Paused if cold => self.runtime.stop(&record.id).await,
             SandboxState::Paused => freeze(&self.runtime, entry).await,
             _ => self.runtime.kill(&record.id).await,
         };
@@ -527,6 +530,8 @@ impl Gateway {
                 entry,
                 Record {
                     lifecycle,
+                    paused_cold: cold,
+                    pid: if cold { None } else { record.pid },
                     ..record.clone()
                 },
                 &event,
@@ -825,7 +830,9 @@ impl Gateway {
                     SandboxState::Running | SandboxState::Paused,
                     Some(RunState::Running | RunState::Paused)
                 )
-            );
+            ) || (state == SandboxState::Paused
+                && record.paused_cold
+                && self.runtime.has_root(&id).await);
             if !keep {
                 tracing::warn!(sandbox = %id, ?state, ?alive, "sandbox did not survive; cleaning up");
                 gone.push(record);
@@ -833,6 +840,10 @@ impl Gateway {
             }
             // The registry is the truth for paused vs running.
             let fix = match (state, alive) {
+                // Paused cold: nothing may run (a crash between its stop and its record).
+                (SandboxState::Paused, Some(_)) if record.paused_cold => {
+                    self.runtime.stop(&id).await
+                }
                 (SandboxState::Paused, Some(RunState::Running)) => self.runtime.pause(&id).await,
                 (SandboxState::Running, Some(RunState::Paused)) => self.runtime.resume(&id).await,
                 _ => Ok(()),

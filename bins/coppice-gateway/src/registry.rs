@@ -72,6 +72,13 @@ pub(crate) struct Record {
     /// `GET /pool`). Records written before pools were counted read as `false`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) from_pool: bool,
+    /// Paused filesystem-only (E2B's `pauseMode: "filesystem"`): its processes, memory and
+    /// cgroups are gone and its files kept; a resume boots it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) paused_cold: bool,
+    /// Its window's end pauses it filesystem-only (`autoPauseMemory: false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) auto_pause_cold: bool,
 }
 
 /// How often sandboxes were created from one template.
@@ -416,6 +423,8 @@ mod tests {
             traffic_token: None,
             network: None,
             from_pool: false,
+            paused_cold: false,
+            auto_pause_cold: false,
         }
     }
 

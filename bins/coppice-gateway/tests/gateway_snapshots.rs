@@ -142,3 +142,72 @@ fn snapshots_survive_a_crash_and_their_layers_go_when_unused() {
     );
     lab.finish();
 }
+
+#[test]
+fn a_filesystem_only_pause_keeps_only_the_files_and_survives_a_crash() {
+    let Some(mut lab) =
+        Lab::new("a_filesystem_only_pause_keeps_only_the_files_and_survives_a_crash")
+    else {
+        return;
+    };
+    lab.start();
+    lab.wait_templates_imported();
+    let made = lab.create(json!({"templateID": "base", "timeout": 300}));
+    let (id, token) = (id_of(&made), token_of(&made));
+    lab.exec(
+        &id,
+        Some(&token),
+        "echo kept > /home/user/f; (sleep 1000 &)",
+    )
+    .ok();
+    let r = lab.api(
+        "POST",
+        &format!("/sandboxes/{id}/pause"),
+        Some(json!({"memory": false})),
+    );
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    let detail = lab.detail(&id);
+    assert_eq!(detail["state"], "paused");
+    assert_eq!(detail["pauseMode"], "filesystem");
+    // Processes, cgroups and the run directory are gone; the writable root stays.
+    assert_eq!(
+        lab.leftovers_of(&id),
+        vec![format!(
+            "directory {}",
+            lab.state_dir.join("storage/sandboxes").join(&id).display()
+        )]
+    );
+    let r = lab.api(
+        "POST",
+        &format!("/sandboxes/{id}/pause"),
+        Some(json!({"memory": false})),
+    );
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text());
+
+    lab.crash();
+    lab.start();
+    assert_eq!(lab.detail(&id)["pauseMode"], "filesystem");
+    let r = lab.api(
+        "POST",
+        &format!("/v2/sandboxes/{id}/connect"),
+        Some(json!({"timeout": 60})),
+    );
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert!(lab.detail(&id).get("pauseMode").is_none());
+    // Booted afresh on its files, with the same access token.
+    assert_eq!(
+        lab.exec(&id, Some(&token), "cat /home/user/f").ok(),
+        "kept\n"
+    );
+    assert_eq!(
+        lab.exec(&id, Some(&token), "pgrep -c sleep || true")
+            .ok()
+            .trim(),
+        "0"
+    );
+    // A full pause after it is a full one again.
+    let r = lab.api("POST", &format!("/sandboxes/{id}/pause"), Some(json!({})));
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(lab.detail(&id)["pauseMode"], "full");
+    lab.finish();
+}

@@ -155,6 +155,14 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
             },
             timeout_ms: u64::try_from(l.timeout.as_millis()).unwrap_or(u64::MAX),
         },
+        pause_mode: (l.state == SandboxState::Paused).then(|| {
+            if record.paused_cold {
+                "filesystem"
+            } else {
+                "full"
+            }
+            .to_owned()
+        }),
     }
 }
 
@@ -191,6 +199,8 @@ pub(crate) struct Plan {
     pub(crate) build_id: Option<String>,
     /// The sandbox it was forked from (`eventData.forkedFrom` of its `created`).
     pub(crate) forked_from: Option<SandboxId>,
+    /// Its window's end pauses it filesystem-only (`autoPauseMemory: false`).
+    pub(crate) auto_pause_cold: bool,
 }
 
 /// `POST /sandboxes` (`legacy`) and `POST /v2/sandboxes`.
@@ -256,6 +266,20 @@ fn plan_create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Plan> {
         .auto_resume
         .or(req.auto_resume.map(|a| a.enabled()))
         .unwrap_or(false);
+    // `autoPauseMemory: false`: the window's end pauses filesystem-only, which E2B's
+    // auto-resume refuses, so the two do not go together.
+    let auto_pause_cold = req.auto_pause_memory == Some(false);
+    if auto_pause_cold && on_timeout != OnTimeout::Pause {
+        return Err(ApiError::bad_request(
+            "autoPauseMemory needs autoPause: true (or lifecycle.onTimeout \"pause\")",
+        ));
+    }
+    if auto_pause_cold && auto_resume {
+        return Err(ApiError::bad_request(
+            "autoPauseMemory: false cannot be combined with autoResume: a filesystem-only \
+             pause is resumed by connect or resume only",
+        ));
+    }
     let policy = Policy::new(on_timeout, auto_resume).map_err(|e| {
         ApiError::bad_request(format!(
             "{e} (autoResume needs lifecycle.onTimeout \"pause\" or autoPause: true)"
@@ -320,6 +344,7 @@ fn plan_create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Plan> {
         default_workdir,
         build_id: None,
         forked_from: None,
+        auto_pause_cold,
     })
 }
 
@@ -342,6 +367,7 @@ pub(crate) async fn start(gw: &Gateway, plan: Plan) -> Result<Record> {
         default_workdir,
         build_id,
         forked_from,
+        auto_pause_cold,
     } = plan;
     let traffic_token = if net.traffic_token {
         Some(random_token(32)?)
@@ -384,6 +410,8 @@ pub(crate) async fn start(gw: &Gateway, plan: Plan) -> Result<Record> {
         traffic_token,
         network: net.echo.clone(),
         from_pool: warm.is_some(),
+        paused_cold: false,
+        auto_pause_cold,
     };
     let entry = match gw.insert(record.clone()) {
         Ok(entry) => {
@@ -574,11 +602,14 @@ pub(crate) async fn kill(gw: &Gateway, id: &str) -> Result<Response<Body>> {
 
 /// The shape every lifecycle change on a live sandbox shares: take its operation lock, run
 /// `command` through the state machine, make the backend follow the state change (running →
-/// paused freezes it, paused → running thaws it), then commit the record with its event.
+/// paused freezes it, or with `cold` stops it keeping its files; paused → running thaws it,
+/// or boots it again on its files if it was paused cold), then commit the record with its
+/// event.
 /// Returns the committed record and the state it was in before.
 async fn change(
     gw: &Gateway,
     id: &str,
+    cold: bool,
     command: impl FnOnce(Millis) -> Command,
 ) -> Result<(Record, SandboxState)> {
     let entry = entry(gw, id)?;
@@ -586,15 +617,29 @@ async fn change(
     let record = entry.record();
     let before = record.lifecycle.state;
     let (lifecycle, event) = record.lifecycle.transition(command(now()))?;
+    let mut pid = record.pid;
     match (before, lifecycle.state) {
+        (SandboxState::Running, SandboxState::Paused) if cold => {
+            gw.runtime.stop(&record.id).await?;
+            pid = None;
+        }
         (SandboxState::Running, SandboxState::Paused) => crate::freeze(&gw.runtime, &entry).await?,
+        (SandboxState::Paused, SandboxState::Running) if record.paused_cold => {
+            pid = Some(cold_boot(gw, &record).await?);
+        }
         (SandboxState::Paused, SandboxState::Running) => gw.runtime.resume(&record.id).await?,
         _ => {}
     }
+    let paused_cold = match lifecycle.state {
+        SandboxState::Paused => record.paused_cold || cold,
+        _ => false,
+    };
     let record = gw.commit(
         &entry,
         Record {
             lifecycle,
+            pid,
+            paused_cold,
             ..record
         },
         &event,
@@ -602,10 +647,76 @@ async fn change(
     Ok((record, before))
 }
 
+/// Boots a sandbox paused filesystem-only again on the files it kept, as its create did:
+/// its environment, access token, network policy, user and working directory, and its
+/// template's start and ready commands. On failure it stays stopped with its files.
+pub(crate) async fn cold_boot(gw: &Gateway, record: &Record) -> Result<u32> {
+    let net = network::on_create(
+        record
+            .network
+            .as_ref()
+            .and_then(|n| serde_json::to_value(n).ok())
+            .as_ref(),
+        record.allow_internet,
+        gw.runtime.has_network(),
+    )?;
+    let built = crate::snapshots::built_of(gw, record)?;
+    let default_user = built
+        .as_ref()
+        .and_then(|b| b.defaults.user.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
+    let default_workdir = built
+        .as_ref()
+        .and_then(|b| b.defaults.workdir.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
+    let pid = gw
+        .runtime
+        .reboot(Setup {
+            id: &record.id,
+            template: &record.template,
+            limits: record.limits,
+            env_vars: &record.env_vars,
+            access_token: &record.access_token,
+            policy: &net.policy,
+            dns_servers: &net.dns_servers,
+            warm: None,
+            layer: None,
+            default_user: &default_user,
+            default_workdir: &default_workdir,
+        })
+        .await?;
+    if let Some(b) = built
+        .as_ref()
+        .filter(|b| crate::builds::start::has_commands(&b.defaults))
+    {
+        let socket = gw.runtime.socket(&record.id);
+        if let Err(why) = crate::builds::start::start_and_wait(
+            &socket,
+            Some(&record.access_token),
+            &b.defaults,
+            &mut |_| {},
+        )
+        .await
+        {
+            if let Err(e) = gw.runtime.stop(&record.id).await {
+                tracing::warn!(sandbox = %record.id, error = %e, "stopping a sandbox whose start command failed");
+            }
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("template {:?}: {why}", record.template),
+            ));
+        }
+    }
+    tracing::info!(sandbox = %record.id, pid, "booted again on its files");
+    Ok(pid)
+}
+
 /// `POST /sandboxes/{id}/pause`: 409 when already paused.
 pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
-    let _req: PauseRequest = parse_or_default(body)?;
-    change(gw, id, |now| Command::Pause {
+    let req: PauseRequest = parse_or_default(body)?;
+    // `memory: false`: a filesystem-only pause (processes stop, files stay).
+    let cold = req.memory == Some(false);
+    change(gw, id, cold, |now| Command::Pause {
         now,
         cause: Cause::Manual,
     })
@@ -617,7 +728,7 @@ pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Respon
 pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: ResumeRequest = parse_or_default(body)?;
     let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let (record, _) = change(gw, id, |now| Command::Resume { now, timeout }).await?;
+    let (record, _) = change(gw, id, false, |now| Command::Resume { now, timeout }).await?;
     Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
 }
 
@@ -638,7 +749,7 @@ pub(crate) async fn connect(
         return Err(ApiError::bad_request("timeout is required"));
     }
     let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let (record, before) = change(gw, id, |now| Command::Connect { now, timeout }).await?;
+    let (record, before) = change(gw, id, false, |now| Command::Connect { now, timeout }).await?;
     let status = if before == SandboxState::Paused {
         StatusCode::CREATED
     } else {
@@ -651,7 +762,7 @@ pub(crate) async fn connect(
 pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: TimeoutRequest = parse(body)?;
     let timeout = seconds("timeout", req.timeout, MAX_TIMEOUT)?;
-    change(gw, id, |now| Command::SetTimeout { now, timeout }).await?;
+    change(gw, id, false, |now| Command::SetTimeout { now, timeout }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -659,6 +770,6 @@ pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<
 pub(crate) async fn refresh(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: RefreshRequest = parse_or_default(body)?;
     let duration = seconds("duration", req.duration.unwrap_or(60), MAX_REFRESH)?;
-    change(gw, id, |now| Command::Refresh { now, duration }).await?;
+    change(gw, id, false, |now| Command::Refresh { now, duration }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

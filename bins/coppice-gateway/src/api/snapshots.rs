@@ -185,6 +185,7 @@ pub(crate) async fn fork(gw: &Gateway, id: &str, body: &Bytes) -> Result<Respons
                 .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned()),
             build_id: (!source.build_id.is_empty()).then(|| source.build_id.clone()),
             forked_from: Some(source.id.clone()),
+            auto_pause_cold: source.auto_pause_cold,
         };
         results.push(match start(gw, plan).await {
             Ok(record) => ForkResult {
