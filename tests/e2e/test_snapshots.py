@@ -285,7 +285,11 @@ def test_pause_filesystem_only_boots_again_on_the_same_files(factory):
     assert pause_mode(sbx.sandbox_id) == "filesystem"
     # Paused twice: the SDK's False for a 409.
     assert Sandbox.pause(sbx.sandbox_id, mode="filesystem") is False
+    # Its network can change while it has none: the next boot applies it.
+    r = api("PUT", f"/sandboxes/{sbx.sandbox_id}/network", json={"denyOut": ["0.0.0.0/0"]})
+    assert r.status_code == 204, r.text
     resumed = sbx.connect()
+    assert api("GET", f"/sandboxes/{sbx.sandbox_id}").json()["network"]["denyOut"] == ["0.0.0.0/0"]
     assert resumed.is_running() and resumed.sandbox_id == sbx.sandbox_id
     assert pause_mode(sbx.sandbox_id) is None
     # Same files and credentials, fresh processes.
