@@ -325,3 +325,17 @@ def test_auto_pause_filesystem_only_and_auto_resume_refuses_it(factory):
     with pytest.raises(SandboxNotRunningException):
         woken.files.read("/etc/hostname")
     assert pause_mode(woken.sandbox_id) == "filesystem"
+
+
+def test_connect_with_reboot_boots_a_full_pause_again_on_its_files(factory):
+    sbx = factory.create()
+    sbx.files.write("/home/user/kept.txt", "kept")
+    sbx.commands.run("sleep 1000", background=True)
+    # On a running sandbox it changes nothing.
+    Sandbox.connect(sbx.sandbox_id, on_resume="reboot")
+    assert sbx.commands.run("pgrep -c sleep").stdout.strip() == "1"
+    sbx.pause()
+    assert pause_mode(sbx.sandbox_id) == "full"
+    resumed = Sandbox.connect(sbx.sandbox_id, on_resume="reboot")
+    assert resumed.files.read("/home/user/kept.txt") == "kept"
+    assert resumed.commands.run("pgrep -c sleep || true").stdout.strip() == "0"

@@ -603,8 +603,8 @@ pub(crate) async fn kill(gw: &Gateway, id: &str) -> Result<Response<Body>> {
 /// The shape every lifecycle change on a live sandbox shares: take its operation lock, run
 /// `command` through the state machine, make the backend follow the state change (running →
 /// paused freezes it, or with `cold` stops it keeping its files; paused → running thaws it,
-/// or boots it again on its files if it was paused cold), then commit the record with its
-/// event.
+/// or boots it again on its files if it was paused cold or `cold` asks for it), then commit
+/// the record with its event.
 /// Returns the committed record and the state it was in before.
 async fn change(
     gw: &Gateway,
@@ -624,7 +624,12 @@ async fn change(
             pid = None;
         }
         (SandboxState::Running, SandboxState::Paused) => crate::freeze(&gw.runtime, &entry).await?,
-        (SandboxState::Paused, SandboxState::Running) if record.paused_cold => {
+        (SandboxState::Paused, SandboxState::Running) if record.paused_cold || cold => {
+            // A resume without memory (`on_resume="reboot"`) of a full pause drops what it
+            // kept in memory first.
+            if !record.paused_cold {
+                gw.runtime.stop(&record.id).await?;
+            }
             pid = Some(cold_boot(gw, &record).await?);
         }
         (SandboxState::Paused, SandboxState::Running) => gw.runtime.resume(&record.id).await?,
@@ -749,7 +754,10 @@ pub(crate) async fn connect(
         return Err(ApiError::bad_request("timeout is required"));
     }
     let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let (record, before) = change(gw, id, false, |now| Command::Connect { now, timeout }).await?;
+    // `memory: false` (the SDK's `on_resume="reboot"`): a paused sandbox boots again on its
+    // files, whatever its pause kept; a running one is left as it is.
+    let reboot = req.memory == Some(false);
+    let (record, before) = change(gw, id, reboot, |now| Command::Connect { now, timeout }).await?;
     let status = if before == SandboxState::Paused {
         StatusCode::CREATED
     } else {
