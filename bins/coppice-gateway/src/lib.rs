@@ -39,6 +39,7 @@ mod runtime;
 mod sandbox_log;
 mod server;
 mod service;
+mod snapshots;
 mod state_lock;
 mod tls;
 mod usage;
@@ -262,6 +263,8 @@ pub(crate) struct Gateway {
     pub(crate) builds: builds::Builds,
     /// Each template's warm pool: its target and what it did (`/pool`).
     pub(crate) pools: pool::Pools,
+    /// Snapshots and forks ([`snapshots`]).
+    pub(crate) snapshots: snapshots::Snapshots,
 }
 
 /// A create under way; see [`Gateway::creating`].
@@ -360,10 +363,27 @@ impl Gateway {
     pub(crate) fn commit(
         &self,
         entry: &Entry,
-        mut record: Record,
+        record: Record,
         event: &LifecycleEvent,
     ) -> Result<Record, registry::RegistryError> {
-        let recorded = lifecycle_event(&mut record, event, now());
+        self.commit_noting(entry, record, event, &[])
+    }
+
+    /// [`Gateway::commit`], with `note`'s fields added to the event's `eventData` (a fork's
+    /// `forkedFrom`).
+    pub(crate) fn commit_noting(
+        &self,
+        entry: &Entry,
+        mut record: Record,
+        event: &LifecycleEvent,
+        note: &[(&str, serde_json::Value)],
+    ) -> Result<Record, registry::RegistryError> {
+        let mut recorded = lifecycle_event(&mut record, event, now());
+        if let Some(serde_json::Value::Object(data)) = recorded.event_data.as_mut() {
+            for (key, value) in note {
+                data.insert((*key).to_owned(), value.clone());
+            }
+        }
         self.metrics.lifecycle(event);
         self.commit_event(entry, record, recorded)
     }
@@ -495,7 +515,10 @@ impl Gateway {
                 return;
             }
         }
+        // `autoPauseMemory: false`: the window's end stops it, keeping its files.
+        let cold = lifecycle.state == SandboxState::Paused && record.auto_pause_cold;
         let result = match lifecycle.state {
+            SandboxState::Paused if cold => self.runtime.stop(&record.id).await,
             SandboxState::Paused => freeze(&self.runtime, entry).await,
             _ => self.runtime.kill(&record.id).await,
         };
@@ -510,6 +533,8 @@ impl Gateway {
                 entry,
                 Record {
                     lifecycle,
+                    paused_cold: cold,
+                    pid: if cold { None } else { record.pid },
                     ..record.clone()
                 },
                 &event,
@@ -553,6 +578,8 @@ impl Gateway {
         let mut pruned_at = std::time::Instant::now();
         self.prune_events();
         self.prune_logs().await;
+        // Layers of snapshots and forks whose last user went while the gateway was down.
+        snapshots::collect(&self).await;
         let mut ticks: u32 = 0;
         loop {
             tick.tick().await;
@@ -565,6 +592,7 @@ impl Gateway {
                 pruned_at = std::time::Instant::now();
                 self.prune_events();
                 self.prune_logs().await;
+                snapshots::collect(&self).await;
             }
             let now = now();
             for (n, entry) in self.entries().iter().enumerate() {
@@ -805,7 +833,9 @@ impl Gateway {
                     SandboxState::Running | SandboxState::Paused,
                     Some(RunState::Running | RunState::Paused)
                 )
-            );
+            ) || (state == SandboxState::Paused
+                && record.paused_cold
+                && self.runtime.has_root(&id).await);
             if !keep {
                 tracing::warn!(sandbox = %id, ?state, ?alive, "sandbox did not survive; cleaning up");
                 gone.push(record);
@@ -813,6 +843,10 @@ impl Gateway {
             }
             // The registry is the truth for paused vs running.
             let fix = match (state, alive) {
+                // Paused cold: nothing may run (a crash between its stop and its record).
+                (SandboxState::Paused, Some(_)) if record.paused_cold => {
+                    self.runtime.stop(&id).await
+                }
                 (SandboxState::Paused, Some(RunState::Running)) => self.runtime.pause(&id).await,
                 (SandboxState::Running, Some(RunState::Paused)) => self.runtime.resume(&id).await,
                 _ => Ok(()),
@@ -1128,6 +1162,8 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
     );
     let builds = builds::Builds::open(&db, &config.state_dir.join("builds"), now().0)
         .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    let snapshots = snapshots::Snapshots::open(&registry)
+        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let gateway = Arc::new(Gateway {
         config,
         registry,
@@ -1147,6 +1183,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         admission,
         builds,
         pools,
+        snapshots,
     });
     gateway.cli_webhook()?;
     // Started before reconcile, whose cleanups record events; it first retries the attempts

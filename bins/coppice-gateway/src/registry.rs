@@ -72,6 +72,13 @@ pub(crate) struct Record {
     /// `GET /pool`). Records written before pools were counted read as `false`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) from_pool: bool,
+    /// Paused filesystem-only (E2B's `pauseMode: "filesystem"`): its processes, memory and
+    /// cgroups are gone and its files kept; a resume boots it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) paused_cold: bool,
+    /// Its window's end pauses it filesystem-only (`autoPauseMemory: false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) auto_pause_cold: bool,
 }
 
 /// How often sandboxes were created from one template.
@@ -90,6 +97,16 @@ pub(crate) struct RegistryError {
     op: &'static str,
     #[source]
     source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl RegistryError {
+    /// A failed SQL statement of another capability's tables in this database.
+    pub(crate) fn sql(op: &'static str, source: rusqlite::Error) -> Self {
+        Self {
+            op,
+            source: Box::new(source),
+        }
+    }
 }
 
 fn err<E: std::error::Error + Send + Sync + 'static>(
@@ -178,6 +195,20 @@ impl Registry {
     /// Records `events` that change no record, in one transaction.
     pub(crate) fn record_events(&self, events: &[Event]) -> Result<(), RegistryError> {
         self.transaction(events, |_| Ok(()))
+    }
+
+    /// Runs `change` (rows of another capability's tables in this database, such as a
+    /// snapshot's) and records `events`, in one transaction.
+    pub(crate) fn change_with_events<E>(
+        &self,
+        events: &[Event],
+        op: &'static str,
+        change: impl FnOnce(&Connection) -> Result<(), E>,
+    ) -> Result<(), RegistryError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        self.transaction(events, |tx| change(tx).map_err(err(op)))
     }
 
     /// Forgets a sandbox.
@@ -392,6 +423,8 @@ mod tests {
             traffic_token: None,
             network: None,
             from_pool: false,
+            paused_cold: false,
+            auto_pause_cold: false,
         }
     }
 

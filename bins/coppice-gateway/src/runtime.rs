@@ -679,7 +679,13 @@ impl Runtime {
         };
         let result = async {
             let pid = self
-                .boot(setup.id, setup.template, &layer, setup.limits, setup.policy)
+                .boot(
+                    setup.id,
+                    setup.template,
+                    Some(&layer),
+                    setup.limits,
+                    setup.policy,
+                )
                 .await?;
             self.configure(&setup).await?;
             Ok(pid)
@@ -702,7 +708,7 @@ impl Runtime {
     ) -> Result<u32, RuntimeError> {
         let result = async {
             let pid = self
-                .boot(id, "build", layer, limits, &EgressPolicy::default())
+                .boot(id, "build", Some(layer), limits, &EgressPolicy::default())
                 .await?;
             let init = serde_json::json!({
                 "envVars": {},
@@ -740,6 +746,38 @@ impl Runtime {
             .map_err(backend("capture the sandbox's files as a layer"));
         let resumed = self.resume(id).await;
         captured.and(resumed)
+    }
+
+    /// Captures the files of a sandbox that is already frozen (paused) as the new layer
+    /// `name`, leaving it frozen.
+    pub(crate) async fn capture_frozen(
+        &self,
+        id: &SandboxId,
+        name: &LayerId,
+    ) -> Result<(), RuntimeError> {
+        self.storage
+            .snapshot(id, name)
+            .await
+            .map(drop)
+            .map_err(backend("capture the sandbox's files as a layer"))
+    }
+
+    /// Every layer storage has.
+    pub(crate) async fn layers(&self) -> Result<Vec<LayerId>, RuntimeError> {
+        Ok(self
+            .storage
+            .layers()
+            .await
+            .map_err(backend("list layers"))?
+            .into_iter()
+            .map(|l| l.id)
+            .collect())
+    }
+
+    /// Deletes the layer `id`; storage refuses ([`BackendError::InUse`]) while a sandbox or
+    /// another layer depends on it.
+    pub(crate) async fn delete_layer(&self, id: &LayerId) -> Result<(), BackendError> {
+        self.storage.delete_layer(id).await
     }
 
     /// Whether storage has the layer `id`.
@@ -780,7 +818,7 @@ impl Runtime {
             .boot(
                 &id,
                 template,
-                &layer,
+                Some(&layer),
                 DEFAULT_LIMITS,
                 &EgressPolicy::default(),
             )
@@ -824,17 +862,26 @@ impl Runtime {
         &self,
         id: &SandboxId,
         template: &str,
-        layer: &LayerId,
+        layer: Option<&LayerId>,
         limits: Limits,
         policy: &EgressPolicy,
     ) -> Result<u32, RuntimeError> {
         let _start = self.starts.begin();
         let t0 = Instant::now();
-        let rootfs = self
-            .storage
-            .create_rootfs(id, layer)
-            .await
-            .map_err(backend("create the sandbox's root filesystem"))?;
+        // Without a layer the sandbox boots again on the root it kept (a filesystem-only
+        // pause).
+        let rootfs = match layer {
+            Some(layer) => self
+                .storage
+                .create_rootfs(id, layer)
+                .await
+                .map_err(backend("create the sandbox's root filesystem"))?,
+            None => self
+                .storage
+                .rootfs(id)
+                .await
+                .map_err(backend("find the sandbox's root filesystem"))?,
+        };
         let run = self.sandbox_run_dir(id);
         let root = self.jail.host_id(0);
         std::fs::create_dir_all(&run)
@@ -1007,6 +1054,61 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    /// Stops a sandbox but keeps its files (a filesystem-only pause): its processes,
+    /// cgroups, network and run directory go, its writable root stays for
+    /// [`Runtime::reboot`]. What is already gone is not an error.
+    pub(crate) async fn stop(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        match self.jail.kill(id).await {
+            Ok(()) | Err(BackendError::NotFound { .. }) => {}
+            Err(e) => return Err(backend("stop the sandbox")(e)),
+        }
+        self.netns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+        if let Some(net) = &self.net {
+            match net.release(id).await {
+                Ok(()) | Err(BackendError::NotFound { .. }) => {}
+                Err(e) => return Err(backend("release the sandbox's network")(e)),
+            }
+        }
+        let run = self.sandbox_run_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&run) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(RuntimeError::Backend {
+                    op: "remove the sandbox's run directory",
+                    source: BackendError::io("remove", &run, e),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Boots a stopped sandbox ([`Runtime::stop`]) again on the root it kept: fresh
+    /// processes, the same files, configured as `setup` says (its `layer` and `warm` are not
+    /// read). On failure it is stopped again, its files kept.
+    pub(crate) async fn reboot(&self, setup: Setup<'_>) -> Result<u32, RuntimeError> {
+        let result = async {
+            let pid = self
+                .boot(setup.id, setup.template, None, setup.limits, setup.policy)
+                .await?;
+            self.configure(&setup).await?;
+            Ok(pid)
+        }
+        .await;
+        if result.is_err() {
+            if let Err(e) = self.stop(setup.id).await {
+                tracing::warn!(sandbox = %setup.id, error = %e, "stopping a sandbox whose reboot failed");
+            }
+        }
+        result
+    }
+
+    /// Whether storage still has the sandbox's writable root.
+    pub(crate) async fn has_root(&self, id: &SandboxId) -> bool {
+        self.storage.rootfs(id).await.is_ok()
     }
 
     /// Best-effort teardown after a failed create.

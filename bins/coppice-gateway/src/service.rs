@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use crate::api::error::ApiError;
 use crate::api::{
     builds, closing, dashboard, events, has_body, json, logs, metrics, network, pool, ports, proxy,
-    sandboxes, signed, templates, Body,
+    sandboxes, signed, snapshots, templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -230,10 +230,13 @@ async fn dispatch(
         (&Method::GET, ["sandboxes"]) => sandboxes::list(gw, query, true),
         (&Method::GET, ["v2", "sandboxes"]) => sandboxes::list(gw, query, false),
         (&Method::GET, ["sandboxes", "metrics"]) => metrics::latest(gw, query),
+        (&Method::GET, ["sandboxes", "snapshots"] | ["snapshots"]) => snapshots::list(gw, query),
         (&Method::GET, ["sandboxes", id]) => sandboxes::get(gw, id),
         (&Method::DELETE, ["sandboxes", id]) => sandboxes::kill(gw, id).await,
         (&Method::POST, ["sandboxes", id, "pause"]) => sandboxes::pause(gw, id, &body).await,
         (&Method::POST, ["sandboxes", id, "resume"]) => sandboxes::resume(gw, id, &body).await,
+        (&Method::POST, ["sandboxes", id, "snapshots"]) => snapshots::create(gw, id, &body).await,
+        (&Method::POST, ["sandboxes", id, "fork"]) => snapshots::fork(gw, id, &body).await,
         (&Method::POST, ["sandboxes", id, "connect"]) => {
             sandboxes::connect(gw, id, &body, true).await
         }
@@ -277,7 +280,7 @@ async fn dispatch(
         (&Method::DELETE, ["templates", "tags"]) => builds::remove_tags(gw, &body),
         (&Method::GET, ["templates", "aliases", alias]) => templates::alias(gw, alias),
         (&Method::GET, ["templates", id]) => templates::get(gw, id, query),
-        (&Method::DELETE, ["templates", id]) => templates::delete(gw, id),
+        (&Method::DELETE, ["templates", id]) => snapshots::delete(gw, id).await,
         (&Method::PATCH, ["templates", id] | ["v2", "templates", id]) => {
             templates::update(gw, id, &body, path.starts_with("/v2/"))
         }
@@ -303,7 +306,7 @@ async fn dispatch(
             ),
         )),
         (_, ["sandboxes" | "v2" | "events", ..])
-        | (_, ["health" | "metrics" | "pool"])
+        | (_, ["health" | "metrics" | "pool" | "snapshots"])
         | (_, ["pool", _, "warm" | "drain"]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),

@@ -300,6 +300,10 @@ pub struct SandboxDetail {
     pub network: Option<NetworkConfig>,
     /// Lifecycle settings.
     pub lifecycle: LifecycleBlock,
+    /// How a paused sandbox was paused: `"full"` (memory kept) or `"filesystem"` (files
+    /// only; a resume boots it again). Absent while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_mode: Option<String>,
 }
 
 /// One sample of `GET /sandboxes/{id}/metrics`.

@@ -20,6 +20,8 @@ pub(crate) struct ApiError {
     pub(crate) message: String,
     /// Seconds for a `Retry-After` header: the failure is expected to pass by itself.
     pub(crate) retry_after: Option<u64>,
+    /// E2B's machine-readable `error_code`, where it defines one.
+    pub(crate) error_code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -29,6 +31,15 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            error_code: None,
+        }
+    }
+
+    /// The same error with E2B's `error_code`.
+    pub(crate) fn with_code(self, code: &'static str) -> Self {
+        Self {
+            error_code: Some(code),
+            ..self
         }
     }
 
@@ -48,10 +59,9 @@ impl ApiError {
         if self.status.is_server_error() && self.retry_after.is_none() {
             tracing::error!(status = %self.status, message = %self.message, "request failed");
         }
-        let mut resp = json(
-            self.status,
-            &ErrorBody::new(self.status.as_u16(), self.message),
-        );
+        let mut body = ErrorBody::new(self.status.as_u16(), self.message);
+        body.error_code = self.error_code.map(str::to_owned);
+        let mut resp = json(self.status, &body);
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));

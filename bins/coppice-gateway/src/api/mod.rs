@@ -13,6 +13,7 @@ pub(crate) mod ports;
 pub(crate) mod proxy;
 pub(crate) mod sandboxes;
 pub(crate) mod signed;
+pub(crate) mod snapshots;
 pub(crate) mod stream_end;
 pub(crate) mod templates;
 

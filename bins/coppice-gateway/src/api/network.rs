@@ -279,7 +279,9 @@ pub(crate) async fn update(
     ) {
         return Err(ApiError::sandbox_not_found(id));
     }
-    if enabled {
+    // A sandbox paused filesystem-only has no network now; its next boot applies the
+    // recorded configuration.
+    if enabled && !record.paused_cold {
         gw.runtime.update_policy(&record.id, &policy).await?;
         gw.runtime.set_resolvers(&record.id, &dns).await?;
     }

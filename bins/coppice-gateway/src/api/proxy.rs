@@ -140,9 +140,11 @@ async fn send(
     // A paused auto-resume sandbox is woken, which needs the lock for writing, and then
     // checked again under the read lock: a pause (manual, or the reaper's) may get in
     // between, and a request sent to a frozen agent would wait for whoever wakes it next.
+    // A sandbox paused filesystem-only is never woken by traffic, as on E2B: it boots
+    // afresh, which only an explicit connect or resume may do.
     for _ in 0..WAKE_ATTEMPTS {
         match record.lifecycle.state {
-            SandboxState::Paused if record.lifecycle.policy.auto_resume => {
+            SandboxState::Paused if record.lifecycle.policy.auto_resume && !record.paused_cold => {
                 drop(guard);
                 wake(gw, &entry).await.map_err(ApiError::into_response)?;
                 guard = entry.op.read().await;
@@ -153,7 +155,7 @@ async fn send(
     }
     match record.lifecycle.state {
         SandboxState::Running => entry.touch(now()),
-        SandboxState::Paused if record.lifecycle.policy.auto_resume => {
+        SandboxState::Paused if record.lifecycle.policy.auto_resume && !record.paused_cold => {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the sandbox was paused again each time it was woken; retry",
@@ -333,7 +335,7 @@ impl hyper::body::Body for Tracked {
 async fn wake(gw: &Gateway, entry: &crate::Entry) -> Result<(), ApiError> {
     let _op = entry.op.write().await;
     let record = entry.record();
-    if record.lifecycle.state != SandboxState::Paused {
+    if record.lifecycle.state != SandboxState::Paused || record.paused_cold {
         return Ok(());
     }
     let (lifecycle, event) = record

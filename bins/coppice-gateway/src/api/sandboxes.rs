@@ -38,7 +38,7 @@ const MAX_MAP_BYTES: usize = 64 * 1024;
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Parses a JSON body; an empty body is the type's default.
-fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
+pub(crate) fn parse_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -58,7 +58,7 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-fn seconds(field: &str, value: i64, max: Duration) -> Result<Duration> {
+pub(crate) fn seconds(field: &str, value: i64, max: Duration) -> Result<Duration> {
     let secs = u64::try_from(value)
         .map_err(|_| ApiError::bad_request(format!("{field} must not be negative, got {value}")))?;
     let d = Duration::from_secs(secs);
@@ -95,7 +95,8 @@ fn random_token(len: usize) -> Result<String> {
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available"))
 }
 
-fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
+/// The `Sandbox` body of `record`.
+pub(crate) fn sandbox_body(gw: &Gateway, record: &Record) -> Sandbox {
     Sandbox {
         template_id: record.template.clone(),
         sandbox_id: record.id.to_string(),
@@ -154,24 +155,81 @@ fn detail(gw: &Gateway, record: &Record) -> SandboxDetail {
             },
             timeout_ms: u64::try_from(l.timeout.as_millis()).unwrap_or(u64::MAX),
         },
+        pause_mode: (l.state == SandboxState::Paused).then(|| {
+            if record.paused_cold {
+                "filesystem"
+            } else {
+                "full"
+            }
+            .to_owned()
+        }),
     }
+}
+
+/// A sandbox to start: what a create asks for, or what a fork copies from its source.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// The template as it was asked for, for messages.
+    pub(crate) asked: String,
+    /// The template id its record carries.
+    pub(crate) template: String,
+    /// The built template (or snapshot) build it starts from; `None` for a built-in one.
+    pub(crate) built: Option<crate::builds::Resolved>,
+    /// A layer it starts from instead of its template's (a fork's capture of its source).
+    pub(crate) layer: Option<coppice_lifecycle::backend::LayerId>,
+    /// Its window.
+    pub(crate) timeout: Duration,
+    /// What happens at the end of the window.
+    pub(crate) policy: Policy,
+    /// User metadata.
+    pub(crate) metadata: BTreeMap<String, String>,
+    /// Sandbox-wide environment variables.
+    pub(crate) env_vars: BTreeMap<String, String>,
+    /// Its network, checked.
+    pub(crate) net: network::Requested,
+    /// `allow_internet_access` as asked.
+    pub(crate) allow_internet: Option<bool>,
+    /// Its resource limits.
+    pub(crate) limits: Limits,
+    /// The user its processes run as unless they say otherwise.
+    pub(crate) default_user: String,
+    /// Their working directory unless they say otherwise.
+    pub(crate) default_workdir: String,
+    /// The `sandboxBuildId` of its events, when not its template's.
+    pub(crate) build_id: Option<String>,
+    /// The sandbox it was forked from (`eventData.forkedFrom` of its `created`).
+    pub(crate) forked_from: Option<SandboxId>,
+    /// Its window's end pauses it filesystem-only (`autoPauseMemory: false`).
+    pub(crate) auto_pause_cold: bool,
 }
 
 /// `POST /sandboxes` (`legacy`) and `POST /v2/sandboxes`.
 pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Response<Body>> {
+    let plan = plan_create(gw, body, legacy)?;
+    let record = start(gw, plan).await?;
+    Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
+}
+
+/// Reads and checks a create's body.
+fn plan_create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<Plan> {
     let req: NewSandbox = parse_or_default(body)?;
     let asked = req.template_id.clone().unwrap_or_else(|| "base".into());
-    // A built-in template by name, else a built one by name, `name:tag` or id; a built
-    // template's sandboxes are recorded under its id.
+    // A built-in template by name, else a built one (or a snapshot) by name, `name:tag` or
+    // id, with or without this gateway's namespace; a built template's sandboxes are
+    // recorded under its id.
     let built = if Runtime::knows_template(&asked) {
         None
     } else {
-        Some(gw.builds.resolve(&asked)?.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("template {asked:?} not found"),
-            )
-        })?)
+        Some(
+            gw.builds
+                .resolve(crate::snapshots::local_name(&asked))?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        format!("template {asked:?} not found"),
+                    )
+                })?,
+        )
     };
     let template = built
         .as_ref()
@@ -208,6 +266,20 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         .auto_resume
         .or(req.auto_resume.map(|a| a.enabled()))
         .unwrap_or(false);
+    // `autoPauseMemory: false`: the window's end pauses filesystem-only, which E2B's
+    // auto-resume refuses, so the two do not go together.
+    let auto_pause_cold = req.auto_pause_memory == Some(false);
+    if auto_pause_cold && on_timeout != OnTimeout::Pause {
+        return Err(ApiError::bad_request(
+            "autoPauseMemory needs autoPause: true (or lifecycle.onTimeout \"pause\")",
+        ));
+    }
+    if auto_pause_cold && auto_resume {
+        return Err(ApiError::bad_request(
+            "autoPauseMemory: false cannot be combined with autoResume: a filesystem-only \
+             pause is resumed by connect or resume only",
+        ));
+    }
     let policy = Policy::new(on_timeout, auto_resume).map_err(|e| {
         ApiError::bad_request(format!(
             "{e} (autoResume needs lifecycle.onTimeout \"pause\" or autoPause: true)"
@@ -245,6 +317,58 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         req.allow_internet_access,
         gw.runtime.has_network(),
     )?;
+    let default_user = built
+        .as_ref()
+        .and_then(|b| b.defaults.user.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
+    let default_workdir = built
+        .as_ref()
+        .and_then(|b| b.defaults.workdir.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
+    let limits = built
+        .as_ref()
+        .map_or(crate::runtime::DEFAULT_LIMITS, |b| b.limits);
+    Ok(Plan {
+        asked,
+        template,
+        built,
+        layer: None,
+        timeout,
+        policy,
+        metadata,
+        env_vars,
+        net,
+        allow_internet: req.allow_internet_access,
+        limits,
+        default_user,
+        default_workdir,
+        build_id: None,
+        forked_from: None,
+        auto_pause_cold,
+    })
+}
+
+/// Starts the sandbox `plan` describes and records it (`created`); on failure nothing of it
+/// is left.
+pub(crate) async fn start(gw: &Gateway, plan: Plan) -> Result<Record> {
+    let Plan {
+        asked,
+        template,
+        built,
+        layer,
+        timeout,
+        policy,
+        metadata,
+        env_vars,
+        net,
+        allow_internet,
+        limits,
+        default_user,
+        default_workdir,
+        build_id,
+        forked_from,
+        auto_pause_cold,
+    } = plan;
     let traffic_token = if net.traffic_token {
         Some(random_token(32)?)
     } else {
@@ -258,17 +382,11 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
     }
 
     // A place under --max-sandboxes and --min-free-memory (429 otherwise), with a warm
-    // sandbox of the template if the pool has one: that is this sandbox from here on.
-    let (mut ticket, warm) = gw.admission.admit(gw, &template).await?;
-    gw.pools.count_create(&template, warm.is_some());
-    let default_user = built
-        .as_ref()
-        .and_then(|b| b.defaults.user.clone())
-        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
-    let default_workdir = built
-        .as_ref()
-        .and_then(|b| b.defaults.workdir.clone())
-        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
+    // sandbox of the template if the pool has one: that is this sandbox from here on. A
+    // sandbox on a layer of its own (a fork) is never a warm one.
+    let pool_key = layer.as_ref().map_or(template.as_str(), |l| l.as_str());
+    let (mut ticket, warm) = gw.admission.admit(gw, pool_key).await?;
+    gw.pools.count_create(pool_key, warm.is_some());
     gw.pool_changed();
     let id = match &warm {
         Some(w) => w.id.clone(),
@@ -283,10 +401,8 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         env_vars,
         access_token: random_token(32)?,
         lifecycle: Lifecycle::creating(created, timeout, policy),
-        limits: built
-            .as_ref()
-            .map_or(crate::runtime::DEFAULT_LIMITS, |b| b.limits),
-        allow_internet: req.allow_internet_access,
+        limits,
+        allow_internet,
         pid: None,
         build_id: String::new(),
         execution_id: String::new(),
@@ -294,6 +410,8 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         traffic_token,
         network: net.echo.clone(),
         from_pool: warm.is_some(),
+        paused_cold: false,
+        auto_pause_cold,
     };
     let entry = match gw.insert(record.clone()) {
         Ok(entry) => {
@@ -321,7 +439,7 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             policy: &net.policy,
             dns_servers: &net.dns_servers,
             warm: warm.map(|w| w.pid),
-            layer: built.as_ref().map(|b| b.layer.clone()),
+            layer: layer.or_else(|| built.as_ref().map(|b| b.layer.clone())),
             default_user: &default_user,
             default_workdir: &default_workdir,
         })
@@ -366,14 +484,19 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
         .transition(Command::Started { now: now() })?;
     // The layer is cached by the create above; it is the event's `sandboxBuildId` (a built
     // template's build id).
-    let build_id = match &built {
-        Some(b) => b.build_id.clone(),
-        None => match gw.runtime.template(&template).await {
+    let build_id = match (build_id, &built) {
+        (Some(id), _) => id,
+        (None, Some(b)) => b.build_id.clone(),
+        (None, None) => match gw.runtime.template(&template).await {
             Ok(layer) => layer.to_string(),
             Err(_) => String::new(),
         },
     };
-    let record = gw.commit(
+    let note: Vec<(&str, serde_json::Value)> = forked_from
+        .iter()
+        .map(|source| ("forkedFrom", serde_json::Value::from(source.as_str())))
+        .collect();
+    let record = gw.commit_noting(
         &entry,
         Record {
             lifecycle,
@@ -382,9 +505,10 @@ pub(crate) async fn create(gw: &Gateway, body: &Bytes, legacy: bool) -> Result<R
             ..record
         },
         &event,
+        &note,
     )?;
-    tracing::info!(sandbox = %id, template = %template, "created");
-    Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
+    tracing::info!(sandbox = %id, template = %template, forked_from = ?forked_from, "created");
+    Ok(record)
 }
 
 fn entry(gw: &Gateway, id: &str) -> Result<std::sync::Arc<Entry>> {
@@ -478,11 +602,14 @@ pub(crate) async fn kill(gw: &Gateway, id: &str) -> Result<Response<Body>> {
 
 /// The shape every lifecycle change on a live sandbox shares: take its operation lock, run
 /// `command` through the state machine, make the backend follow the state change (running →
-/// paused freezes it, paused → running thaws it), then commit the record with its event.
+/// paused freezes it, or with `cold` stops it keeping its files; paused → running thaws it,
+/// or boots it again on its files if it was paused cold or `cold` asks for it), then commit
+/// the record with its event.
 /// Returns the committed record and the state it was in before.
 async fn change(
     gw: &Gateway,
     id: &str,
+    cold: bool,
     command: impl FnOnce(Millis) -> Command,
 ) -> Result<(Record, SandboxState)> {
     let entry = entry(gw, id)?;
@@ -490,15 +617,34 @@ async fn change(
     let record = entry.record();
     let before = record.lifecycle.state;
     let (lifecycle, event) = record.lifecycle.transition(command(now()))?;
+    let mut pid = record.pid;
     match (before, lifecycle.state) {
+        (SandboxState::Running, SandboxState::Paused) if cold => {
+            gw.runtime.stop(&record.id).await?;
+            pid = None;
+        }
         (SandboxState::Running, SandboxState::Paused) => crate::freeze(&gw.runtime, &entry).await?,
+        (SandboxState::Paused, SandboxState::Running) if record.paused_cold || cold => {
+            // A resume without memory (`on_resume="reboot"`) of a full pause drops what it
+            // kept in memory first.
+            if !record.paused_cold {
+                gw.runtime.stop(&record.id).await?;
+            }
+            pid = Some(cold_boot(gw, &record).await?);
+        }
         (SandboxState::Paused, SandboxState::Running) => gw.runtime.resume(&record.id).await?,
         _ => {}
     }
+    let paused_cold = match lifecycle.state {
+        SandboxState::Paused => record.paused_cold || cold,
+        _ => false,
+    };
     let record = gw.commit(
         &entry,
         Record {
             lifecycle,
+            pid,
+            paused_cold,
             ..record
         },
         &event,
@@ -506,10 +652,76 @@ async fn change(
     Ok((record, before))
 }
 
+/// Boots a sandbox paused filesystem-only again on the files it kept, as its create did:
+/// its environment, access token, network policy, user and working directory, and its
+/// template's start and ready commands. On failure it stays stopped with its files.
+pub(crate) async fn cold_boot(gw: &Gateway, record: &Record) -> Result<u32> {
+    let net = network::on_create(
+        record
+            .network
+            .as_ref()
+            .and_then(|n| serde_json::to_value(n).ok())
+            .as_ref(),
+        record.allow_internet,
+        gw.runtime.has_network(),
+    )?;
+    let built = crate::snapshots::built_of(gw, record)?;
+    let default_user = built
+        .as_ref()
+        .and_then(|b| b.defaults.user.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_USER.to_owned());
+    let default_workdir = built
+        .as_ref()
+        .and_then(|b| b.defaults.workdir.clone())
+        .unwrap_or_else(|| crate::runtime::DEFAULT_WORKDIR.to_owned());
+    let pid = gw
+        .runtime
+        .reboot(Setup {
+            id: &record.id,
+            template: &record.template,
+            limits: record.limits,
+            env_vars: &record.env_vars,
+            access_token: &record.access_token,
+            policy: &net.policy,
+            dns_servers: &net.dns_servers,
+            warm: None,
+            layer: None,
+            default_user: &default_user,
+            default_workdir: &default_workdir,
+        })
+        .await?;
+    if let Some(b) = built
+        .as_ref()
+        .filter(|b| crate::builds::start::has_commands(&b.defaults))
+    {
+        let socket = gw.runtime.socket(&record.id);
+        if let Err(why) = crate::builds::start::start_and_wait(
+            &socket,
+            Some(&record.access_token),
+            &b.defaults,
+            &mut |_| {},
+        )
+        .await
+        {
+            if let Err(e) = gw.runtime.stop(&record.id).await {
+                tracing::warn!(sandbox = %record.id, error = %e, "stopping a sandbox whose start command failed");
+            }
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("template {:?}: {why}", record.template),
+            ));
+        }
+    }
+    tracing::info!(sandbox = %record.id, pid, "booted again on its files");
+    Ok(pid)
+}
+
 /// `POST /sandboxes/{id}/pause`: 409 when already paused.
 pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
-    let _req: PauseRequest = parse_or_default(body)?;
-    change(gw, id, |now| Command::Pause {
+    let req: PauseRequest = parse_or_default(body)?;
+    // `memory: false`: a filesystem-only pause (processes stop, files stay).
+    let cold = req.memory == Some(false);
+    change(gw, id, cold, |now| Command::Pause {
         now,
         cause: Cause::Manual,
     })
@@ -521,7 +733,7 @@ pub(crate) async fn pause(gw: &Gateway, id: &str, body: &Bytes) -> Result<Respon
 pub(crate) async fn resume(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: ResumeRequest = parse_or_default(body)?;
     let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let (record, _) = change(gw, id, |now| Command::Resume { now, timeout }).await?;
+    let (record, _) = change(gw, id, false, |now| Command::Resume { now, timeout }).await?;
     Ok(json(StatusCode::CREATED, &sandbox_body(gw, &record)))
 }
 
@@ -542,7 +754,10 @@ pub(crate) async fn connect(
         return Err(ApiError::bad_request("timeout is required"));
     }
     let timeout = seconds("timeout", req.timeout.unwrap_or(300), MAX_TIMEOUT)?;
-    let (record, before) = change(gw, id, |now| Command::Connect { now, timeout }).await?;
+    // `memory: false` (the SDK's `on_resume="reboot"`): a paused sandbox boots again on its
+    // files, whatever its pause kept; a running one is left as it is.
+    let reboot = req.memory == Some(false);
+    let (record, before) = change(gw, id, reboot, |now| Command::Connect { now, timeout }).await?;
     let status = if before == SandboxState::Paused {
         StatusCode::CREATED
     } else {
@@ -555,7 +770,7 @@ pub(crate) async fn connect(
 pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: TimeoutRequest = parse(body)?;
     let timeout = seconds("timeout", req.timeout, MAX_TIMEOUT)?;
-    change(gw, id, |now| Command::SetTimeout { now, timeout }).await?;
+    change(gw, id, false, |now| Command::SetTimeout { now, timeout }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -563,6 +778,6 @@ pub(crate) async fn set_timeout(gw: &Gateway, id: &str, body: &Bytes) -> Result<
 pub(crate) async fn refresh(gw: &Gateway, id: &str, body: &Bytes) -> Result<Response<Body>> {
     let req: RefreshRequest = parse_or_default(body)?;
     let duration = seconds("duration", req.duration.unwrap_or(60), MAX_REFRESH)?;
-    change(gw, id, |now| Command::Refresh { now, duration }).await?;
+    change(gw, id, false, |now| Command::Refresh { now, duration }).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

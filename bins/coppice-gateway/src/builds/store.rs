@@ -359,51 +359,11 @@ impl Store {
     /// Records a new build (`waiting`) of the template `name`, creating the template with
     /// `new_id` if there is none of that name.
     pub(crate) fn request(&self, new: &NewBuild<'_>, now: u64) -> Result<(TemplateRow, BuildRow)> {
-        let NewBuild {
-            name,
-            new_template_id: new_id,
-            build_id,
-            tags,
-            cpu_count,
-            memory_mb,
-        } = *new;
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(err("begin"))?;
-        tx.execute(
-            "INSERT INTO tmpl_templates (id, name, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(name) DO UPDATE SET updated_at = ?3",
-            params![new_id, name, sql(now)],
-        )
-        .map_err(err("record a template"))?;
-        let template = tx
-            .query_row(
-                "SELECT id, name, created_at, updated_at, public FROM tmpl_templates WHERE name = ?1",
-                params![name],
-                template_row,
-            )
-            .map_err(err("read a template"))?;
-        tx.execute(
-            "INSERT INTO tmpl_builds (id, template_id, status, created_at, updated_at, tags,
-             cpu_count, memory_mb) VALUES (?1, ?2, 'waiting', ?3, ?3, ?4, ?5, ?6)",
-            params![
-                build_id,
-                template.id,
-                sql(now),
-                to_json(&tags),
-                cpu_count,
-                sql(memory_mb)
-            ],
-        )
-        .map_err(err("record a build"))?;
-        let build = tx
-            .query_row(
-                &format!("SELECT {BUILD_COLUMNS} FROM tmpl_builds WHERE id = ?1"),
-                params![build_id],
-                build_row,
-            )
-            .map_err(err("read a build"))?;
+        let made = request_in(&tx, new, now)?;
         tx.commit().map_err(err("commit"))?;
-        Ok((template, build))
+        Ok(made)
     }
 
     /// The build `id`.
@@ -452,33 +412,7 @@ impl Store {
     pub(crate) fn ready(&self, id: &str, layer: &str, defaults: &Defaults, now: u64) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(err("begin"))?;
-        let build = tx
-            .query_row(
-                &format!("SELECT {BUILD_COLUMNS} FROM tmpl_builds WHERE id = ?1"),
-                params![id],
-                build_row,
-            )
-            .map_err(err("read a build"))?;
-        tx.execute(
-            "UPDATE tmpl_builds SET status = 'ready', layer = ?2, defaults = ?3, updated_at = ?4,
-             finished_at = ?4 WHERE id = ?1",
-            params![id, layer, to_json(defaults), sql(now)],
-        )
-        .map_err(err("finish a build"))?;
-        for tag in &build.tags {
-            tx.execute(
-                "INSERT INTO tmpl_tags (template_id, tag, build_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(template_id, tag) DO UPDATE SET build_id = ?3, created_at = ?4",
-                params![build.template_id, tag, id, sql(now)],
-            )
-            .map_err(err("tag a build"))?;
-        }
-        tx.execute(
-            "UPDATE tmpl_templates SET updated_at = ?2 WHERE id = ?1",
-            params![build.template_id, sql(now)],
-        )
-        .map_err(err("touch a template"))?;
+        ready_in(&tx, id, layer, defaults, now)?;
         tx.commit().map_err(err("commit"))
     }
 
@@ -603,16 +537,7 @@ impl Store {
     pub(crate) fn delete_template(&self, template_id: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(err("begin"))?;
-        for stmt in [
-            "DELETE FROM tmpl_logs WHERE build_id IN
-             (SELECT id FROM tmpl_builds WHERE template_id = ?1)",
-            "DELETE FROM tmpl_builds WHERE template_id = ?1",
-            "DELETE FROM tmpl_tags WHERE template_id = ?1",
-            "DELETE FROM tmpl_templates WHERE id = ?1",
-        ] {
-            tx.execute(stmt, params![template_id])
-                .map_err(err("delete a template"))?;
-        }
+        delete_template_in(&tx, template_id)?;
         tx.commit().map_err(err("commit"))
     }
 
@@ -639,6 +564,111 @@ impl Store {
             .map(drop)
             .map_err(err("write the step cache"))
     }
+}
+
+/// [`Store::request`] inside the caller's transaction `tx` (on any connection to the
+/// database), for a template made by another capability (a snapshot) together with its own
+/// rows.
+pub(crate) fn request_in(
+    tx: &Connection,
+    new: &NewBuild<'_>,
+    now: u64,
+) -> Result<(TemplateRow, BuildRow)> {
+    let NewBuild {
+        name,
+        new_template_id: new_id,
+        build_id,
+        tags,
+        cpu_count,
+        memory_mb,
+    } = *new;
+    tx.execute(
+        "INSERT INTO tmpl_templates (id, name, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT(name) DO UPDATE SET updated_at = ?3",
+        params![new_id, name, sql(now)],
+    )
+    .map_err(err("record a template"))?;
+    let template = tx
+        .query_row(
+            "SELECT id, name, created_at, updated_at, public FROM tmpl_templates WHERE name = ?1",
+            params![name],
+            template_row,
+        )
+        .map_err(err("read a template"))?;
+    tx.execute(
+        "INSERT INTO tmpl_builds (id, template_id, status, created_at, updated_at, tags,
+         cpu_count, memory_mb) VALUES (?1, ?2, 'waiting', ?3, ?3, ?4, ?5, ?6)",
+        params![
+            build_id,
+            template.id,
+            sql(now),
+            to_json(&tags),
+            cpu_count,
+            sql(memory_mb)
+        ],
+    )
+    .map_err(err("record a build"))?;
+    let build = tx
+        .query_row(
+            &format!("SELECT {BUILD_COLUMNS} FROM tmpl_builds WHERE id = ?1"),
+            params![build_id],
+            build_row,
+        )
+        .map_err(err("read a build"))?;
+    Ok((template, build))
+}
+
+/// [`Store::ready`] inside the caller's transaction `tx`.
+pub(crate) fn ready_in(
+    tx: &Connection,
+    id: &str,
+    layer: &str,
+    defaults: &Defaults,
+    now: u64,
+) -> Result<()> {
+    let build = tx
+        .query_row(
+            &format!("SELECT {BUILD_COLUMNS} FROM tmpl_builds WHERE id = ?1"),
+            params![id],
+            build_row,
+        )
+        .map_err(err("read a build"))?;
+    tx.execute(
+        "UPDATE tmpl_builds SET status = 'ready', layer = ?2, defaults = ?3, updated_at = ?4,
+         finished_at = ?4 WHERE id = ?1",
+        params![id, layer, to_json(defaults), sql(now)],
+    )
+    .map_err(err("finish a build"))?;
+    for tag in &build.tags {
+        tx.execute(
+            "INSERT INTO tmpl_tags (template_id, tag, build_id, created_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(template_id, tag) DO UPDATE SET build_id = ?3, created_at = ?4",
+            params![build.template_id, tag, id, sql(now)],
+        )
+        .map_err(err("tag a build"))?;
+    }
+    tx.execute(
+        "UPDATE tmpl_templates SET updated_at = ?2 WHERE id = ?1",
+        params![build.template_id, sql(now)],
+    )
+    .map_err(err("touch a template"))?;
+    Ok(())
+}
+
+/// [`Store::delete_template`] inside the caller's transaction `tx`.
+pub(crate) fn delete_template_in(tx: &Connection, template_id: &str) -> Result<()> {
+    for stmt in [
+        "DELETE FROM tmpl_logs WHERE build_id IN
+         (SELECT id FROM tmpl_builds WHERE template_id = ?1)",
+        "DELETE FROM tmpl_builds WHERE template_id = ?1",
+        "DELETE FROM tmpl_tags WHERE template_id = ?1",
+        "DELETE FROM tmpl_templates WHERE id = ?1",
+    ] {
+        tx.execute(stmt, params![template_id])
+            .map_err(err("delete a template"))?;
+    }
+    Ok(())
 }
 
 fn append_log_in(
