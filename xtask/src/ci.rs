@@ -23,7 +23,10 @@ use crate::run_cmd;
 /// - r-base-core: the R the agent's `r` contexts run, in its tests;
 /// - default-jdk-headless: the JShell behind the agent's `java` contexts, in its tests;
 /// - nftables is the `nft` the network role loads its ruleset with, and iproute2 the `ip`
-///   that network tests build their fake internet with.
+///   that network tests build their fake internet with;
+/// - skopeo is how the gateway pulls `fromImage` images (and how tests push theirs),
+///   docker-registry the registry those tests run in a namespace of their own, and
+///   apache2-utils the `htpasswd` that gives one of them a password.
 const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
     "zfs-fuse",
@@ -42,6 +45,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "default-jdk-headless",
     "nftables",
     "iproute2",
+    "skopeo",
+    "docker-registry",
+    "apache2-utils",
 ];
 
 /// The cargo-deny release CI pins.

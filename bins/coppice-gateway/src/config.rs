@@ -63,6 +63,12 @@ pub struct Config {
     /// The certificate chain and key the listeners serve TLS with (`--tls-cert`,
     /// `--tls-key`); `None`: a local CA's, see `tls.rs`.
     pub tls_files: Option<TlsFiles>,
+    /// The registry `fromImage` pulls Docker Hub names from (`--registry-mirror`,
+    /// `[http[s]://]host[:port]`; plain HTTP only when also in `insecure_registries`).
+    pub registry_mirror: Option<String>,
+    /// Registries (`host[:port]`) `fromImage` may reach over plain HTTP or unverified TLS
+    /// (`--insecure-registry`, repeatable).
+    pub insecure_registries: Vec<String>,
 }
 
 /// How sandboxes reach the network (`docs/network.md`).
@@ -183,7 +189,11 @@ usage: coppice-gateway [options]
                           networking made, then exit (uninstall)
   --tls-cert FILE         certificate chain (PEM) for TLS on every listener     COPPICE_TLS_CERT
   --tls-key FILE          its private key (PEM; both or neither; default: a     COPPICE_TLS_KEY
-                          local CA in <state-dir>/tls, see docs/network.md)";
+                          local CA in <state-dir>/tls, see docs/network.md)
+  --registry-mirror URL   registry fromImage pulls Docker Hub names from        COPPICE_REGISTRY_MIRROR
+                          ([http[s]://]host[:port]; http needs --insecure-registry)
+  --insecure-registry H   registry host[:port] fromImage may reach over plain   COPPICE_INSECURE_REGISTRY
+                          HTTP (repeatable; the variable takes a comma list)";
 
 impl Config {
     /// Warm sandboxes per template unless configured: a burst of ten creates (an agent
@@ -215,7 +225,9 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 30] = [
+            const KNOWN: [&str; 32] = [
+                "registry-mirror",
+                "insecure-registry",
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -385,7 +397,29 @@ impl Config {
             (None, Some(_)) => return Err("--tls-key needs --tls-cert (COPPICE_TLS_CERT)".into()),
         };
         let network = network_config(&get)?;
+        let registry_mirror = get("registry-mirror", "COPPICE_REGISTRY_MIRROR");
+        let mut insecure_registries: Vec<String> = flags
+            .iter()
+            .filter(|(n, _)| n == "insecure-registry")
+            .map(|(_, v)| v.clone())
+            .collect();
+        if insecure_registries.is_empty() {
+            insecure_registries = env("COPPICE_INSECURE_REGISTRY")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        // Checked here, so a bad value stops the start with a message.
+        crate::builds::image::Registries::new(
+            registry_mirror.as_deref(),
+            insecure_registries.clone(),
+        )?;
         Ok(Self {
+            registry_mirror,
+            insecure_registries,
             network,
             tls_files,
             warm_pool,

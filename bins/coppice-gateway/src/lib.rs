@@ -1123,8 +1123,18 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
             .map(|(name, _)| (*name, runtime.recipe_key(name))),
         now(),
     );
-    let builds = builds::Builds::open(&db, &config.state_dir.join("builds"), now().0)
-        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    let builds = builds::Builds::open(
+        &db,
+        &config.state_dir.join("builds"),
+        now().0,
+        builds::image::Registries::new(
+            config.registry_mirror.as_deref(),
+            config.insecure_registries.clone(),
+        )
+        .map_err(StartError::Setup)?,
+        coppice_jail::JailConfig::DEFAULT_UID_BASE,
+    )
+    .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let gateway = Arc::new(Gateway {
         config,
         registry,

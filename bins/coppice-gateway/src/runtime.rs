@@ -742,6 +742,16 @@ impl Runtime {
         captured.and(resumed)
     }
 
+    /// Imports the tree at `tree` as the new layer `id` (an image's files; the tree is the
+    /// caller's to remove afterwards).
+    pub(crate) async fn import_layer(&self, id: &LayerId, tree: &Path) -> Result<(), RuntimeError> {
+        self.storage
+            .import_template(id, tree)
+            .await
+            .map(drop)
+            .map_err(backend("import an image as a layer"))
+    }
+
     /// Whether storage has the layer `id`.
     pub(crate) async fn has_layer(&self, id: &LayerId) -> Result<bool, RuntimeError> {
         Ok(self

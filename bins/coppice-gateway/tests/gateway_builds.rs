@@ -591,3 +591,180 @@ fn a_restart_ends_a_running_build_and_keeps_built_templates() {
     assert_eq!(out.stdout, "kept\n");
     lab.finish();
 }
+
+/// `fromImage` against real registries (Debian's `docker-registry` in a namespace of the
+/// test's own on 198.51.100.120/30) holding an image the test builds: layers with whiteouts
+/// applied, the image's `Env` taken, steps run on it, the pull cached by digest, a Docker
+/// Hub name through `--registry-mirror`, credentials through `fromImageRegistry`, and each
+/// bad input (unknown image, bad credentials, unreachable registry, `aws`) ending as a
+/// clear error that never shows the password.
+#[test]
+fn images_from_registries_are_build_bases() {
+    use support::registry;
+    let name = "images_from_registries_are_build_bases";
+    if let Some(reason) = registry::tools_missing() {
+        println!("SKIP {name}: {reason}");
+        return;
+    }
+    let Some(mut lab) = Lab::new(name) else {
+        return;
+    };
+    // After the lab's lock, as networked labs take them.
+    let _slots = support::net::hold_slots();
+    let reg = registry::Registry::start(&lab.state_dir);
+    let layout = registry::make_image(
+        &lab.state_dir,
+        std::path::Path::new(env!("CARGO_BIN_EXE_coppice-gateway")),
+    );
+    registry::push(&layout, &format!("{}/test/img:1", registry::OPEN), None);
+    registry::push(
+        &layout,
+        &format!("{}/private/img:1", registry::AUTH),
+        Some((registry::USER, registry::PASSWORD)),
+    );
+    lab.options.args = vec![
+        "--registry-mirror".into(),
+        format!("http://{}", registry::OPEN),
+        "--insecure-registry".into(),
+        registry::OPEN.into(),
+        "--insecure-registry".into(),
+        registry::AUTH.into(),
+    ];
+    lab.start();
+
+    let steps = json!([
+        {"type": "RUN", "args": ["echo built > /built.txt; whoami > /who.txt"]},
+        {"type": "WORKDIR", "args": ["/srv/app"]},
+    ]);
+    let image = format!("{}/test/img:1", registry::OPEN);
+    let (tid, _, s, lines) = build(
+        &lab,
+        "from-image",
+        json!({"fromImage": image}),
+        steps.clone(),
+    );
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let text = messages(&lines);
+    assert!(
+        text.iter().any(|m| m.starts_with("pulling image sha256:")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|m| m.starts_with("applying layer 2/2")),
+        "{text:?}"
+    );
+    let created = lab.create(json!({"templateID": "from-image"}));
+    assert_eq!(created["templateID"], tid);
+    let out = lab.exec(
+        &id_of(&created),
+        Some(&token_of(&created)),
+        "cat /hello.txt /built.txt /who.txt; ls /opt; test -e /etc/gone.txt || echo gone; \
+         echo \"$IMG_VAR\"; pwd; whoami",
+    );
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "hello from the image\nbuilt\nroot\nnew.txt\ngone\nfrom the image\n/srv/app\nuser\n"
+    );
+
+    // The same image again is the cached layer; a Docker Hub name goes through the mirror.
+    let (_, _, s, lines) = build(
+        &lab,
+        "from-image",
+        json!({"fromImage": image}),
+        steps.clone(),
+    );
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let text = messages(&lines);
+    assert!(
+        text.iter().any(|m| m.starts_with("CACHED image sha256:")),
+        "{text:?}"
+    );
+    assert!(
+        !text.iter().any(|m| m.starts_with("pulling image")),
+        "{text:?}"
+    );
+    let (_, _, s, lines) = build(
+        &lab,
+        "via-mirror",
+        json!({"fromImage": "test/img:1"}),
+        json!([]),
+    );
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let text = messages(&lines);
+    assert!(
+        text.iter()
+            .any(|m| m == &format!("resolving {}/test/img:1", registry::OPEN)),
+        "{text:?}"
+    );
+
+    // Credentials: right ones pull, wrong ones end as a clear error; never shown.
+    let private = format!("{}/private/img:1", registry::AUTH);
+    let creds = |password: &str| {
+        json!({"fromImage": private, "fromImageRegistry":
+            {"type": "registry", "username": registry::USER, "password": password}})
+    };
+    let (_, _, s, lines) = build(&lab, "private", creds(registry::PASSWORD), json!([]));
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let wrong = "wrong-Pa55word";
+    let (_, _, s, lines) = build(&lab, "private-bad", creds(wrong), json!([]));
+    assert_eq!(s["status"], "error", "{s}");
+    assert_eq!(s["reason"]["step"], "base", "{s}");
+    let reason = s["reason"]["message"].as_str().unwrap();
+    assert!(
+        reason.contains("access to") && reason.contains("denied"),
+        "{reason}"
+    );
+    let (_, _, s, _) = build(
+        &lab,
+        "private-none",
+        json!({"fromImage": private}),
+        json!([]),
+    );
+    assert_eq!(s["status"], "error", "{s}");
+    assert!(
+        s["reason"]["message"].as_str().unwrap().contains("denied"),
+        "{s}"
+    );
+    let everything = format!("{s} {lines:?} {}", lab.log());
+    for secret in [registry::PASSWORD, wrong] {
+        assert!(!everything.contains(secret), "a password leaked");
+    }
+
+    // An unknown image or tag, an unreachable registry.
+    for (image, want) in [
+        (format!("{}/test/nope:1", registry::OPEN), "not found"),
+        (format!("{}/test/img:2", registry::OPEN), "not found"),
+        (format!("{}:5009/test/img:1", registry::ADDR), "unreachable"),
+        (format!("{}:5009/test/img:1", registry::HOST), "unreachable"),
+    ] {
+        let (_, _, s, _) = build(&lab, "bad-image", json!({"fromImage": image}), json!([]));
+        assert_eq!(s["status"], "error", "{image}: {s}");
+        assert_eq!(s["reason"]["step"], "base", "{s}");
+        let m = s["reason"]["message"].as_str().unwrap();
+        assert!(
+            m.starts_with("fromImage: ") && m.contains(want),
+            "{image}: {m}"
+        );
+    }
+    // aws and gcp are refused by name at the trigger.
+    let req = request(&lab, "aws", &[]);
+    let r = lab.api(
+        "POST",
+        &format!(
+            "/v2/templates/{}/builds/{}",
+            req["templateID"].as_str().unwrap(),
+            req["buildID"].as_str().unwrap()
+        ),
+        Some(json!({"fromImage": "x.test/a", "fromImageRegistry":
+            {"type": "aws", "awsAccessKeyId": "a", "awsSecretAccessKey": "b", "awsRegion": "r"}})),
+    );
+    r.assert_error(400, "an aws registry");
+    assert!(
+        r.text().contains("aws") && r.text().contains("not supported"),
+        "{}",
+        r.text()
+    );
+    lab.finish();
+    drop(reg);
+}

@@ -254,9 +254,49 @@ async fn write_body(mut body: Incoming, path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// `POST /v2/templates/{templateID}/builds/{buildID}`: 202, and the build runs. Fields this
-/// gateway does not implement (`fromImageRegistry`) are 400s; a
-/// build already started is a 409.
+/// `fromImageRegistry`: E2B's `registry` type (username and password, for basic or token
+/// auth); `aws` and `gcp` are 400s that name them.
+fn registry_credentials(
+    value: Option<&serde_json::Value>,
+) -> Result<Option<coppice_zfs::image::Credentials>> {
+    let Some(v) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let field = |name: &str| v.get(name).and_then(serde_json::Value::as_str);
+    match field("type") {
+        Some("registry") => {
+            let (Some(username), Some(password)) = (field("username"), field("password")) else {
+                return Err(ApiError::bad_request(
+                    "fromImageRegistry of type registry needs username and password strings",
+                ));
+            };
+            if let Some(extra) = v
+                .as_object()
+                .and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "type" | "username" | "password")))
+            {
+                return Err(ApiError::bad_request(format!(
+                    "fromImageRegistry: unknown field {extra:?}"
+                )));
+            }
+            Ok(Some(coppice_zfs::image::Credentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            }))
+        }
+        Some(t @ ("aws" | "gcp")) => Err(ApiError::bad_request(format!(
+            "fromImageRegistry of type {t:?} is not supported by this gateway; use type \"registry\" \
+             with a username and password (a token) for the registry"
+        ))),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "fromImageRegistry: unknown type {other:?} (expected \"registry\", \"aws\" or \"gcp\")"
+        ))),
+        None => Err(ApiError::bad_request("fromImageRegistry needs a type")),
+    }
+}
+
+/// `POST /v2/templates/{templateID}/builds/{buildID}`: 202, and the build runs.
+/// `fromImageRegistry` of a type other than `registry` is a 400; a build already started
+/// is a 409.
 pub(crate) fn trigger(
     gw: &Gateway,
     raw_id: &str,
@@ -267,13 +307,10 @@ pub(crate) fn trigger(
     let build_id = path_param(raw_build, "build id")?;
     let build = gw.builds.build_of(&template.id, &build_id)?;
     let req: TemplateBuildStartV2 = parse(body)?;
-    if req
-        .from_image_registry
-        .as_ref()
-        .is_some_and(|v| !v.is_null())
-    {
+    let registry = registry_credentials(req.from_image_registry.as_ref())?;
+    if registry.is_some() && req.from_image.is_none() {
         return Err(ApiError::bad_request(
-            "fromImageRegistry is not supported by this gateway (building from OCI images is not yet)",
+            "fromImageRegistry needs fromImage: it holds the credentials of fromImage's registry",
         ));
     }
     let base = match (req.from_template.clone(), req.from_image.clone()) {
@@ -305,6 +342,7 @@ pub(crate) fn trigger(
         limits: builds::limits_of(&build),
         start_cmd: req.start_cmd.filter(|c| !c.is_empty()),
         ready_cmd: req.ready_cmd.filter(|c| !c.is_empty()),
+        registry,
     };
     if let Err(e) = gw.builds.enqueue(job) {
         let reason = crate::builds::store::Reason {
