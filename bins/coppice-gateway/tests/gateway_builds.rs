@@ -409,11 +409,17 @@ fn bad_builds_end_as_errors_naming_their_step() {
         "POST",
         &format!("/v2/templates/{tid}/builds/{bid}"),
         Some(
-            json!({"fromImage": "x:1", "fromImageRegistry": {"type": "registry",
-            "username": "u", "password": "p"}}),
+            json!({"fromImage": "x:1", "fromImageRegistry": {"type": "gcp",
+            "serviceAccountJson": "{}"}}),
         ),
     )
-    .assert_error(400, "fromImageRegistry");
+    .assert_error(400, "fromImageRegistry of type gcp");
+    lab.api(
+        "POST",
+        &format!("/v2/templates/{tid}/builds/{bid}"),
+        Some(json!({"fromImage": "x:1", "fromImageRegistry": {"type": "registry"}})),
+    )
+    .assert_error(400, "fromImageRegistry without a password");
     lab.api(
         "POST",
         &format!("/v2/templates/{tid}/builds/00000000-0000-4000-8000-000000000000"),
@@ -446,10 +452,10 @@ fn bad_builds_end_as_errors_naming_their_step() {
             "unknown step type",
         ),
         (
-            json!({"fromImage": "python:3.12"}),
+            json!({"fromImage": "bad//image"}),
             json!([]),
             "base",
-            "not supported",
+            "not an image reference",
         ),
         (
             json!({"fromTemplate": "base", "startCmd": "true", "readyCmd": "true"}),
