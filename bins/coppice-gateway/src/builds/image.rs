@@ -118,7 +118,7 @@ impl Registries {
             (None, true) => DOCKER_HUB.to_owned(),
             _ => registry,
         };
-        let insecure = self.insecure.iter().any(|i| *i == registry);
+        let insecure = self.insecure.contains(&registry);
         Ok(PullSpec {
             reference: format!("{registry}/{path}"),
             insecure,
@@ -319,8 +319,8 @@ mod tests {
                 .as_deref(),
             Some("mirror.test")
         );
-        assert!(Registries::new(Some("https://m.test/path"), vec![]).is_err());
-        assert!(Registries::new(None, vec!["http://x".into()]).is_err());
+        Registries::new(Some("https://m.test/path"), vec![]).unwrap_err();
+        Registries::new(None, vec!["http://x".into()]).unwrap_err();
     }
 
     #[test]
