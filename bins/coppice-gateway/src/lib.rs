@@ -256,7 +256,7 @@ pub(crate) struct Gateway {
     /// `--max-sandboxes` and `--min-free-memory`: who gets a sandbox.
     pub(crate) admission: admission::Admission,
     /// Templates built with E2B's `Template` builder ([`builds`]).
-    pub(crate) builds: builds::Builds,
+    pub(crate) builds: Arc<builds::Builds>,
     /// Each template's warm pool: its target and what it did (`/pool`).
     pub(crate) pools: pool::Pools,
 }
@@ -1152,7 +1152,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
         admission,
-        builds,
+        builds: Arc::new(builds),
         pools,
     });
     gateway.cli_webhook()?;

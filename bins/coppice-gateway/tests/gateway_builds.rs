@@ -774,3 +774,145 @@ fn images_from_registries_are_build_bases() {
     lab.finish();
     drop(reg);
 }
+
+/// The SSE events of a finished stream: (event, id, data) per event.
+fn sse(text: &str) -> Vec<(String, Option<String>, Value)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty() && !block.starts_with(':'))
+        .map(|block| {
+            let (mut event, mut id, mut data) = (String::new(), None, String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            (event, id, serde_json::from_str(&data).unwrap())
+        })
+        .collect()
+}
+
+/// Seed 002's jobs: `POST /templates/build` from a template and steps, the job's logs, and
+/// its events as Server-Sent Events (a `log` per line, then `end`), resumed with
+/// `Last-Event-ID`; a failing job's `end` carries its reason; bad requests are 400s.
+#[test]
+fn build_jobs_stream_their_logs_as_server_sent_events() {
+    let Some(mut lab) = Lab::new("build_jobs_stream_their_logs_as_server_sent_events") else {
+        return;
+    };
+    lab.start();
+    let r = lab.api(
+        "POST",
+        "/templates/build",
+        Some(json!({"name": "job-app", "fromTemplate": "base", "steps": [
+            {"type": "RUN", "args": ["echo one; echo two > /two"]},
+            {"type": "ENV", "args": ["J", "yes"]},
+        ]})),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let job = r.json();
+    let id = job["jobID"].as_str().unwrap().to_owned();
+    assert_eq!(job["name"], "job-app");
+    assert_eq!(job["events"], format!("/templates/builds/{id}/events"));
+
+    // The stream ends by itself once the job has ended.
+    let events = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{id}/events"))
+            .body(support::empty())
+            .unwrap(),
+    );
+    assert_eq!(events.status, StatusCode::OK);
+    assert_eq!(events.headers["content-type"], "text/event-stream");
+    let all = sse(&events.text());
+    let (last, lines) = all.split_last().unwrap();
+    assert_eq!(last.0, "end", "{all:?}");
+    assert_eq!(last.2["status"], "ready", "{all:?}");
+    assert!(lines.iter().all(|(e, _, _)| e == "log"));
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|(_, _, d)| d["message"].as_str().unwrap())
+        .collect();
+    assert!(messages.contains(&"one"), "{messages:?}");
+    assert!(messages.contains(&"ENV J=yes"), "{messages:?}");
+    for (i, (_, n, _)) in lines.iter().enumerate() {
+        assert_eq!(n.as_deref(), Some(i.to_string().as_str()));
+    }
+    // The logs route has the same lines; Last-Event-ID resumes after one.
+    let logs = lab.api("GET", &format!("/templates/builds/{id}/logs"), None);
+    assert_eq!(logs.status, StatusCode::OK, "{}", logs.text());
+    let logs = logs.json();
+    assert_eq!(logs["status"], "ready");
+    assert_eq!(logs["logs"].as_array().unwrap().len(), lines.len());
+    let resumed = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{id}/events"))
+            .header("last-event-id", "1")
+            .body(support::empty())
+            .unwrap(),
+    );
+    let rest = sse(&resumed.text());
+    assert_eq!(rest.len(), lines.len() - 2 + 1, "{rest:?}");
+    assert_eq!(rest[0].1.as_deref(), Some("2"));
+    let created = lab.create(json!({"templateID": "job-app"}));
+    let out = lab.exec(
+        &id_of(&created),
+        Some(&token_of(&created)),
+        "cat /two; echo $J",
+    );
+    assert_eq!(out.stdout, "two\nyes\n", "{out:?}");
+
+    // A failing job ends with its reason.
+    let r = lab.api(
+        "POST",
+        "/templates/build",
+        Some(json!({"name": "job-bad", "steps": [{"type": "RUN", "args": ["exit 3"]}]})),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let bad = r.json()["jobID"].as_str().unwrap().to_owned();
+    let events = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{bad}/events"))
+            .body(support::empty())
+            .unwrap(),
+    );
+    let all = sse(&events.text());
+    let end = &all.last().unwrap().2;
+    assert_eq!(end["status"], "error", "{all:?}");
+    assert_eq!(end["reason"]["step"], "1", "{end}");
+    assert!(end["reason"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exit code 3"));
+
+    // Bad requests.
+    for (body, what) in [
+        (
+            json!({"name": "j", "steps": [{"type": "COPY", "args": ["a", "/a"]}]}),
+            "COPY",
+        ),
+        (json!({"name": "j", "frob": 1}), "an unknown field"),
+        (
+            json!({"name": "j", "image": "a", "fromTemplate": "base"}),
+            "both bases",
+        ),
+        (json!({"steps": []}), "no name"),
+    ] {
+        lab.api("POST", "/templates/build", Some(body))
+            .assert_error(400, what);
+    }
+    lab.api(
+        "GET",
+        "/templates/builds/00000000-0000-4000-8000-000000000000/logs",
+        None,
+    )
+    .assert_error(404, "an unknown job");
+    lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{id}/events"))
+            .header("last-event-id", "x")
+            .body(support::empty())
+            .unwrap(),
+    )
+    .assert_error(400, "a bad Last-Event-ID");
+    lab.finish();
+}
