@@ -104,7 +104,6 @@ pub(crate) fn create(gw: &Gateway, body: &Bytes) -> Result<Response<Body>> {
             steps: Some(req.steps),
             start_cmd: req.start_cmd,
             ready_cmd: req.ready_cmd,
-            ..TemplateBuildStartV2::default()
         },
     )?;
     let job = &made.build_id;
