@@ -752,6 +752,21 @@ impl Runtime {
             .map_err(backend("import an image as a layer"))
     }
 
+    /// Every layer storage has, with its parent.
+    pub(crate) async fn layers(
+        &self,
+    ) -> Result<Vec<coppice_lifecycle::backend::LayerInfo>, RuntimeError> {
+        self.storage.layers().await.map_err(backend("list layers"))
+    }
+
+    /// Deletes the layer `id`; storage refuses (`InUse`) while a sandbox or layer uses it.
+    pub(crate) async fn delete_layer(&self, id: &LayerId) -> Result<(), RuntimeError> {
+        self.storage
+            .delete_layer(id)
+            .await
+            .map_err(backend("delete a layer"))
+    }
+
     /// Whether storage has the layer `id`.
     pub(crate) async fn has_layer(&self, id: &LayerId) -> Result<bool, RuntimeError> {
         Ok(self

@@ -281,7 +281,7 @@ async fn dispatch(
         (&Method::DELETE, ["templates", "tags"]) => builds::remove_tags(gw, &body),
         (&Method::GET, ["templates", "aliases", alias]) => templates::alias(gw, alias),
         (&Method::GET, ["templates", id]) => templates::get(gw, id, query),
-        (&Method::DELETE, ["templates", id]) => templates::delete(gw, id),
+        (&Method::DELETE, ["templates", id]) => templates::delete(gw, id).await,
         (&Method::PATCH, ["templates", id] | ["v2", "templates", id]) => {
             templates::update(gw, id, &body, path.starts_with("/v2/"))
         }

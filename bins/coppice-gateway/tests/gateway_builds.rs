@@ -863,6 +863,42 @@ fn build_jobs_stream_their_logs_as_server_sent_events() {
     );
     assert_eq!(out.stdout, "two\nyes\n", "{out:?}");
 
+    // Layers go once nothing uses them: not while a child template stands on them.
+    let layers = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(lab.state_dir.join("storage/layers"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("b-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let r = lab.api(
+        "POST",
+        "/templates/build",
+        Some(json!({"name": "job-child", "fromTemplate": "job-app",
+                    "steps": [{"type": "RUN", "args": ["echo three > /three"]}]})),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let child = r.json()["jobID"].as_str().unwrap().to_owned();
+    let ended = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{child}/events"))
+            .body(support::empty())
+            .unwrap(),
+    );
+    assert_eq!(sse(&ended.text()).last().unwrap().2["status"], "ready");
+    let before = layers();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let r = lab.api("DELETE", &format!("/sandboxes/{}", id_of(&created)), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = lab.api("DELETE", "/templates/job-app", None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(layers(), before, "the child's parent layer was collected");
+    let r = lab.api("DELETE", "/templates/job-child", None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(layers(), Vec::<String>::new());
+    assert!(lab.log().contains("unused layers collected"));
+
     // A failing job ends with its reason.
     let r = lab.api(
         "POST",
@@ -908,7 +944,7 @@ fn build_jobs_stream_their_logs_as_server_sent_events() {
     )
     .assert_error(404, "an unknown job");
     lab.send(
-        lab.api_request("GET", &format!("/templates/builds/{id}/events"))
+        lab.api_request("GET", &format!("/templates/builds/{bad}/events"))
             .header("last-event-id", "x")
             .body(support::empty())
             .unwrap(),

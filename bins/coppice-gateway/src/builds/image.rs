@@ -20,6 +20,8 @@ use crate::Gateway;
 const DOCKER_HUB: &str = "docker.io";
 /// Bumped whenever what a pull makes of an image changes, so an old layer is not reused.
 const LAYER_VERSION: &str = "i1";
+/// How the names of image layers start.
+pub(crate) const LAYER_PREFIX: &str = "i1-";
 
 /// Where images come from: the operator's mirror and the registries allowed plain HTTP.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -14,6 +14,7 @@
 pub(crate) mod agent;
 pub(crate) mod engine;
 pub(crate) mod files;
+pub(crate) mod gc;
 pub(crate) mod image;
 pub(crate) mod start;
 pub(crate) mod store;
