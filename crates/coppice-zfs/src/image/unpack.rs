@@ -117,7 +117,10 @@ impl Tree {
                 let Some(parent) = parent else { continue };
                 if hidden == ".wh..opq" {
                     self.opaque(&parent, parent_rel, &written)?;
-                } else if !hidden.is_empty() {
+                } else if hidden.is_empty() || hidden == "." || hidden == ".." {
+                    // `.wh..` would remove the parent's parent: out of the tree at its root.
+                    return Err(corrupt(format!("bad whiteout {}", rel.display())));
+                } else {
                     remove_any(&parent.join(hidden))?;
                 }
                 continue;
@@ -578,6 +581,12 @@ mod tests {
         let r = tree.apply(&raw_layer("../evil")[..]);
         assert!(matches!(r, Err(LayerFault::Corrupt(m)) if m.contains("leaves")));
         assert!(!dir.path().join("evil").exists());
+        // A whiteout of `..` is refused, not applied to the tree's parent.
+        fs::write(dir.path().join("sibling"), b"s").unwrap();
+        let r = tree.apply(&layer(&[E::File(".wh...", 0o644, b"")])[..]);
+        assert!(matches!(r, Err(LayerFault::Corrupt(m)) if m.contains("bad whiteout")));
+        assert!(dir.path().join("sibling").exists());
+        assert!(tree_root.exists());
         // A whiteout through a symlink removes nothing outside.
         fs::write(outside.path().join("victim"), b"v").unwrap();
         tree.apply(&layer(&[E::File("esc/.wh.victim", 0o644, b"")])[..])
