@@ -795,6 +795,41 @@ mod tests {
     }
 
     #[test]
+    fn registries_are_flags_or_variables_and_plain_http_is_explicit() {
+        let c = parse(&[], &[]).unwrap();
+        assert_eq!((c.registry_mirror, c.insecure_registries), (None, vec![]));
+        let c = parse(
+            &[
+                "--registry-mirror",
+                "http://198.51.100.9:5000",
+                "--insecure-registry",
+                "198.51.100.9:5000",
+                "--insecure-registry",
+                "r.test:5001",
+            ],
+            &[("COPPICE_INSECURE_REGISTRY", "ignored:1")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.registry_mirror.as_deref(),
+            Some("http://198.51.100.9:5000")
+        );
+        assert_eq!(c.insecure_registries, ["198.51.100.9:5000", "r.test:5001"]);
+        let c = parse(
+            &[],
+            &[
+                ("COPPICE_REGISTRY_MIRROR", "mirror.test"),
+                ("COPPICE_INSECURE_REGISTRY", "a:1, b:2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.registry_mirror.as_deref(), Some("mirror.test"));
+        assert_eq!(c.insecure_registries, ["a:1", "b:2"]);
+        let e = parse(&["--registry-mirror", "http://198.51.100.9:5000"], &[]).unwrap_err();
+        assert!(e.contains("--insecure-registry 198.51.100.9:5000"), "{e}");
+    }
+
+    #[test]
     fn tls_files_come_in_pairs() {
         assert_eq!(parse(&[], &[]).unwrap().tls_files, None);
         let c = parse(
