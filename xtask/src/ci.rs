@@ -24,6 +24,9 @@ use crate::run_cmd;
 /// - default-jdk-headless: the JShell behind the agent's `java` contexts, in its tests;
 /// - nftables is the `nft` the network role loads its ruleset with, and iproute2 the `ip`
 ///   that network tests build their fake internet with;
+/// - skopeo is how the gateway pulls `fromImage` images (and how tests push theirs),
+///   docker-registry the registry those tests run in a namespace of their own, and
+///   apache2-utils the `htpasswd` that gives one of them a password;
 /// - chromium: the headless browser `tests/e2e-js/dashboard.test.mjs` drives the dashboard in.
 const DEBIAN_PACKAGES: &[&str] = &[
     "debootstrap",
@@ -44,6 +47,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "iproute2",
     "chromium",
+    "skopeo",
+    "docker-registry",
+    "apache2-utils",
 ];
 
 /// The cargo-deny release CI pins.

@@ -72,6 +72,18 @@ const NETWORK_ARGS: &[&str] = &[
     "198.51.100.2",
 ];
 
+/// Where `fromImage` pulls from: `tests/e2e/test_template_image.py` runs two registries
+/// (open, and with a password) on 198.51.100.58 in a namespace of its own, inside the ranges
+/// of the slots this run holds; Docker Hub names go to the open one.
+const REGISTRY_ARGS: &[&str] = &[
+    "--registry-mirror",
+    "http://198.51.100.58:5000",
+    "--insecure-registry",
+    "198.51.100.58:5000",
+    "--insecure-registry",
+    "198.51.100.58:5001",
+];
+
 /// Takes the network role's test slots 0 to 3 host-wide (the `flock`s its tests and the
 /// gateway's network tests take), so no other test meets this run's bridge and routes.
 fn hold_net_slots() -> Result<Vec<File>, String> {
@@ -505,6 +517,7 @@ impl Gateway {
             .arg("--template-cache")
             .arg(template_cache())
             .args(NETWORK_ARGS)
+            .args(REGISTRY_ARGS)
             // test_supervision.py's webhook receiver listens on loopback.
             .args(["--webhook-allow", "127.0.0.0/8"])
             .env_remove("COPPICE_API_KEYS_FILE")

@@ -66,6 +66,12 @@ pub struct Config {
     /// The certificate chain and key the listeners serve TLS with (`--tls-cert`,
     /// `--tls-key`); `None`: a local CA's, see `tls.rs`.
     pub tls_files: Option<TlsFiles>,
+    /// The registry `fromImage` pulls Docker Hub names from (`--registry-mirror`,
+    /// `[http[s]://]host[:port]`; plain HTTP only when also in `insecure_registries`).
+    pub registry_mirror: Option<String>,
+    /// Registries (`host[:port]`) `fromImage` may reach over plain HTTP or unverified TLS
+    /// (`--insecure-registry`, repeatable).
+    pub insecure_registries: Vec<String>,
 }
 
 /// How sandboxes reach the network (`docs/network.md`).
@@ -187,6 +193,10 @@ usage: coppice-gateway [options]
   --tls-cert FILE         certificate chain (PEM) for TLS on every listener     COPPICE_TLS_CERT
   --tls-key FILE          its private key (PEM; both or neither; default: a     COPPICE_TLS_KEY
                           local CA in <state-dir>/tls, see docs/network.md)
+  --registry-mirror URL   registry fromImage pulls Docker Hub names from        COPPICE_REGISTRY_MIRROR
+                          ([http[s]://]host[:port]; http needs --insecure-registry)
+  --insecure-registry H   registry host[:port] fromImage may reach over plain   COPPICE_INSECURE_REGISTRY
+                          HTTP (repeatable; the variable takes a comma list)
   --log-format text|json  log lines as text (default) or JSON objects           COPPICE_LOG_FORMAT
   --check-config          check the configuration and the files it names, print
                           what the gateway would use, and exit (0: good, 78: not)";
@@ -231,7 +241,9 @@ impl Config {
                     args.next().ok_or(format!("--{name} needs a value"))?,
                 ),
             };
-            const KNOWN: [&str; 31] = [
+            const KNOWN: [&str; 33] = [
+                "registry-mirror",
+                "insecure-registry",
                 "listen",
                 "state-dir",
                 "template-cache",
@@ -402,7 +414,29 @@ impl Config {
             (None, Some(_)) => return Err("--tls-key needs --tls-cert (COPPICE_TLS_CERT)".into()),
         };
         let network = network_config(&get)?;
+        let registry_mirror = get("registry-mirror", "COPPICE_REGISTRY_MIRROR");
+        let mut insecure_registries: Vec<String> = flags
+            .iter()
+            .filter(|(n, _)| n == "insecure-registry")
+            .map(|(_, v)| v.clone())
+            .collect();
+        if insecure_registries.is_empty() {
+            insecure_registries = env("COPPICE_INSECURE_REGISTRY")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        // Checked here, so a bad value stops the start with a message.
+        crate::builds::image::Registries::new(
+            registry_mirror.as_deref(),
+            insecure_registries.clone(),
+        )?;
         Ok(Self {
+            registry_mirror,
+            insecure_registries,
             network,
             tls_files,
             warm_pool,
@@ -784,6 +818,41 @@ mod tests {
             c.webhook_ca_file,
             Some(PathBuf::from("/etc/coppice/ca.pem"))
         );
+    }
+
+    #[test]
+    fn registries_are_flags_or_variables_and_plain_http_is_explicit() {
+        let c = parse(&[], &[]).unwrap();
+        assert_eq!((c.registry_mirror, c.insecure_registries), (None, vec![]));
+        let c = parse(
+            &[
+                "--registry-mirror",
+                "http://198.51.100.9:5000",
+                "--insecure-registry",
+                "198.51.100.9:5000",
+                "--insecure-registry",
+                "r.test:5001",
+            ],
+            &[("COPPICE_INSECURE_REGISTRY", "ignored:1")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.registry_mirror.as_deref(),
+            Some("http://198.51.100.9:5000")
+        );
+        assert_eq!(c.insecure_registries, ["198.51.100.9:5000", "r.test:5001"]);
+        let c = parse(
+            &[],
+            &[
+                ("COPPICE_REGISTRY_MIRROR", "mirror.test"),
+                ("COPPICE_INSECURE_REGISTRY", "a:1, b:2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.registry_mirror.as_deref(), Some("mirror.test"));
+        assert_eq!(c.insecure_registries, ["a:1", "b:2"]);
+        let e = parse(&["--registry-mirror", "http://198.51.100.9:5000"], &[]).unwrap_err();
+        assert!(e.contains("--insecure-registry 198.51.100.9:5000"), "{e}");
     }
 
     #[test]

@@ -260,7 +260,7 @@ pub(crate) struct Gateway {
     /// `--max-sandboxes` and `--min-free-memory`: who gets a sandbox.
     pub(crate) admission: admission::Admission,
     /// Templates built with E2B's `Template` builder ([`builds`]).
-    pub(crate) builds: builds::Builds,
+    pub(crate) builds: Arc<builds::Builds>,
     /// Each template's warm pool: its target and what it did (`/pool`).
     pub(crate) pools: pool::Pools,
     /// Snapshots and forks ([`snapshots`]).
@@ -1160,8 +1160,18 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
             .map(|(name, _)| (*name, runtime.recipe_key(name))),
         now(),
     );
-    let builds = builds::Builds::open(&db, &config.state_dir.join("builds"), now().0)
-        .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
+    let builds = builds::Builds::open(
+        &db,
+        &config.state_dir.join("builds"),
+        now().0,
+        builds::image::Registries::new(
+            config.registry_mirror.as_deref(),
+            config.insecure_registries.clone(),
+        )
+        .map_err(StartError::Setup)?,
+        coppice_jail::JailConfig::DEFAULT_UID_BASE,
+    )
+    .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let snapshots = snapshots::Snapshots::open(&registry)
         .map_err(|e| StartError::Setup(api::error::error_chain(&e)))?;
     let gateway = Arc::new(Gateway {
@@ -1181,7 +1191,7 @@ pub async fn run(mut config: Config) -> Result<(), StartError> {
         metrics: metrics::Metrics::default(),
         dispatch_stats: dispatcher.stats(),
         admission,
-        builds,
+        builds: Arc::new(builds),
         pools,
         snapshots,
     });

@@ -762,16 +762,21 @@ impl Runtime {
             .map_err(backend("capture the sandbox's files as a layer"))
     }
 
-    /// Every layer storage has.
-    pub(crate) async fn layers(&self) -> Result<Vec<LayerId>, RuntimeError> {
-        Ok(self
-            .storage
-            .layers()
+    /// Imports the tree at `tree` as the new layer `id` (an image's files; the tree is the
+    /// caller's to remove afterwards).
+    pub(crate) async fn import_layer(&self, id: &LayerId, tree: &Path) -> Result<(), RuntimeError> {
+        self.storage
+            .import_template(id, tree)
             .await
-            .map_err(backend("list layers"))?
-            .into_iter()
-            .map(|l| l.id)
-            .collect())
+            .map(drop)
+            .map_err(backend("import an image as a layer"))
+    }
+
+    /// Every layer storage has, with its parent.
+    pub(crate) async fn layers(
+        &self,
+    ) -> Result<Vec<coppice_lifecycle::backend::LayerInfo>, RuntimeError> {
+        self.storage.layers().await.map_err(backend("list layers"))
     }
 
     /// Deletes the layer `id`; storage refuses ([`BackendError::InUse`]) while a sandbox or

@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 
 use crate::api::error::ApiError;
 use crate::api::{
-    builds, closing, dashboard, events, has_body, json, logs, metrics, network, pool, ports, proxy,
-    sandboxes, signed, snapshots, templates, Body,
+    builds, closing, dashboard, events, has_body, jobs, json, logs, metrics, network, pool, ports,
+    proxy, sandboxes, signed, snapshots, templates, Body,
 };
 use crate::metrics::Family;
 use crate::Gateway;
@@ -183,6 +183,8 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
             .unwrap_or_else(|| gw.config.listen.to_string())
     );
     let unread = has_body(&req);
+    // For `GET /templates/builds/{job}/events`, which resumes after this line.
+    let last_event_id = req.headers().get("last-event-id").cloned();
     if !authorized(gw, &req) {
         let resp = ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -202,12 +204,12 @@ async fn control(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>,
     } else if unread {
         // A body on GET or DELETE is never read: answer, then close.
         return Ok(closing(
-            dispatch(gw, &method, &path, &query, &base, Bytes::new()).await?,
+            dispatch(gw, &method, &path, &query, &base, Bytes::new(), None).await?,
         ));
     } else {
         Bytes::new()
     };
-    dispatch(gw, &method, &path, &query, &base, body).await
+    dispatch(gw, &method, &path, &query, &base, body, last_event_id).await
 }
 
 async fn dispatch(
@@ -217,6 +219,7 @@ async fn dispatch(
     query: &str,
     base: &str,
     body: Bytes,
+    last_event_id: Option<http::HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if let ["sandboxes", ..] | ["v2", "sandboxes", ..] | ["pool", ..] = segments.as_slice() {
@@ -276,10 +279,16 @@ async fn dispatch(
         (&Method::GET, ["templates"]) => templates::list(gw, query, false),
         (&Method::GET, ["v2", "templates"]) => templates::list(gw, query, true),
         (&Method::POST, ["v3", "templates"]) => builds::request(gw, &body),
+        (&Method::POST, ["templates", "build"]) => jobs::create(gw, &body),
+        (&Method::GET, ["templates", "builds", job, "logs"]) => jobs::logs(gw, job, query),
+        (&Method::GET, ["templates", "builds", job, "events"]) => {
+            jobs::events(gw, job, last_event_id.as_ref())
+        }
         (&Method::POST, ["templates", "tags"]) => builds::assign_tags(gw, &body),
         (&Method::DELETE, ["templates", "tags"]) => builds::remove_tags(gw, &body),
         (&Method::GET, ["templates", "aliases", alias]) => templates::alias(gw, alias),
         (&Method::GET, ["templates", id]) => templates::get(gw, id, query),
+        // A snapshot's id first, then a built template's (which collects its layers).
         (&Method::DELETE, ["templates", id]) => snapshots::delete(gw, id).await,
         (&Method::PATCH, ["templates", id] | ["v2", "templates", id]) => {
             templates::update(gw, id, &body, path.starts_with("/v2/"))

@@ -409,11 +409,17 @@ fn bad_builds_end_as_errors_naming_their_step() {
         "POST",
         &format!("/v2/templates/{tid}/builds/{bid}"),
         Some(
-            json!({"fromImage": "x:1", "fromImageRegistry": {"type": "registry",
-            "username": "u", "password": "p"}}),
+            json!({"fromImage": "x:1", "fromImageRegistry": {"type": "gcp",
+            "serviceAccountJson": "{}"}}),
         ),
     )
-    .assert_error(400, "fromImageRegistry");
+    .assert_error(400, "fromImageRegistry of type gcp");
+    lab.api(
+        "POST",
+        &format!("/v2/templates/{tid}/builds/{bid}"),
+        Some(json!({"fromImage": "x:1", "fromImageRegistry": {"type": "registry"}})),
+    )
+    .assert_error(400, "fromImageRegistry without a password");
     lab.api(
         "POST",
         &format!("/v2/templates/{tid}/builds/00000000-0000-4000-8000-000000000000"),
@@ -446,10 +452,10 @@ fn bad_builds_end_as_errors_naming_their_step() {
             "unknown step type",
         ),
         (
-            json!({"fromImage": "python:3.12"}),
+            json!({"fromImage": "bad//image"}),
             json!([]),
             "base",
-            "not supported",
+            "not an image reference",
         ),
         (
             json!({"fromTemplate": "base", "startCmd": "true", "readyCmd": "true"}),
@@ -589,5 +595,360 @@ fn a_restart_ends_a_running_build_and_keeps_built_templates() {
     let again = lab.create(json!({"templateID": tid}));
     let out = lab.exec(&id_of(&again), Some(&token_of(&again)), "cat /kept");
     assert_eq!(out.stdout, "kept\n");
+    lab.finish();
+}
+
+/// `fromImage` against real registries (Debian's `docker-registry` in a namespace of the
+/// test's own on 198.51.100.120/30) holding an image the test builds: layers with whiteouts
+/// applied, the image's `Env` taken, steps run on it, the pull cached by digest, a Docker
+/// Hub name through `--registry-mirror`, credentials through `fromImageRegistry`, and each
+/// bad input (unknown image, bad credentials, unreachable registry, `aws`) ending as a
+/// clear error that never shows the password.
+#[test]
+fn images_from_registries_are_build_bases() {
+    use support::registry;
+    let name = "images_from_registries_are_build_bases";
+    if let Some(reason) = registry::tools_missing() {
+        println!("SKIP {name}: {reason}");
+        return;
+    }
+    let Some(mut lab) = Lab::new(name) else {
+        return;
+    };
+    // After the lab's lock, as networked labs take them.
+    let _slots = support::net::hold_slots();
+    let reg = registry::Registry::start(&lab.state_dir);
+    let layout = registry::make_image(
+        &lab.state_dir,
+        std::path::Path::new(env!("CARGO_BIN_EXE_coppice-gateway")),
+    );
+    registry::push(&layout, &format!("{}/test/img:1", registry::OPEN), None);
+    registry::push(
+        &layout,
+        &format!("{}/private/img:1", registry::AUTH),
+        Some((registry::USER, registry::PASSWORD)),
+    );
+    lab.options.args = vec![
+        "--registry-mirror".into(),
+        format!("http://{}", registry::OPEN),
+        "--insecure-registry".into(),
+        registry::OPEN.into(),
+        "--insecure-registry".into(),
+        registry::AUTH.into(),
+    ];
+    lab.start();
+
+    let steps = json!([
+        {"type": "RUN", "args": ["echo built > /built.txt; whoami > /who.txt"]},
+        {"type": "WORKDIR", "args": ["/srv/app"]},
+    ]);
+    let image = format!("{}/test/img:1", registry::OPEN);
+    let (tid, _, s, lines) = build(
+        &lab,
+        "from-image",
+        json!({"fromImage": image}),
+        steps.clone(),
+    );
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let text = messages(&lines);
+    assert!(
+        text.iter().any(|m| m.starts_with("pulling image sha256:")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|m| m.starts_with("applying layer 2/2")),
+        "{text:?}"
+    );
+    let created = lab.create(json!({"templateID": "from-image"}));
+    assert_eq!(created["templateID"], tid);
+    let out = lab.exec(
+        &id_of(&created),
+        Some(&token_of(&created)),
+        "cat /hello.txt /built.txt /who.txt; ls /opt; test -e /etc/gone.txt || echo gone; \
+         echo \"$IMG_VAR\"; pwd; whoami",
+    );
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "hello from the image\nbuilt\nroot\nnew.txt\ngone\nfrom the image\n/srv/app\nuser\n"
+    );
+
+    // The same image again is the cached layer; a Docker Hub name goes through the mirror.
+    let (_, _, s, lines) = build(
+        &lab,
+        "from-image",
+        json!({"fromImage": image}),
+        steps.clone(),
+    );
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let text = messages(&lines);
+    assert!(
+        text.iter().any(|m| m.starts_with("CACHED image sha256:")),
+        "{text:?}"
+    );
+    assert!(
+        !text.iter().any(|m| m.starts_with("pulling image")),
+        "{text:?}"
+    );
+    let (_, _, s, lines) = build(
+        &lab,
+        "via-mirror",
+        json!({"fromImage": "test/img:1"}),
+        json!([]),
+    );
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let text = messages(&lines);
+    assert!(
+        text.iter()
+            .any(|m| m == &format!("resolving {}/test/img:1", registry::OPEN)),
+        "{text:?}"
+    );
+
+    // Credentials: right ones pull, wrong ones end as a clear error; never shown.
+    let private = format!("{}/private/img:1", registry::AUTH);
+    let creds = |password: &str| {
+        json!({"fromImage": private, "fromImageRegistry":
+            {"type": "registry", "username": registry::USER, "password": password}})
+    };
+    let (_, _, s, lines) = build(&lab, "private", creds(registry::PASSWORD), json!([]));
+    assert_eq!(s["status"], "ready", "{s} {lines:?}");
+    let wrong = "wrong-Pa55word";
+    let (_, _, s, lines) = build(&lab, "private-bad", creds(wrong), json!([]));
+    assert_eq!(s["status"], "error", "{s}");
+    assert_eq!(s["reason"]["step"], "base", "{s}");
+    let reason = s["reason"]["message"].as_str().unwrap();
+    assert!(
+        reason.contains("access to") && reason.contains("denied"),
+        "{reason}"
+    );
+    let (_, _, s, _) = build(
+        &lab,
+        "private-none",
+        json!({"fromImage": private}),
+        json!([]),
+    );
+    assert_eq!(s["status"], "error", "{s}");
+    assert!(
+        s["reason"]["message"].as_str().unwrap().contains("denied"),
+        "{s}"
+    );
+    let everything = format!("{s} {lines:?} {}", lab.log());
+    for secret in [registry::PASSWORD, wrong] {
+        assert!(!everything.contains(secret), "a password leaked");
+    }
+
+    // An unknown image or tag, an unreachable registry.
+    for (image, want) in [
+        (format!("{}/test/nope:1", registry::OPEN), "not found"),
+        (format!("{}/test/img:2", registry::OPEN), "not found"),
+        (format!("{}:5009/test/img:1", registry::ADDR), "unreachable"),
+        (format!("{}:5009/test/img:1", registry::HOST), "unreachable"),
+    ] {
+        let (_, _, s, _) = build(&lab, "bad-image", json!({"fromImage": image}), json!([]));
+        assert_eq!(s["status"], "error", "{image}: {s}");
+        assert_eq!(s["reason"]["step"], "base", "{s}");
+        let m = s["reason"]["message"].as_str().unwrap();
+        assert!(
+            m.starts_with("fromImage: ") && m.contains(want),
+            "{image}: {m}"
+        );
+    }
+    // aws and gcp are refused by name at the trigger.
+    let req = request(&lab, "aws", &[]);
+    let r = lab.api(
+        "POST",
+        &format!(
+            "/v2/templates/{}/builds/{}",
+            req["templateID"].as_str().unwrap(),
+            req["buildID"].as_str().unwrap()
+        ),
+        Some(json!({"fromImage": "x.test/a", "fromImageRegistry":
+            {"type": "aws", "awsAccessKeyId": "a", "awsSecretAccessKey": "b", "awsRegion": "r"}})),
+    );
+    r.assert_error(400, "an aws registry");
+    assert!(
+        r.text().contains("aws") && r.text().contains("not supported"),
+        "{}",
+        r.text()
+    );
+    lab.finish();
+    drop(reg);
+}
+
+/// The SSE events of a finished stream: (event, id, data) per event.
+fn sse(text: &str) -> Vec<(String, Option<String>, Value)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty() && !block.starts_with(':'))
+        .map(|block| {
+            let (mut event, mut id, mut data) = (String::new(), None, String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            (event, id, serde_json::from_str(&data).unwrap())
+        })
+        .collect()
+}
+
+/// Seed 002's jobs: `POST /templates/build` from a template and steps, the job's logs, and
+/// its events as Server-Sent Events (a `log` per line, then `end`), resumed with
+/// `Last-Event-ID`; a failing job's `end` carries its reason; bad requests are 400s.
+#[test]
+fn build_jobs_stream_their_logs_as_server_sent_events() {
+    let Some(mut lab) = Lab::new("build_jobs_stream_their_logs_as_server_sent_events") else {
+        return;
+    };
+    lab.start();
+    let r = lab.api(
+        "POST",
+        "/templates/build",
+        Some(json!({"name": "job-app", "fromTemplate": "base", "steps": [
+            {"type": "RUN", "args": ["echo one; echo two > /two"]},
+            {"type": "ENV", "args": ["J", "yes"]},
+        ]})),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let job = r.json();
+    let id = job["jobID"].as_str().unwrap().to_owned();
+    assert_eq!(job["name"], "job-app");
+    assert_eq!(job["events"], format!("/templates/builds/{id}/events"));
+
+    // The stream ends by itself once the job has ended.
+    let events = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{id}/events"))
+            .body(support::empty())
+            .unwrap(),
+    );
+    assert_eq!(events.status, StatusCode::OK);
+    assert_eq!(events.headers["content-type"], "text/event-stream");
+    let all = sse(&events.text());
+    let (last, lines) = all.split_last().unwrap();
+    assert_eq!(last.0, "end", "{all:?}");
+    assert_eq!(last.2["status"], "ready", "{all:?}");
+    assert!(lines.iter().all(|(e, _, _)| e == "log"));
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|(_, _, d)| d["message"].as_str().unwrap())
+        .collect();
+    assert!(messages.contains(&"one"), "{messages:?}");
+    assert!(messages.contains(&"ENV J=yes"), "{messages:?}");
+    for (i, (_, n, _)) in lines.iter().enumerate() {
+        assert_eq!(n.as_deref(), Some(i.to_string().as_str()));
+    }
+    // The logs route has the same lines; Last-Event-ID resumes after one.
+    let logs = lab.api("GET", &format!("/templates/builds/{id}/logs"), None);
+    assert_eq!(logs.status, StatusCode::OK, "{}", logs.text());
+    let logs = logs.json();
+    assert_eq!(logs["status"], "ready");
+    assert_eq!(logs["logs"].as_array().unwrap().len(), lines.len());
+    let resumed = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{id}/events"))
+            .header("last-event-id", "1")
+            .body(support::empty())
+            .unwrap(),
+    );
+    let rest = sse(&resumed.text());
+    assert_eq!(rest.len(), lines.len() - 2 + 1, "{rest:?}");
+    assert_eq!(rest[0].1.as_deref(), Some("2"));
+    let created = lab.create(json!({"templateID": "job-app"}));
+    let out = lab.exec(
+        &id_of(&created),
+        Some(&token_of(&created)),
+        "cat /two; echo $J",
+    );
+    assert_eq!(out.stdout, "two\nyes\n", "{out:?}");
+
+    // Layers go once nothing uses them: not while a child template stands on them.
+    let layers = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(lab.state_dir.join("storage/layers"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("b-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let r = lab.api(
+        "POST",
+        "/templates/build",
+        Some(json!({"name": "job-child", "fromTemplate": "job-app",
+                    "steps": [{"type": "RUN", "args": ["echo three > /three"]}]})),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let child = r.json()["jobID"].as_str().unwrap().to_owned();
+    let ended = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{child}/events"))
+            .body(support::empty())
+            .unwrap(),
+    );
+    assert_eq!(sse(&ended.text()).last().unwrap().2["status"], "ready");
+    let before = layers();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let r = lab.api("DELETE", &format!("/sandboxes/{}", id_of(&created)), None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = lab.api("DELETE", "/templates/job-app", None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(layers(), before, "the child's parent layer was collected");
+    let r = lab.api("DELETE", "/templates/job-child", None);
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    assert_eq!(layers(), Vec::<String>::new());
+    assert!(lab.log().contains("unused layers collected"));
+
+    // A failing job ends with its reason.
+    let r = lab.api(
+        "POST",
+        "/templates/build",
+        Some(json!({"name": "job-bad", "steps": [{"type": "RUN", "args": ["exit 3"]}]})),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let bad = r.json()["jobID"].as_str().unwrap().to_owned();
+    let events = lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{bad}/events"))
+            .body(support::empty())
+            .unwrap(),
+    );
+    let all = sse(&events.text());
+    let end = &all.last().unwrap().2;
+    assert_eq!(end["status"], "error", "{all:?}");
+    assert_eq!(end["reason"]["step"], "1", "{end}");
+    assert!(end["reason"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exit code 3"));
+
+    // Bad requests.
+    for (body, what) in [
+        (
+            json!({"name": "j", "steps": [{"type": "COPY", "args": ["a", "/a"]}]}),
+            "COPY",
+        ),
+        (json!({"name": "j", "frob": 1}), "an unknown field"),
+        (
+            json!({"name": "j", "image": "a", "fromTemplate": "base"}),
+            "both bases",
+        ),
+        (json!({"steps": []}), "no name"),
+    ] {
+        lab.api("POST", "/templates/build", Some(body))
+            .assert_error(400, what);
+    }
+    lab.api(
+        "GET",
+        "/templates/builds/00000000-0000-4000-8000-000000000000/logs",
+        None,
+    )
+    .assert_error(404, "an unknown job");
+    lab.send(
+        lab.api_request("GET", &format!("/templates/builds/{bad}/events"))
+            .header("last-event-id", "x")
+            .body(support::empty())
+            .unwrap(),
+    )
+    .assert_error(400, "a bad Last-Event-ID");
     lab.finish();
 }

@@ -6,7 +6,8 @@
 //! [`ZfsStorage`] (`zfs snapshot/clone/destroy`; it only builds command lines, so it compiles
 //! and is unit-tested everywhere through a recording [`zfs::CommandRunner`]). On Linux,
 //! `template::TemplateBuilder` builds and caches the default Debian bookworm root
-//! filesystem that every sandbox starts from. `docs/storage.md` describes the on-disk
+//! filesystem that every sandbox starts from, and `image::ImagePuller` turns an OCI or
+//! Docker image from a registry into such a tree. `docs/storage.md` describes the on-disk
 //! layouts, the crash-safety argument and the zfs-fuse quirks. Every helper process (debootstrap,
 //! cp, zfs, ...) is spawned through `command`, which gives it a timeout and kills it, with
 //! its process group, when its job or the gateway ends.
@@ -16,6 +17,8 @@
 //! half-made.
 
 mod command;
+#[cfg(target_os = "linux")]
+pub mod image;
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]

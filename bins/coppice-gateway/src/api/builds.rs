@@ -67,6 +67,14 @@ fn built_in(name: &str, what: &str) -> ApiError {
 /// `waiting` for its steps.
 pub(crate) fn request(gw: &Gateway, body: &Bytes) -> Result<Response<Body>> {
     let req: TemplateBuildRequestV3 = parse(body)?;
+    Ok(json(StatusCode::ACCEPTED, &new_build(gw, &req)?))
+}
+
+/// Makes the template `req` names (on its first build) and a new build of it, `waiting`.
+pub(crate) fn new_build(
+    gw: &Gateway,
+    req: &TemplateBuildRequestV3,
+) -> Result<TemplateRequestResponseV3> {
     let full = req
         .name
         .clone()
@@ -129,17 +137,14 @@ pub(crate) fn request(gw: &Gateway, body: &Bytes) -> Result<Response<Body>> {
         crate::now().0,
     )?;
     tracing::info!(template = %template.id, name = %name, build = %build.id, "template build requested");
-    Ok(json(
-        StatusCode::ACCEPTED,
-        &TemplateRequestResponseV3 {
-            template_id: template.id,
-            build_id: build.id,
-            public: template.public,
-            names: vec![template.name.clone()],
-            tags: build.tags,
-            aliases: vec![template.name],
-        },
-    ))
+    Ok(TemplateRequestResponseV3 {
+        template_id: template.id,
+        build_id: build.id,
+        public: template.public,
+        names: vec![template.name.clone()],
+        tags: build.tags,
+        aliases: vec![template.name],
+    })
 }
 
 fn built_template(gw: &Gateway, raw_id: &str) -> Result<crate::builds::store::TemplateRow> {
@@ -254,9 +259,49 @@ async fn write_body(mut body: Incoming, path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// `POST /v2/templates/{templateID}/builds/{buildID}`: 202, and the build runs. Fields this
-/// gateway does not implement (`fromImageRegistry`) are 400s; a
-/// build already started is a 409.
+/// `fromImageRegistry`: E2B's `registry` type (username and password, for basic or token
+/// auth); `aws` and `gcp` are 400s that name them.
+fn registry_credentials(
+    value: Option<&serde_json::Value>,
+) -> Result<Option<coppice_zfs::image::Credentials>> {
+    let Some(v) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let field = |name: &str| v.get(name).and_then(serde_json::Value::as_str);
+    match field("type") {
+        Some("registry") => {
+            let (Some(username), Some(password)) = (field("username"), field("password")) else {
+                return Err(ApiError::bad_request(
+                    "fromImageRegistry of type registry needs username and password strings",
+                ));
+            };
+            if let Some(extra) = v
+                .as_object()
+                .and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "type" | "username" | "password")))
+            {
+                return Err(ApiError::bad_request(format!(
+                    "fromImageRegistry: unknown field {extra:?}"
+                )));
+            }
+            Ok(Some(coppice_zfs::image::Credentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            }))
+        }
+        Some(t @ ("aws" | "gcp")) => Err(ApiError::bad_request(format!(
+            "fromImageRegistry of type {t:?} is not supported by this gateway; use type \"registry\" \
+             with a username and password (a token) for the registry"
+        ))),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "fromImageRegistry: unknown type {other:?} (expected \"registry\", \"aws\" or \"gcp\")"
+        ))),
+        None => Err(ApiError::bad_request("fromImageRegistry needs a type")),
+    }
+}
+
+/// `POST /v2/templates/{templateID}/builds/{buildID}`: 202, and the build runs.
+/// `fromImageRegistry` of a type other than `registry` is a 400; a build already started
+/// is a 409.
 pub(crate) fn trigger(
     gw: &Gateway,
     raw_id: &str,
@@ -265,15 +310,24 @@ pub(crate) fn trigger(
 ) -> Result<Response<Body>> {
     let template = built_template(gw, raw_id)?;
     let build_id = path_param(raw_build, "build id")?;
-    let build = gw.builds.build_of(&template.id, &build_id)?;
     let req: TemplateBuildStartV2 = parse(body)?;
-    if req
-        .from_image_registry
-        .as_ref()
-        .is_some_and(|v| !v.is_null())
-    {
+    start_build(gw, &template.id, &build_id, req)?;
+    Ok(empty(StatusCode::ACCEPTED))
+}
+
+/// Starts the build `build_id` of the template `template_id` as `req` says: queued,
+/// `building`.
+pub(crate) fn start_build(
+    gw: &Gateway,
+    template_id: &str,
+    build_id: &str,
+    req: TemplateBuildStartV2,
+) -> Result<()> {
+    let build = gw.builds.build_of(template_id, build_id)?;
+    let registry = registry_credentials(req.from_image_registry.as_ref())?;
+    if registry.is_some() && req.from_image.is_none() {
         return Err(ApiError::bad_request(
-            "fromImageRegistry is not supported by this gateway (building from OCI images is not yet)",
+            "fromImageRegistry needs fromImage: it holds the credentials of fromImage's registry",
         ));
     }
     let base = match (req.from_template.clone(), req.from_image.clone()) {
@@ -298,13 +352,14 @@ pub(crate) fn trigger(
     }
     let job = Job {
         build_id: build.id.clone(),
-        template_id: template.id.clone(),
+        template_id: build.template_id.clone(),
         base,
         steps: req.steps.unwrap_or_default(),
         force: req.force.unwrap_or(false),
         limits: builds::limits_of(&build),
         start_cmd: req.start_cmd.filter(|c| !c.is_empty()),
         ready_cmd: req.ready_cmd.filter(|c| !c.is_empty()),
+        registry,
     };
     if let Err(e) = gw.builds.enqueue(job) {
         let reason = crate::builds::store::Reason {
@@ -314,18 +369,18 @@ pub(crate) fn trigger(
         gw.builds.store.fail(&build.id, &reason, crate::now().0)?;
         return Err(e.into());
     }
-    tracing::info!(template = %template.id, build = %build.id, "template build started");
-    Ok(empty(StatusCode::ACCEPTED))
+    tracing::info!(template = %build.template_id, build = %build.id, "template build started");
+    Ok(())
 }
 
 /// The log levels, least severe first.
 const LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
 
-fn level_rank(level: &str) -> usize {
+pub(crate) fn level_rank(level: &str) -> usize {
     LEVELS.iter().position(|l| *l == level).unwrap_or(1)
 }
 
-fn entry(row: &LogRow) -> BuildLogEntry {
+pub(crate) fn entry(row: &LogRow) -> BuildLogEntry {
     BuildLogEntry {
         timestamp: format_millis(row.at),
         message: row.message.clone(),
@@ -335,7 +390,7 @@ fn entry(row: &LogRow) -> BuildLogEntry {
 }
 
 /// Reads `name`'s value as a whole number from 0 to `max`.
-fn number(name: &str, value: &str, max: u64) -> Result<u64> {
+pub(crate) fn number(name: &str, value: &str, max: u64) -> Result<u64> {
     value
         .parse::<u64>()
         .ok()

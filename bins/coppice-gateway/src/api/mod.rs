@@ -5,6 +5,7 @@ pub(crate) mod builds;
 pub(crate) mod dashboard;
 pub(crate) mod error;
 pub(crate) mod events;
+pub(crate) mod jobs;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod network;

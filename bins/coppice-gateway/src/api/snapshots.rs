@@ -130,7 +130,7 @@ pub(crate) async fn delete(gw: &Gateway, raw_id: &str) -> Result<Response<Body>>
             snapshots::delete(gw, &template_id).await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        None => crate::api::templates::delete(gw, raw_id),
+        None => crate::api::templates::delete(gw, raw_id).await,
     }
 }
 

@@ -344,7 +344,7 @@ fn built_in(entry: &Entry, change: &str) -> ApiError {
 /// `delete_snapshot` reads it as "not found"), 403 for a built-in template, 409 for a built
 /// template that live sandboxes or a running build still use. Its layers stay in storage as
 /// the step cache (nothing collects unused layers yet).
-pub(crate) fn delete(gw: &Gateway, raw_id: &str) -> Result<Response<Body>> {
+pub(crate) async fn delete(gw: &Gateway, raw_id: &str) -> Result<Response<Body>> {
     let t = match lookup(gw, raw_id)? {
         Found::BuiltIn(entry) => return Err(built_in(&entry, "deleted")),
         Found::Built(t) => t,
@@ -378,8 +378,30 @@ pub(crate) fn delete(gw: &Gateway, raw_id: &str) -> Result<Response<Body>> {
             ),
         ));
     }
+    let dropped: Vec<String> = gw
+        .builds
+        .store
+        .builds_of(&t.id)?
+        .into_iter()
+        .filter_map(|b| b.layer)
+        .collect();
     gw.builds.store.delete_template(&t.id)?;
     tracing::info!(template = %t.id, name = %t.name, "template deleted");
+    // Its layers no longer used are collected before the answer; a failure leaves them
+    // for the next deletion.
+    match crate::builds::gc::collect(gw, &dropped).await {
+        Ok(c) if c.deferred => {
+            tracing::info!(template = %t.id, "layer collection deferred: a build is running");
+        }
+        Ok(c) => tracing::info!(
+            template = %t.id,
+            layers = c.layers.len(),
+            bytes = c.bytes,
+            cache_entries = c.cache_entries,
+            "unused layers collected"
+        ),
+        Err(e) => tracing::warn!(template = %t.id, error = %e, "collecting unused layers failed"),
+    }
     Ok(empty(StatusCode::NO_CONTENT))
 }
 

@@ -4,7 +4,8 @@
 //! storage layer.
 //!
 //! A build starts from its base's layer (`fromTemplate`: a built-in or built template;
-//! `fromImage`: only E2B's own base image, which is the built-in `base`). `ENV`, `USER` and
+//! `fromImage`: E2B's own base image is the built-in `base`, any other image is pulled from
+//! its registry, see [`crate::builds::image`]). `ENV`, `USER` and
 //! `WORKDIR` change the build's state, which later steps run with and the template's
 //! sandboxes get. `RUN` runs `/bin/bash -c` through the agent as the step's user (else the
 //! build's `USER`, else root). `COPY` checks the uploaded archive and its hash, moves it into
@@ -145,7 +146,7 @@ async fn build(gw: &Gateway, job: &Job) -> Result<(LayerId, Defaults), Reason> {
         Base::Image(i) => format!("FROM image {i}"),
     };
     log(&gw.builds, &job.build_id, "info", Some("base"), &from);
-    let (layer, defaults) = base_layer(gw, &job.base).await.map_err(step_fail("base"))?;
+    let (layer, defaults) = base_layer(gw, job).await.map_err(step_fail("base"))?;
     let mut run = Run {
         gw,
         job,
@@ -177,15 +178,13 @@ async fn build(gw: &Gateway, job: &Job) -> Result<(LayerId, Defaults), Reason> {
 }
 
 /// The layer and defaults a build starts from.
-async fn base_layer(gw: &Gateway, base: &Base) -> Result<(LayerId, Defaults), String> {
-    let name = match base {
-        Base::Image(image) if is_e2b_base(image) => "base".to_owned(),
+async fn base_layer(gw: &Gateway, job: &Job) -> Result<(LayerId, Defaults), String> {
+    let name = match &job.base {
+        Base::Image(image) if is_e2b_base(image) && job.registry.is_none() => "base".to_owned(),
         Base::Image(image) => {
-            return Err(format!(
-                "fromImage {image:?}: building from OCI images is not supported by this gateway \
-                 yet; only {E2B_BASE_IMAGE} (the built-in base template) is. Use fromTemplate \
-                 with a built-in or built template instead"
-            ))
+            let sink =
+                |level: &str, line: &str| log(&gw.builds, &job.build_id, level, Some("base"), line);
+            return crate::builds::image::base_layer(gw, image, job.registry.clone(), &sink).await;
         }
         Base::Template(t) => t.clone(),
     };

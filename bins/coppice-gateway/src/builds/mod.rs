@@ -1,7 +1,8 @@
 //! Templates built with E2B's `Template` builder: their records ([`store`], in the registry
 //! database), the build-context archives the SDK uploads ([`files`], kept under
 //! `<state>/builds/files/<hash>`), and the engine ([`engine`]) that runs a build's steps in a
-//! build sandbox and captures the result as a storage layer.
+//! build sandbox and captures the result as a storage layer. `fromImage` bases are pulled
+//! from registries ([`image`]) and kept as layers under their digest.
 //!
 //! [`Builds`] is this capability's state: the store, the one-time upload tokens, and the
 //! queue of triggered builds that the engine's one worker takes in order.
@@ -13,6 +14,8 @@
 pub(crate) mod agent;
 pub(crate) mod engine;
 pub(crate) mod files;
+pub(crate) mod gc;
+pub(crate) mod image;
 pub(crate) mod start;
 pub(crate) mod store;
 
@@ -83,6 +86,8 @@ pub(crate) struct Job {
     pub(crate) start_cmd: Option<String>,
     /// `readyCmd`, when given (else the base's).
     pub(crate) ready_cmd: Option<String>,
+    /// `fromImageRegistry`'s credentials for `fromImage`; kept in memory only.
+    pub(crate) registry: Option<coppice_zfs::image::Credentials>,
 }
 
 /// Where a build starts.
@@ -180,6 +185,11 @@ pub(crate) struct Builds {
     jobs: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Job>>>,
     /// The build sandbox running now, for shutdown to kill.
     running: Mutex<Option<coppice_lifecycle::backend::SandboxId>>,
+    /// Where images come from (`--registry-mirror`, `--insecure-registry`).
+    pub(crate) registries: image::Registries,
+    /// Pulls images into trees under `<dir>/images`.
+    pub(crate) puller: coppice_zfs::image::ImagePuller,
+    images_dir: PathBuf,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BuildsError + 'a {
@@ -192,10 +202,26 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Bu
 
 impl Builds {
     /// Opens the template tables in the database at `db` and the files under `dir`; every
-    /// build a previous run left `building` ends as `error`.
-    pub(crate) fn open(db: &Path, dir: &Path, now: u64) -> Result<Self, BuildsError> {
+    /// build a previous run left `building` ends as `error`. Images come from
+    /// `registries`, with owners shifted by `uid_shift`.
+    pub(crate) fn open(
+        db: &Path,
+        dir: &Path,
+        now: u64,
+        registries: image::Registries,
+        uid_shift: u32,
+    ) -> Result<Self, BuildsError> {
         let files_dir = dir.join("files");
         std::fs::create_dir_all(&files_dir).map_err(io("create", &files_dir))?;
+        let images_dir = dir.join("images");
+        // Pulls and trees a previous run left unfinished.
+        let work = images_dir.join("work");
+        if let Err(e) = std::fs::remove_dir_all(&work) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %work.display(), error = %e, "removing old image pulls failed");
+            }
+        }
+        std::fs::create_dir_all(&work).map_err(io("create", &work))?;
         let store = Store::open(db)?;
         let cut = store.interrupt_unfinished(
             "the gateway restarted while this build was running; build it again",
@@ -212,7 +238,20 @@ impl Builds {
             queue,
             jobs: Mutex::new(Some(jobs)),
             running: Mutex::new(None),
+            puller: coppice_zfs::image::ImagePuller::new(&work, uid_shift),
+            registries,
+            images_dir,
         })
+    }
+
+    /// Where image pulls and their trees are made (emptied at start).
+    pub(crate) fn image_work(&self) -> PathBuf {
+        self.images_dir.join("work")
+    }
+
+    /// Where the defaults an image's layer gives builds are kept.
+    pub(crate) fn image_meta_path(&self, layer: &str) -> PathBuf {
+        self.images_dir.join(format!("{layer}.json"))
     }
 
     /// The queue of triggered builds, for the engine's worker (once).
@@ -401,7 +440,14 @@ mod tests {
     #[test]
     fn upload_tokens_are_used_once() {
         let dir = tempfile::tempdir().unwrap();
-        let b = Builds::open(&dir.path().join("r.db"), dir.path(), 1).unwrap();
+        let b = Builds::open(
+            &dir.path().join("r.db"),
+            dir.path(),
+            1,
+            image::Registries::default(),
+            100_000,
+        )
+        .unwrap();
         let t = b.upload_token("h").unwrap();
         assert_eq!(t.len(), 40);
         assert_eq!(b.take_upload(&t).as_deref(), Some("h"));

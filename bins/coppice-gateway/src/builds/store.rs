@@ -541,6 +541,51 @@ impl Store {
         tx.commit().map_err(err("commit"))
     }
 
+    /// The layers of every build that has one.
+    pub(crate) fn build_layers(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT layer FROM tmpl_builds WHERE layer IS NOT NULL")
+            .map_err(err("read build layers"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(err("read build layers"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(err("read build layers"))
+    }
+
+    /// Whether any build is `building`.
+    pub(crate) fn any_building(&self) -> Result<bool> {
+        self.conn()
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM tmpl_builds WHERE status = 'building')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err("read builds"))
+    }
+
+    /// Every step cache entry: (key, layer).
+    pub(crate) fn cache_entries(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key, layer FROM tmpl_step_cache")
+            .map_err(err("read the step cache"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(err("read the step cache"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(err("read the step cache"))
+    }
+
+    /// Forgets the step cache entry `key`.
+    pub(crate) fn forget_cached(&self, key: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM tmpl_step_cache WHERE key = ?1", params![key])
+            .map(drop)
+            .map_err(err("write the step cache"))
+    }
+
     /// The layer cached for the step key `key`.
     pub(crate) fn cached(&self, key: &str) -> Result<Option<String>> {
         self.conn()

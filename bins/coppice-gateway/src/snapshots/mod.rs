@@ -526,7 +526,7 @@ pub(crate) async fn collect(gw: &Gateway) {
             return;
         }
     };
-    for layer in layers {
+    for layer in layers.into_iter().map(|l| l.id) {
         let ours =
             layer.as_str().starts_with(SNAPSHOT_LAYER) || layer.as_str().starts_with(FORK_LAYER);
         if !ours || named.contains(layer.as_str()) {

@@ -44,6 +44,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 pub mod net;
 pub mod ports;
+pub mod registry;
 
 /// Why this host cannot run the gateway tests, if it cannot.
 pub fn skip_reason() -> Option<String> {
