@@ -24,6 +24,7 @@ pub mod report;
 pub mod state;
 
 mod connect;
+mod creds;
 mod fdio;
 mod files;
 mod filesystem;
