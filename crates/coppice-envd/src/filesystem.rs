@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsFd as _, AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ use crate::files::{ensure_dir, ensure_parents};
 use crate::reply::Body;
 use crate::state::AgentState;
 use crate::users;
+use crate::watchers::PollingWatcher;
 use crate::xattr;
 
 /// Events kept per polling watcher between two `GetWatcherEvents` calls.
@@ -38,25 +39,6 @@ const MAX_BUFFERED_EVENTS: usize = 10_000;
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Each critical section is a single collection update.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The polling watchers made by `CreateWatcher`.
-#[derive(Debug, Default)]
-pub(crate) struct Watchers {
-    next: AtomicU64,
-    map: Mutex<HashMap<String, PollingWatcher>>,
-}
-
-#[derive(Debug)]
-struct PollingWatcher {
-    events: Arc<Mutex<Vec<serde_json::Value>>>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for PollingWatcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 // ---- Wire messages. ----
@@ -185,7 +167,18 @@ where
                 .blocking(move || {
                     std::fs::symlink_metadata(&src).map_err(|e| fs_err(&src, &e))?;
                     ensure_parents(&dst).map_err(|e| fs_err(&dst, &e))?;
-                    std::fs::rename(&src, &dst).map_err(|e| fs_err(&dst, &e))?;
+                    std::fs::rename(&src, &dst).map_err(|e| match e.raw_os_error() {
+                        // Either end may be what the user may not change.
+                        Some(libc::EACCES | libc::EPERM) => RpcError::new(
+                            Code::PermissionDenied,
+                            format!(
+                                "permission denied moving '{}' to '{}'",
+                                src.display(),
+                                dst.display()
+                            ),
+                        ),
+                        _ => fs_err(&dst, &e),
+                    })?;
                     Ok(json!({ "entry": entry_info(&st, &dst)? }))
                 })
                 .await

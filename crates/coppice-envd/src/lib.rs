@@ -32,9 +32,11 @@ mod http_api;
 mod interpreter;
 mod oom;
 mod process;
+mod proctable;
 mod reply;
 mod secret;
 mod users;
+mod watchers;
 mod xattr;
 
 pub use files::file_url_signature;
