@@ -179,3 +179,79 @@ fn root_in_the_sandbox_cannot_stop_the_agent_and_killed_kernels_come_back() {
         sbx.log()
     );
 }
+
+/// What sandbox root tries against its init, one line per attempt: the attempt's name, then
+/// `ok` or the errno's name.
+const ATTACKS: &str = r#"
+import ctypes, errno, os, resource
+libc = ctypes.CDLL(None, use_errno=True)
+def report(name, f):
+    try:
+        r = f()
+        if r == -1:
+            print(name, errno.errorcode[ctypes.get_errno()])
+        else:
+            print(name, "ok")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+report("ptrace_attach", lambda: libc.ptrace(16, 1, None, None))
+report("ptrace_seize", lambda: libc.ptrace(0x4206, 1, None, None))
+report("proc_mem_write", lambda: open("/proc/1/mem", "r+b").close())
+report("proc_mem_read", lambda: open("/proc/1/mem", "rb").read(1))
+report("proc_environ", lambda: open("/proc/1/environ", "rb").read())
+report("oom_score_adj", lambda: open("/proc/1/oom_score_adj", "w").write("1000"))
+report("prlimit", lambda: resource.prlimit(1, resource.RLIMIT_NOFILE, (0, 0)))
+report("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, 1, 19))
+report("renice_user", lambda: os.setpriority(os.PRIO_USER, 0, 19))
+report("sched_idle", lambda: os.sched_setscheduler(1, os.SCHED_IDLE, os.sched_param(0)))
+report("affinity", lambda: os.sched_setaffinity(1, {0}))
+report("read_agent", lambda: open("/usr/local/bin/coppice-envd", "rb").read(1))
+"#;
+
+#[test]
+fn sandbox_root_cannot_trace_change_or_signal_the_agent() {
+    let name = "sandbox_root_cannot_trace_change_or_signal_the_agent";
+    let Some(sbx) = Sandbox::start(name, "reach1", MEMORY) else {
+        return;
+    };
+    let script = ATTACKS.replace('\'', "'\\''");
+    let ran = sbx.run_as("root", &format!("python3 -c '{script}'"));
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(lines.len(), 12, "{ran:?}");
+    for line in &lines {
+        let (attempt, outcome) = line.split_once(' ').unwrap();
+        assert!(
+            outcome == "EPERM" || outcome == "EACCES",
+            "{attempt} was not refused: {outcome} ({ran:?})"
+        );
+    }
+    // The kernel rule alone (no filter involved): the agent is not dumpable, and its /proc
+    // files belong to the host's root, which the sandbox sees as the overflow id.
+    let status = sbx.run_as("root", "stat -c '%u' /proc/1/mem");
+    assert_eq!(status.stdout, "65534\n", "{status:?}");
+    assert_eq!(sbx.run("echo alive").stdout, "alive\n");
+
+    // Signals: the kernel drops SIGSTOP and SIGKILL to a namespace's init from inside, and
+    // every other signal the agent has no handler for; the stop signals it reads are
+    // ignored when sent from inside. `kill -1 -1` reaches everything but the init.
+    let sent = sbx.run_as(
+        "root",
+        "kill -STOP 1; kill -TERM 1; kill -HUP 1; kill -USR1 1; kill -KILL 1; echo sent",
+    );
+    assert_eq!(sent.stdout, "sent\n", "{sent:?}");
+    let all = sbx.run_as("root", "kill -1 -1; kill -9 -1; echo survived");
+    assert_eq!(all.stdout, "survived\n", "{all:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let state = sbx.run_as("root", "grep State /proc/1/status");
+    assert!(
+        state.stdout.contains("S (sleeping)") || state.stdout.contains("R (running)"),
+        "{state:?}"
+    );
+    assert_eq!(sbx.run("echo alive").stdout, "alive\n");
+    // Commands the agent starts still take the top OOM score (they make themselves dumpable
+    // again to write it), as `user` too.
+    assert_eq!(
+        sbx.run_as("user", "cat /proc/self/oom_score_adj").stdout,
+        "1000\n"
+    );
+}

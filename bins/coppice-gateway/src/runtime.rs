@@ -318,6 +318,11 @@ impl Runtime {
     ) -> Result<Self, RuntimeError> {
         let jail = LinuxJail::attach(JailConfig::new(state_dir.join("jail")))
             .map_err(backend("open the jail driver"))?;
+        // Sandboxes run an execute-only copy, so that their root can neither read the agent
+        // nor trace, signal or change it (`docs/backends.md`).
+        let agent = jail
+            .sealed_program(&agent)
+            .map_err(backend("seal the agent binary"))?;
         // Takes over the host side (bridge, nftables table) before anything can start.
         let net = network
             .map(|n| LinuxNet::start(net_config(state_dir, n)))

@@ -74,6 +74,21 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // As PID 1, nothing in the sandbox may trace the agent or touch its memory or its /proc
+    // files. Non-dumpable makes that need a capability in the user namespace its memory
+    // belongs to; run from the jail's execute-only copy, that is the host's, which sandbox
+    // root has no say in (`docs/backends.md`). The jail's copy already makes the exec
+    // non-dumpable; this holds also when the binary was readable.
+    if std::process::id() == 1 {
+        // SAFETY: prctl with integer arguments only; it changes a flag of this process.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+            eprintln!(
+                "cannot make the agent non-dumpable: {}",
+                std::io::Error::last_os_error()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     // Before any thread exists, so that every thread (tokio's blocking pool's too) inherits
     // the mask and the signals reach only the signalfd.
     let signals = match agent_signals() {

@@ -138,6 +138,13 @@ impl RpcError {
     }
 }
 
+impl From<std::io::Error> for RpcError {
+    /// A failure outside any one path: switching credentials, or the blocking pool.
+    fn from(e: std::io::Error) -> Self {
+        Self::internal(format!("file operation failed: {e}"))
+    }
+}
+
 impl fmt::Display for RpcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code.as_str(), self.message)

@@ -3,13 +3,14 @@
 //! Downloads stream the file (with `Range`, or gzip when the client accepts it). Uploads
 //! stream each file to disk as it arrives, from a multipart body (one part per file, the
 //! part's filename being the destination) or a raw `application/octet-stream` body
-//! (optionally gzip-encoded). The agent writes as root, then hands new directories and the
-//! file to the target user, as E2B's envd does. `X-Metadata-*` headers replace each written
-//! file's metadata (`crate::xattr`) before its old content is dropped.
+//! (optionally gzip-encoded). Every step that touches the filesystem runs with the
+//! requesting user's credentials (`crate::creds`), so what the user may not read or write is
+//! refused with 403 and what it creates is its own. `X-Metadata-*` headers replace each
+//! written file's metadata (`crate::xattr`) before its old content is dropped.
 
 use std::collections::HashMap;
 use std::io::{self, Write as _};
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
+use crate::creds::Creds;
 use crate::reply::{self, Body};
 use crate::secret::constant_time_eq;
 use crate::state::AgentState;
@@ -62,6 +64,10 @@ impl FileError {
                 Self::new(StatusCode::NOT_FOUND, format!("path '{p}' does not exist"))
             }
             Some(libc::EISDIR) => Self::bad(format!("path '{p}' is a directory")),
+            Some(libc::EACCES | libc::EPERM) => Self::new(
+                StatusCode::FORBIDDEN,
+                format!("error accessing '{p}': permission denied"),
+            ),
             Some(libc::ENOTDIR) => Self::bad(format!("a parent of path '{p}' is not a directory")),
             Some(libc::ENOSPC | libc::EDQUOT) => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -102,6 +108,16 @@ impl FileError {
 
     fn into_response(self) -> Response<Body> {
         reply::error(self.status, self.message)
+    }
+}
+
+impl From<io::Error> for FileError {
+    /// A failure outside any one path: switching credentials, or the blocking pool.
+    fn from(e: io::Error) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("file operation failed: {e}"),
+        )
     }
 }
 
@@ -235,19 +251,11 @@ async fn download<B>(state: &AgentState, req: &Request<B>) -> Result<Response<Bo
         return Err(FileError::bad("path is required"));
     }
     let path = users::resolve_path(raw, &user);
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|e| FileError::io(&path, &e))?;
-    if meta.is_dir() {
-        return Err(FileError::bad(format!(
-            "path '{}' is a directory",
-            path.display()
-        )));
-    }
-    let size = meta.len();
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| FileError::io(&path, &e))?;
+    let opened = path.clone();
+    let (file, size) = Creds::of(state, &user)
+        .blocking(move || open_for_download(&opened))
+        .await?;
+    let mut file = tokio::fs::File::from_std(file);
 
     let range = match req
         .headers()
@@ -313,6 +321,31 @@ async fn download<B>(state: &AgentState, req: &Request<B>) -> Result<Response<Bo
         }
     }
     Ok(resp)
+}
+
+/// Opens `path` for reading (with the caller's credentials in force) and returns it with
+/// its size; a directory is refused, and a FIFO does not block the open.
+fn open_for_download(path: &Path) -> Result<(std::fs::File, u64), FileError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| FileError::io(path, &e))?;
+    // The checks are on the open file, not on the path again, so what is checked is what
+    // is read.
+    let meta = file.metadata().map_err(|e| FileError::io(path, &e))?;
+    if meta.is_dir() {
+        return Err(FileError::bad(format!(
+            "path '{}' is a directory",
+            path.display()
+        )));
+    }
+    let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| FileError::io(path, &e.into()))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| FileError::io(path, &e.into()))?;
+    Ok((file, meta.len()))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -485,6 +518,7 @@ where
 {
     let q = query(req.uri());
     let user = authorize(state, req.headers(), &q, "write")?;
+    let creds = Creds::of(state, &user);
     // Checked before any byte of the body is read, so a refused set writes nothing.
     let meta = xattr::from_headers(req.headers())
         .map_err(|e| FileError::bad(format!("invalid metadata: {e}")))?;
@@ -515,7 +549,7 @@ where
                 ));
             };
             let path = users::resolve_path(&raw, &user);
-            let mut sink = FileSink::create(&path, &user, gzipped, &meta).await?;
+            let mut sink = FileSink::create(&path, &creds, gzipped, &meta).await?;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| FileError::bad(format!("reading body: {e}")))?;
                 if let Ok(data) = frame.into_data() {
@@ -523,7 +557,7 @@ where
                 }
             }
             sink.finish().await?;
-            Ok(vec![written(&path)])
+            Ok(vec![written(&path, &creds)?])
         }
         "multipart/form-data" => {
             let boundary = ct
@@ -556,7 +590,7 @@ where
                             return Err(FileError::bad("multipart file part without a filename"));
                         }
                         let path = users::resolve_path(&raw, &user);
-                        let sink = FileSink::create(&path, &user, false, &meta).await?;
+                        let sink = FileSink::create(&path, &creds, false, &meta).await?;
                         current = Some((path, sink));
                     }
                     Some(Part::Data(d)) => {
@@ -567,7 +601,7 @@ where
                     Some(Part::End) => {
                         if let Some((path, sink)) = current.take() {
                             sink.finish().await?;
-                            out.push(written(&path));
+                            out.push(written(&path, &creds)?);
                         }
                     }
                     Some(Part::Done) => break,
@@ -616,31 +650,32 @@ where
     }
 }
 
-/// One entry of the upload answer; `metadata` is read back from the file (as envd does),
-/// so it shows what was stored, and is left out when there is none.
-fn written(path: &Path) -> serde_json::Value {
+/// One entry of the upload answer; `metadata` is read back from the file (as envd does, and
+/// as the uploading user), so it shows what was stored, and is left out when there is none.
+fn written(path: &Path, creds: &Creds) -> Result<serde_json::Value, FileError> {
+    let meta = creds.run(|| xattr::read(path))?;
     let mut entry = json!({
         "path": path.to_string_lossy(),
         "name": path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         "type": "file",
     });
-    let meta = xattr::read(path);
     if !meta.is_empty() {
         entry["metadata"] = json!(meta);
     }
-    entry
+    Ok(entry)
 }
 
-/// Creates the missing directories above `path`, each owned by `user`.
-pub(crate) fn ensure_parents(path: &Path, user: &User) -> io::Result<()> {
+/// Creates the missing directories above `path` (owned by whoever the calling thread's
+/// credentials say, `crate::creds`).
+pub(crate) fn ensure_parents(path: &Path) -> io::Result<()> {
     let Some(parent) = path.parent() else {
         return Ok(());
     };
-    ensure_dir(parent, user)
+    ensure_dir(parent)
 }
 
-/// Creates `dir` and its missing ancestors, each new one owned by `user`.
-pub(crate) fn ensure_dir(dir: &Path, user: &User) -> io::Result<()> {
+/// Creates `dir` and its missing ancestors.
+pub(crate) fn ensure_dir(dir: &Path) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut cur = Some(dir);
     while let Some(d) = cur {
@@ -655,17 +690,12 @@ pub(crate) fn ensure_dir(dir: &Path, user: &User) -> io::Result<()> {
     }
     for d in missing.iter().rev() {
         match std::fs::DirBuilder::new().mode(0o755).create(d) {
-            Ok(()) => chown(d, user)?,
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
-}
-
-/// Hands `path` to `user` (without following a symlink at `path`).
-pub(crate) fn chown(path: &Path, user: &User) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
 }
 
 /// One file being written by an upload.
@@ -683,17 +713,28 @@ impl FileSink {
     /// untouched and removes one this call created.
     async fn create(
         path: &Path,
-        user: &User,
+        creds: &Creds,
         gzipped: bool,
         meta: &Metadata,
     ) -> Result<Self, FileError> {
+        let (opened, meta) = (path.to_path_buf(), meta.clone());
+        let std_file = creds.blocking(move || Self::open(&opened, &meta)).await?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: tokio::fs::File::from_std(std_file),
+            gunzip: gzipped.then(|| flate2::write::GzDecoder::new(Vec::new())),
+        })
+    }
+
+    /// The synchronous part of [`FileSink::create`], with the user's credentials in force.
+    fn open(path: &Path, meta: &Metadata) -> Result<std::fs::File, FileError> {
         if path.is_dir() {
             return Err(FileError::bad(format!(
                 "path '{}' is a directory",
                 path.display()
             )));
         }
-        ensure_parents(path, user).map_err(|e| FileError::io(path, &e))?;
+        ensure_parents(path).map_err(|e| FileError::io(path, &e))?;
         let mut open = std::fs::OpenOptions::new();
         open.write(true).mode(0o644);
         let (std_file, created) = match open.clone().create_new(true).open(path) {
@@ -706,18 +747,13 @@ impl FileSink {
             ),
             Err(e) => return Err(FileError::io(path, &e)),
         };
-        // Metadata before the chown, so that the likely refusal (a filesystem without
-        // user xattrs, or without room) leaves even the owner of an existing file as it was.
-        let prepared = xattr::replace(std_file.as_fd(), meta)
-            .map_err(|e| FileError::metadata(path, &e))
-            .and_then(|()| chown(path, user).map_err(|e| FileError::io(path, &e)));
-        if let Err(e) = prepared {
+        if let Err(e) = xattr::replace(std_file.as_fd(), meta) {
             if created {
                 // Nothing of this upload may stay behind; a failed removal changes nothing
                 // for the client, who gets the original error.
                 let _ = std::fs::remove_file(path);
             }
-            return Err(e);
+            return Err(FileError::metadata(path, &e));
         }
         // What `O_TRUNC` would have done at open; devices and FIFOs are not truncated
         // (and `ftruncate` would fail on them).
@@ -728,11 +764,7 @@ impl FileSink {
         if is_file && !created {
             std_file.set_len(0).map_err(|e| FileError::io(path, &e))?;
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            file: tokio::fs::File::from_std(std_file),
-            gunzip: gzipped.then(|| flate2::write::GzDecoder::new(Vec::new())),
-        })
+        Ok(std_file)
     }
 
     async fn write(&mut self, data: &[u8]) -> Result<(), FileError> {

@@ -1,7 +1,8 @@
 //! `filesystem.Filesystem`: stat, list, make, move, remove, and inotify-based watchers.
 //!
-//! Paths resolve like `/files` (relative and `~` against the user's home). The agent acts
-//! as root and hands what it creates to the calling user.
+//! Paths resolve like `/files` (relative and `~` against the user's home). Every operation,
+//! watches included, runs with the calling user's credentials (`crate::creds`): what the
+//! user may not do is `permission_denied`, and what it creates is its own.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -9,7 +10,7 @@ use std::io;
 use std::os::fd::{AsFd as _, AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -24,10 +25,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::connect::{self, Code, EnvelopeReader, Kind, RpcError};
+use crate::creds::Creds;
 use crate::files::{ensure_dir, ensure_parents};
 use crate::reply::Body;
 use crate::state::AgentState;
-use crate::users::{self, User};
+use crate::users;
+use crate::watchers::PollingWatcher;
 use crate::xattr;
 
 /// Events kept per polling watcher between two `GetWatcherEvents` calls.
@@ -36,25 +39,6 @@ const MAX_BUFFERED_EVENTS: usize = 10_000;
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Each critical section is a single collection update.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The polling watchers made by `CreateWatcher`.
-#[derive(Debug, Default)]
-pub(crate) struct Watchers {
-    next: AtomicU64,
-    map: Mutex<HashMap<String, PollingWatcher>>,
-}
-
-#[derive(Debug)]
-struct PollingWatcher {
-    events: Arc<Mutex<Vec<serde_json::Value>>>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for PollingWatcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 // ---- Wire messages. ----
@@ -159,30 +143,45 @@ where
     B::Error: std::fmt::Display,
 {
     let user = users::from_headers(&state, req.headers())?;
+    let creds = Creds::of(&state, &user);
     let body = connect::read_unary(req.into_body()).await?;
     let st = Arc::clone(&state);
     match method {
         "Stat" => {
             let r: PathRequest = connect::decode(&body)?;
             let path = users::resolve_path(&r.path, &user);
-            blocking(move || Ok(json!({ "entry": entry_info(&st, &path)? }))).await
+            creds
+                .blocking(move || Ok(json!({ "entry": entry_info(&st, &path)? })))
+                .await
         }
         "MakeDir" => {
             let r: PathRequest = connect::decode(&body)?;
             let path = users::resolve_path(&r.path, &user);
-            blocking(move || make_dir(&st, &path, &user)).await
+            creds.blocking(move || make_dir(&st, &path)).await
         }
         "Move" => {
             let r: MoveRequest = connect::decode(&body)?;
             let src = users::resolve_path(&r.source, &user);
             let dst = users::resolve_path(&r.destination, &user);
-            blocking(move || {
-                std::fs::symlink_metadata(&src).map_err(|e| fs_err(&src, &e))?;
-                ensure_parents(&dst, &user).map_err(|e| fs_err(&dst, &e))?;
-                std::fs::rename(&src, &dst).map_err(|e| fs_err(&dst, &e))?;
-                Ok(json!({ "entry": entry_info(&st, &dst)? }))
-            })
-            .await
+            creds
+                .blocking(move || {
+                    std::fs::symlink_metadata(&src).map_err(|e| fs_err(&src, &e))?;
+                    ensure_parents(&dst).map_err(|e| fs_err(&dst, &e))?;
+                    std::fs::rename(&src, &dst).map_err(|e| match e.raw_os_error() {
+                        // Either end may be what the user may not change.
+                        Some(libc::EACCES | libc::EPERM) => RpcError::new(
+                            Code::PermissionDenied,
+                            format!(
+                                "permission denied moving '{}' to '{}'",
+                                src.display(),
+                                dst.display()
+                            ),
+                        ),
+                        _ => fs_err(&dst, &e),
+                    })?;
+                    Ok(json!({ "entry": entry_info(&st, &dst)? }))
+                })
+                .await
         }
         "ListDir" => {
             let r: ListDirRequest = connect::decode(&body)?;
@@ -195,32 +194,33 @@ where
             }
             .max(1);
             let path = users::resolve_path(&r.path, &user);
-            blocking(move || list_dir(&st, &path, depth)).await
+            creds.blocking(move || list_dir(&st, &path, depth)).await
         }
         "Remove" => {
             let r: PathRequest = connect::decode(&body)?;
             let path = users::resolve_path(&r.path, &user);
-            blocking(move || {
-                let meta = match std::fs::symlink_metadata(&path) {
-                    Ok(m) => m,
-                    // Like `os.RemoveAll`: removing what is not there succeeds.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(json!({})),
-                    Err(e) => return Err(fs_err(&path, &e)),
-                };
-                let res = if meta.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                res.map_err(|e| fs_err(&path, &e))?;
-                Ok(json!({}))
-            })
-            .await
+            creds
+                .blocking(move || {
+                    let meta = match std::fs::symlink_metadata(&path) {
+                        Ok(m) => m,
+                        // Like `os.RemoveAll`: removing what is not there succeeds.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(json!({})),
+                        Err(e) => return Err(fs_err(&path, &e)),
+                    };
+                    let res = if meta.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    res.map_err(|e| fs_err(&path, &e))?;
+                    Ok(json!({}))
+                })
+                .await
         }
         "CreateWatcher" => {
             let r: WatchRequest = connect::decode(&body)?;
             let path = users::resolve_path(&r.path, &user);
-            let watch = Watch::new(&path, r.recursive)?;
+            let watch = Watch::new(&path, r.recursive, creds)?;
             let events = Arc::new(Mutex::new(Vec::new()));
             let sink = Arc::clone(&events);
             let include = r.include_entry;
@@ -270,16 +270,7 @@ where
     }
 }
 
-async fn blocking<F>(f: F) -> Result<serde_json::Value, RpcError>
-where
-    F: FnOnce() -> Result<serde_json::Value, RpcError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(RpcError::internal(format!("file operation failed: {e}"))))
-}
-
-fn make_dir(state: &AgentState, path: &Path, user: &User) -> Result<serde_json::Value, RpcError> {
+fn make_dir(state: &AgentState, path: &Path) -> Result<serde_json::Value, RpcError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => {
             return Err(RpcError::new(
@@ -295,7 +286,7 @@ fn make_dir(state: &AgentState, path: &Path, user: &User) -> Result<serde_json::
         }
         Err(_) => {}
     }
-    ensure_dir(path, user).map_err(|e| fs_err(path, &e))?;
+    ensure_dir(path).map_err(|e| fs_err(path, &e))?;
     Ok(json!({ "entry": entry_info(state, path)? }))
 }
 
@@ -502,6 +493,8 @@ struct Watch {
     recursive: bool,
     dirs: HashMap<WatchDescriptor, PathBuf>,
     pending: std::collections::VecDeque<serde_json::Value>,
+    /// The watching user's: directories added later and entries read for events too.
+    creds: Creds,
 }
 
 fn watch_mask() -> AddWatchFlags {
@@ -515,7 +508,9 @@ fn watch_mask() -> AddWatchFlags {
 }
 
 impl Watch {
-    fn new(root: &Path, recursive: bool) -> Result<Self, RpcError> {
+    /// Watches `root` as the user of `creds`; runs synchronously on the calling thread.
+    fn new(root: &Path, recursive: bool, creds: Creds) -> Result<Self, RpcError> {
+        let _switched = creds.switch()?;
         let meta = std::fs::metadata(root).map_err(|e| fs_err(root, &e))?;
         if !meta.is_dir() {
             return Err(RpcError::invalid(format!(
@@ -536,9 +531,10 @@ impl Watch {
             recursive,
             dirs: HashMap::new(),
             pending: std::collections::VecDeque::new(),
+            creds: creds.clone(),
         };
         w.add_tree(root)
-            .map_err(|e| RpcError::internal(format!("error watching '{}': {e}", root.display())))?;
+            .map_err(|e| fs_err(root, &io::Error::from(e)))?;
         Ok(w)
     }
 
@@ -573,6 +569,11 @@ impl Watch {
                 Err(_would_block) => continue,
             };
             drop(guard);
+            // One synchronous stretch with the watcher's credentials: new subdirectories
+            // are watched, and entries read, only as far as the user may.
+            let Ok(_switched) = self.creds.switch() else {
+                return None;
+            };
             for ev in events {
                 if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
                     self.dirs.remove(&ev.wd);
@@ -640,7 +641,7 @@ where
     let msg = EnvelopeReader::new(req.into_body()).single().await?;
     let r: WatchRequest = connect::decode(&msg)?;
     let path = users::resolve_path(&r.path, &user);
-    let mut watch = Watch::new(&path, r.recursive)?;
+    let mut watch = Watch::new(&path, r.recursive, Creds::of(&state, &user))?;
     let include = r.include_entry;
     let (tx, resp) = connect::stream_response();
     tokio::spawn(async move {

@@ -24,6 +24,7 @@ pub mod report;
 pub mod state;
 
 mod connect;
+mod creds;
 mod fdio;
 mod files;
 mod filesystem;
@@ -31,9 +32,11 @@ mod http_api;
 mod interpreter;
 mod oom;
 mod process;
+mod proctable;
 mod reply;
 mod secret;
 mod users;
+mod watchers;
 mod xattr;
 
 pub use files::file_url_signature;

@@ -27,10 +27,17 @@ pub(crate) const CHILD_SCORE_ADJ: &str = "1000";
 /// For `pre_exec`: async-signal-safe (`open`, `write`, `close` on static data). A failure is
 /// ignored: with no `/proc` the child keeps the agent's adjustment and competes with it by
 /// size, as every process does by default.
+///
+/// It first makes the child dumpable again: the agent is not (so that the sandbox cannot
+/// trace it), a fork inherits that, and a non-dumpable process's `/proc` files belong to the
+/// root of the user namespace its memory belongs to, which for the agent is the host's
+/// (`docs/backends.md`), so sandbox root could not write this one. `exec` decides again
+/// from the new program, so what runs there is dumpable as any program is.
 pub(crate) fn yield_in_child() -> io::Result<()> {
-    // SAFETY: open/write/close on a NUL-terminated static path and a static buffer; no
-    // allocation, no locks.
+    // SAFETY: prctl with integer arguments, and open/write/close on a NUL-terminated static
+    // path and a static buffer; no allocation, no locks.
     unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
         let fd = libc::open(
             c"/proc/self/oom_score_adj".as_ptr(),
             libc::O_WRONLY | libc::O_CLOEXEC,

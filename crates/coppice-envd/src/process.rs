@@ -7,11 +7,11 @@
 //! slows the process down through its pipe instead of growing buffers in the agent.
 //! The end event is sent only after the output the process wrote before exiting.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt as _;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -19,7 +19,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body as HttpBody;
 use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -27,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::connect::{self, Code, EnvelopeReader, Kind, RpcError, StreamSender};
 use crate::fdio::{set_cloexec, FdIo};
+use crate::proctable::{lock, EndInfo, Event, Fanout, Manager, Proc};
 use crate::reaper::{self, Exit};
 use crate::reply::Body;
 use crate::report;
@@ -35,190 +35,8 @@ use crate::users::{self, User};
 
 /// Largest output chunk sent in one data event (envd's size).
 const CHUNK: usize = 32 * 1024;
-/// How many exited processes keep their end event for a late `Connect`.
-const RETAINED_ENDS: usize = 64;
 /// `PATH` for commands when the agent itself has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// The running (and recently ended) processes.
-#[derive(Debug, Default)]
-pub(crate) struct Manager {
-    procs: Mutex<HashMap<u32, Arc<Proc>>>,
-    ended: Mutex<VecDeque<(u32, Option<String>, EndInfo)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section is a single collection update, so a poisoned lock still
-    // guards consistent data.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Manager {
-    fn find(&self, sel: &Selector) -> Result<Arc<Proc>, RpcError> {
-        let procs = lock(&self.procs);
-        let found = match (&sel.pid, &sel.tag) {
-            (Some(pid), _) => procs.get(pid).cloned(),
-            (None, Some(tag)) => procs
-                .values()
-                .find(|p| p.tag.as_deref() == Some(tag.as_str()))
-                .cloned(),
-            (None, None) => return Err(RpcError::invalid("process selector is empty")),
-        };
-        found.ok_or_else(|| RpcError::not_found(format!("process {} not found", sel.describe())))
-    }
-
-    fn find_ended(&self, sel: &Selector) -> Option<(u32, EndInfo)> {
-        lock(&self.ended).iter().rev().find_map(|(pid, tag, end)| {
-            let hit = match (&sel.pid, &sel.tag) {
-                (Some(p), _) => p == pid,
-                (None, Some(t)) => tag.as_deref() == Some(t.as_str()),
-                (None, None) => false,
-            };
-            hit.then(|| (*pid, end.clone()))
-        })
-    }
-
-    fn finished(&self, proc: &Proc, end: EndInfo) {
-        lock(&self.procs).remove(&proc.pid);
-        let mut ended = lock(&self.ended);
-        if ended.len() >= RETAINED_ENDS {
-            ended.pop_front();
-        }
-        ended.push_back((proc.pid, proc.tag.clone(), end));
-    }
-
-    /// Signals every running process group (agent shutdown).
-    pub(crate) fn signal_all(&self, signal: Signal) {
-        for p in lock(&self.procs).values() {
-            // The group may already be gone; nothing to do then.
-            let _ = killpg(p.pgid(), signal);
-        }
-    }
-}
-
-/// One event of a process, as fanned out to its streams.
-#[derive(Debug, Clone)]
-enum Event {
-    Stdout(Bytes),
-    Stderr(Bytes),
-    Pty(Bytes),
-    End(EndInfo),
-}
-
-/// How a process ended, in envd's terms.
-#[derive(Debug, Clone)]
-struct EndInfo {
-    exit: Exit,
-    /// The agent killed the process because its lifetime (`Connect-Timeout-Ms` on Start)
-    /// ran out; streams then end with `deadline_exceeded`, whichever timer fired first.
-    timed_out: bool,
-}
-
-impl EndInfo {
-    /// The exit code (-1 for a signal) and envd's `status` string.
-    fn code_and_status(&self) -> (i32, String) {
-        match self.exit {
-            Exit::Code(c) => (c, format!("exit status {c}")),
-            Exit::Signal(s) => (-1, format!("signal: {}", signal_name(s))),
-        }
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        let (code, status) = self.code_and_status();
-        let exited = matches!(self.exit, Exit::Code(_));
-        let mut end = serde_json::Map::new();
-        if code != 0 {
-            end.insert("exitCode".into(), json!(code));
-        }
-        end.insert("exited".into(), json!(exited));
-        end.insert("status".into(), json!(status));
-        if code != 0 {
-            end.insert("error".into(), json!(status));
-        }
-        json!({ "event": { "end": end } })
-    }
-}
-
-/// Go's names for signals, as envd's `status` strings use them.
-fn signal_name(sig: i32) -> String {
-    let name = match sig {
-        1 => "hangup",
-        2 => "interrupt",
-        3 => "quit",
-        4 => "illegal instruction",
-        5 => "trace/breakpoint trap",
-        6 => "aborted",
-        7 => "bus error",
-        8 => "floating point exception",
-        9 => "killed",
-        10 => "user defined signal 1",
-        11 => "segmentation fault",
-        12 => "user defined signal 2",
-        13 => "broken pipe",
-        14 => "alarm clock",
-        15 => "terminated",
-        _ => return format!("signal {sig}"),
-    };
-    name.to_owned()
-}
-
-#[derive(Debug, Default)]
-struct Fanout {
-    subs: Vec<mpsc::Sender<Event>>,
-    end: Option<EndInfo>,
-}
-
-#[derive(Debug)]
-struct Proc {
-    pid: u32,
-    tag: Option<String>,
-    /// The `ProcessConfig` as `List` reports it.
-    config: serde_json::Value,
-    stdin: tokio::sync::Mutex<Option<Arc<FdIo>>>,
-    pty: Option<Arc<FdIo>>,
-    fanout: Mutex<Fanout>,
-}
-
-impl Proc {
-    fn pgid(&self) -> Pid {
-        // Each process leads its own session, so its pid is its process group id.
-        Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX))
-    }
-
-    /// A new stream of this process's events; a finished process yields just its end.
-    fn subscribe(&self) -> mpsc::Receiver<Event> {
-        let (tx, rx) = mpsc::channel(8);
-        let mut f = lock(&self.fanout);
-        match &f.end {
-            Some(end) => {
-                // A fresh channel with room: this cannot fail.
-                let _ = tx.try_send(Event::End(end.clone()));
-            }
-            None => f.subs.push(tx),
-        }
-        rx
-    }
-
-    async fn publish(&self, ev: Event) {
-        let subs = lock(&self.fanout).subs.clone();
-        for s in &subs {
-            // A stream that went away just stops receiving.
-            let _ = s.send(ev.clone()).await;
-        }
-        lock(&self.fanout).subs.retain(|s| !s.is_closed());
-    }
-
-    async fn publish_end(&self, end: EndInfo) {
-        let subs = {
-            let mut f = lock(&self.fanout);
-            f.end = Some(end.clone());
-            std::mem::take(&mut f.subs)
-        };
-        for s in subs {
-            let _ = s.send(Event::End(end.clone())).await;
-        }
-    }
-}
 
 // ---- Wire messages (ProtoJSON; numbers may arrive as strings). ----
 
@@ -303,6 +121,15 @@ struct Selector {
     pid: Option<u32>,
     #[serde(default)]
     tag: Option<String>,
+}
+
+/// The running process `sel` names, else envd's errors.
+fn find(mgr: &Manager, sel: &Selector) -> Result<Arc<Proc>, RpcError> {
+    if sel.pid.is_none() && sel.tag.is_none() {
+        return Err(RpcError::invalid("process selector is empty"));
+    }
+    mgr.find(sel.pid, sel.tag.as_deref())
+        .ok_or_else(|| RpcError::not_found(format!("process {} not found", sel.describe())))
 }
 
 impl Selector {
@@ -445,13 +272,13 @@ where
         }
         "SendInput" => {
             let r: SendInputRequest = connect::decode(&body)?;
-            let proc = mgr.find(&selector(r.process)?)?;
+            let proc = find(mgr, &selector(r.process)?)?;
             write_input(&proc, r.input.unwrap_or_default()).await?;
             Ok(json!({}))
         }
         "SendSignal" => {
             let r: SendSignalRequest = connect::decode(&body)?;
-            let proc = mgr.find(&selector(r.process)?)?;
+            let proc = find(mgr, &selector(r.process)?)?;
             let sig = parse_signal(r.signal.as_ref())?;
             killpg(proc.pgid(), sig)
                 .map_err(|e| RpcError::internal(format!("error sending signal: {e}")))?;
@@ -459,7 +286,7 @@ where
         }
         "CloseStdin" => {
             let r: SelectorOnly = connect::decode(&body)?;
-            let proc = mgr.find(&selector(r.process)?)?;
+            let proc = find(mgr, &selector(r.process)?)?;
             if proc.pty.is_some() {
                 return Err(RpcError::new(
                     Code::FailedPrecondition,
@@ -472,7 +299,7 @@ where
         }
         "Update" => {
             let r: UpdateRequest = connect::decode(&body)?;
-            let proc = mgr.find(&selector(r.process)?)?;
+            let proc = find(mgr, &selector(r.process)?)?;
             let Some(size) = r.pty.and_then(|p| p.size) else {
                 return Ok(json!({}));
             };
@@ -609,11 +436,11 @@ where
     let msg = EnvelopeReader::new(req.into_body()).single().await?;
     let r: SelectorOnly = connect::decode(&msg)?;
     let sel = selector(r.process)?;
-    let (pid, events) = match state.processes.find(&sel) {
+    let (pid, events) = match find(&state.processes, &sel) {
         Ok(p) => (p.pid, p.subscribe()),
         Err(e) => {
             // A process that ended recently still answers with its end event.
-            let Some((pid, end)) = state.processes.find_ended(&sel) else {
+            let Some((pid, end)) = state.processes.find_ended(sel.pid, sel.tag.as_deref()) else {
                 return Err(e);
             };
             let (etx, erx) = mpsc::channel(1);
@@ -1022,7 +849,7 @@ where
         while let Some(msg) = reader.next().await? {
             let r: StreamInputRequest = connect::decode(&msg)?;
             if let Some(start) = r.start {
-                proc = Some(state.processes.find(&selector(start.process)?)?);
+                proc = Some(find(&state.processes, &selector(start.process)?)?);
             } else if let Some(data) = r.data {
                 let Some(p) = &proc else {
                     return Err(RpcError::invalid(

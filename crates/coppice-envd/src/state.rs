@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
-use crate::filesystem::Watchers;
-use crate::process::Manager;
+use crate::proctable::Manager;
+use crate::watchers::Watchers;
 
 /// Where the agent finds the sandbox's users and what it reports on.
 ///

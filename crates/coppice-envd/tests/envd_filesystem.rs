@@ -18,6 +18,7 @@ async fn stat_list_make_move_remove() {
     std::fs::create_dir_all(home.join("d1/d2")).unwrap();
     std::fs::write(home.join("d1/d2/deep.txt"), "x").unwrap();
     std::os::unix::fs::symlink(home.join("d1"), home.join("ln")).unwrap();
+    agent.give_to_user(&home);
 
     // Request #6 of the capture, with the home substituted.
     let (st, v) = agent

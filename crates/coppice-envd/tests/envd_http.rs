@@ -13,6 +13,7 @@
 mod support;
 
 use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -355,7 +356,7 @@ async fn octet_stream_relative_path_as_root_and_gzip_upload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_with_several_files_and_dotdot_paths() {
     let agent = Agent::start().await;
-    let a = agent.path("multi/a.txt").display().to_string();
+    let a = agent.home().join("multi/a.txt").display().to_string();
     let b = "../user/x/../b.txt"; // relative, with `..`: lands in the home
     let boundary = "17693ab361cb2a689a46a16eacb815db";
     let body = format!(
@@ -391,7 +392,7 @@ async fn a_multipart_upload_is_answered_only_after_its_whole_body() {
     // the part is complete; an answer sent before them made the connection close under the
     // writer, which the gateway turned into a 502 for an upload that had succeeded.
     let agent = Agent::start().await;
-    let path = agent.path("late-epilogue.txt").display().to_string();
+    let path = agent.home().join("late-epilogue.txt").display().to_string();
     let boundary = "b0undary";
     let (tx, body) = channel_body();
     let req = agent
@@ -458,6 +459,7 @@ async fn file_edge_cases_missing_directories_and_symlinks() {
     assert_eq!((st.as_u16(), &body[..]), (200, &b"via link"[..]));
     // Uploading onto a directory, or below a file, fails cleanly.
     std::fs::create_dir(agent.home().join("adir")).unwrap();
+    agent.give_to_user(&agent.home());
     let up = |p: &str| {
         agent
             .request("POST", &format!("/files?path={p}"))
@@ -482,8 +484,10 @@ async fn uploads_are_owned_by_the_named_user() {
         return;
     }
     let agent = Agent::start().await;
+    // Like /tmp: anyone may create files there.
     let shared = agent.path("shared");
     std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     for (user, uid) in [("root", 0), ("user", support::USER_UID)] {
         let p = shared
             .join(format!("{user}.txt"))

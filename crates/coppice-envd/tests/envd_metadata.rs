@@ -404,6 +404,8 @@ async fn filesystem_without_xattrs_takes_uploads_only_without_metadata() {
         return;
     }
     let _mount = RamfsMount(mnt.clone());
+    // Uploads run as `user`, who must be able to write there.
+    agent.give_to_user(&mnt);
     let file = mnt.join("f.txt");
 
     // No metadata asked: an ordinary upload.

@@ -97,8 +97,9 @@ impl Sandbox {
                 cwd: "/".into(),
             },
             mounts: vec![
+                // The execute-only copy, as the gateway binds it.
                 BindMount {
-                    source: AGENT.into(),
+                    source: jail.sealed_program(std::path::Path::new(AGENT)).unwrap(),
                     target: "/usr/local/bin/coppice-envd".into(),
                     read_only: true,
                 },

@@ -97,6 +97,17 @@ impl Agent {
         self.dir.path().join("home/user")
     }
 
+    /// Hands `path` and everything below it to `user`, as files the user made would be
+    /// (fixtures are written by the test, as root).
+    pub fn give_to_user(&self, path: &std::path::Path) {
+        std::os::unix::fs::lchown(path, Some(self.user_uid), Some(self.user_uid)).unwrap();
+        if std::fs::symlink_metadata(path).unwrap().is_dir() {
+            for e in std::fs::read_dir(path).unwrap() {
+                self.give_to_user(&e.unwrap().path());
+            }
+        }
+    }
+
     pub fn root_home(&self) -> PathBuf {
         self.dir.path().join("root")
     }

@@ -106,6 +106,60 @@ impl LinuxJail {
         self.inner.config.uid_base + sandbox_uid
     }
 
+    /// An execute-only copy of `program` (mode 0711, owned by host root), made once under
+    /// the state directory and reused while `program`'s size and modification time match,
+    /// for a caller to bind into sandboxes as their init.
+    ///
+    /// Sandbox root cannot read that file: host root is not mapped in its user namespace, so
+    /// its capabilities do not override the file's mode. The kernel then makes the exec'd
+    /// init non-dumpable and ties its memory to the nearest user namespace that could read
+    /// the file, the host's (`would_dump` in `fs/exec.c`), and tracing it, reading or writing
+    /// its memory, or writing its `/proc` files needs a capability in that namespace, which
+    /// nothing in the sandbox has (`docs/backends.md`).
+    pub fn sealed_program(&self, program: &Path) -> Result<PathBuf, BackendError> {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = self.inner.config.state_dir.join("programs");
+        fs::create_dir_all(&dir).map_err(|e| BackendError::io("create", &dir, e))?;
+        let name = program
+            .file_name()
+            .ok_or_else(|| BackendError::InvalidSpec {
+                field: "program",
+                reason: format!("{} names no file", program.display()),
+            })?;
+        let sealed = dir.join(name);
+        let src = fs::metadata(program).map_err(|e| BackendError::io("stat", program, e))?;
+        let current = fs::metadata(&sealed).ok().is_some_and(|m| {
+            m.len() == src.len()
+                && m.mtime() == src.mtime()
+                && m.mtime_nsec() == src.mtime_nsec()
+                && m.mode() & 0o7777 == 0o711
+                && m.uid() == 0
+                && m.gid() == 0
+        });
+        if current {
+            return Ok(sealed);
+        }
+        let tmp = dir.join(format!(
+            ".{}.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let copied = (|| {
+            fs::copy(program, &tmp)?;
+            std::os::unix::fs::chown(&tmp, Some(0), Some(0))?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o711))?;
+            let file = fs::File::options().write(true).open(&tmp)?;
+            file.set_modified(src.modified()?)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &sealed)
+        })();
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&tmp);
+            return Err(BackendError::io("copy", &sealed, e));
+        }
+        Ok(sealed)
+    }
+
     /// The file that collects the sandbox init's stdout and stderr. It is never removed by
     /// the driver: it outlives the sandbox for whoever reads it.
     pub fn log_path(&self, id: &SandboxId) -> PathBuf {

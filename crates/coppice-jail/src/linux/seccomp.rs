@@ -7,6 +7,16 @@
 //! namespace already denies most of these; the filter is the second wall. `clone3` gets
 //! `ENOSYS` because its flags live in memory a filter cannot read, and libc then falls back to
 //! `clone`, whose namespace flags the filter does check. Foreign architectures are killed.
+//!
+//! It also keeps the sandbox's hands off its init, the agent: system calls that act on
+//! another process by pid and that the kernel allows between processes of the same uid
+//! (resource limits, scheduling and I/O priority, CPU affinity), or that the kernel already
+//! refuses for the agent (`ptrace`, `process_vm_readv`/`writev`: the agent's memory belongs
+//! to the host's user namespace, `docs/backends.md`), are refused with `EPERM` when they
+//! name pid 1, which in the sandbox's pid namespace is always its init (no nested pid
+//! namespace can be made). Only the low 32 bits of a pid argument are compared, as the
+//! kernel reads a pid as an `int`. Renicing and I/O priorities by user are refused outright,
+//! since the agent runs as sandbox root.
 
 use libc::sock_filter;
 
@@ -66,6 +76,27 @@ const DENIED: &[(&str, libc::c_long)] = &[
     ("lookup_dcookie", libc::SYS_lookup_dcookie),
 ];
 
+/// Syscalls refused with `EPERM` when the pid in the given argument is 1 (the init).
+const INIT_GUARDED: &[(&str, libc::c_long, u32)] = &[
+    ("ptrace", libc::SYS_ptrace, 1),
+    ("process_vm_readv", libc::SYS_process_vm_readv, 0),
+    ("process_vm_writev", libc::SYS_process_vm_writev, 0),
+    ("prlimit64", libc::SYS_prlimit64, 0),
+    ("sched_setaffinity", libc::SYS_sched_setaffinity, 0),
+    ("sched_setscheduler", libc::SYS_sched_setscheduler, 0),
+    ("sched_setparam", libc::SYS_sched_setparam, 0),
+    ("sched_setattr", libc::SYS_sched_setattr, 0),
+];
+
+/// Syscalls of the `(which, who)` shape refused when `which` is the given "by user" value,
+/// or `who` is 1 (the init's pid, and its process group: the agent leads its own session).
+const INIT_GUARDED_WHICH_WHO: &[(&str, libc::c_long, u32)] = &[
+    // `PRIO_USER`.
+    ("setpriority", libc::SYS_setpriority, 2),
+    // `IOPRIO_WHO_USER`.
+    ("ioprio_set", libc::SYS_ioprio_set, 3),
+];
+
 /// Namespace flags refused in `clone`'s first argument.
 const NAMESPACE_FLAGS: u32 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWUTS
@@ -91,6 +122,11 @@ const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 const OFF_ARG0_LOW: u32 = 16;
+
+/// Offset of the low 32 bits of argument `n` (little-endian).
+const fn off_arg_low(n: u32) -> u32 {
+    OFF_ARG0_LOW + 8 * n
+}
 
 /// x32 syscalls carry this bit; the filter refuses them all.
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
@@ -126,7 +162,11 @@ pub(crate) fn filter() -> Vec<sock_filter> {
         stmt(BPF_LD_W_ABS, OFF_NR),
     ];
     // Index of the returns once everything is laid out.
-    let body = DENIED.len() + 2 /* x32 + clone3 */ + 4 /* clone check */;
+    let body = DENIED.len()
+        + 2 /* x32 + clone3 */
+        + 3 * INIT_GUARDED.len()
+        + 5 * INIT_GUARDED_WHICH_WHO.len()
+        + 4 /* clone check */;
     let ret_allow = prog.len() + body;
     let ret_eperm = ret_allow + 1;
     let ret_enosys = ret_allow + 2;
@@ -137,6 +177,22 @@ pub(crate) fn filter() -> Vec<sock_filter> {
     for (_, n) in DENIED {
         let i = prog.len();
         prog.push(jump(BPF_JEQ_K, nr(*n), rel(i, ret_eperm), 0));
+    }
+    // The init's guards: a matching syscall loads its pid argument and is decided there.
+    for (_, n, arg) in INIT_GUARDED {
+        prog.push(jump(BPF_JEQ_K, nr(*n), 0, 2));
+        prog.push(stmt(BPF_LD_W_ABS, off_arg_low(*arg)));
+        let i = prog.len();
+        prog.push(jump(BPF_JEQ_K, 1, rel(i, ret_eperm), rel(i, ret_allow)));
+    }
+    for (_, n, by_user) in INIT_GUARDED_WHICH_WHO {
+        prog.push(jump(BPF_JEQ_K, nr(*n), 0, 4));
+        prog.push(stmt(BPF_LD_W_ABS, off_arg_low(0)));
+        let i = prog.len();
+        prog.push(jump(BPF_JEQ_K, *by_user, rel(i, ret_eperm), 0));
+        prog.push(stmt(BPF_LD_W_ABS, off_arg_low(1)));
+        let i = prog.len();
+        prog.push(jump(BPF_JEQ_K, 1, rel(i, ret_eperm), rel(i, ret_allow)));
     }
     let i = prog.len();
     prog.push(jump(BPF_JEQ_K, nr(libc::SYS_clone3), rel(i, ret_enosys), 0));
@@ -163,6 +219,12 @@ mod tests {
     /// A tiny interpreter for the instructions the filter uses, so the program's decisions
     /// are checked without installing it.
     fn run(prog: &[sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        run_args(prog, arch, nr, [arg0, 0])
+    }
+
+    const OFF_ARG1_LOW: u32 = off_arg_low(1);
+
+    fn run_args(prog: &[sock_filter], arch: u32, nr: u32, args: [u32; 2]) -> u32 {
         let mut acc = 0u32;
         let mut pc = 0usize;
         loop {
@@ -172,7 +234,8 @@ mod tests {
                     acc = match ins.k {
                         OFF_NR => nr,
                         OFF_ARCH => arch,
-                        OFF_ARG0_LOW => arg0,
+                        OFF_ARG0_LOW => args[0],
+                        OFF_ARG1_LOW => args[1],
                         other => panic!("unexpected load offset {other}"),
                     };
                     pc += 1;
@@ -239,5 +302,51 @@ mod tests {
             libc::SECCOMP_RET_KILL_PROCESS
         );
         assert_eq!(run(&prog, AUDIT_ARCH, X32_SYSCALL_BIT | 39, 0), EPERM);
+    }
+
+    #[test]
+    fn the_init_is_out_of_reach_by_pid() {
+        let prog = filter();
+        assert!(prog.len() < 255, "jumps must stay in u8 range");
+        let allow = libc::SECCOMP_RET_ALLOW;
+        for (name, nr, arg) in INIT_GUARDED {
+            let mut at_init = [0u32; 2];
+            at_init[*arg as usize] = 1;
+            assert_eq!(
+                run_args(&prog, AUDIT_ARCH, n(*nr), at_init),
+                EPERM,
+                "{name}"
+            );
+            let mut other = [0u32; 2];
+            other[*arg as usize] = 42;
+            assert_eq!(run_args(&prog, AUDIT_ARCH, n(*nr), other), allow, "{name}");
+            // Pid 0 is the caller itself.
+            assert_eq!(run_args(&prog, AUDIT_ARCH, n(*nr), [0, 0]), allow, "{name}");
+        }
+        // ptrace's request is its first argument: PTRACE_ATTACH (16) of pid 1 is refused.
+        assert_eq!(
+            run_args(&prog, AUDIT_ARCH, n(libc::SYS_ptrace), [16, 1]),
+            EPERM
+        );
+        assert_eq!(
+            run_args(&prog, AUDIT_ARCH, n(libc::SYS_ptrace), [16, 7]),
+            allow
+        );
+        let setprio = n(libc::SYS_setpriority);
+        // PRIO_PROCESS 1 and PRIO_PGRP 1 are the agent; PRIO_USER anyone is refused.
+        assert_eq!(run_args(&prog, AUDIT_ARCH, setprio, [0, 1]), EPERM);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, setprio, [1, 1]), EPERM);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, setprio, [2, 1000]), EPERM);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, setprio, [0, 0]), allow);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, setprio, [0, 99]), allow);
+        let ioprio = n(libc::SYS_ioprio_set);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, ioprio, [1, 1]), EPERM);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, ioprio, [3, 0]), EPERM);
+        assert_eq!(run_args(&prog, AUDIT_ARCH, ioprio, [1, 0]), allow);
+        // The other rules still hold after the guards.
+        assert_eq!(run(&prog, AUDIT_ARCH, n(libc::SYS_mount), 0), EPERM);
+        let userns = libc::CLONE_NEWUSER as u32;
+        assert_eq!(run(&prog, AUDIT_ARCH, n(libc::SYS_clone), userns), EPERM);
+        assert_eq!(run(&prog, AUDIT_ARCH, n(libc::SYS_getpid), 1), allow);
     }
 }
