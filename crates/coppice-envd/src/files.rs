@@ -747,13 +747,28 @@ impl FileSink {
             ),
             Err(e) => return Err(FileError::io(path, &e)),
         };
-        if let Err(e) = xattr::replace(std_file.as_fd(), meta) {
+        // E2B's envd writes as root and then chowns the file to the user, so a watcher sees
+        // an attribute change (`chmod`) with every write: SDK code counts on three events for
+        // a new file. The file is already the user's here; handing it to its own owner again
+        // changes nothing but tells watchers what E2B's would.
+        let prepared = xattr::replace(std_file.as_fd(), meta)
+            .map_err(|e| FileError::metadata(path, &e))
+            .and_then(|()| {
+                let owner = std_file.metadata().map_err(|e| FileError::io(path, &e))?;
+                std::os::unix::fs::fchown(
+                    &std_file,
+                    Some(std::os::unix::fs::MetadataExt::uid(&owner)),
+                    Some(std::os::unix::fs::MetadataExt::gid(&owner)),
+                )
+                .map_err(|e| FileError::io(path, &e))
+            });
+        if let Err(e) = prepared {
             if created {
                 // Nothing of this upload may stay behind; a failed removal changes nothing
                 // for the client, who gets the original error.
                 let _ = std::fs::remove_file(path);
             }
-            return Err(FileError::metadata(path, &e));
+            return Err(e);
         }
         // What `O_TRUNC` would have done at open; devices and FIFOs are not truncated
         // (and `ftruncate` would fail on them).

@@ -309,3 +309,56 @@ async fn polling_watchers_collect_and_drain_events() {
         .await;
     assert_eq!((st.as_u16(), v["code"].as_str()), (404, Some("not_found")));
 }
+
+/// A new file written through `/files` shows a watcher what E2B's envd shows (it writes as
+/// root, then chowns to the user): create, write and an attribute change. E2B's SDK tests
+/// count three events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_file_gives_create_write_and_chmod_as_e2b() {
+    let agent = Agent::start().await;
+    let home = agent.home();
+    let (st, v) = agent
+        .unary(
+            &format!("{FS}/CreateWatcher"),
+            json!({"path": home, "recursive": false}),
+            &[],
+        )
+        .await;
+    assert_eq!(st, 200);
+    let id = v["watcherId"].as_str().unwrap().to_owned();
+    let req = agent
+        .request("POST", "/files?path=watched.txt")
+        .header("content-type", "application/octet-stream")
+        .body(support::full(&b"content"[..]))
+        .unwrap();
+    assert_eq!(agent.send(req).await.status(), 200);
+    let mut types: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        let (_, v) = agent
+            .unary(
+                &format!("{FS}/GetWatcherEvents"),
+                json!({"watcherId": id}),
+                &[],
+            )
+            .await;
+        types.extend(
+            v["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| e["name"] == "watched.txt")
+                .filter_map(|e| e["type"].as_str().map(str::to_owned)),
+        );
+        if types.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    types.sort();
+    assert_eq!(
+        types,
+        ["EVENT_TYPE_CHMOD", "EVENT_TYPE_CREATE", "EVENT_TYPE_WRITE"],
+        "{types:?}"
+    );
+}
