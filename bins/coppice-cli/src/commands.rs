@@ -659,17 +659,10 @@ impl Cmd {
                                             .join(",")
                                     })
                                     .unwrap_or_default(),
-                                cell(s, "sandboxID"),
-                                cell(s, "createdAt"),
                             ]
                         })
                         .collect();
-                    table(
-                        out,
-                        &["ID", "NAMES", "SANDBOX", "CREATED"],
-                        &rows,
-                        "no snapshots",
-                    )
+                    table(out, &["ID", "NAMES"], &rows, "no snapshots")
                 })
             }
             "delete" | "rm" => {

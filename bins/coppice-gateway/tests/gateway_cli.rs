@@ -145,6 +145,21 @@ fn the_cli_drives_sandboxes_through_the_api() {
     let r = run(&["templates", "list"]);
     assert!(r.out.contains("code-interpreter-v1"), "{}", r.out);
 
+    // Snapshots: listed with their names, and deleted.
+    let snap = lab.api(
+        "POST",
+        &format!("/sandboxes/{id}/snapshots"),
+        Some(json!({"name": "cli-snap"})),
+    );
+    assert_eq!(snap.status, http::StatusCode::CREATED, "{}", snap.text());
+    let snapshot = snap.json()["snapshotID"].as_str().unwrap().to_owned();
+    let r = run(&["snapshots", "list", "--sandbox", &id]);
+    let row = r.out.lines().find(|l| l.starts_with(&snapshot)).unwrap();
+    assert!(row.contains("cli-snap"), "{row}");
+    let r = run(&["snapshots", "delete", &snapshot]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(run(&["snapshots", "list", "--sandbox", &id]).out, "no snapshots\n");
+
     // A command whose server side is missing names the route.
     let r = run(&["keys", "list"]);
     assert_eq!(r.code, 1);
