@@ -158,7 +158,10 @@ fn the_cli_drives_sandboxes_through_the_api() {
     assert!(row.contains("cli-snap"), "{row}");
     let r = run(&["snapshots", "delete", &snapshot]);
     assert_eq!(r.code, 0, "{}", r.err);
-    assert_eq!(run(&["snapshots", "list", "--sandbox", &id]).out, "no snapshots\n");
+    assert_eq!(
+        run(&["snapshots", "list", "--sandbox", &id]).out,
+        "no snapshots\n"
+    );
 
     // A command whose server side is missing names the route.
     let r = run(&["keys", "list"]);
