@@ -487,15 +487,7 @@ impl Cmd {
                                 cell(h, "name"),
                                 cell(h, "url"),
                                 cell(h, "enabled"),
-                                h.get("events")
-                                    .and_then(Value::as_array)
-                                    .map(|a| {
-                                        a.iter()
-                                            .filter_map(Value::as_str)
-                                            .collect::<Vec<_>>()
-                                            .join(",")
-                                    })
-                                    .unwrap_or_default(),
+                                joined(h.get("events")),
                             ]
                         })
                         .collect();
@@ -599,11 +591,7 @@ impl Cmd {
                         .map(|t| {
                             vec![
                                 cell(t, "templateID"),
-                                t.get("names")
-                                    .or_else(|| t.get("aliases"))
-                                    .and_then(Value::as_array)
-                                    .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
-                                    .unwrap_or_default(),
+                                joined(t.get("names").or_else(|| t.get("aliases"))),
                                 cell(t, "buildStatus"),
                                 cell(t, "cpuCount"),
                                 cell(t, "memoryMB"),
@@ -647,20 +635,7 @@ impl Cmd {
                 self.show(out, &v, |out| {
                     let rows: Vec<Vec<String>> = items(&v)
                         .iter()
-                        .map(|s| {
-                            vec![
-                                cell(s, "snapshotID"),
-                                s.get("names")
-                                    .and_then(Value::as_array)
-                                    .map(|a| {
-                                        a.iter()
-                                            .filter_map(Value::as_str)
-                                            .collect::<Vec<_>>()
-                                            .join(",")
-                                    })
-                                    .unwrap_or_default(),
-                            ]
-                        })
+                        .map(|s| vec![cell(s, "snapshotID"), joined(s.get("names"))])
                         .collect();
                     table(out, &["ID", "NAMES"], &rows, "no snapshots")
                 })
@@ -816,6 +791,18 @@ impl Shown {
         }
         self.at_cursor.insert(key)
     }
+}
+
+/// A JSON list of strings as one comma-separated cell (empty when absent).
+fn joined(list: Option<&Value>) -> String {
+    list.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
 }
 
 /// The items of a JSON list answer (an array, or `null` for none).

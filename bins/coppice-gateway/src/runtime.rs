@@ -1034,9 +1034,28 @@ impl Runtime {
     /// Kills a sandbox and removes everything it had: processes, cgroups, its writable
     /// layer and its run directory. What is already gone is not an error.
     pub(crate) async fn kill(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.release(id, "kill the sandbox").await?;
+        match self.storage.remove_rootfs(id).await {
+            Ok(()) | Err(BackendError::NotFound { .. }) => {}
+            Err(e) => return Err(backend("remove the sandbox's root filesystem")(e)),
+        }
+        self.remove_run_dir(id)
+    }
+
+    /// Stops a sandbox but keeps its files (a filesystem-only pause): its processes,
+    /// cgroups, network and run directory go, its writable root stays for
+    /// [`Runtime::reboot`]. What is already gone is not an error.
+    pub(crate) async fn stop(&self, id: &SandboxId) -> Result<(), RuntimeError> {
+        self.release(id, "stop the sandbox").await?;
+        self.remove_run_dir(id)
+    }
+
+    /// Ends a sandbox's processes and cgroups (`op` names it in an error), then its network
+    /// namespace and address. What is already gone is not an error.
+    async fn release(&self, id: &SandboxId, op: &'static str) -> Result<(), RuntimeError> {
         match self.jail.kill(id).await {
             Ok(()) | Err(BackendError::NotFound { .. }) => {}
-            Err(e) => return Err(backend("kill the sandbox")(e)),
+            Err(e) => return Err(backend(op)(e)),
         }
         // After the kill: a handle opened while it ran is dropped here, none can be opened
         // after it, and the namespace goes with the last connection into it.
@@ -1050,50 +1069,19 @@ impl Runtime {
                 Err(e) => return Err(backend("release the sandbox's network")(e)),
             }
         }
-        match self.storage.remove_rootfs(id).await {
-            Ok(()) | Err(BackendError::NotFound { .. }) => {}
-            Err(e) => return Err(backend("remove the sandbox's root filesystem")(e)),
-        }
-        let run = self.sandbox_run_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&run) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(RuntimeError::Backend {
-                    op: "remove the sandbox's run directory",
-                    source: BackendError::io("remove", &run, e),
-                });
-            }
-        }
         Ok(())
     }
 
-    /// Stops a sandbox but keeps its files (a filesystem-only pause): its processes,
-    /// cgroups, network and run directory go, its writable root stays for
-    /// [`Runtime::reboot`]. What is already gone is not an error.
-    pub(crate) async fn stop(&self, id: &SandboxId) -> Result<(), RuntimeError> {
-        match self.jail.kill(id).await {
-            Ok(()) | Err(BackendError::NotFound { .. }) => {}
-            Err(e) => return Err(backend("stop the sandbox")(e)),
-        }
-        self.netns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id);
-        if let Some(net) = &self.net {
-            match net.release(id).await {
-                Ok(()) | Err(BackendError::NotFound { .. }) => {}
-                Err(e) => return Err(backend("release the sandbox's network")(e)),
-            }
-        }
+    /// Removes a sandbox's run directory (its agent socket); an absent one is not an error.
+    fn remove_run_dir(&self, id: &SandboxId) -> Result<(), RuntimeError> {
         let run = self.sandbox_run_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&run) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(RuntimeError::Backend {
-                    op: "remove the sandbox's run directory",
-                    source: BackendError::io("remove", &run, e),
-                });
-            }
+        match std::fs::remove_dir_all(&run) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::Backend {
+                op: "remove the sandbox's run directory",
+                source: BackendError::io("remove", &run, e),
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Boots a stopped sandbox ([`Runtime::stop`]) again on the root it kept: fresh
